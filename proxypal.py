@@ -1,0 +1,2499 @@
+#!/usr/bin/env python3
+"""proxypal.py: a one-file, standard-library-only LLM API proxy.
+
+Local clients (Claude Code, Amp, Cursor, Codex, the OpenAI and Anthropic SDKs,
+curl) speak the OpenAI, Anthropic or Gemini API to this proxy; it forwards each
+request, by model name, to the upstreams configured in config.json: Anthropic-
+format keys (api.anthropic.com, Azure AI Foundry), Gemini keys and any
+OpenAI-compatible server (OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM).
+
+Run it:
+    python proxypal.py --port 8317 [--config PATH] [--debug]
+
+Embed it (no side effects on import):
+    import proxypal
+    proxypal.serve(proxypal.load_config("config.json"))        # blocks
+    server = await proxypal.start(config, port=0)               # inside asyncio
+    print(server.port); await server.close()
+
+Python 3.8 or newer; nothing outside the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import difflib
+import fnmatch
+import hashlib
+import hmac
+import http
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import re
+import select
+import signal
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+__version__ = "0.1.0"
+__all__ = ["serve", "start", "load_config", "parse_config", "Config", "ProxypalError",
+           "ConfigError", "__version__"]
+
+log = logging.getLogger("proxypal")
+
+
+# =============================================================================
+# 1. Constants and limits
+# Strategy: every number the proxy enforces lives here, with the reason for its
+# value. Nothing below hard-codes a limit or a timeout of its own.
+# =============================================================================
+
+DEFAULT_PORT = 8317                      # ProxyPal's port; the seed's curl tests use it
+DEFAULT_HOST = "127.0.0.1"               # loopback: a local proxy is not a public service
+DEFAULT_LOCAL_KEY = "proxypal-local"     # the seed's local key; public, so loopback only
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"  # the only current anthropic-version value
+
+MAX_REQUEST_LINE = 16 * 1024             # 414 beyond; long enough for any API path + query
+MAX_HEADER_FIELD = 16 * 1024             # 431 beyond; a big bearer token is ~2 KiB
+MAX_HEADER_BLOCK = 64 * 1024             # 431 beyond; asyncio's default stream limit
+MAX_HEADERS = 100                        # 431 beyond; CPython http.client's _MAXHEADERS
+MAX_CHUNK_LINE = 4 * 1024                # chunk-size line incl. extensions; h11 uses 4 KiB
+MAX_TRAILER_BLOCK = 16 * 1024            # trailers are parsed and dropped
+DEFAULT_MAX_BODY_MB = 32                 # Anthropic's own request size limit (A.5, 413)
+
+HEAD_TIMEOUT = 10.0                      # slowloris: the whole head must arrive in 10 s
+BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is abandoned (408)
+KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
+SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
+
+DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
+DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
+DEFAULT_READ_TIMEOUT = 300.0             # silence between two chunks of one response
+READ_SIZE = 64 * 1024                    # one socket read
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than this is refused
+MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
+POOL_IDLE_PER_HOST = 32                  # idle keep-alive connections kept per upstream
+UPSTREAM_THREADS = 1024                  # http.client blocks; one thread per open upstream
+STREAM_WINDOW = 8                        # chunks read ahead of the client per stream
+
+COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes (SPEC)
+COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes (SPEC)
+COOLDOWN_DEFAULT = 30.0                  # 429/5xx without Retry-After
+
+FAILOVER_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
+                        "upgrade", "content-length", "content-encoding", "set-cookie", "date",
+                        "server", "alt-svc", "strict-transport-security"})
+
+# Models served by a key that lists none (SPEC): current ids, plus any claude-*/gemini-*.
+BUILTIN_CLAUDE_MODELS = (
+    "claude-opus-4-5-20251101", "claude-opus-4-5", "claude-sonnet-4-5-20250929",
+    "claude-sonnet-4-5", "claude-haiku-4-5-20251001", "claude-haiku-4-5",
+    "claude-opus-4-1-20250805", "claude-opus-4-20250514", "claude-sonnet-4-20250514",
+    "claude-3-7-sonnet-20250219", "claude-3-5-haiku-20241022",
+)
+BUILTIN_GEMINI_MODELS = (
+    "gemini-3-pro-preview", "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite",
+    "gemini-2.0-flash",
+)
+KIND_PREFIX = {"claude": "claude-", "gemini": "gemini-"}
+KIND_FORMAT = {"claude": "anthropic", "openai": "openai", "gemini": "gemini"}
+CONFIG_LIST_KIND = {"claudeApiKeys": "claude", "geminiApiKeys": "gemini",
+                    "ampOpenaiProviders": "openai"}
+
+
+# =============================================================================
+# 2. Errors
+# Strategy: one small hierarchy; every error knows its HTTP status and speaks a
+# lower-case message that quotes the bad value and ends with the fix. One pure
+# function (error_body, section 6) renders any of them in the client's format.
+# =============================================================================
+
+class ProxypalError(Exception):
+    """Base of every error the proxy raises on purpose; carries an HTTP status."""
+    status = 500
+
+    def __init__(self, message: str, status: Optional[int] = None,
+                 headers: Sequence[Tuple[str, str]] = ()):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = list(headers)
+
+
+class ConfigError(ProxypalError, ValueError):
+    """An invalid config; .path names the key, e.g. claudeApiKeys[1].models[0].alias."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+
+
+class ClientError(ProxypalError):
+    """The client's request is wrong; 4xx."""
+    status = 400
+
+
+class WireError(ClientError):
+    """Malformed or over-limit HTTP; answered, then the connection is closed."""
+
+
+class UpstreamError(ProxypalError):
+    """An upstream could not be reached or failed; 502 unless said otherwise."""
+    status = 502
+
+    def __init__(self, message: str, status: Optional[int] = None, provider: str = "",
+                 url: str = "", failover: bool = True):
+        super().__init__(message, status)
+        self.provider = provider
+        self.url = url
+        self.failover = failover
+
+
+# =============================================================================
+# 3. Helpers: JSON, secret masking, clock
+# Strategy: small pure functions used by every section below. Masking is one
+# function, installed once as a logging.Filter so no call site can forget it.
+# =============================================================================
+
+def dumps(obj: Any) -> bytes:
+    """Compact UTF-8 JSON, the way the APIs themselves send it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_SECRET_PATTERNS = re.compile(
+    r"(?i)((?:authorization|proxy-authorization)\s*[:=]\s*(?:bearer|basic)?\s*"
+    r"|(?:x-api-key|x-goog-api-key|api-key|x-management-key|x-amz-secret-key"
+    r"|x-amz-security-token|x-amz-session-token)\s*[:=]\s*"
+    r"|[?&]key=|\"(?:apiKey|api_key|proxyPassword|managementKey|secret)\"\s*:\s*\")"
+    r"([^\s\"'&,;]+)")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def mask_secrets(text: str, secrets: Sequence[str] = ()) -> str:
+    """Replace every known secret and anything that looks like a credential with ***."""
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "***")
+    return _SECRET_PATTERNS.sub(lambda m: m.group(1) + "***", text)
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Client data made safe for a log line: control characters escaped, length capped."""
+    text = _CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class SecretFilter(logging.Filter):
+    """Masks secrets in every record of the logger it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: Tuple[str, ...] = ()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message, self.secrets)
+        if masked != message or record.args:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# =============================================================================
+# 4. Config
+# Strategy: parse_config(raw) turns the JSON object into one frozen Config,
+# validating every key it knows and naming the key path in each error; unknown
+# keys (ProxyPal's app settings) are kept by name only. It never touches a
+# file: load_config(path) is the I/O edge, and never writes.
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str                              # what the upstream receives
+    alias: str                             # what clients ask for
+    max_output_tokens: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    kind: str                              # "claude" | "gemini" | "openai"
+    path: str                              # "claudeApiKeys[0]", for errors and logs
+    name: str                              # shown to users
+    api_key: str
+    base_url: str                          # normalized, no trailing slash
+    headers: Tuple[Tuple[str, str], ...]
+    proxy_url: str
+    models: Tuple[ModelEntry, ...]
+    excluded: Tuple[str, ...]
+    prefix: str
+    request_retry: Optional[int]
+    key: str                               # identity for cooldowns, survives reloads
+
+    @property
+    def label(self) -> str:
+        return f"'{self.name}' ({self.path})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    source: str                            # requested model; may hold * wildcards
+    target: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration: one immutable value, swapped whole on reload."""
+    port: int = DEFAULT_PORT
+    host: str = DEFAULT_HOST
+    proxy_api_key: str = DEFAULT_LOCAL_KEY
+    api_keys: Tuple[str, ...] = ()
+    management_key: str = ""
+    allow_remote_management: bool = False
+    debug: bool = False
+    request_logging: bool = False
+    logging_to_file: bool = False
+    logs_max_total_size_mb: int = 100
+    request_retry: int = 0
+    routing_strategy: str = "round-robin"
+    proxy_url: str = ""
+    proxy_username: str = ""
+    proxy_password: str = ""
+    use_system_proxy: bool = False
+    max_body_mb: float = DEFAULT_MAX_BODY_MB
+    stream_keepalive_seconds: float = 0.0
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    credentials: Tuple[Credential, ...] = ()
+    mappings: Tuple[Mapping, ...] = ()
+    path: str = ""                         # where it was loaded from ("" when built in code)
+    loaded: bool = False                   # False when the file did not exist
+    unknown_keys: Tuple[str, ...] = ()
+
+    @property
+    def local_keys(self) -> Tuple[str, ...]:
+        return tuple(k for k in (self.proxy_api_key,) + self.api_keys if k)
+
+    @property
+    def secrets(self) -> Tuple[str, ...]:
+        found = [self.management_key, self.proxy_password]
+        found += [k for k in self.local_keys if k != DEFAULT_LOCAL_KEY]
+        for cred in self.credentials:
+            found.append(cred.api_key)
+            found += [v for k, v in cred.headers if _is_secret_header(k)]
+            found.append(_url_password(cred.proxy_url))
+        found.append(_url_password(self.proxy_url))
+        return tuple(sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True))
+
+
+def _is_secret_header(name: str) -> bool:
+    name = name.lower()
+    return name in ("authorization", "x-api-key", "api-key", "x-goog-api-key") or \
+        name.startswith("x-amz-") and name != "x-amz-region"
+
+
+def _url_password(url: str) -> str:
+    try:
+        return urllib.parse.urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+_TYPE_NAMES = {str: "a string", bool: "true or false", int: "a whole number",
+               float: "a number", list: "a list", dict: "an object"}
+
+
+class _Reader:
+    """Reads typed keys out of one JSON object, naming the path in every error."""
+
+    def __init__(self, obj: Any, path: str):
+        if not isinstance(obj, dict):
+            raise ConfigError(path, f"must be an object, got {_json_type(obj)}")
+        self.obj, self.path = obj, path
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        """An error about one key: 'path: "key" message', or 'key: message' at the top."""
+        if self.path:
+            return ConfigError(self.path, f'"{key}" {message}')
+        return ConfigError(key, message)
+
+    def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
+        value = self.obj.get(key)
+        if value is None or (value == "" and kind is str and not required):
+            if required:
+                raise self.fail(key, "is required")
+            return default
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(key, f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)} {_short(value)}")
+        if required and kind is str and not value.strip():
+            raise self.fail(key, "must not be empty")
+        return value
+
+    def number(self, key: str, default: float, low: float, high: float, kind: type = float) -> Any:
+        value = self.get(key, kind, default)
+        if not low <= value <= high:
+            raise self.fail(key, f"must be between {low:g} and {high:g}, got {value}")
+        return value
+
+    def strings(self, key: str) -> Tuple[str, ...]:
+        items = self.get(key, list, [])
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self.at(key)}[{i}]", f"must be a string, got {_json_type(item)}")
+        return tuple(items)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(path, f'"{key}" is not a valid URL: {value!r} ({exc})') from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(path, f'"{key}" must be a URL starting with '
+                                f'{" or ".join(s + "://" for s in schemes)}, got {value!r}')
+    return value.strip()
+
+
+def _parse_headers(reader: _Reader) -> Tuple[Tuple[str, str], ...]:
+    raw = reader.get("headers", dict, {})
+    result = []
+    for name, value in raw.items():
+        where = f'{reader.at("headers")}'
+        if not _TOKEN.match(name):
+            raise ConfigError(where, f"{name!r} is not a valid header name")
+        if not isinstance(value, str):
+            raise ConfigError(where, f'"{name}" must be a string, got {_json_type(value)}')
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+            raise ConfigError(where, f'"{name}" must not contain line breaks or control characters')
+        result.append((name, value.strip()))
+    return tuple(result)
+
+
+def _parse_models(reader: _Reader, required: bool) -> Tuple[ModelEntry, ...]:
+    if required and reader.obj.get("models") is None:
+        raise ConfigError(reader.path, '"models" is required: list the model ids this provider serves')
+    entries = []
+    for i, item in enumerate(reader.get("models", list, [])):
+        path = f'{reader.at("models")}[{i}]'
+        if isinstance(item, str):
+            if not item.strip():
+                raise ConfigError(path, "must not be an empty string")
+            entries.append(ModelEntry(item.strip(), item.strip()))
+            continue
+        model = _Reader(item, path)
+        name = model.get("name", str, required=True).strip()
+        alias = (model.get("alias", str, "") or name).strip()
+        limit = model.get("maxOutputTokens", int)
+        if limit is not None and limit < 1:
+            raise ConfigError(path, f'"maxOutputTokens" must be at least 1, got {limit}')
+        entries.append(ModelEntry(name, alias, limit))
+    return tuple(entries)
+
+
+def _provider_name(kind: str, base_url: str) -> str:
+    host = urllib.parse.urlsplit(base_url).hostname or base_url
+    if host.endswith(".services.ai.azure.com"):
+        return f"Azure AI Foundry ({host.split('.')[0]})"
+    if host.startswith("bedrock-runtime.") and host.endswith(".amazonaws.com"):
+        return f"Amazon Bedrock ({host.split('.')[1]})"
+    if host == "api.anthropic.com":
+        return "Anthropic"
+    if host == "generativelanguage.googleapis.com":
+        return "Gemini"
+    return host
+
+
+def _normalize_base(kind: str, url: str) -> str:
+    url = url.rstrip("/")
+    if kind == "claude" and url.endswith("/v1"):      # SPEC: tolerate a trailing /v1
+        url = url[:-3]
+    if kind == "gemini":
+        for suffix in ("/v1beta", "/v1"):
+            if url.endswith(suffix):
+                url = url[:-len(suffix)]
+    return url
+
+
+DEFAULT_BASE_URL = {"claude": "https://api.anthropic.com",
+                    "gemini": "https://generativelanguage.googleapis.com"}
+
+
+def _parse_credential(kind: str, obj: Any, path: str) -> Credential:
+    r = _Reader(obj, path)
+    is_openai = kind == "openai"
+    api_key = r.get("apiKey", str, "", required=not is_openai) or ""
+    base = r.get("baseUrl", str, None, required=is_openai) or DEFAULT_BASE_URL[kind]
+    base = _normalize_base(kind, _parse_url(base, path, "baseUrl", ("http", "https")))
+    proxy_url = r.get("proxyUrl", str, "") or ""
+    if proxy_url:
+        _parse_url(proxy_url, path, "proxyUrl", ("http", "https", "socks5", "socks5h"))
+    name = (r.get("name", str, "", required=is_openai) or _provider_name(kind, base)).strip()
+    retry = r.get("requestRetry", int)
+    if retry is not None and not 0 <= retry <= 20:
+        raise ConfigError(path, f'"requestRetry" must be between 0 and 20, got {retry}')
+    prefix = (r.get("prefix", str, "") or "").strip().strip("/")
+    return Credential(
+        kind=kind, path=path, name=name, api_key=api_key.strip(), base_url=base,
+        headers=_parse_headers(r), proxy_url=proxy_url, models=_parse_models(r, is_openai),
+        excluded=r.strings("excludedModels"), prefix=prefix, request_retry=retry,
+        key=f"{kind}|{base}|{short_hash(api_key)}")
+
+
+def _parse_mappings(root: _Reader) -> Tuple[Mapping, ...]:
+    result = []
+    for i, item in enumerate(root.get("ampModelMappings", list, [])):
+        m = _Reader(item, f"ampModelMappings[{i}]")
+        if not m.get("enabled", bool, True):
+            continue
+        if "from" in item or "to" in item:
+            source, target = m.get("from", str, required=True), m.get("to", str, required=True)
+        else:                                   # ProxyPal's {name, alias}: alias is requested
+            source, target = m.get("alias", str, required=True), m.get("name", str, required=True)
+        result.append(Mapping(source.strip(), target.strip()))
+    return tuple(result)
+
+
+KNOWN_KEYS = frozenset({
+    "port", "host", "proxyApiKey", "apiKeys", "managementKey", "allowRemoteManagement", "debug",
+    "requestLogging", "loggingToFile", "logsMaxTotalSizeMb", "requestRetry", "routingStrategy",
+    "proxyUrl", "proxyUsername", "proxyPassword", "useSystemProxy", "claudeApiKeys",
+    "geminiApiKeys", "ampOpenaiProviders", "ampModelMappings", "maxBodyMb",
+    "streamKeepaliveSeconds", "connectTimeoutSeconds", "firstByteTimeoutSeconds",
+    "readTimeoutSeconds"})
+
+
+def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
+    """Validate a config object (the parsed JSON) into a Config. Pure; raises ConfigError."""
+    r = _Reader(raw, "")
+    strategy = r.get("routingStrategy", str, "round-robin").strip().lower()
+    if strategy not in ("round-robin", "fill-first"):
+        raise ConfigError("routingStrategy", f'must be "round-robin" or "fill-first", got {strategy!r}')
+    proxy_url = r.get("proxyUrl", str, "") or ""
+    if proxy_url:
+        _parse_url(proxy_url, "", "proxyUrl", ("http", "https", "socks5", "socks5h"))
+    credentials = []
+    for list_key, kind in CONFIG_LIST_KIND.items():
+        for i, item in enumerate(r.get(list_key, list, [])):
+            credentials.append(_parse_credential(kind, item, f"{list_key}[{i}]"))
+    return Config(
+        port=r.number("port", DEFAULT_PORT, 0, 65535, int),
+        host=(r.get("host", str, DEFAULT_HOST) or DEFAULT_HOST).strip(),
+        proxy_api_key=r.get("proxyApiKey", str, DEFAULT_LOCAL_KEY),
+        api_keys=r.strings("apiKeys"),
+        management_key=r.get("managementKey", str, ""),
+        allow_remote_management=r.get("allowRemoteManagement", bool, False),
+        debug=r.get("debug", bool, False),
+        request_logging=r.get("requestLogging", bool, False),
+        logging_to_file=r.get("loggingToFile", bool, False),
+        logs_max_total_size_mb=r.number("logsMaxTotalSizeMb", 100, 1, 1_000_000, int),
+        request_retry=r.number("requestRetry", 0, 0, 20, int),
+        routing_strategy=strategy,
+        proxy_url=proxy_url,
+        proxy_username=r.get("proxyUsername", str, ""),
+        proxy_password=r.get("proxyPassword", str, ""),
+        use_system_proxy=r.get("useSystemProxy", bool, False),
+        max_body_mb=r.number("maxBodyMb", DEFAULT_MAX_BODY_MB, 0.001, 4096),
+        stream_keepalive_seconds=r.number("streamKeepaliveSeconds", 0.0, 0, 3600),
+        connect_timeout=r.number("connectTimeoutSeconds", DEFAULT_CONNECT_TIMEOUT, 0.1, 600),
+        first_byte_timeout=r.number("firstByteTimeoutSeconds", DEFAULT_FIRST_BYTE_TIMEOUT, 0.1, 86400),
+        read_timeout=r.number("readTimeoutSeconds", DEFAULT_READ_TIMEOUT, 0.1, 86400),
+        credentials=tuple(credentials),
+        mappings=_parse_mappings(r),
+        path=path, loaded=loaded,
+        unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
+    )
+
+
+def default_config_path(environ: Optional[Dict[str, str]] = None,
+                        platform: str = sys.platform) -> str:
+    """The OS default config path (SPEC): %APPDATA%, Application Support or XDG."""
+    env = os.environ if environ is None else environ
+    home = env.get("HOME") or os.path.expanduser("~")
+    if platform.startswith("win"):
+        base = env.get("APPDATA") or os.path.join(home, "AppData", "Roaming")
+    elif platform == "darwin":
+        base = os.path.join(home, "Library", "Application Support")
+    else:
+        base = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return os.path.join(base, "proxypal", "config.json")
+
+
+def load_config(path: Optional[str] = None) -> Config:
+    """Read and validate a config file; a missing file gives an empty config."""
+    path = path or os.environ.get("PROXYPAL_CONFIG") or default_config_path()
+    try:
+        with open(path, "r", encoding="utf-8-sig") as f:   # -sig: Notepad writes a BOM
+            text = f.read()
+    except FileNotFoundError:
+        return Config(path=path, loaded=False)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc}") from None
+    try:
+        raw = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError("", f"{path}: line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                              "(the config file must be valid JSON)") from None
+    return parse_config(raw, path=path)
+
+
+# =============================================================================
+# 5. HTTP/1.1 wire (sans-I/O)
+# Strategy: pure functions and small incremental decoders over bytes: find and
+# parse a request head, decide the body framing, decode chunked bodies, split
+# SSE streams into events, encode response heads. They raise WireError with
+# the status to answer; they never read a socket or write a response.
+# =============================================================================
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    target: str
+    path: str
+    query: str
+    version: str
+    headers: Dict[str, str]                # lower-case names; repeats joined with ", "
+    raw_headers: List[Tuple[str, str]]
+    keep_alive: bool
+    body: bytes = b""
+    peer: str = ""
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name, default)
+
+    def query_params(self) -> Dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.query, keep_blank_values=True))
+
+
+# request-line = method SP request-target SP HTTP-version   (RFC 9112 section 3)
+_METHOD = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB allowed, CR/LF/NUL not
+_BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
+_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+
+
+def scan_head(buf: bytes) -> int:
+    """Return the length of the request head at the start of buf (through the blank
+    line), or -1 when more bytes are needed. Raises WireError for a head over a limit
+    or with bare CR/LF line ends, however the bytes arrived."""
+    end = buf.find(b"\r\n\r\n")
+    region = buf if end < 0 else buf[:end + 2]
+    if region.count(b"\n") != region.count(b"\r\n"):
+        raise WireError("bare LF line ending in the request head; HTTP requires CRLF")
+    bare_cr = region.count(b"\r") - region.count(b"\r\n")
+    if bare_cr > 1 or (bare_cr == 1 and not region.endswith(b"\r")):
+        raise WireError("bare CR in the request head; HTTP requires CRLF")
+    first = region.find(b"\r\n")
+    if first < 0:
+        first = len(region)
+    if first > MAX_REQUEST_LINE:
+        raise WireError(f"request line longer than {MAX_REQUEST_LINE} bytes", 414)
+    if len(region) - first > MAX_HEADER_BLOCK:
+        raise WireError(f"request headers larger than {MAX_HEADER_BLOCK} bytes", 431)
+    if end < 0:
+        last = region.rfind(b"\n") + 1
+        if last and len(region) - last > MAX_HEADER_FIELD:
+            raise WireError(f"a header field is longer than {MAX_HEADER_FIELD} bytes", 431)
+        if region.count(b"\n") > MAX_HEADERS + 1:
+            raise WireError(f"more than {MAX_HEADERS} header fields", 431)
+        return -1
+    return end + 4
+
+
+def parse_request_head(head: bytes) -> Request:
+    """Parse a complete head (request line, fields, blank line) into a Request."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _METHOD.match(parts[0]) or not parts[1] \
+            or _BAD_TARGET_BYTES.search(parts[1]):
+        raise WireError(f"malformed request line {printable(lines[0].decode('latin-1'), 80)!r}")
+    version = _VERSION.match(parts[2])
+    if not version:
+        raise WireError(f"malformed HTTP version {printable(parts[2].decode('latin-1'), 20)!r}")
+    if version.group(1) != b"1":
+        raise WireError("only HTTP/1.0 and HTTP/1.1 are supported", 505)
+    if len(lines) - 1 > MAX_HEADERS:
+        raise WireError(f"more than {MAX_HEADERS} header fields", 431)
+    headers: Dict[str, str] = {}
+    raw: List[Tuple[str, str]] = []
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_FIELD:
+            raise WireError(f"a header field is longer than {MAX_HEADER_FIELD} bytes", 431)
+        if line[:1] in (b" ", b"\t"):
+            raise WireError("obsolete line folding in headers is not allowed (RFC 9112 5.2)")
+        name, colon, value = line.partition(b":")
+        if not colon or not _HEADER_NAME.match(name):
+            raise WireError(f"malformed header field {printable(line.decode('latin-1'), 60)!r}"
+                            " (no whitespace is allowed before the colon)")
+        value = value.strip(b" \t")
+        if _BAD_VALUE_BYTES.search(value):
+            raise WireError(f"control character in header {name.decode('latin-1')!r}")
+        key, text = name.decode("ascii").lower(), value.decode("latin-1")
+        raw.append((key, text))
+        headers[key] = headers[key] + ", " + text if key in headers else text
+    method = parts[0].decode("ascii")
+    target = parts[1].decode("latin-1")
+    http11 = version.group(2) != b"0"
+    conn = headers.get("connection", "").lower()
+    keep_alive = ("close" not in conn) if http11 else ("keep-alive" in conn)
+    path, _, query = target.partition("?")
+    return Request(method, target, path, query, f"HTTP/1.{version.group(2).decode()}",
+                   headers, raw, keep_alive)
+
+
+def body_framing(req: Request) -> Tuple[str, int]:
+    """('none', 0), ('length', n) or ('chunked', 0); refuses ambiguous framing (RFC 9112 6.3)."""
+    lengths = [v.strip() for k, v in req.raw_headers if k == "content-length" for v in v.split(",")]
+    te = req.headers.get("transfer-encoding")
+    if te is not None:
+        if lengths:
+            raise WireError("both Content-Length and Transfer-Encoding were sent")
+        if te.strip().lower() != "chunked" or req.version == "HTTP/1.0":
+            raise WireError(f"unsupported Transfer-Encoding {printable(te, 40)!r}; only chunked")
+        return "chunked", 0
+    if not lengths:
+        return "none", 0
+    if len(set(lengths)) != 1:
+        raise WireError("differing Content-Length values")
+    if not lengths[0].isdigit() or not lengths[0].isascii() or len(lengths[0]) > 15:
+        raise WireError(f"invalid Content-Length {printable(lengths[0], 20)!r}")
+    return "length", int(lengths[0])
+
+
+# chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF        (RFC 9112 section 7.1)
+# chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ( token / quoted-string ) ] )
+_CHUNK_LINE = re.compile(
+    rb'^([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
+    rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~])*"))?)*)[ \t]*$')
+
+
+class ChunkedDecoder:
+    """Incremental chunked-body decoder: feed(bytes) -> data pieces; .done at the end;
+    .unused holds bytes after the body (a pipelined request)."""
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self.size = 0
+        self.done = False
+        self.unused = b""
+        self._buf = b""
+        self._left = 0                     # bytes of chunk data still expected
+        self._state = "size"               # size | data | crlf | trailer
+
+    def feed(self, data: bytes) -> List[bytes]:
+        out: List[bytes] = []
+        buf = self._buf + data
+        while buf and not self.done:
+            if self._state == "data":
+                piece, buf = buf[:self._left], buf[self._left:]
+                self._left -= len(piece)
+                out.append(piece)
+                if not self._left:
+                    self._state = "crlf"
+            elif self._state == "crlf":
+                if len(buf) < 2:
+                    break
+                if buf[:2] != b"\r\n":
+                    raise WireError("chunk data not followed by CRLF")
+                buf, self._state = buf[2:], "size"
+            else:
+                line_end = buf.find(b"\r\n")
+                limit = MAX_CHUNK_LINE if self._state == "size" else MAX_TRAILER_BLOCK
+                if line_end < 0:
+                    if len(buf) > limit or b"\n" in buf:
+                        raise WireError("invalid chunk size line")
+                    break
+                line, buf = buf[:line_end], buf[line_end + 2:]
+                if self._state == "size":
+                    self._size_line(line)
+                elif not line:
+                    self.done, self.unused = True, buf
+                    buf = b""
+                elif b"\r" in line or b"\n" in line or line[:1] in (b" ", b"\t") \
+                        or b":" not in line:
+                    raise WireError("malformed chunked trailer")
+        self._buf = buf
+        return out
+
+    def _size_line(self, line: bytes) -> None:
+        match = _CHUNK_LINE.match(line)
+        if not match:
+            raise WireError(f"invalid chunk size line {printable(line.decode('latin-1'), 40)!r}")
+        size = int(match.group(1), 16)
+        self.size += size
+        if self.size > self.max_size:
+            raise WireError(f"request body larger than the {self.max_size // (1024 * 1024)} MB limit", 413)
+        self._left = size
+        self._state = "data" if size else "trailer"
+
+
+_SSE_BOUNDARY = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+
+
+class SSESplitter:
+    """Splits a byte stream into complete SSE events (each through its blank line),
+    as WHATWG's event stream grammar delimits them: CRLF, LF or lone CR."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> List[bytes]:
+        buf = self._buf + data if self._buf else data
+        events, start = [], 0
+        while True:
+            match = _SSE_BOUNDARY.search(buf, start)
+            if not match:
+                break
+            if match.end() == len(buf) and buf.endswith(b"\r"):
+                break                      # a lone CR at the end may be half of CRLF
+            events.append(buf[start:match.end()])
+            start = match.end()
+        self._buf = buf[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        return self._buf
+
+    def close(self) -> List[bytes]:
+        """At end of stream: a final event left without its blank line, if any."""
+        rest, self._buf = self._buf, b""
+        return [rest] if rest.strip() else []
+
+
+def parse_sse_event(block: bytes) -> Optional[Tuple[str, str]]:
+    """(event type, data) of one complete SSE event; None for comments-only blocks."""
+    event, data = "message", []
+    for line in re.split(r"\r\n|\r|\n", block.decode("utf-8", "replace").lstrip("\ufeff")):
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    return (event, "\n".join(data)) if data else None
+
+
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_REASONS[529] = "Overloaded"
+
+
+def response_head(status: int, headers: Sequence[Tuple[str, str]], keep_alive: bool,
+                  version: str = "HTTP/1.1") -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    if not keep_alive:
+        lines.append("Connection: close")
+    elif version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked response body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# =============================================================================
+# 6. API formats
+# Strategy: what differs between the OpenAI, Anthropic and Gemini wire formats
+# outside of translation: which format a path speaks, error bodies (ours and
+# the upstream's), in-stream error events and the model field. Pure.
+# =============================================================================
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         402: "billing_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                         504: "timeout_error", 529: "overloaded_error"}
+OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                      403: "permission_error", 404: "not_found_error", 408: "timeout",
+                      413: "invalid_request_error", 429: "rate_limit_error"}
+OPENAI_ERROR_CODES = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large",
+                      429: "rate_limit_exceeded"}
+GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                   404: "NOT_FOUND", 408: "DEADLINE_EXCEEDED", 409: "ABORTED",
+                   413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                   501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+                   504: "DEADLINE_EXCEEDED"}
+
+
+def client_format(path: str, headers: Optional[Dict[str, str]] = None) -> str:
+    """'anthropic', 'openai' or 'gemini': the API a request path speaks."""
+    path = strip_amp_prefix(path)
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1beta/"):
+        return "gemini"
+    if headers and "anthropic-version" in headers:
+        return "anthropic"
+    return "openai"
+
+
+def strip_amp_prefix(path: str) -> str:
+    """Amp CLI's /api/provider/{provider}/v1/... routes reach the /v1/... handlers."""
+    if path.startswith("/api/provider/"):
+        rest = path[len("/api/provider/"):]
+        slash = rest.find("/")
+        return rest[slash:] if slash >= 0 else "/"
+    return path
+
+
+def error_object(fmt: str, status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+    if fmt == "anthropic":
+        kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
+            "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": message}}
+    if fmt == "gemini":
+        return {"error": {"code": status, "message": message,
+                          "status": GEMINI_STATUSES.get(status, "INTERNAL" if status >= 500
+                                                        else "FAILED_PRECONDITION")}}
+    kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
+        "api_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind,
+                      "code": OPENAI_ERROR_CODES.get(status), "param": None}}
+
+
+def error_body(fmt: str, status: int, message: str, err_type: str = "") -> bytes:
+    """The one renderer of every error the proxy answers, in the client's format."""
+    return dumps(error_object(fmt, status, message, err_type))
+
+
+def stream_error_event(fmt: str, status: int, message: str) -> bytes:
+    """An error as the last event of a stream that had already begun."""
+    body = error_body(fmt, status, message)
+    if fmt == "anthropic":
+        return b"event: error\ndata: " + body + b"\n\n"
+    return b"data: " + body + b"\n\n"
+
+
+def upstream_message(body: bytes) -> Tuple[str, str]:
+    """(message, code) out of any upstream error body: OpenAI, Anthropic, Gemini,
+    Azure ({"error": {"code": "DeploymentNotFound"}}), Ollama ({"error": "..."}), text."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        text = body.decode("utf-8", "replace").strip()
+        text = re.sub(r"<[^>]+>", " ", text) if text.startswith("<") else text
+        return printable(" ".join(text.split()), 300), ""
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if isinstance(err, str):
+        return err, ""
+    if isinstance(err, dict):
+        code = err.get("code") or err.get("type") or err.get("status") or ""
+        return str(err.get("message") or err), str(code)
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):   # Gemini sometimes wraps
+        return upstream_message(dumps(obj[0]))
+    if isinstance(obj, dict) and obj.get("message"):
+        return str(obj["message"]), str(obj.get("code") or obj.get("__type") or "")
+    return printable(body.decode("utf-8", "replace"), 300), ""
+
+
+def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: bytes,
+                        prefix: str) -> bytes:
+    """An upstream's error for the client: its own body kept (status, type, code, ids)
+    when formats match and the shape is the client's, with `prefix` put before the
+    message; otherwise rebuilt in the client's format from the upstream's message."""
+    if client_fmt == upstream_fmt:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        err = obj.get("error") if isinstance(obj, dict) else None
+        shaped = isinstance(err, dict) and isinstance(err.get("message"), str) and (
+            client_fmt != "anthropic" or obj.get("type") == "error")
+        if shaped:
+            err["message"] = f"{prefix}{err['message']}"
+            return dumps(obj)
+    message, code = upstream_message(body)
+    if code and code not in message and not code.isdigit():
+        message = f"{code}: {message}"
+    err_type = ""
+    if client_fmt == "anthropic" and code == "DeploymentNotFound":
+        err_type = "not_found_error"
+    return error_body(client_fmt, status, f"{prefix}{message}", err_type)
+
+
+def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[float]:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
+    """Apply a model entry's maxOutputTokens to whichever field the format uses."""
+    if not limit:
+        return
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+            body[key] = limit
+    config = body.get("generationConfig")
+    if isinstance(config, dict):
+        value = config.get("maxOutputTokens")
+        if isinstance(value, int) and value > limit:
+            config["maxOutputTokens"] = limit
+
+
+def rewrite_model(body: bytes, alias: str) -> bytes:
+    """A non-stream JSON answer with `model` set to the name the client asked for."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"] != alias:
+        obj["model"] = alias
+        return dumps(obj)
+    return body
+
+
+# =============================================================================
+# 7. Translation
+# Strategy: one table keyed by (client format, upstream format) says how a
+# request, a response and a stream cross from one format to the other. Same
+# format on both sides is pass-through: the body is forwarded with only the
+# model rewritten and the stream relayed event by event, untouched.
+# Translators are pure dict -> dict functions and small stream classes.
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Translator:
+    request: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]   # None: pass-through
+    response: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
+    stream: Optional[Callable[[], Any]]    # factory of an object with feed()/close()
+
+
+PASS_THROUGH = Translator(None, None, None)
+
+TRANSLATORS: Dict[Tuple[str, str], Translator] = {
+    ("openai", "openai"): PASS_THROUGH,
+    ("anthropic", "anthropic"): PASS_THROUGH,
+    ("gemini", "gemini"): PASS_THROUGH,
+}
+
+
+# =============================================================================
+# 8. Routing
+# Strategy: Router turns a Config into a plain dict from every routable model
+# name to its targets, applies ampModelMappings, and answers lookups. Balancer
+# holds the only mutable routing state (round-robin counters, cooldowns) and
+# reads time from an injected clock. Neither does I/O.
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    cred: Credential
+    model: str                             # the upstream's model name
+    max_output_tokens: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    requested: str
+    routed: str                            # after ampModelMappings
+    mapping: Optional[Mapping]
+    targets: Tuple[Target, ...]
+
+
+def _excluded(cred: Credential, *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for pattern in cred.excluded for n in names)
+
+
+class Router:
+    """Model name -> targets, built once per Config."""
+
+    def __init__(self, config: Config):
+        self.table: Dict[str, List[Target]] = {}
+        self.wildcard_creds: List[Credential] = []
+        for cred in config.credentials:
+            entries = cred.models or tuple(ModelEntry(m, m) for m in self._builtin(cred.kind))
+            for entry in entries:
+                if _excluded(cred, entry.name, entry.alias):
+                    continue
+                target = Target(cred, entry.name, entry.max_output_tokens)
+                self._add(entry.alias, target)
+                if cred.prefix:
+                    self._add(f"{cred.prefix}/{entry.alias}", target)
+            if not cred.models and cred.kind in KIND_PREFIX:
+                self.wildcard_creds.append(cred)
+        self.exact_maps = {m.source: m for m in config.mappings if "*" not in m.source}
+        self.wild_maps = [m for m in config.mappings if "*" in m.source]
+
+    @staticmethod
+    def _builtin(kind: str) -> Sequence[str]:
+        return {"claude": BUILTIN_CLAUDE_MODELS, "gemini": BUILTIN_GEMINI_MODELS}.get(kind, ())
+
+    def _add(self, name: str, target: Target) -> None:
+        targets = self.table.setdefault(name, [])
+        if target not in targets:
+            targets.append(target)
+
+    def lookup(self, name: str) -> List[Target]:
+        """Every target serving `name`: listed names first, then keys serving claude-*/gemini-*."""
+        found = list(self.table.get(name, ()))
+        for cred in self.wildcard_creds:
+            model = name
+            if cred.prefix and model.startswith(cred.prefix + "/"):
+                model = model[len(cred.prefix) + 1:]
+            if model.startswith(KIND_PREFIX[cred.kind]) and not _excluded(cred, model):
+                target = Target(cred, model)
+                if all(t.cred is not cred for t in found):
+                    found.append(target)
+        return found
+
+    def mapping_for(self, requested: str) -> Optional[Mapping]:
+        """An exact `from` wins over a wildcard one; among wildcards, the first listed."""
+        if requested in self.exact_maps:
+            return self.exact_maps[requested]
+        for mapping in self.wild_maps:
+            if fnmatch.fnmatchcase(requested, mapping.source):
+                return mapping
+        return None
+
+    def resolve(self, requested: str) -> Route:
+        mapping = self.mapping_for(requested)
+        if mapping and mapping.target != requested:
+            targets = self.lookup(mapping.target)
+            if targets:
+                return Route(requested, mapping.target, mapping, tuple(targets))
+        return Route(requested, requested, None, tuple(self.lookup(requested)))
+
+    def names(self) -> List[str]:
+        """Every routable name: listed models, prefixed forms and mapping sources."""
+        names = list(self.table)
+        names += [m.source for m in self.exact_maps.values()
+                  if m.source not in self.table and self.lookup(m.target)]
+        return names
+
+    def nearest(self, requested: str) -> List[str]:
+        return difflib.get_close_matches(requested, self.names(), n=3, cutoff=0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cooldown:
+    until: float
+    status: int
+    reason: str
+
+
+class Balancer:
+    """Round-robin counters and cooldowns: the router's only mutable state."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._turn: Dict[str, int] = {}
+        self.cooldowns: Dict[str, Cooldown] = {}
+
+    def plan(self, route: Route, strategy: str) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
+        """(targets to try in order, targets cooling down with why)."""
+        now = self.clock()
+        ready, cooling = [], []
+        for target in route.targets:
+            cool = self.cooldowns.get(target.cred.key)
+            if cool and cool.until > now:
+                cooling.append((target, cool))
+            else:
+                ready.append(target)
+        if strategy == "round-robin" and len(ready) > 1:
+            turn = self._turn.get(route.routed, 0)
+            self._turn[route.routed] = turn + 1
+            start = turn % len(ready)
+            ready = ready[start:] + ready[:start]
+        return ready, cooling
+
+    def cool(self, cred: Credential, status: int, retry_after: Optional[float]) -> Optional[Cooldown]:
+        """Rest a credential after 429 (Retry-After, capped) or 401/403 (5 minutes)."""
+        if status == 429:
+            seconds = min(COOLDOWN_RETRY_AFTER_CAP,
+                          retry_after if retry_after is not None else COOLDOWN_DEFAULT)
+            reason = "rate limited (429)"
+        elif status in (401, 403):
+            seconds, reason = COOLDOWN_AUTH, f"rejected the key ({status})"
+        else:
+            return None
+        cool = Cooldown(self.clock() + seconds, status, reason)
+        self.cooldowns[cred.key] = cool
+        return cool
+
+
+def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
+                     wall: Optional[float] = None) -> str:
+    """'every credential for this model is cooling down: ...' with which, why, until when."""
+    wall = time.time() if wall is None else wall
+    parts = []
+    for target, cool in cooling:
+        left = max(0.0, cool.until - now)
+        when = time.strftime("%H:%M:%S", time.localtime(wall + left))
+        parts.append(f"{target.cred.label} {cool.reason}, until {when} ({left:.0f}s)")
+    return "every credential serving this model is cooling down: " + "; ".join(parts)
+
+
+# =============================================================================
+# 9. Upstream client
+# Strategy: http.client on worker threads, one connection per request, kept
+# alive and reused through a pool keyed by (scheme, host, port, proxy).
+# Outbound proxies: http:// (CONNECT tunnel for https) and socks5://.
+# Socket errors become UpstreamError with the fix in the message. The event
+# loop never blocks: it waits on futures and on a BodyPump's queue.
+# =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class ProxySpec:
+    scheme: str                            # http | socks5 | socks5h
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.scheme}://{self.username}@{self.host}:{self.port}"
+
+    def authorization(self) -> str:
+        import base64
+        raw = f"{urllib.parse.unquote(self.username)}:{urllib.parse.unquote(self.password)}"
+        return "Basic " + base64.b64encode(raw.encode("utf-8")).decode("ascii")
+
+
+def parse_proxy(url: str, username: str = "", password: str = "") -> Optional[ProxySpec]:
+    if not url:
+        return None
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    scheme = parts.scheme.lower()
+    default_port = 1080 if scheme.startswith("socks") else 8080
+    return ProxySpec(scheme, parts.hostname or "", parts.port or default_port,
+                     parts.username or username, parts.password or password)
+
+
+def system_proxy(scheme: str, host: str, environ: Dict[str, str]) -> str:
+    """HTTPS_PROXY / HTTP_PROXY for this scheme unless NO_PROXY covers the host."""
+    def env(name: str) -> str:
+        return environ.get(name.lower()) or environ.get(name.upper()) or ""
+    for entry in env("no_proxy").split(","):
+        entry = entry.strip().lower()
+        if entry == "*":
+            return ""
+        if entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip("."))):
+            return ""
+    return env(f"{scheme}_proxy")
+
+
+def make_ssl_context() -> ssl.SSLContext:
+    """The system trust store; SSL_CERT_FILE / SSL_CERT_DIR are honoured (corporate CAs)."""
+    context = ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None,
+                                         capath=os.environ.get("SSL_CERT_DIR") or None)
+    return context
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise OSError("SOCKS5 proxy closed the connection")
+        data += more
+    return data
+
+
+SOCKS5_ERRORS = {1: "general failure", 2: "not allowed by ruleset", 3: "network unreachable",
+                 4: "host unreachable", 5: "connection refused", 6: "TTL expired",
+                 7: "command not supported", 8: "address type not supported"}
+
+
+def socks5_connect(proxy: ProxySpec, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to host:port through a SOCKS5 proxy (RFC 1928, 1929)."""
+    sock = socket.create_connection((proxy.host, proxy.port), timeout)
+    try:
+        user = urllib.parse.unquote(proxy.username).encode()
+        methods = b"\x00\x02" if user else b"\x00"
+        sock.sendall(b"\x05" + bytes([len(methods)]) + methods)
+        _, method = _recv_exact(sock, 2)
+        if method == 2:
+            pw = urllib.parse.unquote(proxy.password).encode()
+            sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(pw)]) + pw)
+            if _recv_exact(sock, 2)[1] != 0:
+                raise OSError("SOCKS5 proxy rejected the username or password")
+        elif method != 0:
+            raise OSError("SOCKS5 proxy offers no authentication method we support")
+        name = host.encode("idna")
+        sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+        _, reply, _, atyp = _recv_exact(sock, 4)
+        if reply != 0:
+            raise OSError(f"SOCKS5 proxy could not connect: {SOCKS5_ERRORS.get(reply, reply)}")
+        skip = {1: 4, 4: 16}.get(atyp)
+        _recv_exact(sock, (skip if skip else _recv_exact(sock, 1)[0]) + 2)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _SocksHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, timeout: float, proxy: ProxySpec):
+        super().__init__(host, port, timeout=timeout)
+        self._socks = proxy
+
+    def connect(self) -> None:
+        self.sock = socks5_connect(self._socks, self.host, self.port, self.timeout)
+
+
+class _SocksHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, timeout: float, proxy: ProxySpec,
+                 context: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._socks = proxy
+
+    def connect(self) -> None:
+        sock = socks5_connect(self._socks, self.host, self.port, self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+@dataclasses.dataclass
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: Dict[str, str]
+    body: bytes
+    provider: str = ""                     # for error messages
+    proxy: Optional[ProxySpec] = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+
+
+class UpstreamResponse:
+    """A response whose body is still on the wire; read it, then release() or abort()."""
+
+    def __init__(self, client: "UpstreamClient", key: tuple, conn: http.client.HTTPConnection,
+                 sock: socket.socket, resp: http.client.HTTPResponse, req: UpstreamRequest):
+        self._client, self._key, self._conn, self._resp, self.req = client, key, conn, resp, req
+        self._sock = sock
+        self.status = resp.status
+        self.headers = [(k.lower(), v) for k, v in resp.getheaders()]
+        self.aborted = False
+
+    def header(self, name: str) -> str:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return ""
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.header("content-type").split(";")[0].strip().lower() == "text/event-stream"
+
+    def read1(self) -> bytes:
+        """Whatever body bytes one socket read gives; b"" at the end. Blocking."""
+        try:
+            data = self._resp.read1(READ_SIZE)
+        except socket.timeout:
+            raise UpstreamError(f"upstream sent nothing for {self.req.read_timeout:g}s "
+                                "(readTimeoutSeconds)", 504, self.req.provider) from None
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            if self.aborted:
+                raise UpstreamError("request aborted", 499, self.req.provider) from None
+            raise UpstreamError(f"upstream connection broke mid-response "
+                                f"({type(exc).__name__})", 502, self.req.provider) from None
+        if not data and self._resp.length:
+            raise UpstreamError(f"upstream closed the connection {self._resp.length} bytes "
+                                "before the end of the response", 502, self.req.provider)
+        return data
+
+    def read_all(self, limit: int, truncate: bool = False) -> bytes:
+        """The whole body, up to `limit` bytes: beyond, an error, or with `truncate`
+        the first `limit` bytes. Blocking."""
+        parts, size = [], 0
+        while True:
+            data = self.read1()
+            if not data:
+                break
+            size += len(data)
+            parts.append(data)
+            if size > limit:
+                self.abort()
+                if truncate:
+                    return b"".join(parts)[:limit]
+                raise UpstreamError(f"upstream response larger than {limit // (1024 * 1024)} MB",
+                                    502, self.req.provider)
+        self.release()
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Return the connection to the pool when the body was read to its end."""
+        resp = self._resp
+        finished = resp.fp is None or resp.length == 0
+        if finished and not resp.will_close and not self.aborted:
+            resp.close()
+            self._client._release(self._key, self._conn)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close the connection at once (client gone, or body not wanted). Thread-safe."""
+        self.aborted = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._conn.close()
+
+
+class UpstreamClient:
+    """Pooled http.client connections; every method that does I/O blocks (run it on a worker)."""
+
+    def __init__(self, ssl_context: Optional[ssl.SSLContext] = None,
+                 threads: int = UPSTREAM_THREADS):
+        self.ssl_context = ssl_context or make_ssl_context()
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="proxypal-up")
+        self._idle: Dict[tuple, List[http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self.opened = 0                    # connections ever opened: reuse is observable
+
+    def _new(self, scheme: str, host: str, port: int, proxy: Optional[ProxySpec],
+             timeout: float) -> http.client.HTTPConnection:
+        https = scheme == "https"
+        if proxy and proxy.scheme.startswith("socks"):
+            if https:
+                return _SocksHTTPSConnection(host, port, timeout, proxy, self.ssl_context)
+            return _SocksHTTPConnection(host, port, timeout, proxy)
+        if proxy:
+            if not https:                  # plain http through a proxy: absolute-form target
+                return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
+            conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout,
+                                               context=self.ssl_context)
+            auth = {"Proxy-Authorization": proxy.authorization()} if proxy.username else None
+            conn.set_tunnel(host, port, headers=auth)
+            return conn
+        if https:
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _acquire(self, key: tuple) -> Optional[http.client.HTTPConnection]:
+        with self._lock:
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                sock = conn.sock
+                # A pooled socket that is readable now was closed (or spoken to) by the
+                # server while idle: it cannot carry a new request.
+                if sock is not None and not select.select([sock], [], [], 0)[0]:
+                    return conn
+                conn.close()
+        return None
+
+    def _release(self, key: tuple, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < POOL_IDLE_PER_HOST:
+                idle.append(conn)
+                return
+        conn.close()
+
+    def open(self, req: UpstreamRequest) -> UpstreamResponse:
+        """Send the request and read the status and headers. Blocking."""
+        parts = urllib.parse.urlsplit(req.url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        headers = dict(req.headers)
+        proxy = req.proxy
+        if proxy and not proxy.scheme.startswith("socks") and scheme == "http":
+            target = req.url
+            if proxy.username:
+                headers["Proxy-Authorization"] = proxy.authorization()
+        key = (scheme, host, port, proxy.id if proxy else "")
+        where = f"{host}:{port}"
+        for attempt in (0, 1):
+            conn = self._acquire(key)
+            reused = conn is not None
+            if conn is None:
+                conn = self._new(scheme, host, port, proxy, req.connect_timeout)
+            try:
+                if conn.sock is None:
+                    conn.timeout = req.connect_timeout
+                    conn.connect()
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    self.opened += 1
+                sock = conn.sock
+                sock.settimeout(req.first_byte_timeout)
+                conn.request(req.method, target, body=req.body, headers=headers)
+                resp = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if reused and attempt == 0:
+                    continue               # the server dropped an idle connection: retry once
+                raise UpstreamError(f"upstream at {where} closed the connection without "
+                                    "answering", 502, req.provider, req.url) from None
+            except BaseException as exc:
+                conn.close()
+                raise self._connect_error(exc, req, where) from None
+            sock.settimeout(req.read_timeout)   # kept: will_close responses detach it
+            return UpstreamResponse(self, key, conn, sock, resp, req)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseException:
+        via = f" via proxy {req.proxy.host}:{req.proxy.port}" if req.proxy else ""
+        if isinstance(exc, ConnectionRefusedError):
+            return UpstreamError(f"refused connection at {where}{via}: is the server (Ollama, "
+                                 "vLLM, LiteLLM...) running, and is the port right?",
+                                 502, req.provider, req.url)
+        if isinstance(exc, socket.gaierror):
+            return UpstreamError(f"cannot resolve host '{where.rsplit(':', 1)[0]}'{via}: "
+                                 "check baseUrl and your network or proxyUrl", 502,
+                                 req.provider, req.url)
+        if isinstance(exc, socket.timeout):
+            return UpstreamError(f"no answer from {where}{via} within the timeout "
+                                 f"(connect {req.connect_timeout:g}s, first byte "
+                                 f"{req.first_byte_timeout:g}s)", 504, req.provider, req.url)
+        if isinstance(exc, ssl.SSLError):
+            return UpstreamError(f"TLS to {where} failed ({exc}): behind a corporate proxy that "
+                                 "re-signs TLS, set SSL_CERT_FILE to its CA bundle", 502,
+                                 req.provider, req.url)
+        if isinstance(exc, OSError) and "Tunnel connection failed" in str(exc):
+            return UpstreamError(f"proxy{via} refused the tunnel to {where}: {exc} "
+                                 "(check proxyUrl, proxyUsername, proxyPassword)", 502,
+                                 req.provider, req.url)
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            return UpstreamError(f"connection to {where}{via} failed: {exc}", 502,
+                                 req.provider, req.url)
+        return exc
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+        self.executor.shutdown(wait=False)
+
+
+class BodyPump:
+    """Reads an upstream body on a worker thread, STREAM_WINDOW chunks ahead of the
+    client at most, and hands the chunks to the event loop as they arrive."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, response: UpstreamResponse,
+                 executor: ThreadPoolExecutor):
+        self._loop, self._resp = loop, response
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._window = threading.Semaphore(STREAM_WINDOW)
+        self._closed = False
+        executor.submit(self._run)
+
+    def _run(self) -> None:
+        while True:
+            self._window.acquire()
+            if self._closed:
+                return
+            try:
+                item: Any = self._resp.read1()
+            except BaseException as exc:   # handed to the loop, raised there
+                item = exc
+            if self._closed:
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:           # the loop is gone: nobody to read
+                self._resp.abort()
+                return
+            if not isinstance(item, bytes) or not item:
+                return
+
+    async def get(self, timeout: Optional[float] = None) -> bytes:
+        """The next chunk; b"" at the end; UpstreamError on failure; asyncio.TimeoutError
+        when `timeout` passes with nothing new."""
+        if timeout:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        else:
+            item = await self._queue.get()
+        self._window.release()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def finish(self) -> None:
+        """After b"": hand the connection back to the pool."""
+        self._closed = True
+        self._resp.release()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._resp.abort()
+        self._window.release()
+
+
+# =============================================================================
+# 10. Server
+# Strategy: the asyncio edge. A connection reads bytes into a buffer, hands
+# them to the wire functions, and writes what the request pipeline decides.
+# The pipeline authenticates, parses the body, routes, calls the upstream on a
+# worker thread and relays the answer: whole, or event by event for streams.
+# Errors become answers in the client's format; nothing here stops the server.
+# =============================================================================
+
+POST_ROUTES = {
+    "/v1/chat/completions": "chat", "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings", "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
+}
+GEMINI_METHODS = {"generateContent": "generate", "streamGenerateContent": "stream_generate",
+                  "countTokens": "gemini_count_tokens"}
+# Which operations each upstream kind serves, and under which path.
+UPSTREAM_PATHS = {
+    "openai": {"chat": "/chat/completions", "completions": "/completions",
+               "embeddings": "/embeddings"},
+    "claude": {"messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"},
+    "gemini": {"generate": "/v1beta/models/{model}:generateContent",
+               "stream_generate": "/v1beta/models/{model}:streamGenerateContent",
+               "gemini_count_tokens": "/v1beta/models/{model}:countTokens"},
+}
+FORWARDED_HEADERS = {
+    "openai": ("accept", "user-agent", "http-referer", "x-title", "openai-beta"),
+    "claude": ("accept", "user-agent", "anthropic-beta"),
+    "gemini": ("accept", "user-agent"),
+}
+
+
+def presented_key(req: Request) -> str:
+    """The local key a client sent: Bearer, x-api-key, x-goog-api-key or ?key=."""
+    auth = req.header("authorization")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for name in ("x-api-key", "x-goog-api-key"):
+        if name in req.headers:
+            return req.headers[name].strip()
+    if "key=" in req.query:
+        return req.query_params().get("key", "")
+    return ""
+
+
+def key_matches(key: str, accepted: Sequence[str]) -> bool:
+    """Constant-time comparison against every accepted key."""
+    given = key.encode("utf-8")
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
+    return found
+
+
+def upstream_url(cred: Credential, op: str, model: str, stream: bool, query: str) -> str:
+    path = UPSTREAM_PATHS[cred.kind][op].replace("{model}", urllib.parse.quote(model, safe=""))
+    params = []
+    if cred.kind == "gemini" and stream:
+        params.append("alt=sse")
+    if cred.kind == "claude" and "beta=true" in query.split("&"):
+        params.append("beta=true")          # the SDK's client.beta.messages (A.1)
+    return cred.base_url + path + ("?" + "&".join(params) if params else "")
+
+
+def upstream_headers(cred: Credential, client: Dict[str, str]) -> Dict[str, str]:
+    """Headers for the upstream: its auth, the client's API-relevant headers, then the
+    credential's configured headers, which override. Client auth never passes."""
+    headers = {"content-type": "application/json"}
+    for name in FORWARDED_HEADERS[cred.kind]:
+        if name in client:
+            headers[name] = client[name]
+    headers.setdefault("accept", "application/json")
+    headers.setdefault("user-agent", f"proxypal/{__version__}")
+    if cred.kind == "claude":
+        headers["anthropic-version"] = client.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION
+        if cred.api_key:
+            headers["x-api-key"] = cred.api_key
+            if urllib.parse.urlsplit(cred.base_url).hostname.endswith(".services.ai.azure.com"):
+                headers["api-key"] = cred.api_key   # Foundry also reads api-key (G)
+    elif cred.kind == "gemini":
+        headers["x-goog-api-key"] = cred.api_key
+    elif cred.api_key:
+        headers["authorization"] = f"Bearer {cred.api_key}"
+    for name, value in cred.headers:
+        if name.lower() == "authorization":
+            headers.pop("x-api-key", None)
+            headers.pop("api-key", None)
+        headers[name.lower()] = value
+    return headers
+
+
+def proxy_for(config: Config, cred: Credential, url: str,
+              environ: Dict[str, str]) -> Optional[ProxySpec]:
+    explicit = cred.proxy_url or config.proxy_url
+    if explicit:
+        return parse_proxy(explicit, config.proxy_username, config.proxy_password)
+    if config.use_system_proxy:
+        parts = urllib.parse.urlsplit(url)
+        return parse_proxy(system_proxy(parts.scheme, parts.hostname or "", environ))
+    return None
+
+
+def upstream_hint(cred: Credential, status: int, url: str, body: bytes, model: str,
+                  requested: str) -> str:
+    """The seed's troubleshooting advice for an upstream error status."""
+    if status in (401, 403):
+        return f"check the apiKey of provider {cred.label}"
+    if status != 404:
+        return ""
+    if b"DeploymentNotFound" in body:
+        return (f"deployment '{model}' does not exist there: add model aliasing, e.g. "
+                f'"models": [{{"name": "<deployment name>", "alias": "{requested}"}}]')
+    try:
+        json.loads(body)
+        api_answered = True
+    except ValueError:
+        api_answered = False
+    if api_answered and (b"model" in body.lower()):
+        return (f"the upstream does not know model '{model}': check the names in "
+                f"{cred.path}.models (aliases map client names to upstream names)")
+    if cred.kind == "openai":
+        advice = ("baseUrl must include the version segment, e.g. https://openrouter.ai/api/v1 "
+                  "or http://localhost:11434/v1; the proxy appends /chat/completions")
+    elif cred.kind == "claude":
+        advice = ("give baseUrl without /v1, e.g. https://<resource>.services.ai.azure.com/"
+                  "anthropic; the proxy appends /v1/messages")
+    else:
+        advice = "baseUrl should be https://generativelanguage.googleapis.com"
+    return f"check baseUrl in {cred.path} (tried {url}): {advice}"
+
+
+def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
+    """CORS for browser clients. With the public default key only loopback pages may
+    call the proxy, so a web page cannot spend the user's upstream keys."""
+    origin = req.header("origin")
+    if not origin:
+        return []
+    try:
+        host = urllib.parse.urlsplit(origin).hostname or ""
+    except ValueError:
+        return []
+    private_key = any(k != DEFAULT_LOCAL_KEY for k in config.local_keys)
+    if not (private_key or is_loopback(host)):
+        return []
+    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+
+
+def models_payload(router: Router, created: int) -> Dict[str, Any]:
+    """/v1/models in a shape both the openai and the anthropic SDK parse."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    data = [model_item(router, name, created, stamp) for name in router.names()]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def model_item(router: Router, name: str, created: int, stamp: str) -> Dict[str, Any]:
+    route = router.resolve(name)
+    owner = route.targets[0].cred.name if route.targets else "proxypal"
+    return {"id": name, "object": "model", "created": created, "owned_by": owner,
+            "type": "model", "display_name": name, "created_at": stamp}
+
+
+@dataclasses.dataclass
+class Exchange:
+    """One request in flight: what the pipeline knows about it so far."""
+    conn: "Connection"
+    req: Request
+    fmt: str
+    config: Config
+    router: Router
+    t0: float
+    op: str = ""
+    model: str = ""
+    routed: str = ""
+    provider: str = ""
+    status: int = 0
+    ttfb: Optional[float] = None
+    error: str = ""
+    started: bool = False                  # response headers already sent
+    keep_alive: bool = True
+
+
+class Connection:
+    """One client connection: buffered reads with the wire limits, and response writes."""
+
+    def __init__(self, server: "Server", reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter):
+        self.server, self.reader, self.writer = server, reader, writer
+        peer = writer.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "local"
+        self.buf = b""
+        self.busy = False
+        self.eof = False
+
+    async def _fill(self, timeout: float) -> bool:
+        """Read more into buf; False at EOF. asyncio.TimeoutError after `timeout`."""
+        data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0.001))
+        if not data:
+            self.eof = True
+            return False
+        self.buf += data
+        return True
+
+    async def read_head(self, first: bool) -> Optional[Request]:
+        """The next request head; None when the client closed or idled out between requests."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (HEAD_TIMEOUT if first else KEEPALIVE_IDLE_TIMEOUT)
+        started = False
+        while True:
+            self.buf = self.buf.lstrip(b"\r\n") if self.buf[:1] in (b"\r", b"\n") and \
+                self.buf[:2] != b"\r" else self.buf
+            if self.buf:
+                if not started and not first:   # first byte of a keep-alive request
+                    deadline = loop.time() + HEAD_TIMEOUT
+                started = True
+                end = scan_head(self.buf)
+                if end > 0:
+                    head, self.buf = self.buf[:end], self.buf[end:]
+                    req = parse_request_head(head)
+                    req.peer = self.peer
+                    return req
+            if self.eof:
+                if self.buf:
+                    raise WireError("connection closed in the middle of a request head")
+                return None
+            try:
+                if not await self._fill(deadline - loop.time()):
+                    continue
+            except asyncio.TimeoutError:
+                if not self.buf and not first:
+                    return None
+                raise WireError(f"request head not received within {HEAD_TIMEOUT:g}s", 408) from None
+
+    async def read_body(self, req: Request, limit: int) -> bytes:
+        kind, length = body_framing(req)
+        if kind == "none":
+            return b""
+        if kind == "length" and length > limit:
+            raise WireError(f"request body of {length} bytes is over the "
+                            f"{limit // (1024 * 1024)} MB limit (maxBodyMb)", 413)
+        expect = req.header("expect").lower()
+        if expect:
+            if expect != "100-continue":
+                raise WireError(f"unsupported Expect {printable(expect, 40)!r}", 417)
+            if req.version == "HTTP/1.1" and not self.buf:
+                self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if kind == "length":
+            return await self._read_exact(length)
+        decoder = ChunkedDecoder(limit)
+        parts = decoder.feed(self.buf)
+        self.buf = b""
+        while not decoder.done:
+            if self.eof:
+                raise WireError("connection closed in the middle of a chunked body")
+            data = await self._read_idle()
+            if data:
+                parts += decoder.feed(data)
+        self.buf = decoder.unused
+        return b"".join(parts)
+
+    async def _read_exact(self, length: int) -> bytes:
+        parts, have = [self.buf[:length]], len(self.buf[:length])
+        self.buf = self.buf[length:]
+        while have < length:
+            data = await self._read_idle()
+            if not data:
+                raise WireError(f"connection closed after {have} of {length} body bytes")
+            take = data[:length - have]
+            parts.append(take)
+            have += len(take)
+            self.buf = data[len(take):]
+        return b"".join(parts)
+
+    async def _read_idle(self) -> bytes:
+        try:
+            data = await asyncio.wait_for(self.reader.read(READ_SIZE), BODY_IDLE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise WireError(f"request body stalled for {BODY_IDLE_TIMEOUT:g}s", 408) from None
+        if not data:
+            self.eof = True
+        return data
+
+    async def watch_disconnect(self, on_gone: Callable[[], None]) -> None:
+        """While a response streams, notice the client going away at once."""
+        while len(self.buf) <= MAX_HEADER_BLOCK:
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                self.eof = True
+                on_gone()
+                return
+            self.buf += data               # a pipelined request: kept for later
+
+    def send(self, ex: Exchange, status: int, body: bytes,
+             headers: Sequence[Tuple[str, str]] = (), content_type: str = "application/json") -> None:
+        ex.status = status
+        all_headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        all_headers += list(headers) + cors_headers(ex.req, ex.config)
+        head = response_head(status, all_headers, ex.keep_alive, ex.req.version)
+        self.writer.write(head if ex.req.method == "HEAD" else head + body)
+        ex.started = True
+
+    def send_error(self, ex: Exchange, exc: ProxypalError) -> None:
+        ex.error = exc.message
+        self.send(ex, exc.status, error_body(ex.fmt, exc.status, exc.message), exc.headers)
+
+
+class Server:
+    """A running proxy. Create with `await start(config)`; stop with `await close()`."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 environ: Optional[Dict[str, str]] = None):
+        check_exposure(config, config.host)
+        self.config = config
+        self.router = Router(config)
+        self.balancer = Balancer(clock)
+        self.client = UpstreamClient()
+        self.environ = dict(os.environ if environ is None else environ)
+        self.secret_filter = SecretFilter()
+        self.secret_filter.secrets = config.secrets
+        self.started_at = int(time.time())
+        self.host, self.port = config.host, config.port
+        self.closing = False
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._connections: Dict[asyncio.Task, Connection] = {}
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def listen(self, host: str, port: int) -> None:
+        check_exposure(self.config, host)
+        self._server = await asyncio.start_server(self._on_connection, host, port,
+                                                  limit=MAX_HEADER_BLOCK * 2)
+        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+        log.addFilter(self.secret_filter)
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for task, conn in list(self._connections.items()):
+            if not conn.busy:
+                task.cancel()
+        busy = [t for t, c in self._connections.items() if c.busy]
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
+        self.client.close()
+        log.removeFilter(self.secret_filter)
+
+    # -- connections -------------------------------------------------------------
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        conn = Connection(self, reader, writer)
+        self._connections[task] = conn
+        try:
+            await self._serve_connection(conn)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:                  # a bug: keep serving other connections
+            log.exception("unexpected error on a connection from %s", conn.peer)
+        finally:
+            self._connections.pop(task, None)
+            writer.close()
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        first = True
+        while not self.closing:
+            config, router = self.config, self.router
+            ex = None
+            try:
+                req = await conn.read_head(first)
+                if req is None:
+                    return
+                conn.busy = True
+                ex = Exchange(conn, req, client_format(req.path, req.headers), config, router,
+                              time.monotonic())
+                ex.keep_alive = req.keep_alive
+                await self.handle(ex)
+            except WireError as exc:
+                ex = ex or Exchange(conn, Request("GET", "/", "/", "", "HTTP/1.1", {}, [], False),
+                                    "openai", config, router, time.monotonic())
+                ex.keep_alive = False
+                if not ex.started:
+                    conn.send_error(ex, exc)
+            finally:
+                conn.busy = False
+            await conn.writer.drain()
+            if ex is not None:
+                self._log_request(ex)
+            if not ex or not ex.keep_alive or conn.eof:
+                return
+            first = False
+
+    # -- the request pipeline ----------------------------------------------------
+    async def handle(self, ex: Exchange) -> None:
+        req = ex.req
+        try:
+            self._check_target(req)
+            if self.closing:
+                ex.keep_alive = False
+            if req.method == "OPTIONS":
+                return self._preflight(ex)
+            await self._route(ex)
+        except WireError:
+            raise
+        except ProxypalError as exc:
+            self._fail(ex, exc)
+        except Exception as exc:           # a bug: answer 500 and keep serving
+            log.exception("unexpected error handling %s %s", req.method, printable(req.path))
+            self._fail(ex, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
+                                         "see the proxy's log", 500))
+
+    def _fail(self, ex: Exchange, exc: ProxypalError) -> None:
+        if not ex.started:
+            ex.conn.send_error(ex, exc)
+        else:
+            ex.error = exc.message
+            ex.keep_alive = False
+
+    def _check_target(self, req: Request) -> None:
+        """Origin-form only, or absolute-form naming this server: never an open proxy."""
+        if req.method == "CONNECT":
+            raise WireError("CONNECT is refused: proxypal is an API proxy, not a forward proxy", 405)
+        if req.target.startswith(("http://", "https://")):
+            parts = urllib.parse.urlsplit(req.target)
+            if not (is_loopback(parts.hostname or "") or parts.hostname == self.host):
+                raise WireError(f"absolute-form request for another host "
+                                f"{printable(parts.hostname or '', 60)!r} is refused: proxypal "
+                                "is not a forward proxy")
+            req.path, req.query = parts.path or "/", parts.query
+        elif not req.target.startswith("/") and not (req.method == "OPTIONS" and req.target == "*"):
+            raise WireError(f"invalid request target {printable(req.target, 60)!r}")
+
+    def _preflight(self, ex: Exchange) -> None:
+        headers = cors_headers(ex.req, ex.config)
+        if headers:
+            asked = ex.req.header("access-control-request-headers")
+            headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                        ("Access-Control-Allow-Headers", asked or "authorization, content-type, "
+                         "x-api-key, anthropic-version, anthropic-beta"),
+                        ("Access-Control-Max-Age", "600")]
+        ex.status = 204
+        head = response_head(204, headers + [("Content-Length", "0")], ex.keep_alive,
+                             ex.req.version)
+        ex.conn.writer.write(head)
+        ex.started = True
+
+    async def _route(self, ex: Exchange) -> None:
+        req = ex.req
+        path = strip_amp_prefix(req.path)
+        if path == "/health" and req.method in ("GET", "HEAD"):
+            return ex.conn.send(ex, 200, b'{"status":"ok"}')
+        if path.startswith("/v0/management"):
+            return await self._management(ex, path)
+        self._authenticate(ex)
+        if req.method in ("GET", "HEAD"):
+            if path in ("/v1/models", "/v1/models/"):
+                return ex.conn.send(ex, 200, dumps(models_payload(ex.router, self.started_at)))
+            if path.startswith("/v1/models/"):
+                return self._one_model(ex, urllib.parse.unquote(path[len("/v1/models/"):]))
+        if req.method == "POST":
+            op, model = self._operation(path)
+            if op:
+                ex.op = op
+                body = await ex.conn.read_body(req, int(ex.config.max_body_mb * 1024 * 1024))
+                return await self._model_request(ex, op, body, model)
+        raise self._no_route(req, path)
+
+    @staticmethod
+    def _operation(path: str) -> Tuple[str, str]:
+        """(operation, model from the path or "") for a POST path; ("", "") if unknown."""
+        if path in POST_ROUTES:
+            return POST_ROUTES[path], ""
+        if path.startswith("/v1beta/models/") and ":" in path:
+            model, _, method = path[len("/v1beta/models/"):].rpartition(":")
+            if method in GEMINI_METHODS and model:
+                return GEMINI_METHODS[method], urllib.parse.unquote(model)
+        return "", ""
+
+    @staticmethod
+    def _no_route(req: Request, path: str) -> ProxypalError:
+        known = ["POST /v1/chat/completions", "POST /v1/messages", "GET /v1/models"]
+        if path.rstrip("/") in ("/chat/completions", "/messages", "/models", "/embeddings"):
+            return ClientError(f"no route {req.method} {printable(path, 80)}: set your client's "
+                               "base URL to http://HOST:PORT/v1 for OpenAI clients, or "
+                               "http://HOST:PORT (no /v1) for Anthropic clients", 404)
+        allowed = {"/v1/models": "GET, HEAD", "/health": "GET, HEAD"}
+        for p in list(POST_ROUTES):
+            allowed[p] = "POST"
+        if path in allowed:
+            return ClientError(f"method {req.method} is not allowed on {path}; use "
+                               f"{allowed[path]}", 405, [("Allow", allowed[path])])
+        return ClientError(f"no route {req.method} {printable(path, 80)}; this proxy serves "
+                           f"{', '.join(known)} and the Gemini /v1beta routes", 404)
+
+    def _authenticate(self, ex: Exchange) -> None:
+        key = presented_key(ex.req)
+        if not key:
+            raise ProxypalError("missing API key: send 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>' with the proxy's key (proxyApiKey in "
+                                "config.json; default proxypal-local)", 401)
+        if not key_matches(key, ex.config.local_keys):
+            raise ProxypalError("invalid API key: use the proxy's own key (proxyApiKey or "
+                                "apiKeys in config.json), not an upstream's", 401)
+
+    def _one_model(self, ex: Exchange, name: str) -> None:
+        route = ex.router.resolve(name)
+        if not route.targets:
+            raise self._unknown_model(ex, name)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))
+        ex.conn.send(ex, 200, dumps(model_item(ex.router, name, self.started_at, stamp)))
+
+    def _unknown_model(self, ex: Exchange, name: str) -> ProxypalError:
+        if not ex.config.credentials:
+            where = ex.config.path or default_config_path()
+            state = "" if ex.config.loaded else " (the file does not exist)"
+            return ProxypalError(f"no auth available: no provider is configured; add one to "
+                                 f"{where}{state} (claudeApiKeys, geminiApiKeys or "
+                                 "ampOpenaiProviders) and restart", 503)
+        near = ex.router.nearest(name)
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
+            "; GET /v1/models lists the names this proxy serves"
+        return ClientError(f"Invalid model {printable(name, 100)!r}: it is not in any provider's "
+                           f"models list{hint}", 404)
+
+    # -- model requests ----------------------------------------------------------
+    async def _model_request(self, ex: Exchange, op: str, raw: bytes, path_model: str) -> None:
+        body = self._json_body(raw)
+        model = path_model or body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ClientError('"model" is required and must be a non-empty string'
+                              + ("" if "model" not in body else f", got {_short(model)}"))
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise ClientError(f'"stream" must be true or false, got {_short(body["stream"])}')
+        stream = body.get("stream") is True or op == "stream_generate"
+        ex.model = model
+        route = ex.router.resolve(model)
+        if not route.targets:
+            raise self._unknown_model(ex, model)
+        ex.routed = route.routed
+        usable = tuple(t for t in route.targets if op in UPSTREAM_PATHS[t.cred.kind]
+                       and (ex.fmt, KIND_FORMAT[t.cred.kind]) in TRANSLATORS)
+        if not usable:
+            first = route.targets[0].cred
+            raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
+                              f"{KIND_FORMAT[first.kind]} API; {ex.req.path} cannot reach it: "
+                              "call that provider's endpoint instead")
+        route = dataclasses.replace(route, targets=usable)
+        ready, cooling = self.balancer.plan(route, ex.config.routing_strategy)
+        if not ready:
+            raise self._cooling_error(cooling)
+        retries = usable[0].cred.request_retry
+        attempts = ready[:1 + (ex.config.request_retry if retries is None else retries)]
+        log.debug("route %s -> %s via %s", printable(model), route.routed,
+                  ", ".join(t.cred.label for t in attempts))
+        await self._try_targets(ex, attempts, body, stream, route)
+
+    @staticmethod
+    def _json_body(raw: bytes) -> Dict[str, Any]:
+        if not raw.strip():
+            raise ClientError("request body is empty; send a JSON object")
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError:
+            raise ClientError("request body is not UTF-8 JSON") from None
+        except json.JSONDecodeError as exc:
+            raise ClientError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                              f"column {exc.colno}") from None
+        if not isinstance(body, dict):
+            raise ClientError(f"request body must be a JSON object, got {_json_type(body)}")
+        return body
+
+    def _cooling_error(self, cooling: Sequence[Tuple[Target, Cooldown]]) -> ProxypalError:
+        now = self.balancer.clock()
+        soonest = min(c.until for _, c in cooling)
+        status = 429 if all(c.status == 429 for _, c in cooling) else 503
+        return ProxypalError(describe_cooling(cooling, now), status,
+                             [("Retry-After", str(max(1, int(soonest - now + 0.999))))])
+
+    async def _try_targets(self, ex: Exchange, attempts: Sequence[Target], body: Dict[str, Any],
+                           stream: bool, route: Route) -> None:
+        loop = asyncio.get_running_loop()
+        last_error: Optional[UpstreamError] = None
+        for i, target in enumerate(attempts):
+            more = i + 1 < len(attempts)
+            ureq = self._upstream_request(ex, target, body, stream)
+            ex.provider = target.cred.name
+            log.debug("upstream %s %s (%s)", ureq.method, ureq.url, target.cred.label)
+            try:
+                resp = await loop.run_in_executor(self.client.executor, self.client.open, ureq)
+            except UpstreamError as exc:
+                last_error = exc
+                log.warning("%s: %s", target.cred.label, exc.message)
+                if more and exc.failover:
+                    continue
+                raise UpstreamError(f"provider {target.cred.label} {exc.message}", exc.status,
+                                    target.cred.name, ureq.url) from None
+            ex.ttfb = time.monotonic() - ex.t0
+            if resp.status in FAILOVER_STATUSES:
+                self.balancer.cool(target.cred, resp.status,
+                                   retry_after_seconds(resp.header("retry-after")))
+                if more:
+                    log.warning("%s answered %d; trying the next credential", target.cred.label,
+                                resp.status)
+                    resp.abort()
+                    continue
+            return await self._deliver(ex, target, resp, stream, route)
+        raise last_error or UpstreamError("no credential could be tried")
+
+    def _upstream_request(self, ex: Exchange, target: Target, body: Dict[str, Any],
+                          stream: bool) -> UpstreamRequest:
+        cred, config = target.cred, ex.config
+        out = dict(body)
+        if cred.kind != "gemini":
+            out["model"] = target.model
+        clamp_output_tokens(out, target.max_output_tokens)
+        url = upstream_url(cred, ex.op, target.model, stream, ex.req.query)
+        return UpstreamRequest(
+            "POST", url, upstream_headers(cred, ex.req.headers), dumps(out), cred.name,
+            proxy_for(config, cred, url, self.environ), config.connect_timeout,
+            config.first_byte_timeout, config.read_timeout)
+
+    async def _deliver(self, ex: Exchange, target: Target, resp: UpstreamResponse,
+                       stream: bool, route: Route) -> None:
+        loop = asyncio.get_running_loop()
+        upstream_fmt = KIND_FORMAT[target.cred.kind]
+        if resp.status >= 400:
+            body = await loop.run_in_executor(self.client.executor, resp.read_all,
+                                              MAX_UPSTREAM_ERROR_BODY, True)
+            hint = upstream_hint(target.cred, resp.status, resp.req.url, body, target.model,
+                                 route.requested)
+            message, _ = upstream_message(body)
+            ex.error = f"{target.cred.name}: {message}"
+            prefix = f"{target.cred.name}: "
+            out = upstream_error_body(ex.fmt, upstream_fmt, resp.status, body, prefix, hint)
+            return ex.conn.send(ex, resp.status, out, self._passed_headers(resp))
+        if resp.is_event_stream:
+            return await self._relay_stream(ex, resp)
+        body = await loop.run_in_executor(self.client.executor, resp.read_all, MAX_UPSTREAM_BODY)
+        if ex.fmt != "gemini":
+            body = rewrite_model(body, route.requested)
+        ex.conn.send(ex, resp.status, body, self._passed_headers(resp),
+                     resp.header("content-type") or "application/json")
+
+    @staticmethod
+    def _passed_headers(resp: UpstreamResponse) -> List[Tuple[str, str]]:
+        return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != "content-type"]
+
+    async def _relay_stream(self, ex: Exchange, resp: UpstreamResponse) -> None:
+        """Relay an SSE answer event by event: each complete event is written as soon as
+        it arrives; the status waits for the first bytes so early failures stay errors."""
+        conn, loop = ex.conn, asyncio.get_running_loop()
+        pump = BodyPump(loop, resp, self.client.executor)
+        watcher = loop.create_task(conn.watch_disconnect(pump.abort))
+        done = False
+        try:
+            first = await pump.get()
+            if not first:
+                raise UpstreamError("upstream ended the stream before sending any event", 502)
+            chunked = ex.req.version == "HTTP/1.1"
+            ex.keep_alive = ex.keep_alive and chunked
+            headers = [("Content-Type", resp.header("content-type")),
+                       ("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+            if chunked:
+                headers.append(("Transfer-Encoding", "chunked"))
+            headers += self._passed_headers(resp) + cors_headers(ex.req, ex.config)
+            conn.writer.write(response_head(200, headers, ex.keep_alive, ex.req.version))
+            ex.started, ex.status = True, resp.status
+            last = await self._pump_events(ex, pump, first, chunked)
+            done = True
+            if ex.fmt == "anthropic" and b"message_stop" not in last and b"error" not in last:
+                self._write_event(conn, chunked, stream_error_event(
+                    ex.fmt, 502, f"{ex.provider}: upstream ended the stream before message_stop"))
+                ex.error = "stream cut before message_stop"
+            if chunked:
+                conn.writer.write(b"0\r\n\r\n")
+            pump.finish()
+        except UpstreamError as exc:
+            if not ex.started:
+                raise
+            ex.error, ex.keep_alive = exc.message, False
+            if exc.status != 499:
+                self._write_event(conn, ex.req.version == "HTTP/1.1", stream_error_event(
+                    ex.fmt, exc.status, f"{ex.provider}: {exc.message}"))
+                if ex.req.version == "HTTP/1.1":
+                    conn.writer.write(b"0\r\n\r\n")
+        finally:
+            watcher.cancel()
+            if not done:
+                pump.abort()
+
+    async def _pump_events(self, ex: Exchange, pump: BodyPump, data: bytes, chunked: bool) -> bytes:
+        """Write complete events as they come; returns the last one written."""
+        splitter, conn, last = SSESplitter(), ex.conn, b""
+        keepalive = ex.config.stream_keepalive_seconds or None
+        while data:
+            events = splitter.feed(data)
+            if events:
+                last = events[-1]
+                self._write_event(conn, chunked, b"".join(events))
+                await conn.writer.drain()
+            while True:
+                try:
+                    data = await pump.get(keepalive)
+                    break
+                except asyncio.TimeoutError:   # silent upstream: keep idle-cutting proxies open
+                    self._write_event(conn, chunked, b": keep-alive\n\n")
+                    await conn.writer.drain()
+        tail = splitter.close()
+        if tail:
+            last = tail[-1]
+            self._write_event(conn, chunked, tail[-1] + b"\n\n")
+        return last
+
+    @staticmethod
+    def _write_event(conn: Connection, chunked: bool, data: bytes) -> None:
+        conn.writer.write(chunk(data) if chunked else data)
+
+    # -- management --------------------------------------------------------------
+    async def _management(self, ex: Exchange, path: str) -> None:
+        config = ex.config
+        if not (config.allow_remote_management or is_loopback(ex.req.peer)):
+            raise ProxypalError("the management API answers only loopback clients; set "
+                                "allowRemoteManagement to true to allow others", 403)
+        if not config.management_key:
+            raise ProxypalError('the management API is off: set "managementKey" in config.json '
+                                "and send it as X-Management-Key", 403)
+        auth = ex.req.header("authorization")
+        given = ex.req.header("x-management-key") or (auth[7:].strip()
+                                                      if auth[:7].lower() == "bearer " else "")
+        if not given or not key_matches(given, (config.management_key,)):
+            raise ProxypalError("missing or wrong management key (X-Management-Key)", 401)
+        raise ClientError(f"no management route {printable(path, 80)}", 404)
+
+    # -- logging -----------------------------------------------------------------
+    def _log_request(self, ex: Exchange) -> None:
+        if ex.config.request_logging:
+            log.info("%s", json.dumps(request_log_entry(ex), ensure_ascii=False))
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("%s %s -> %d %s in %.1f ms", ex.req.method, printable(ex.req.path),
+                      ex.status, ex.provider or "-", (time.monotonic() - ex.t0) * 1000)
+
+
+def request_log_entry(ex: Exchange) -> Dict[str, Any]:
+    """The request log line, as a dict (pure but for the clock)."""
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "format": ex.fmt,
+        "method": ex.req.method, "path": printable(ex.req.path), "model": printable(ex.model),
+        "routed": ex.routed or None, "provider": ex.provider or None, "status": ex.status,
+        "latency_ms": round((time.monotonic() - ex.t0) * 1000, 1),
+        "ttfb_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
+        "error": printable(ex.error, 300) or None,
+    }
+
+
+def check_exposure(config: Config, host: str) -> None:
+    """Refuse to listen beyond loopback when the only key is the public default."""
+    if not is_loopback(host) and set(config.local_keys) <= {DEFAULT_LOCAL_KEY}:
+        raise ConfigError("host", f"{host!r} is reachable from other machines, but the only "
+                                  f"accepted key is the public default {DEFAULT_LOCAL_KEY!r}: "
+                                  'set "proxyApiKey" to a secret of your own')
+
+
+# =============================================================================
+# 11. Public API
+# Strategy: start() for code that already runs an event loop, serve() for code
+# that wants to block; both take a Config, a config dict or a path. Neither
+# configures logging or touches signals unless serve() is told to.
+# =============================================================================
+
+def _as_config(config: Any) -> Config:
+    if config is None or isinstance(config, str):
+        return load_config(config)
+    if isinstance(config, dict):
+        return parse_config(config)
+    if isinstance(config, Config):
+        return config
+    raise TypeError(f"config must be a Config, a dict or a path, not {type(config).__name__}")
+
+
+async def start(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
+                **kwargs: Any) -> Server:
+    """Start a proxy on the running loop and return it; `server.port` is the real port
+    (pass port=0 for an ephemeral one). Stop it with `await server.close()`."""
+    cfg = _as_config(config)
+    server = Server(cfg, **kwargs)
+    await server.listen(cfg.host if host is None else host, cfg.port if port is None else port)
+    return server
+
+
+def banner(server: Server) -> str:
+    config = server.config
+    router = server.router
+    host = server.host if ":" not in server.host else f"[{server.host}]"
+    base = f"http://{host}:{server.port}"
+    if config.loaded:
+        where = f"config: {config.path} ({len(config.credentials)} providers, " \
+                f"{len(router.names())} models)"
+    else:
+        where = (f"config: {config.path or '(none)'} not found: no providers yet; "
+                 "create it (see README, or config.example.json) and restart")
+    key = config.proxy_api_key if config.proxy_api_key == DEFAULT_LOCAL_KEY else "<your proxyApiKey>"
+    return "\n".join([
+        f"proxypal {__version__} listening on {base}",
+        where,
+        f"  export ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN={key}",
+        f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}",
+    ])
+
+
+def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
+          print_banner: bool = True) -> int:
+    """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully. Returns 0."""
+    async def run() -> None:
+        server = await start(config, host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for name in ("SIGINT", "SIGTERM"):
+            try:
+                loop.add_signal_handler(getattr(signal, name), stop.set)
+            except (NotImplementedError, AttributeError, RuntimeError, ValueError):
+                pass                       # Windows: Ctrl-C arrives as KeyboardInterrupt
+        if print_banner:
+            print(banner(server), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping: letting in-flight requests finish (up to %gs)", SHUTDOWN_GRACE)
+            await server.close()
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+# =============================================================================
+# 12. CLI
+# Strategy: argparse, then precedence command line > environment > config file
+# > defaults. main() is the only place that configures logging. Exit codes:
+# 0 ok, 2 bad usage or invalid config, 1 anything else that stops the start.
+# =============================================================================
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="proxypal.py",
+        description="One-file LLM API proxy: OpenAI, Anthropic and Gemini clients to any "
+                    "configured upstream.",
+        epilog="environment: PROXYPAL_CONFIG, PROXYPAL_HOST, PROXYPAL_PORT "
+               "(the command line wins over them, they win over the config file)")
+    parser.add_argument("--config", metavar="PATH",
+                        help=f"config file (default: {default_config_path()})")
+    parser.add_argument("--host", help=f"listen address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks one)")
+    parser.add_argument("--debug", action="store_true", help="debug logging: routing, upstream URLs")
+    parser.add_argument("--log-requests", action="store_true",
+                        help="one JSON line per request on stderr (secrets masked)")
+    parser.add_argument("--version", action="version", version=f"proxypal {__version__}")
+    return parser
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    env = os.environ
+    try:
+        config = load_config(args.config or env.get("PROXYPAL_CONFIG") or None)
+        overrides: Dict[str, Any] = {}
+        host = args.host or env.get("PROXYPAL_HOST")
+        port = args.port if args.port is not None else env.get("PROXYPAL_PORT")
+        if host:
+            overrides["host"] = host
+        if port is not None and port != "":
+            try:
+                overrides["port"] = int(port)
+            except ValueError:
+                raise ConfigError("PROXYPAL_PORT", f"must be a whole number, got {port!r}") from None
+            if not 0 <= overrides["port"] <= 65535:
+                raise ConfigError("port", f"must be between 0 and 65535, got {overrides['port']}")
+        if args.debug:
+            overrides["debug"] = True
+        if args.log_requests:
+            overrides["request_logging"] = True
+        config = dataclasses.replace(config, **overrides)
+        setup_logging(config.debug)
+        for key in config.unknown_keys:
+            log.debug("config key %r is not used by proxypal; ignored", key)
+        return serve(config)
+    except ConfigError as exc:
+        print(f"proxypal: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"proxypal: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
