@@ -108,6 +108,7 @@ BUILTIN_GEMINI_MODELS = (
     "gemini-3-pro-preview", "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite",
     "gemini-2.0-flash",
 )
+PROXY_SCHEMES = ("http", "socks5", "socks5h")   # outbound proxies http.client can speak through
 KIND_PREFIX = {"claude": "claude-", "gemini": "gemini-"}
 KIND_FORMAT = {"claude": "anthropic", "openai": "openai", "gemini": "gemini"}
 CONFIG_LIST_KIND = {"claudeApiKeys": "claude", "geminiApiKeys": "gemini",
@@ -393,14 +394,16 @@ _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
+    def fail(message: str) -> ConfigError:
+        return ConfigError(path, f'"{key}" {message}') if path else ConfigError(key, message)
     try:
         parts = urllib.parse.urlsplit(value.strip())
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(path, f'"{key}" is not a valid URL: {value!r} ({exc})') from None
+        raise fail(f"is not a valid URL: {value!r} ({exc})") from None
     if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(path, f'"{key}" must be a URL starting with '
-                                f'{" or ".join(s + "://" for s in schemes)}, got {value!r}')
+        raise fail(f'must be a URL starting with {" or ".join(s + "://" for s in schemes)}, '
+                   f"got {value!r}")
     return value.strip()
 
 
@@ -476,7 +479,7 @@ def _parse_credential(kind: str, obj: Any, path: str) -> Credential:
     base = _normalize_base(kind, _parse_url(base, path, "baseUrl", ("http", "https")))
     proxy_url = r.get("proxyUrl", str, "") or ""
     if proxy_url:
-        _parse_url(proxy_url, path, "proxyUrl", ("http", "https", "socks5", "socks5h"))
+        _parse_url(proxy_url, path, "proxyUrl", PROXY_SCHEMES)
     name = (r.get("name", str, "", required=is_openai) or _provider_name(kind, base)).strip()
     retry = r.get("requestRetry", int)
     if retry is not None and not 0 <= retry <= 20:
@@ -520,7 +523,7 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
         raise ConfigError("routingStrategy", f'must be "round-robin" or "fill-first", got {strategy!r}')
     proxy_url = r.get("proxyUrl", str, "") or ""
     if proxy_url:
-        _parse_url(proxy_url, "", "proxyUrl", ("http", "https", "socks5", "socks5h"))
+        _parse_url(proxy_url, "", "proxyUrl", PROXY_SCHEMES)
     credentials = []
     for list_key, kind in CONFIG_LIST_KIND.items():
         for i, item in enumerate(r.get(list_key, list, [])):
@@ -731,6 +734,9 @@ class ChunkedDecoder:
         self._state = "size"               # size | data | crlf | trailer
 
     def feed(self, data: bytes) -> List[bytes]:
+        if self.done:
+            self.unused += data
+            return []
         out: List[bytes] = []
         buf = self._buf + data
         while buf and not self.done:
@@ -941,10 +947,11 @@ def upstream_message(body: bytes) -> Tuple[str, str]:
 
 
 def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: bytes,
-                        prefix: str) -> bytes:
+                        provider: str, hint: str = "") -> bytes:
     """An upstream's error for the client: its own body kept (status, type, code, ids)
-    when formats match and the shape is the client's, with `prefix` put before the
-    message; otherwise rebuilt in the client's format from the upstream's message."""
+    when formats match and the shape is the client's, with the provider's name before
+    the message and the hint after it; otherwise rebuilt in the client's format."""
+    prefix, suffix = f"{provider}: ", (f" ({hint})" if hint else "")
     if client_fmt == upstream_fmt:
         try:
             obj = json.loads(body)
@@ -954,7 +961,7 @@ def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: b
         shaped = isinstance(err, dict) and isinstance(err.get("message"), str) and (
             client_fmt != "anthropic" or obj.get("type") == "error")
         if shaped:
-            err["message"] = f"{prefix}{err['message']}"
+            err["message"] = f"{prefix}{err['message']}{suffix}"
             return dumps(obj)
     message, code = upstream_message(body)
     if code and code not in message and not code.isdigit():
@@ -962,7 +969,7 @@ def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: b
     err_type = ""
     if client_fmt == "anthropic" and code == "DeploymentNotFound":
         err_type = "not_found_error"
-    return error_body(client_fmt, status, f"{prefix}{message}", err_type)
+    return error_body(client_fmt, status, f"{prefix}{message}{suffix}", err_type)
 
 
 def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[float]:
@@ -2197,7 +2204,13 @@ class Server:
                                 resp.status)
                     resp.abort()
                     continue
-            return await self._deliver(ex, target, resp, stream, route)
+            try:
+                return await self._deliver(ex, target, resp, stream, route)
+            except UpstreamError as exc:
+                if ex.started:
+                    raise
+                raise UpstreamError(f"{target.cred.name}: {exc.message}", exc.status,
+                                    target.cred.name, ureq.url) from None
         raise last_error or UpstreamError("no credential could be tried")
 
     def _upstream_request(self, ex: Exchange, target: Target, body: Dict[str, Any],
@@ -2222,10 +2235,9 @@ class Server:
                                               MAX_UPSTREAM_ERROR_BODY, True)
             hint = upstream_hint(target.cred, resp.status, resp.req.url, body, target.model,
                                  route.requested)
-            message, _ = upstream_message(body)
-            ex.error = f"{target.cred.name}: {message}"
-            prefix = f"{target.cred.name}: "
-            out = upstream_error_body(ex.fmt, upstream_fmt, resp.status, body, prefix, hint)
+            ex.error = f"{target.cred.name}: {upstream_message(body)[0]}"
+            out = upstream_error_body(ex.fmt, upstream_fmt, resp.status, body,
+                                      target.cred.name, hint)
             return ex.conn.send(ex, resp.status, out, self._passed_headers(resp))
         if resp.is_event_stream:
             return await self._relay_stream(ex, resp)

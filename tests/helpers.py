@@ -29,9 +29,10 @@ def splits(data: bytes) -> Iterator[List[bytes]]:
         yield [data[:i], data[i:]]
 
 
-def feed_all_ways(make: Callable[[], Any], data: bytes, finish: Callable[[Any], list] = None):
+def feed_all_ways(make: Callable[[], Any], data: bytes, finish: Callable[[Any], list] = None,
+                  normalize: Callable[[list], Any] = list):
     """Feed a fresh decoder `data` every way splits() cuts it; assert all ways agree and
-    return the (single) result: the concatenated feed() outputs plus finish(decoder)."""
+    return the (single) result: normalize(the feed() outputs plus finish(decoder))."""
     results = []
     for pieces in splits(data):
         decoder = make()
@@ -40,7 +41,7 @@ def feed_all_ways(make: Callable[[], Any], data: bytes, finish: Callable[[Any], 
             out += decoder.feed(piece)
         if finish:
             out += finish(decoder)
-        results.append(out)
+        results.append(normalize(out))
     first = results[0]
     for other in results[1:]:
         assert other == first
@@ -87,13 +88,13 @@ class MockUpstream:
                 mock.requests.put(rec)
                 mock.respond(self, rec)
 
-            do_POST = do_GET = _handle
+            do_POST = do_GET = do_CONNECT = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def last(self) -> Recorded:

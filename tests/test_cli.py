@@ -1,0 +1,112 @@
+"""The command line: banner, real port with --port 0, clean stop on SIGTERM, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from helpers import TIMEOUT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "proxypal.py")
+
+
+def run(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT * 3, env=full_env)
+
+
+def spawn(*args, env=None):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def read_banner(proc):
+    lines = [proc.stdout.readline() for _ in range(4)]
+    assert lines[0].startswith("proxypal "), (lines, proc.stderr.read() if proc.poll() is not None else "")
+    return lines
+
+
+@pytest.mark.skipif(sys.platform.startswith("win"), reason="SIGTERM is POSIX")
+def test_start_banner_port_zero_and_clean_stop(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ampOpenaiProviders": [
+        {"name": "Ollama", "baseUrl": "http://127.0.0.1:9/v1", "apiKey": "sk-secret-value", "models": ["llama3", "mistral"]}]}))
+    proc = spawn("--config", str(config), "--port", "0")
+    try:
+        lines = read_banner(proc)
+        url = lines[0].split("listening on ")[1].strip()
+        port = int(url.rsplit(":", 1)[1])
+        assert port > 0
+        assert str(config) in lines[1] and "1 providers, 2 models" in lines[1]
+        assert lines[2].strip() == f"export ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=proxypal-local"
+        assert lines[3].strip() == f"export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=proxypal-local"
+        with urllib.request.urlopen(url + "/health", timeout=TIMEOUT) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert "sk-secret-value" not in proc.stdout.read() + proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_missing_config_starts_and_says_where(tmp_path):
+    missing = tmp_path / "none" / "config.json"
+    proc = spawn("--port", "0", env={"PROXYPAL_CONFIG": str(missing)})
+    try:
+        lines = read_banner(proc)
+        assert str(missing) in lines[1] and "not found" in lines[1]
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+    assert not missing.exists()                  # nothing was written
+
+
+def test_env_port_and_command_line_precedence(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"port": 1}))
+    proc = spawn("--config", str(config), "--port", "0", env={"PROXYPAL_PORT": "2"})
+    try:
+        lines = read_banner(proc)
+        assert not lines[0].rstrip().endswith((":1", ":2"))   # --port 0 beat env and file
+    finally:
+        proc.terminate()
+        proc.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"claudeApiKeys": [{"apiKey": "a"}, {"apiKey": "b", "models": [{"name": "n", "alias": 5}]}]}',
+     'claudeApiKeys[1].models[0]: "alias" must be a string'),
+    ('{"port": 8317,}', "line 1, column 15"),
+], ids=["bad-type", "bad-json"])
+def test_invalid_config_exits_2_with_key_path(tmp_path, content, needle):
+    config = tmp_path / "c.json"
+    config.write_text(content)
+    out = run("--config", str(config), "--port", "0")
+    assert out.returncode == 2 and needle in out.stderr
+    assert config.read_text() == content
+
+
+def test_refuses_public_host_with_default_key(tmp_path):
+    out = run("--config", str(tmp_path / "none.json"), "--host", "0.0.0.0", "--port", "0")
+    assert out.returncode == 2 and "proxyApiKey" in out.stderr
+
+
+def test_version_and_help():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.startswith("proxypal ")
+    out = run("--help")
+    assert out.returncode == 0 and "--config" in out.stdout and "PROXYPAL_CONFIG" in out.stdout
+
+
+def test_bad_env_port_exits_2(tmp_path):
+    out = run("--config", str(tmp_path / "none.json"), env={"PROXYPAL_PORT": "eighty"})
+    assert out.returncode == 2 and "PROXYPAL_PORT" in out.stderr

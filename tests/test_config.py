@@ -1,0 +1,158 @@
+"""Config: every key loads, ProxyPal's own file loads unchanged, and every error names
+its key path."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import seed
+from helpers import proxypal
+
+ConfigError = proxypal.ConfigError
+
+
+def test_seed_section_6_loads():
+    config = proxypal.parse_config(seed.SECTION_6)
+    kinds = [c.kind for c in config.credentials]
+    assert kinds == ["claude", "claude", "gemini", "openai", "openai", "openai"]
+    azure = config.credentials[0]
+    assert azure.base_url == "https://foundry-resource.services.ai.azure.com/anthropic"
+    assert azure.name == "Azure AI Foundry (foundry-resource)"
+    assert azure.models[0] == proxypal.ModelEntry("claude-opus-4-5", "claude-opus-4-5-20251101")
+    assert dict(azure.headers)["anthropic-version"] == "2023-06-01"
+    assert config.credentials[1].name == "Anthropic"
+    assert [m.alias for m in config.credentials[2].models] == ["gemini-2.5-pro", "gemini-2.5-flash"]
+    assert config.credentials[5].name == "Local Ollama"
+
+
+def test_proxypal_app_config_loads_unchanged():
+    config = proxypal.parse_config(seed.PROXYPAL_APP_CONFIG)
+    assert config.request_retry == 3
+    assert config.proxy_url == ""
+    assert config.mappings == (proxypal.Mapping("claude-sonnet-4-5-20250929", "claude-opus-4-5-20251101"),)
+    assert "copilot" in config.unknown_keys and "codexApiKeys" in config.unknown_keys
+    assert len(config.credentials) == 1
+
+
+def test_every_spec_key_loads():
+    raw = {
+        "port": 9000, "host": "localhost", "proxyApiKey": "local-secret", "apiKeys": ["k2", "k3"],
+        "managementKey": "mgmt-secret", "allowRemoteManagement": True, "debug": True,
+        "requestLogging": True, "loggingToFile": True, "logsMaxTotalSizeMb": 50,
+        "requestRetry": 2, "routingStrategy": "fill-first", "proxyUrl": "http://proxy.corp:3128",
+        "proxyUsername": "u", "proxyPassword": "p4ss-word", "useSystemProxy": True,
+        "maxBodyMb": 8, "streamKeepaliveSeconds": 15, "connectTimeoutSeconds": 5,
+        "firstByteTimeoutSeconds": 120, "readTimeoutSeconds": 60,
+        "claudeApiKeys": [{"apiKey": "sk-ant-x", "baseUrl": "https://api.anthropic.com/v1/",
+                           "proxyUrl": "socks5://127.0.0.1:1080", "headers": {"X-A": "1"},
+                           "models": ["claude-x", {"name": "claude-y", "alias": "y", "maxOutputTokens": 100}],
+                           "excludedModels": ["claude-z*"], "prefix": "az", "requestRetry": 1}],
+        "geminiApiKeys": [{"apiKey": "AIza", "baseUrl": "https://generativelanguage.googleapis.com/v1beta"}],
+        "ampOpenaiProviders": [{"name": "P", "baseUrl": "http://h:1/v1", "apiKey": "", "models": []}],
+        "ampModelMappings": [{"from": "a", "to": "b"}, {"name": "c", "alias": "d"},
+                             {"from": "x", "to": "y", "enabled": False}],
+    }
+    c = proxypal.parse_config(raw)
+    assert (c.port, c.host, c.proxy_api_key, c.api_keys) == (9000, "localhost", "local-secret", ("k2", "k3"))
+    assert c.local_keys == ("local-secret", "k2", "k3")
+    assert (c.management_key, c.allow_remote_management, c.debug, c.request_logging) == ("mgmt-secret", True, True, True)
+    assert (c.logging_to_file, c.logs_max_total_size_mb, c.request_retry) == (True, 50, 2)
+    assert (c.routing_strategy, c.proxy_url, c.proxy_username, c.proxy_password) == (
+        "fill-first", "http://proxy.corp:3128", "u", "p4ss-word")
+    assert (c.use_system_proxy, c.max_body_mb, c.stream_keepalive_seconds) == (True, 8.0, 15.0)
+    assert (c.connect_timeout, c.first_byte_timeout, c.read_timeout) == (5.0, 120.0, 60.0)
+    claude = c.credentials[0]
+    assert claude.base_url == "https://api.anthropic.com"          # trailing /v1/ tolerated
+    assert claude.models[1] == proxypal.ModelEntry("claude-y", "y", 100)
+    assert (claude.prefix, claude.request_retry, claude.excluded) == ("az", 1, ("claude-z*",))
+    assert c.credentials[1].base_url == "https://generativelanguage.googleapis.com"
+    assert c.credentials[2].api_key == ""
+    assert c.mappings == (proxypal.Mapping("a", "b"), proxypal.Mapping("d", "c"))
+    assert c.unknown_keys == ()
+    for secret in ("local-secret", "mgmt-secret", "p4ss-word", "sk-ant-x"):
+        assert secret in c.secrets
+
+
+ERRORS = [
+    ("alias-type", {"claudeApiKeys": [{"apiKey": "a"}, {"apiKey": "b", "models": [{"name": "n", "alias": 5}]}]},
+     'claudeApiKeys[1].models[0]: "alias" must be a string'),
+    ("missing-apikey", {"claudeApiKeys": [{"baseUrl": "https://x"}]}, 'claudeApiKeys[0]: "apiKey" is required'),
+    ("openai-missing-name", {"ampOpenaiProviders": [{"baseUrl": "http://h/v1", "models": []}]},
+     'ampOpenaiProviders[0]: "name" is required'),
+    ("openai-missing-base", {"ampOpenaiProviders": [{"name": "n", "models": []}]},
+     'ampOpenaiProviders[0]: "baseUrl" is required'),
+    ("openai-missing-models", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://h/v1"}]},
+     'ampOpenaiProviders[0]: "models" is required'),
+    ("bad-url", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "localhost:11434/v1", "models": []}]},
+     'ampOpenaiProviders[0]: "baseUrl" must be a URL starting with http:// or https://'),
+    ("port-type", {"port": "8317"}, "port: must be a whole number"),
+    ("port-range", {"port": 70000}, "port: must be between 0 and 65535"),
+    ("bool-as-port", {"port": True}, "port: must be a whole number"),
+    ("strategy", {"routingStrategy": "random"}, 'routingStrategy: must be "round-robin" or "fill-first"'),
+    ("list-type", {"claudeApiKeys": {"apiKey": "x"}}, "claudeApiKeys: must be a list"),
+    ("entry-type", {"geminiApiKeys": ["AIza"]}, "geminiApiKeys[0]: must be an object"),
+    ("model-empty", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://h/v1", "models": [""]}]},
+     "ampOpenaiProviders[0].models[0]: must not be an empty string"),
+    ("header-injection", {"claudeApiKeys": [{"apiKey": "a", "headers": {"X": "a\r\nEvil: 1"}}]},
+     'claudeApiKeys[0].headers: "X" must not contain line breaks'),
+    ("header-name", {"claudeApiKeys": [{"apiKey": "a", "headers": {"Bad Name": "1"}}]},
+     "claudeApiKeys[0].headers: 'Bad Name' is not a valid header name"),
+    ("mapping-missing-to", {"ampModelMappings": [{"from": "a"}]}, 'ampModelMappings[0]: "to" is required'),
+    ("excluded-type", {"claudeApiKeys": [{"apiKey": "a", "excludedModels": [1]}]},
+     "claudeApiKeys[0].excludedModels[0]: must be a string"),
+    ("max-output", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://h/v1",
+                                            "models": [{"name": "m", "maxOutputTokens": 0}]}]},
+     'ampOpenaiProviders[0].models[0]: "maxOutputTokens" must be at least 1'),
+    ("proxy-url", {"proxyUrl": "ftp://x"}, 'proxyUrl: must be a URL starting with http:// or socks5://'),
+    ("root-type", [], "must be an object, got a list"),
+]
+
+
+@pytest.mark.parametrize("raw,message", [(r, m) for _, r, m in ERRORS], ids=[n for n, _, _ in ERRORS])
+def test_errors_name_the_key_path(raw, message):
+    with pytest.raises(ConfigError) as info:
+        proxypal.parse_config(raw)
+    assert message in str(info.value)
+
+
+def test_load_config_missing_file_is_empty(tmp_path):
+    config = proxypal.load_config(str(tmp_path / "nope.json"))
+    assert not config.loaded and config.credentials == () and config.path.endswith("nope.json")
+
+
+def test_load_config_bom_and_json_errors(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(seed.SECTION_6).encode())
+    assert len(proxypal.load_config(str(path)).credentials) == 6
+    path.write_text('{\n  "port": 8317,\n  "debug": true,,\n}')
+    with pytest.raises(ConfigError) as info:
+        proxypal.load_config(str(path))
+    assert "line 3, column 17" in str(info.value)
+    assert path.read_text() == '{\n  "port": 8317,\n  "debug": true,,\n}'   # never rewritten
+
+
+def test_load_config_uses_env(tmp_path, monkeypatch):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"port": 1234}))
+    monkeypatch.setenv("PROXYPAL_CONFIG", str(path))
+    assert proxypal.load_config().port == 1234
+
+
+@pytest.mark.parametrize("platform,environ,expected", [
+    ("win32", {"APPDATA": r"C:\Users\u\AppData\Roaming", "HOME": "/h"},
+     os.path.join(r"C:\Users\u\AppData\Roaming", "proxypal", "config.json")),
+    ("darwin", {"HOME": "/Users/u"}, "/Users/u/Library/Application Support/proxypal/config.json"),
+    ("linux", {"HOME": "/home/u"}, "/home/u/.config/proxypal/config.json"),
+    ("linux", {"HOME": "/home/u", "XDG_CONFIG_HOME": "/xdg"}, "/xdg/proxypal/config.json"),
+], ids=["windows", "macos", "linux", "linux-xdg"])
+def test_default_config_path(platform, environ, expected):
+    assert proxypal.default_config_path(environ, platform) == expected
+
+
+def test_example_config_loads():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = proxypal.load_config(os.path.join(root, "config.example.json"))
+    assert config.loaded and len(config.credentials) >= 8
+    assert config.unknown_keys == ()

@@ -1,0 +1,222 @@
+"""The sans-I/O HTTP/1.1 wire: head scanning and parsing, body framing, chunked
+decoding and SSE splitting, each decoder fed whole, bytewise and cut everywhere."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import feed_all_ways, proxypal, splits
+
+WireError = proxypal.WireError
+
+
+def head(*lines: str) -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+GOOD = head("POST /v1/messages?beta=true HTTP/1.1", "Host: localhost",
+            "Content-Type: application/json", "X-Api-Key:  k1 ", "Accept: a", "Accept: b")
+
+
+def test_parse_request_head_fields():
+    req = proxypal.parse_request_head(GOOD)
+    assert (req.method, req.path, req.query, req.version) == ("POST", "/v1/messages", "beta=true",
+                                                              "HTTP/1.1")
+    assert req.headers["x-api-key"] == "k1"
+    assert req.headers["accept"] == "a, b"
+    assert req.keep_alive
+
+
+@pytest.mark.parametrize("version,connection,keep", [
+    ("HTTP/1.1", None, True), ("HTTP/1.1", "close", False),
+    ("HTTP/1.0", None, False), ("HTTP/1.0", "keep-alive", True),
+], ids=["1.1-default", "1.1-close", "1.0-default", "1.0-keep-alive"])
+def test_keep_alive_rules(version, connection, keep):
+    lines = [f"GET /health {version}", "Host: x"] + ([f"Connection: {connection}"] if connection else [])
+    assert proxypal.parse_request_head(head(*lines)).keep_alive is keep
+
+
+def test_scan_head_finds_end_every_way():
+    data = GOOD + b"BODY"
+    for pieces in splits(data):
+        buf, found = b"", -1
+        for piece in pieces:
+            buf += piece
+            found = proxypal.scan_head(buf)
+            if found > 0:
+                break
+        assert found == len(GOOD)
+
+
+BAD_HEADS = [
+    ("bare-lf", b"GET / HTTP/1.1\nHost: x\n\n", 400),
+    ("bare-lf-in-field", b"GET / HTTP/1.1\r\nHost: x\nY: z\r\n\r\n", 400),
+    ("bare-cr", b"GET / HTTP/1.1\r\nHost: x\ry\r\n\r\n", 400),
+    ("long-request-line", b"GET /" + b"a" * proxypal.MAX_REQUEST_LINE + b" HTTP/1.1\r\n\r\n", 414),
+    ("long-field", b"GET / HTTP/1.1\r\nX: " + b"a" * proxypal.MAX_HEADER_FIELD + b"\r\n\r\n", 431),
+    ("big-block", b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 10000 + b"\r\n" * 1 + (b"Y: " + b"b" * 10000 + b"\r\n") * 6 + b"\r\n", 431),
+    ("many-fields", b"GET / HTTP/1.1\r\n" + b"".join(b"X%d: 1\r\n" % i for i in range(101)) + b"\r\n", 431),
+]
+
+
+@pytest.mark.parametrize("data,status", [(d, s) for _, d, s in BAD_HEADS], ids=[n for n, _, _ in BAD_HEADS])
+def test_bad_heads_refused_however_they_arrive(data, status):
+    trickled = [data[i:i + 97] for i in range(0, len(data), 97)]
+    for pieces in ([data], trickled):         # whole, and in small uneven pieces
+        buf = b""
+        with pytest.raises(WireError) as info:
+            for piece in pieces:
+                buf += piece
+                if proxypal.scan_head(buf) > 0:
+                    proxypal.parse_request_head(buf[:proxypal.scan_head(buf)])
+                    break
+        assert info.value.status == status
+
+
+PARSE_ERRORS = [
+    ("obs-fold", head("GET / HTTP/1.1", "X: a", " folded"), 400),
+    ("space-before-colon", head("GET / HTTP/1.1", "Host : x"), 400),
+    ("nul-in-value", head("GET / HTTP/1.1", "X: a\x00b"), 400),
+    ("control-in-value", head("GET / HTTP/1.1", "X: a\x01b"), 400),
+    ("no-colon", head("GET / HTTP/1.1", "Xyz"), 400),
+    ("two-part-request-line", head("GET /"), 400),
+    ("double-space", head("GET  / HTTP/1.1"), 400),
+    ("bad-version", head("GET / HTTX/1.1"), 400),
+    ("http2", head("GET / HTTP/2.0"), 505),
+    ("bad-method", head("G(T / HTTP/1.1"), 400),
+]
+
+
+@pytest.mark.parametrize("data,status", [(d, s) for _, d, s in PARSE_ERRORS],
+                         ids=[n for n, _, _ in PARSE_ERRORS])
+def test_parse_errors(data, status):
+    with pytest.raises(WireError) as info:
+        proxypal.parse_request_head(data)
+    assert info.value.status == status
+
+
+FRAMING = [
+    ("none", ["POST / HTTP/1.1"], ("none", 0)),
+    ("length", ["POST / HTTP/1.1", "Content-Length: 12"], ("length", 12)),
+    ("same-duplicates", ["POST / HTTP/1.1", "Content-Length: 5", "Content-Length: 5"], ("length", 5)),
+    ("same-list", ["POST / HTTP/1.1", "Content-Length: 5, 5"], ("length", 5)),
+    ("chunked", ["POST / HTTP/1.1", "Transfer-Encoding: Chunked"], ("chunked", 0)),
+]
+
+
+@pytest.mark.parametrize("lines,expected", [(l, e) for _, l, e in FRAMING], ids=[n for n, _, _ in FRAMING])
+def test_body_framing(lines, expected):
+    assert proxypal.body_framing(proxypal.parse_request_head(head(*lines))) == expected
+
+
+BAD_FRAMING = [
+    ("cl-and-te", ["POST / HTTP/1.1", "Content-Length: 5", "Transfer-Encoding: chunked"]),
+    ("differing-cl", ["POST / HTTP/1.1", "Content-Length: 5", "Content-Length: 6"]),
+    ("te-gzip", ["POST / HTTP/1.1", "Transfer-Encoding: gzip, chunked"]),
+    ("te-identity", ["POST / HTTP/1.1", "Transfer-Encoding: identity"]),
+    ("te-on-1.0", ["POST / HTTP/1.0", "Transfer-Encoding: chunked"]),
+    ("cl-negative", ["POST / HTTP/1.1", "Content-Length: -1"]),
+    ("cl-plus", ["POST / HTTP/1.1", "Content-Length: +5"]),
+    ("cl-hex", ["POST / HTTP/1.1", "Content-Length: 0x10"]),
+    ("cl-overflow", ["POST / HTTP/1.1", "Content-Length: 99999999999999999999999"]),
+    ("cl-unicode-digit", ["POST / HTTP/1.1", "Content-Length: \xb2"]),
+]
+
+
+@pytest.mark.parametrize("lines", [l for _, l in BAD_FRAMING], ids=[n for n, _ in BAD_FRAMING])
+def test_bad_framing_is_400(lines):
+    with pytest.raises(WireError) as info:
+        proxypal.body_framing(proxypal.parse_request_head(head(*lines)))
+    assert info.value.status == 400
+
+
+def chunked_result(data: bytes, limit: int = 1 << 20):
+    def finish(decoder):
+        return [("done", decoder.done, decoder.unused)]
+
+    def normalize(out):                    # piece boundaries follow the cuts; bytes must not
+        return b"".join(x for x in out if isinstance(x, bytes)), out[-1]
+    return feed_all_ways(lambda: proxypal.ChunkedDecoder(limit), data, finish, normalize)
+
+
+CHUNKED = [
+    ("simple", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world", b""),
+    ("extensions", b"5;name=value;flag\r\nhello\r\n0;x=\"q d\"\r\n\r\n", b"hello", b""),
+    ("uppercase-hex", b"A\r\n0123456789\r\n0\r\n\r\n", b"0123456789", b""),
+    ("trailers", b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abc", b""),
+    ("pipelined-rest", b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\n", b"abc", b"GET / HTTP/1.1\r\n"),
+]
+
+
+@pytest.mark.parametrize("data,body,rest", [(d, b, r) for _, d, b, r in CHUNKED],
+                         ids=[n for n, _, _, _ in CHUNKED])
+def test_chunked_decoder(data, body, rest):
+    got, (_, done, unused) = chunked_result(data)
+    assert got == body and done and unused == rest
+
+
+BAD_CHUNKED = [
+    ("not-hex", b"zz\r\nhello\r\n0\r\n\r\n", 400),
+    ("negative", b"-5\r\nhello\r\n0\r\n\r\n", 400),
+    ("huge-size", b"fffffffffffffffff\r\n", 400),
+    ("space-in-size", b"5 5\r\nhello\r\n", 400),
+    ("bad-extension", b"5;=x\r\nhello\r\n0\r\n\r\n", 400),
+    ("missing-crlf", b"5\r\nhelloXX0\r\n\r\n", 400),
+    ("bare-lf-size", b"5\nhello\r\n", 400),
+    ("over-limit", b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n", 413),
+]
+
+
+@pytest.mark.parametrize("data,status", [(d, s) for _, d, s in BAD_CHUNKED], ids=[n for n, _, _ in BAD_CHUNKED])
+def test_chunked_decoder_refuses(data, status):
+    for pieces in list(splits(data))[:2]:
+        decoder = proxypal.ChunkedDecoder(100)
+        with pytest.raises(WireError) as info:
+            for piece in pieces:
+                decoder.feed(piece)
+        assert info.value.status == status
+
+
+SSE = [
+    ("lf", b"event: a\ndata: 1\n\ndata: 2\n\n", [b"event: a\ndata: 1\n\n", b"data: 2\n\n"], []),
+    ("crlf", b"data: 1\r\n\r\ndata: 2\r\n\r\n", [b"data: 1\r\n\r\n", b"data: 2\r\n\r\n"], []),
+    ("cr", b"data: 1\r\rdata: 2\r\r", [b"data: 1\r\r"], [b"data: 2\r\r"]),  # final CR: wait
+    ("comment", b": OPENROUTER PROCESSING\n\ndata: {}\n\n", [b": OPENROUTER PROCESSING\n\n", b"data: {}\n\n"], []),
+    ("no-final-blank", b"data: 1\n\ndata: 2\n", [b"data: 1\n\n"], [b"data: 2\n"]),
+    ("multi-line-data", b"data: a\ndata: b\n\n", [b"data: a\ndata: b\n\n"], []),
+    ("utf8-split", "data: héllo\n\n".encode(), ["data: héllo\n\n".encode()], []),
+]
+
+
+@pytest.mark.parametrize("data,events,tail", [(d, e, t) for _, d, e, t in SSE], ids=[n for n, _, _, _ in SSE])
+def test_sse_splitter(data, events, tail):
+    out = feed_all_ways(proxypal.SSESplitter, data, lambda s: [("tail", s.close())])
+    assert out[:-1] == events
+    assert out[-1] == ("tail", tail)
+
+
+def test_sse_splitter_emits_each_event_when_complete():
+    splitter = proxypal.SSESplitter()
+    assert splitter.feed(b"data: 1\n") == []
+    assert splitter.feed(b"\n") == [b"data: 1\n\n"]
+    assert splitter.feed(b"data: 2\r\n\r") == []          # CR may be half of a CRLF
+    assert splitter.feed(b"\n") == [b"data: 2\r\n\r\n"]
+
+
+@pytest.mark.parametrize("block,expected", [
+    (b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", ("message_stop", '{"type":"message_stop"}')),
+    (b"data: a\ndata: b\n\n", ("message", "a\nb")),
+    (b"data:no-space\n\n", ("message", "no-space")),
+    (b": comment only\n\n", None),
+    (b"\xef\xbb\xbfdata: bom\n\n", ("message", "bom")),
+    (b"id: 7\nretry: 10\ndata: x\n\n", ("message", "x")),
+], ids=["named", "multi-data", "no-space", "comment", "bom", "id-retry"])
+def test_parse_sse_event(block, expected):
+    assert proxypal.parse_sse_event(block) == expected
+
+
+def test_response_head_and_chunk():
+    assert proxypal.response_head(200, [("A", "1")], True) == b"HTTP/1.1 200 OK\r\nA: 1\r\n\r\n"
+    assert proxypal.response_head(413, [], False).startswith(b"HTTP/1.1 413 Content Too Large\r\n") or \
+        proxypal.response_head(413, [], False).startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert b"Connection: close" in proxypal.response_head(413, [], False)
+    assert proxypal.chunk(b"hello") == b"5\r\nhello\r\n"

@@ -1,0 +1,533 @@
+"""End to end through real sockets: the proxy on an ephemeral port, mock upstreams that
+speak real HTTP, and assertions on what the client got and what the upstream received."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+
+import pytest
+
+import seed
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, json_answer,
+                     openai_completion, proxypal, request, send, sse_answer)
+
+ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
+
+
+def openai_provider(url, models=("m",), **extra):
+    return dict({"name": "Mock", "baseUrl": url + "/v1", "apiKey": "up-key", "models": list(models)}, **extra)
+
+
+def chat(model="m", **extra):
+    return dict({"model": model, "messages": [{"role": "user", "content": "Hello"}]}, **extra)
+
+
+def message(model="claude-opus-4-5-20251101", **extra):
+    return dict({"model": model, "max_tokens": 100,
+                 "messages": [{"role": "user", "content": "Hello"}]}, **extra)
+
+
+# -- the seed's configs and curl tests ---------------------------------------------
+
+def test_seed_section_6_every_model_routes(upstream, proxy):
+    def respond(handler, rec):
+        if "/v1beta/" in rec.path:
+            send(handler, 200, json.dumps({"candidates": [], "modelVersion": "x"}).encode())
+        elif rec.path.endswith("/v1/messages"):
+            send(handler, 200, json.dumps(anthropic_message(rec.json()["model"])).encode())
+        else:
+            send(handler, 200, json.dumps(openai_completion(rec.json()["model"])).encode())
+    up = upstream(respond)
+    p = proxy(seed.pointed_at(seed.SECTION_6, up.url))
+    cases = [
+        ("/v1/messages", "claude-opus-4-5-20251101", "/anthropic/v1/messages", "claude-opus-4-5", "AZURE_FOUNDRY_KEY"),
+        ("/v1/messages", "claude-sonnet-4-5-20250929", "/anthropic/v1/messages", "claude-sonnet-4-5", "AZURE_FOUNDRY_KEY"),
+        ("/v1/messages", "haiku-fast", "/v1/messages", "claude-3-haiku-20240307", "sk-ant-api03-direct-key"),
+        ("/v1/chat/completions", "openai/gpt-4-turbo", "/api/v1/chat/completions", "openai/gpt-4-turbo", "Bearer sk-or-v1-xxx"),
+        ("/v1/chat/completions", "anthropic/claude-3-opus", "/api/v1/chat/completions", "anthropic/claude-3-opus", "Bearer sk-or-v1-xxx"),
+        ("/v1/chat/completions", "llama3-70b-8192", "/openai/v1/chat/completions", "llama3-70b-8192", "Bearer gsk_xxx"),
+        ("/v1/chat/completions", "mixtral-8x7b-32768", "/openai/v1/chat/completions", "mixtral-8x7b-32768", "Bearer gsk_xxx"),
+        ("/v1/chat/completions", "llama3", "/v1/chat/completions", "llama3", "Bearer ollama"),
+        ("/v1/chat/completions", "codellama", "/v1/chat/completions", "codellama", "Bearer ollama"),
+    ]
+    for path, model, up_path, up_model, credential in cases:
+        body = message(model) if path == "/v1/messages" else chat(model)
+        status, _, out = request(p, "POST", path, body, ANTHROPIC_HEADERS if path == "/v1/messages" else None)
+        assert status == 200, (model, out)
+        assert json.loads(out)["model"] == model            # the alias the client asked for
+        rec = up.last()
+        assert (rec.path, rec.json()["model"]) == (up_path, up_model)
+        assert credential in (rec.headers.get("x-api-key"), rec.headers.get("authorization"))
+    for model in ("gemini-2.5-pro", "gemini-2.5-flash"):
+        status, _, out = request(p, "POST", f"/v1beta/models/{model}:generateContent",
+                                 {"contents": [{"parts": [{"text": "hi"}]}]},
+                                 {"x-goog-api-key": "proxypal-local"}, key=None)
+        assert status == 200, out
+        rec = up.last()
+        assert rec.path == f"/v1beta/models/{model}:generateContent"
+        assert rec.headers["x-goog-api-key"] == "AIzaSyxxxxx"
+
+
+def test_seed_section_7_curl_requests(upstream, proxy):
+    def respond(handler, rec):
+        obj = anthropic_message(rec.json()["model"]) if rec.path.endswith("/messages") \
+            else openai_completion(rec.json()["model"])
+        send(handler, 200, json.dumps(obj).encode())
+    up = upstream(respond)
+    p = proxy(seed.pointed_at(seed.SECTION_6, up.url))
+    # curl http://localhost:8317/v1/messages -H "x-api-key: proxypal-local" ...
+    status, _, out = request(p, "POST", "/v1/messages", {
+        "model": "claude-opus-4-5-20251101", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Hello"}]},
+        {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}, key=None)
+    assert status == 200 and json.loads(out)["content"][0]["text"] == "Hello"
+    rec = up.last()
+    assert rec.path == "/anthropic/v1/messages"
+    assert rec.json() == {"model": "claude-opus-4-5", "max_tokens": 100,
+                          "messages": [{"role": "user", "content": "Hello"}]}
+    assert rec.headers["x-api-key"] == "AZURE_FOUNDRY_KEY"
+    assert rec.headers["anthropic-version"] == "2023-06-01"
+    # curl http://localhost:8317/v1/chat/completions -H "Authorization: Bearer proxypal-local"
+    status, _, out = request(p, "POST", "/v1/chat/completions", {
+        "model": "openai/gpt-4-turbo", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "Hello"}]})
+    assert status == 200 and json.loads(out)["choices"][0]["message"]["content"] == "Hello"
+    assert up.last().headers["authorization"] == "Bearer sk-or-v1-xxx"
+    # curl http://localhost:8317/v1/models -H "Authorization: Bearer proxypal-local" | jq '.data[].id'
+    status, _, out = request(p, "GET", "/v1/models")
+    ids = [m["id"] for m in json.loads(out)["data"]]
+    assert status == 200 and "claude-opus-4-5-20251101" in ids and "openai/gpt-4-turbo" in ids
+    assert "gemini-2.5-pro" in ids and "llama3" in ids
+
+
+# -- pass-through details ----------------------------------------------------------
+
+def test_anthropic_headers_reach_upstream_exactly(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message("claude-x")))
+    p = proxy({"claudeApiKeys": [{"apiKey": "sk-ant-upstream", "baseUrl": up.url,
+                                  "headers": {"X-Custom": "1"}}]})
+    status, _, _ = request(p, "POST", "/v1/messages?beta=true", message("claude-sonnet-4-5"), {
+        "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14",
+        "Cookie": "c=1", "X-Api-Key": "proxypal-local", "Connection": "keep-alive"}, key=None)
+    assert status == 200
+    rec = up.last()
+    assert rec.path == "/v1/messages?beta=true"
+    h = rec.headers
+    assert h["x-api-key"] == "sk-ant-upstream" and h["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+    assert h["x-custom"] == "1" and "cookie" not in h and "authorization" not in h and "api-key" not in h
+
+
+def test_no_beta_header_is_injected_and_authorization_header_replaces_api_key(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message()))
+    p = proxy({"claudeApiKeys": [{"apiKey": "unused", "baseUrl": up.url + "/anthropic/",
+                                  "headers": {"Authorization": "Bearer entra-token"}}]})
+    assert request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)[0] == 200
+    h = up.last().headers
+    assert "anthropic-beta" not in h and "x-api-key" not in h
+    assert h["authorization"] == "Bearer entra-token"
+
+
+def test_openai_empty_api_key_sends_no_authorization(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [dict(openai_provider(up.url), apiKey="")]})
+    assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert "authorization" not in up.last().headers
+
+
+@pytest.mark.parametrize("path,up_path", [
+    ("/v1/completions", "/v1/completions"), ("/v1/embeddings", "/v1/embeddings"),
+    ("/api/provider/openai/v1/chat/completions", "/v1/chat/completions"),
+], ids=["completions", "embeddings", "amp-route"])
+def test_other_openai_routes(upstream, proxy, path, up_path):
+    up = upstream(json_answer(200, {"object": "list", "data": [], "model": "up-model"}))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, [{"name": "up-model", "alias": "m"}])]})
+    status, _, out = request(p, "POST", path, {"model": "m", "input": "x"})
+    assert status == 200 and json.loads(out)["model"] == "m"
+    rec = up.last()
+    assert (rec.path, rec.json()["model"]) == (up_path, "up-model")
+
+
+def test_amp_anthropic_route_and_count_tokens(upstream, proxy):
+    up = upstream(json_answer(200, {"input_tokens": 14}))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    status, _, out = request(p, "POST", "/api/provider/anthropic/v1/messages/count_tokens",
+                             {"model": "claude-sonnet-4-5", "messages": []}, ANTHROPIC_HEADERS, key=None)
+    assert (status, json.loads(out)) == (200, {"input_tokens": 14})
+    assert up.last().path == "/v1/messages/count_tokens"
+
+
+def test_max_output_tokens_clamped(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, [{"name": "deepseek-chat", "alias": "m",
+                                                                 "maxOutputTokens": 8192}])]})
+    request(p, "POST", "/v1/chat/completions", chat(max_tokens=32000))
+    assert up.last().json()["max_tokens"] == 8192
+
+
+def test_upstream_connection_reused(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    for _ in range(5):
+        assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert len(up.all) == 5 and up.connections == 1
+
+
+# -- streams -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("framing", ["chunked", "length", "close"])
+def test_stream_relayed_byte_exact(upstream, proxy, framing):
+    up = upstream(sse_answer(ANTHROPIC_STREAM, framing))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    status, headers, body = request(p, "POST", "/v1/messages", message("claude-x", stream=True),
+                                    ANTHROPIC_HEADERS, key=None)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    assert body == b"".join(ANTHROPIC_STREAM)
+
+
+def test_each_event_reaches_client_before_upstream_sends_next(upstream, proxy):
+    allowed = [threading.Event() for _ in OPENAI_STREAM]
+    allowed[0].set()
+
+    def gate(i):
+        assert allowed[i].wait(TIMEOUT), f"event {i} was never released"
+    up = upstream(sse_answer(OPENAI_STREAM, gate=gate))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True)),
+                 {"Authorization": "Bearer proxypal-local"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    got = b""
+    for i, event in enumerate(OPENAI_STREAM):
+        while not got.endswith(event):
+            got += resp.read1(65536)           # blocks until this event is relayed
+        if i + 1 < len(allowed):
+            allowed[i + 1].set()
+    assert got == b"".join(OPENAI_STREAM)
+    conn.close()
+
+
+def test_stream_cut_mid_way_ends_with_error_event(upstream, proxy):
+    def respond(handler, rec):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        for event in ANTHROPIC_STREAM[:3]:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        handler.wfile.write(b"100\r\npartial")   # then the connection drops mid-chunk
+        handler.wfile.flush()
+        handler.close_connection = True
+    up = upstream(respond)
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    status, _, body = request(p, "POST", "/v1/messages", message("claude-x", stream=True),
+                              ANTHROPIC_HEADERS, key=None)
+    assert status == 200
+    assert body.startswith(b"".join(ANTHROPIC_STREAM[:3]))
+    last = body.split(b"\n\n")[-2]
+    assert last.startswith(b"event: error\ndata: ")
+    err = json.loads(last.split(b"data: ", 1)[1])
+    assert err["type"] == "error" and err["error"]["type"] == "api_error"
+    assert b"message_stop" not in body
+
+
+def test_stream_missing_message_stop_gets_error_event(upstream, proxy):
+    up = upstream(sse_answer(ANTHROPIC_STREAM[:-1], "close"))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    _, _, body = request(p, "POST", "/v1/messages", message("claude-x", stream=True), ANTHROPIC_HEADERS, key=None)
+    assert body.endswith(b"\n\n") and b"event: error" in body.split(b"\n\n")[-2]
+    assert b"before message_stop" in body
+
+
+def test_upstream_error_before_first_byte_is_a_proper_status(upstream, proxy):
+    def respond(handler, rec):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.wfile.flush()
+        handler.close_connection = True       # closes before any event
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat(stream=True))
+    assert status == 502 and "Mock" in json.loads(body)["error"]["message"]
+
+
+def test_client_disconnect_closes_upstream_at_once(upstream, proxy):
+    upstream_saw_close = threading.Event()
+
+    def respond(handler, rec):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        event = OPENAI_STREAM[0]
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        handler.wfile.flush()
+        handler.connection.settimeout(TIMEOUT)
+        try:
+            if handler.connection.recv(1) == b"":     # the proxy closed its side
+                upstream_saw_close.set()
+        except OSError:
+            upstream_saw_close.set()
+        handler.close_connection = True
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    body = json.dumps(chat(stream=True)).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer proxypal-local\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"chat.completion.chunk" not in got:
+        got += sock.recv(65536)
+    sock.close()
+    assert upstream_saw_close.wait(TIMEOUT)
+
+
+def test_keepalive_comment_during_silence(upstream, proxy):
+    release = threading.Event()
+
+    def gate(i):
+        if i == 1:
+            assert release.wait(TIMEOUT)
+    up = upstream(sse_answer(OPENAI_STREAM, gate=gate))
+    p = proxy({"streamKeepaliveSeconds": 0.05, "ampOpenaiProviders": [openai_provider(up.url)]})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True)),
+                 {"Authorization": "Bearer proxypal-local"})
+    resp = conn.getresponse()
+    got = b""
+    while b": keep-alive\n\n" not in got:
+        got += resp.read1(65536)
+    release.set()
+    got += resp.read()
+    assert got.replace(b": keep-alive\n\n", b"") == b"".join(OPENAI_STREAM)
+    conn.close()
+
+
+# -- routing through the server ------------------------------------------------------
+
+def test_failover_on_429_then_cooldown(upstream, proxy):
+    limited = upstream(json_answer(429, {"error": {"message": "slow down", "type": "rate_limit_error"}},
+                                   (("Retry-After", "120"),)))
+    healthy = upstream(json_answer(200, openai_completion()))
+    p = proxy({"requestRetry": 1, "routingStrategy": "fill-first", "ampOpenaiProviders": [
+        openai_provider(limited.url, name="Limited"), openai_provider(healthy.url, name="Healthy")]})
+    assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert len(limited.all) == 1 and len(healthy.all) == 1
+    assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert len(limited.all) == 1 and len(healthy.all) == 2      # the limited key rests
+
+
+def test_no_failover_on_request_errors(upstream, proxy):
+    bad = upstream(json_answer(400, {"error": {"message": "bad messages", "type": "invalid_request_error"}}))
+    other = upstream(json_answer(200, openai_completion()))
+    p = proxy({"requestRetry": 3, "routingStrategy": "fill-first", "ampOpenaiProviders": [
+        openai_provider(bad.url), openai_provider(other.url)]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat())
+    assert status == 400 and json.loads(body)["error"]["message"] == "Mock: bad messages"
+    assert len(other.all) == 0
+
+
+def test_every_credential_cooling_says_which_why_until(upstream, proxy):
+    up = upstream(json_answer(401, {"type": "error", "error": {"type": "authentication_error",
+                                                               "message": "invalid x-api-key"}}))
+    p = proxy({"claudeApiKeys": [{"apiKey": "bad-key", "baseUrl": up.url}]})
+    status, _, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
+    err = json.loads(body)
+    assert status == 401 and err["error"]["type"] == "authentication_error"
+    assert "Mock" not in err["error"]["message"] and "check the apiKey" in err["error"]["message"]
+    status, headers, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
+    message_text = json.loads(body)["error"]["message"]
+    assert status == 503 and "cooling down" in message_text and "rejected the key (401)" in message_text
+    assert "until" in message_text and int(headers["retry-after"]) > 0
+    assert "bad-key" not in message_text
+    assert len(up.all) == 1
+
+
+def test_round_robin_spreads_requests(upstream, proxy):
+    a, b = upstream(json_answer(200, openai_completion())), upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(a.url), openai_provider(b.url)]})
+    for _ in range(4):
+        request(p, "POST", "/v1/chat/completions", chat())
+    assert (len(a.all), len(b.all)) == (2, 2)
+
+
+def test_mapping_routes_claude_code_background_model(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message("claude-haiku-4-5")))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": [
+        {"name": "claude-haiku-4-5", "alias": "cheap"}]}],
+        "ampModelMappings": [{"from": "claude-haiku-*", "to": "cheap"}]})
+    status, _, body = request(p, "POST", "/v1/messages", message("claude-haiku-4-5-20251001"),
+                              ANTHROPIC_HEADERS, key=None)
+    assert status == 200 and json.loads(body)["model"] == "claude-haiku-4-5-20251001"
+    assert up.last().json()["model"] == "claude-haiku-4-5"
+
+
+# -- errors ------------------------------------------------------------------------
+
+def test_no_provider_configured(proxy, tmp_path):
+    p = proxy(str(tmp_path / "missing.json"))
+    status, _, body = request(p, "POST", "/v1/messages", message(), ANTHROPIC_HEADERS, key=None)
+    err = json.loads(body)["error"]
+    assert status == 503 and err["message"].startswith("no auth available")
+    assert "missing.json" in err["message"]
+
+
+def test_unknown_model_names_the_nearest(upstream, proxy):
+    up = upstream()
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["llama3", "codellama"])]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("llama-3"))
+    err = json.loads(body)["error"]
+    assert status == 404 and "Invalid model 'llama-3'" in err["message"] and "'llama3'" in err["message"]
+    assert err["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"{not json", "not valid JSON"), (b"[]", "must be a JSON object"), (b"", "empty"),
+    (json.dumps({"messages": []}).encode(), '"model" is required'),
+    (json.dumps({"model": 5}).encode(), '"model" is required'),
+    (json.dumps({"model": "m", "stream": "yes"}).encode(), '"stream" must be true or false'),
+], ids=["bad-json", "array", "empty", "no-model", "model-type", "stream-type"])
+def test_bad_request_bodies(upstream, proxy, body, needle):
+    up = upstream()
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, out = request(p, "POST", "/v1/chat/completions", body)
+    assert status == 400 and needle in json.loads(out)["error"]["message"]
+    status, _, out = request(p, "POST", "/v1/messages", body, ANTHROPIC_HEADERS, key=None)
+    err = json.loads(out)
+    assert status == 400 and err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+
+
+def test_upstream_errors_pass_through_with_hints(upstream, proxy):
+    def respond(handler, rec):
+        model = rec.json()["model"]
+        if model == "m404":
+            send(handler, 404, b"<html><body>404 page not found</body></html>", "text/html")
+        elif model == "deploy":
+            send(handler, 404, json.dumps({"error": {"code": "DeploymentNotFound", "message":
+                 "The API deployment for this resource does not exist."}}).encode())
+        elif model == "m500":
+            send(handler, 500, json.dumps({"error": {"message": "boom", "type": "server_error",
+                                                     "code": None, "param": None}}).encode())
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m404", "m500"], name="Groq")],
+               "claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url + "/anthropic",
+                                  "models": [{"name": "deploy", "alias": "claude-opus-4-5-20251101"}]}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("m404"))
+    msg = json.loads(body)["error"]["message"]
+    assert status == 404 and msg.startswith("Groq: ") and "baseUrl" in msg and "/v1/chat/completions" in msg
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("m500"))
+    err = json.loads(body)["error"]
+    assert status == 500 and err["message"] == "Groq: boom" and err["type"] == "server_error"
+    status, _, body = request(p, "POST", "/v1/messages", message(), ANTHROPIC_HEADERS, key=None)
+    err = json.loads(body)
+    assert status == 404 and err["type"] == "error" and err["error"]["type"] == "not_found_error"
+    assert "DeploymentNotFound" in err["error"]["message"] and "model aliasing" in err["error"]["message"]
+    assert "'deploy'" in err["error"]["message"]
+
+
+def test_connection_refused_names_host_port(proxy):
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()                                   # nothing listens there now
+    p = proxy({"ampOpenaiProviders": [{"name": "Ollama", "baseUrl": f"http://127.0.0.1:{port}/v1",
+                                       "apiKey": "ollama", "models": ["llama3"]}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("llama3"))
+    msg = json.loads(body)["error"]["message"]
+    assert status == 502 and f"127.0.0.1:{port}" in msg and "running" in msg and "Ollama" in msg
+
+
+def test_first_byte_timeout_is_504(upstream, proxy):
+    release = threading.Event()
+
+    def respond(handler, rec):
+        release.wait(TIMEOUT)
+    up = upstream(respond)
+    p = proxy({"firstByteTimeoutSeconds": 0.2, "ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat())
+    release.set()
+    assert status == 504 and "first byte" in json.loads(body)["error"]["message"]
+
+
+def test_format_mismatch_is_explained(upstream, proxy):
+    up = upstream()
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["gpt-x"])]})
+    status, _, body = request(p, "POST", "/v1/completions", chat("gpt-x"))
+    assert status == 200 or status == 502 or status == 400   # completions go to OpenAI upstreams
+    p2 = proxy({"geminiApiKeys": [{"apiKey": "g", "baseUrl": up.url, "models": ["gemini-x"]}]})
+    status, _, body = request(p2, "POST", "/v1/embeddings", {"model": "gemini-x", "input": "x"})
+    assert status == 400 and "gemini" in json.loads(body)["error"]["message"].lower()
+
+
+# -- models ------------------------------------------------------------------------
+
+def test_models_list_parses_for_both_sdks(upstream, proxy):
+    up = upstream()
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["openai/gpt-4o", "llama3"], prefix="or")],
+               "ampModelMappings": [{"from": "claude-sonnet-4-5", "to": "llama3"}]})
+    status, _, body = request(p, "GET", "/v1/models", headers=ANTHROPIC_HEADERS, key=None)
+    page = json.loads(body)
+    assert status == 200 and page["object"] == "list" and page["has_more"] is False
+    ids = [m["id"] for m in page["data"]]
+    assert set(ids) == {"openai/gpt-4o", "llama3", "or/openai/gpt-4o", "or/llama3", "claude-sonnet-4-5"}
+    item = page["data"][0]
+    assert {"id", "object", "created", "owned_by", "type", "display_name", "created_at"} <= set(item)
+    assert page["first_id"] == ids[0] and page["last_id"] == ids[-1]
+    status, _, body = request(p, "GET", "/v1/models/openai/gpt-4o")
+    assert status == 200 and json.loads(body)["id"] == "openai/gpt-4o"
+    status, _, body = request(p, "GET", "/v1/models/nope")
+    assert status == 404
+
+
+def test_health_needs_no_key(proxy):
+    p = proxy({})
+    assert request(p, "GET", "/health", key=None)[::2] == (200, b'{"status":"ok"}')
+
+
+def test_management_gate(proxy):
+    p = proxy({})
+    status, _, body = request(p, "GET", "/v0/management/usage")
+    assert status == 403 and "managementKey" in json.loads(body)["error"]["message"]
+    p2 = proxy({"managementKey": "mk-secret"})
+    assert request(p2, "GET", "/v0/management/usage")[0] == 401          # local key does not open it
+    assert request(p2, "GET", "/v0/management/usage", headers={"X-Management-Key": "wrong"}, key=None)[0] == 401
+
+
+# -- outbound proxies --------------------------------------------------------------
+
+def test_plain_http_upstream_through_http_proxy(upstream, proxy):
+    corporate = upstream(json_answer(200, openai_completion()))
+    p = proxy({"proxyUrl": corporate.url, "proxyUsername": "u", "proxyPassword": "pw",
+               "ampOpenaiProviders": [{"name": "Far", "baseUrl": "http://llm.example.invalid/v1",
+                                       "apiKey": "k", "models": ["m"]}]})
+    assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    rec = corporate.last()
+    assert rec.path == "http://llm.example.invalid/v1/chat/completions"
+    assert rec.headers["proxy-authorization"] == "Basic dTpwdw=="
+
+
+def test_https_upstream_tunnel_refused_by_proxy(upstream, proxy):
+    corporate = upstream(json_answer(407, {}))
+    p = proxy({"ampOpenaiProviders": [{"name": "Far", "baseUrl": "https://llm.example.invalid/v1",
+                                       "apiKey": "k", "models": ["m"], "proxyUrl": corporate.url}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat())
+    rec = corporate.last()
+    assert rec.method == "CONNECT" and rec.path == "llm.example.invalid:443"
+    msg = json.loads(body)["error"]["message"]
+    assert status == 502 and "407" in msg and "proxyUrl" in msg
+
+
+def test_use_system_proxy_honours_env(upstream, proxy):
+    corporate = upstream(json_answer(200, openai_completion()))
+    config = {"useSystemProxy": True, "ampOpenaiProviders": [
+        {"name": "Far", "baseUrl": "http://llm.example.invalid/v1", "apiKey": "k", "models": ["m"]},
+        {"name": "Near", "baseUrl": "http://near.example.invalid/v1", "apiKey": "k", "models": ["n"]}]}
+    p = proxy(config, environ={"HTTP_PROXY": corporate.url, "NO_PROXY": "near.example.invalid"})
+    assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert corporate.last().path == "http://llm.example.invalid/v1/chat/completions"
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("n"))   # bypassed: DNS fails
+    assert status == 502 and "near.example.invalid" in json.loads(body)["error"]["message"]
