@@ -76,6 +76,7 @@ HEAD_TIMEOUT = 10.0                      # slowloris: the whole head must arrive
 BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is abandoned (408)
 KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
+LINGER_SECONDS = 2.0                     # unread input drained this long before a close
 
 DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
@@ -211,6 +212,12 @@ class SecretFilter(logging.Filter):
         if masked != message or record.args:
             record.msg, record.args = masked, ()
         return True
+
+
+def size_text(size: int) -> str:
+    """1048576 -> '1 MB', 1049 -> '1049 bytes': limits as a person reads them."""
+    mb = size / (1024 * 1024)
+    return f"{mb:g} MB" if mb >= 1 else f"{size} bytes"
 
 
 def is_loopback(host: str) -> bool:
@@ -778,7 +785,8 @@ class ChunkedDecoder:
         size = int(match.group(1), 16)
         self.size += size
         if self.size > self.max_size:
-            raise WireError(f"request body larger than the {self.max_size // (1024 * 1024)} MB limit", 413)
+            raise WireError(f"request body larger than the {size_text(self.max_size)} limit "
+                            "(maxBodyMb)", 413)
         self._left = size
         self._state = "data" if size else "trailer"
 
@@ -1382,7 +1390,7 @@ class UpstreamResponse:
                 self.abort()
                 if truncate:
                     return b"".join(parts)[:limit]
-                raise UpstreamError(f"upstream response larger than {limit // (1024 * 1024)} MB",
+                raise UpstreamError(f"upstream response larger than {size_text(limit)}",
                                     502, self.req.provider)
         self.release()
         return b"".join(parts)
@@ -1677,10 +1685,13 @@ def upstream_headers(cred: Credential, client: Dict[str, str]) -> Dict[str, str]
     elif cred.api_key:
         headers["authorization"] = f"Bearer {cred.api_key}"
     for name, value in cred.headers:
-        if name.lower() == "authorization":
+        name = name.lower()
+        if name.startswith("x-amz-"):      # AWS signing material: used to sign, never sent
+            continue
+        if name == "authorization":
             headers.pop("x-api-key", None)
             headers.pop("api-key", None)
-        headers[name.lower()] = value
+        headers[name] = value
     return headers
 
 
@@ -1728,17 +1739,19 @@ def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
     """CORS for browser clients. With the public default key only loopback pages may
     call the proxy, so a web page cannot spend the user's upstream keys."""
     origin = req.header("origin")
-    if not origin:
-        return []
-    try:
-        host = urllib.parse.urlsplit(origin).hostname or ""
-    except ValueError:
-        return []
-    private_key = any(k != DEFAULT_LOCAL_KEY for k in config.local_keys)
-    if not (private_key or is_loopback(host)):
+    if not origin or not origin_allowed(origin, config):
         return []
     return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
             ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+
+
+def origin_allowed(origin: str, config: Config) -> bool:
+    """Pages on loopback always; other sites only when the public default key is off."""
+    try:
+        host = urllib.parse.urlsplit(origin).hostname or ""
+    except ValueError:
+        return False
+    return is_loopback(host) or DEFAULT_LOCAL_KEY not in config.local_keys
 
 
 def models_payload(router: Router, created: int) -> Dict[str, Any]:
@@ -1774,6 +1787,8 @@ class Exchange:
     ttfb: Optional[float] = None
     error: str = ""
     started: bool = False                  # response headers already sent
+    has_body: bool = False
+    body_read: bool = False
     keep_alive: bool = True
 
 
@@ -1804,16 +1819,16 @@ class Connection:
         deadline = loop.time() + (HEAD_TIMEOUT if first else KEEPALIVE_IDLE_TIMEOUT)
         started = False
         while True:
-            self.buf = self.buf.lstrip(b"\r\n") if self.buf[:1] in (b"\r", b"\n") and \
-                self.buf[:2] != b"\r" else self.buf
+            if self.buf[:1] in (b"\r", b"\n"):   # empty lines before a request are ignored
+                self.buf = self.buf.lstrip(b"\r\n")   # (RFC 9112 section 2.2)
             if self.buf:
                 if not started and not first:   # first byte of a keep-alive request
                     deadline = loop.time() + HEAD_TIMEOUT
                 started = True
                 end = scan_head(self.buf)
                 if end > 0:
-                    head, self.buf = self.buf[:end], self.buf[end:]
-                    req = parse_request_head(head)
+                    req = parse_request_head(self.buf[:end])
+                    self.buf = self.buf[end:]
                     req.peer = self.peer
                     return req
             if self.eof:
@@ -1833,8 +1848,8 @@ class Connection:
         if kind == "none":
             return b""
         if kind == "length" and length > limit:
-            raise WireError(f"request body of {length} bytes is over the "
-                            f"{limit // (1024 * 1024)} MB limit (maxBodyMb)", 413)
+            raise WireError(f"request body of {length} bytes is over the {size_text(limit)} "
+                            "limit (maxBodyMb)", 413)
         expect = req.header("expect").lower()
         if expect:
             if expect != "100-continue":
@@ -1890,6 +1905,8 @@ class Connection:
     def send(self, ex: Exchange, status: int, body: bytes,
              headers: Sequence[Tuple[str, str]] = (), content_type: str = "application/json") -> None:
         ex.status = status
+        if ex.has_body and not ex.body_read:
+            ex.keep_alive = False          # the unread body would pass for the next request
         all_headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         all_headers += list(headers) + cors_headers(ex.req, ex.config)
         head = response_head(status, all_headers, ex.keep_alive, ex.req.version)
@@ -1960,6 +1977,24 @@ class Server:
             log.exception("unexpected error on a connection from %s", conn.peer)
         finally:
             self._connections.pop(task, None)
+            await self._linger_close(conn)
+
+    @staticmethod
+    async def _linger_close(conn: Connection) -> None:
+        """Close after the answer is out. Unread request bytes left in the socket would make
+        the kernel reset the connection and drop that answer, so read and discard them
+        for a moment first (a 'lingering close', as Apache and nginx do)."""
+        writer = conn.writer
+        try:
+            if not conn.eof and not writer.transport.is_closing() and writer.can_write_eof():
+                writer.write_eof()
+                deadline = asyncio.get_running_loop().time() + LINGER_SECONDS
+                while await asyncio.wait_for(conn.reader.read(READ_SIZE),
+                                             deadline - asyncio.get_running_loop().time()):
+                    pass
+        except (asyncio.TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
+            pass
+        finally:
             writer.close()
 
     async def _serve_connection(self, conn: Connection) -> None:
@@ -1975,10 +2010,13 @@ class Server:
                 ex = Exchange(conn, req, client_format(req.path, req.headers), config, router,
                               time.monotonic())
                 ex.keep_alive = req.keep_alive
+                ex.has_body = body_framing(req)[0] != "none"   # refused before any route looks
                 await self.handle(ex)
             except WireError as exc:
-                ex = ex or Exchange(conn, Request("GET", "/", "/", "", "HTTP/1.1", {}, [], False),
-                                    "openai", config, router, time.monotonic())
+                if ex is None:
+                    path = guess_path(conn.buf)
+                    ex = Exchange(conn, Request("GET", path, path, "", "HTTP/1.1", {}, [], False),
+                                  client_format(path), config, router, time.monotonic())
                 ex.keep_alive = False
                 if not ex.started:
                     conn.send_error(ex, exc)
@@ -2063,6 +2101,7 @@ class Server:
             if op:
                 ex.op = op
                 body = await ex.conn.read_body(req, int(ex.config.max_body_mb * 1024 * 1024))
+                ex.body_read = True
                 return await self._model_request(ex, op, body, model)
         raise self._no_route(req, path)
 
@@ -2094,6 +2133,13 @@ class Server:
                            f"{', '.join(known)} and the Gemini /v1beta routes", 404)
 
     def _authenticate(self, ex: Exchange) -> None:
+        origin = ex.req.header("origin")
+        if origin and not origin_allowed(origin, ex.config):
+            # A web page the user visits must not spend their keys with the public local
+            # key, not even through a 'simple' request that skips the CORS preflight.
+            raise ProxypalError(f"requests from the web page {printable(origin, 80)!r} are "
+                                f"refused while the public key {DEFAULT_LOCAL_KEY!r} is "
+                                'accepted: set "proxyApiKey" to a secret to allow them', 403)
         key = presented_key(ex.req)
         if not key:
             raise ProxypalError("missing API key: send 'Authorization: Bearer <key>' or "
@@ -2346,6 +2392,12 @@ class Server:
                       ex.status, ex.provider or "-", (time.monotonic() - ex.t0) * 1000)
 
 
+def guess_path(buf: bytes) -> str:
+    """The path of a request whose head could not be parsed, to answer in its format."""
+    match = re.match(rb"[A-Z]{3,7} (/[^ ?\r\n]{0,200})", buf)
+    return match.group(1).decode("latin-1") if match else "/"
+
+
 def request_log_entry(ex: Exchange) -> Dict[str, Any]:
     """The request log line, as a dict (pure but for the clock)."""
     return {
@@ -2360,9 +2412,9 @@ def request_log_entry(ex: Exchange) -> Dict[str, Any]:
 
 def check_exposure(config: Config, host: str) -> None:
     """Refuse to listen beyond loopback when the only key is the public default."""
-    if not is_loopback(host) and set(config.local_keys) <= {DEFAULT_LOCAL_KEY}:
-        raise ConfigError("host", f"{host!r} is reachable from other machines, but the only "
-                                  f"accepted key is the public default {DEFAULT_LOCAL_KEY!r}: "
+    if not is_loopback(host) and DEFAULT_LOCAL_KEY in config.local_keys:
+        raise ConfigError("host", f"{host!r} is reachable from other machines, but the public "
+                                  f"default key {DEFAULT_LOCAL_KEY!r} is accepted: "
                                   'set "proxyApiKey" to a secret of your own')
 
 

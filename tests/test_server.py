@@ -531,3 +531,36 @@ def test_use_system_proxy_honours_env(upstream, proxy):
     assert corporate.last().path == "http://llm.example.invalid/v1/chat/completions"
     status, _, body = request(p, "POST", "/v1/chat/completions", chat("n"))   # bypassed: DNS fails
     assert status == 502 and "near.example.invalid" in json.loads(body)["error"]["message"]
+
+
+# -- security ----------------------------------------------------------------------
+
+def test_foreign_web_page_refused_with_public_key(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, body = request(p, "POST", "/v1/chat/completions?key=proxypal-local", chat(),
+                              {"Origin": "https://evil.example", "Content-Type": "text/plain"}, key=None)
+    assert status == 403 and "proxyApiKey" in json.loads(body)["error"]["message"]
+    assert len(up.all) == 0
+    status, headers, _ = request(p, "POST", "/v1/chat/completions", chat(), {"Origin": "http://localhost:5173"})
+    assert status == 200 and headers["access-control-allow-origin"] == "http://localhost:5173"
+    private = proxy({"proxyApiKey": "my-private-key", "ampOpenaiProviders": [openai_provider(up.url)]})
+    status, headers, _ = request(private, "POST", "/v1/chat/completions", chat(),
+                                 {"Origin": "https://app.example"}, key="my-private-key")
+    assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_public_host_refused_while_default_key_accepted():
+    config = proxypal.parse_config({"host": "0.0.0.0", "apiKeys": ["private-one"]})
+    with pytest.raises(proxypal.ConfigError) as info:
+        proxypal.Server(config)
+    assert "proxyApiKey" in str(info.value)
+    proxypal.check_exposure(proxypal.parse_config({"proxyApiKey": "s3cret"}), "0.0.0.0")
+
+
+def test_aws_signing_headers_never_forwarded(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message()))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "headers": {
+        "x-amz-access-key": "AKIDEXAMPLE", "x-amz-secret-key": "wJalrXUtnFEMI", "x-amz-region": "us-east-1"}}]})
+    request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
+    assert not [h for h in up.last().headers if h.startswith("x-amz-")]
