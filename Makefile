@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 test:
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench:
 	$(PYTHON) tests/bench.py
