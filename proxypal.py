@@ -694,6 +694,8 @@ def parse_request_head(head: bytes) -> Request:
     method = parts[0].decode("ascii")
     target = parts[1].decode("latin-1")
     http11 = version.group(2) != b"0"
+    if http11 and "host" not in headers:
+        raise WireError("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)")
     conn = headers.get("connection", "").lower()
     keep_alive = ("close" not in conn) if http11 else ("keep-alive" in conn)
     path, _, query = target.partition("?")

@@ -82,6 +82,7 @@ PARSE_ERRORS = [
     ("double-space", head("GET  / HTTP/1.1"), 400),
     ("bad-version", head("GET / HTTX/1.1"), 400),
     ("http2", head("GET / HTTP/2.0"), 505),
+    ("no-host", head("GET / HTTP/1.1"), 400),
     ("bad-method", head("G(T / HTTP/1.1"), 400),
 ]
 
@@ -105,6 +106,7 @@ FRAMING = [
 
 @pytest.mark.parametrize("lines,expected", [(l, e) for _, l, e in FRAMING], ids=[n for n, _, _ in FRAMING])
 def test_body_framing(lines, expected):
+    lines = lines[:1] + ["Host: x"] + lines[1:]
     assert proxypal.body_framing(proxypal.parse_request_head(head(*lines))) == expected
 
 
@@ -125,7 +127,7 @@ BAD_FRAMING = [
 @pytest.mark.parametrize("lines", [l for _, l in BAD_FRAMING], ids=[n for n, _ in BAD_FRAMING])
 def test_bad_framing_is_400(lines):
     with pytest.raises(WireError) as info:
-        proxypal.body_framing(proxypal.parse_request_head(head(*lines)))
+        proxypal.body_framing(proxypal.parse_request_head(head(*lines[:1], "Host: x", *lines[1:])))
     assert info.value.status == 400
 
 
