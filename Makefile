@@ -15,8 +15,8 @@ run:
 
 lint:
 	$(PYTHON) -m py_compile proxypal.py
-	@if $(PYTHON) -m vermin --version >/dev/null 2>&1; then \
-		$(PYTHON) -m vermin --target=3.8- --no-tips --violations proxypal.py; \
+	@if command -v vermin >/dev/null 2>&1; then \
+		vermin --target=3.8- --no-tips --violations proxypal.py; \
 	else echo "lint: vermin not installed, skipping (pip install vermin)"; fi
 	@if $(PYTHON) -m pyflakes --version >/dev/null 2>&1; then \
 		$(PYTHON) -m pyflakes proxypal.py tests; \
