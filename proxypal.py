@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import difflib
 import fnmatch
@@ -73,6 +74,7 @@ BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is aband
 KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
+USAGE_SAMPLES = 1000                     # latencies kept per model/provider for percentiles
 
 DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
@@ -1036,6 +1038,45 @@ def rewrite_model(body: bytes, alias: str) -> bytes:
     return body
 
 
+def usage_tokens(obj: Any) -> Tuple[Optional[int], Optional[int]]:
+    """(input, output) tokens reported by any format's answer or stream event; None where
+    it says nothing. Anthropic's input excludes cached tokens, so they are added back."""
+    if not isinstance(obj, dict):
+        return None, None
+    usage = obj.get("usage") or obj.get("usageMetadata")
+    if usage is None and isinstance(obj.get("message"), dict):
+        usage = obj["message"].get("usage")          # Anthropic message_start
+    if not isinstance(usage, dict):
+        return None, None
+
+    def total(*keys: str) -> Optional[int]:
+        values = [usage[k] for k in keys if isinstance(usage.get(k), int)]
+        return sum(values) if values else None
+    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
+        return total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount")
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return total("prompt_tokens"), total("completion_tokens")
+    return (total("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+            total("output_tokens"))
+
+
+def stream_usage(events: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """Token counts from the SSE events in `events` that carry any (cheap when none do)."""
+    found: Tuple[Optional[int], Optional[int]] = (None, None)
+    if b'"usage' not in events:
+        return found
+    for block in re.split(rb"\r?\n\r?\n", events):
+        if b'"usage' in block:
+            parsed = parse_sse_event(block)
+            try:
+                tokens = usage_tokens(json.loads(parsed[1])) if parsed else (None, None)
+            except ValueError:
+                continue
+            found = (tokens[0] if tokens[0] is not None else found[0],
+                     tokens[1] if tokens[1] is not None else found[1])
+    return found
+
+
 # =============================================================================
 # 6a. Amazon Bedrock (sans-I/O)
 # Strategy: what makes Bedrock differ from the Anthropic API it carries: the
@@ -1269,9 +1310,13 @@ def bedrock_error(status: int, error_type_header: str, body: bytes) -> Tuple[int
 
 @dataclasses.dataclass(frozen=True)
 class Translator:
-    request: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]   # None: pass-through
-    response: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
-    stream: Optional[Callable[[], Any]]    # factory of an object with feed()/close()
+    """How one (client format, upstream format) pair crosses; None fields: pass-through.
+    request(body) -> upstream body; response(body, model) -> client body;
+    stream(model, input_estimate) -> object with feed(event, data) and close(), both
+    returning [(event name, data)] in the client's format."""
+    request: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
+    response: Optional[Callable[[Dict[str, Any], str], Dict[str, Any]]]
+    stream: Optional[Callable[[str, int], Any]]
 
 
 PASS_THROUGH = Translator(None, None, None)
@@ -1281,6 +1326,20 @@ TRANSLATORS: Dict[Tuple[str, str], Translator] = {
     ("anthropic", "anthropic"): PASS_THROUGH,
     ("gemini", "gemini"): PASS_THROUGH,
 }
+
+
+def drop_unsigned_thinking(body: Dict[str, Any]) -> None:
+    """Thinking blocks without a signature (made from another provider's reasoning by a
+    translator) fail Anthropic's verification (H.4): they are dropped before an
+    Anthropic-format upstream sees them. Signed blocks pass untouched."""
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(_unsigned_thinking(b) for b in content):
+            message["content"] = [b for b in content if not _unsigned_thinking(b)]
+
+
+def _unsigned_thinking(block: Any) -> bool:
+    return isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature")
 
 
 def encode_event(fmt: str, event: str, data: str) -> bytes:
@@ -1323,6 +1382,991 @@ class AnthropicEventRelay:
             return []
         return [("error", dumps(error_object("anthropic", 502, "upstream ended the stream "
                                                                "before message_stop")).decode())]
+
+
+# -- Anthropic Messages <-> OpenAI Chat Completions (PROTOCOLS.md C and D) -------
+
+ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens (A.2); an OpenAI client
+                                         # may omit it. 8192 is the largest cap every current
+                                         # Claude model (3.5 and newer) accepts; 4.x allow more,
+                                         # and the model entry's maxOutputTokens clamps anyway.
+ANTHROPIC_PLACEHOLDER_TEXT = "(continue)"   # Anthropic needs a first user turn, no empty text
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576,
+                    "xhigh": 32768}      # reasoning_effort -> budget_tokens (D.1 suggestions)
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"   # Claude Code attribution text (H.8)
+JSON_OBJECT_INSTRUCTION = "Respond with one JSON object and nothing else."
+
+STOP_REASON_FROM_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                           "function_call": "tool_use", "content_filter": "refusal"}   # C.4
+FINISH_FROM_STOP_REASON = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                           "tool_use": "tool_calls", "refusal": "content_filter",
+                           "pause_turn": "stop", "model_context_window_exceeded": "length"}  # D.4
+
+_UNSAFE_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
+_DATA_URL = re.compile(r"^data:([^;,]+)?((?:;[^;,]*)*?);base64,(.*)$", re.S)
+
+
+def safe_tool_id(tool_id: Any, fallback: str) -> str:
+    """A tool id Anthropic accepts (^[a-zA-Z0-9_-]+$). Deterministic, so the id of a
+    tool_use and of its tool_result map alike without any state (H.20)."""
+    text = tool_id if isinstance(tool_id, str) else ""
+    return _UNSAFE_TOOL_ID.sub("_", text) or fallback
+
+
+def _sse_json(obj: Any) -> str:
+    return dumps(obj).decode("utf-8")
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _blocks(content: Any, where: str) -> List[Dict[str, Any]]:
+    """Anthropic content (a string or a block list) as a block list."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise ClientError(f"{where} must be a string or a list of blocks, got {_short(content)}")
+    return [b for b in content if isinstance(b, dict)]
+
+
+def _is_openai_usage(usage: Any) -> bool:
+    return isinstance(usage, dict) and any(k in usage for k in ("prompt_tokens", "completion_tokens"))
+
+
+def anthropic_usage_from_openai(usage: Dict[str, Any]) -> Dict[str, int]:
+    """C.5: OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens does not."""
+    details = usage.get("prompt_tokens_details") or {}
+    cached = _count(details.get("cached_tokens"))
+    created = _count(usage.get("cache_creation_input_tokens") or details.get("cache_write_tokens")
+                     or details.get("cache_creation_input_tokens"))
+    return {"input_tokens": max(0, _count(usage.get("prompt_tokens")) - cached - created),
+            "output_tokens": _count(usage.get("completion_tokens")),
+            "cache_creation_input_tokens": created, "cache_read_input_tokens": cached}
+
+
+def openai_usage_from_anthropic(usage: Dict[str, Any]) -> Dict[str, Any]:
+    """D.5: prompt_tokens counts uncached, cache-written and cache-read input alike."""
+    read = _count(usage.get("cache_read_input_tokens"))
+    prompt = (_count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens"))
+              + read)
+    completion = _count(usage.get("output_tokens"))
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": read}}
+
+
+def _tool_input(arguments: Any) -> Dict[str, Any]:
+    """OpenAI tool arguments (a JSON string, or an object from lax servers, H.13) as an
+    Anthropic tool input. Invalid JSON or a non-object becomes {} (CLIProxyAPI's choice):
+    Anthropic needs an object, and a half-parsed guess could run the wrong command."""
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- Anthropic client -> OpenAI-compatible upstream: request (C.1) -----------------
+
+def _openai_system_text(system: Any) -> str:
+    """One system string (H.14), Claude Code's billing header block dropped (H.8)."""
+    texts = [b.get("text") for b in _blocks(system, "system") if b.get("type") == "text"]
+    kept = [t for t in texts if isinstance(t, str) and t
+            and not t.startswith(BILLING_HEADER_PREFIX)]
+    return "\n".join(kept)
+
+
+def _openai_part(block: Dict[str, Any], where: str) -> Optional[Dict[str, Any]]:
+    """One Anthropic user block as an OpenAI content part; None for blocks with no
+    OpenAI meaning (thinking, cache-only, server tool results)."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        return {"type": "text", "text": text} if isinstance(text, str) and text else None
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    origin = source.get("type")
+    if kind == "image" and origin == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "image" and origin == "url":
+        return {"type": "image_url", "image_url": {"url": source.get("url", "")}}
+    if kind == "document" and origin == "base64":
+        data = f"data:{source.get('media_type', 'application/pdf')};base64,{source.get('data', '')}"
+        name = block.get("title") if isinstance(block.get("title"), str) else "document.pdf"
+        return {"type": "file", "file": {"filename": name, "file_data": data}}
+    if kind == "document" and origin == "text":
+        return {"type": "text", "text": str(source.get("data", ""))}
+    if kind == "document" and origin == "content":
+        texts = [b.get("text", "") for b in _blocks(source.get("content"), where)
+                 if b.get("type") == "text"]
+        return {"type": "text", "text": "\n".join(texts)} if any(texts) else None
+    if kind in ("image", "document"):
+        raise ClientError(f"{where}: a {kind} with source type {origin!r} cannot be sent to an "
+                          "OpenAI-compatible upstream; send it as base64 data instead")
+    return None
+
+
+def _openai_user_content(parts: List[Dict[str, Any]]) -> Any:
+    """A string when every part is text (servers that reject arrays still work), else parts."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _openai_tool_message(block: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], list]:
+    """A tool_result as a `tool` message, plus the parts (images, files) it carried, which
+    go to a user message after it: most servers reject anything but text in `tool`."""
+    content = block.get("content")
+    texts, extra = [], []
+    for i, inner in enumerate(_blocks(content, f"{where}.content")):
+        part = _openai_part(inner, f"{where}.content[{i}]")
+        if part is None:
+            continue
+        if part["type"] == "text":
+            texts.append(part["text"])
+        else:
+            texts.append(f"[{inner.get('type')} {len(extra) + 1} follows in the next message]")
+            extra.append(part)
+    text = "\n\n".join(texts)
+    if block.get("is_error") is True:     # no OpenAI field: say it in the text (C.1 rule 2)
+        text = f"Error: {text}" if text else "Error"
+    call_id = safe_tool_id(block.get("tool_use_id"), "toolu_missing")
+    return {"role": "tool", "tool_call_id": call_id, "content": text}, extra
+
+
+def _openai_user_messages(blocks: List[Dict[str, Any]], where: str) -> List[Dict[str, Any]]:
+    """C.1: tool_results first (each its own `tool` message), then one user message."""
+    tools, parts = [], []
+    extra: List[Dict[str, Any]] = []
+    for i, block in enumerate(blocks):
+        if block.get("type") == "tool_result":
+            message, carried = _openai_tool_message(block, f"{where}[{i}]")
+            tools.append(message)
+            extra += carried
+        else:
+            part = _openai_part(block, f"{where}[{i}]")
+            if part is not None:
+                parts.append(part)
+    parts = extra + parts
+    return tools + ([{"role": "user", "content": _openai_user_content(parts)}] if parts else [])
+
+
+def _openai_assistant_message(blocks: List[Dict[str, Any]], where: str) -> List[Dict[str, Any]]:
+    """One assistant message; thinking and redacted_thinking dropped (their signatures
+    mean nothing to another provider), content "" rather than null (H.14)."""
+    texts, calls = [], []
+    for i, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            name = block.get("name")
+            if not isinstance(name, str) or not name:
+                raise ClientError(f"{where}[{i}]: a tool_use needs a \"name\"; add the tool's name")
+            arguments = block.get("input") if isinstance(block.get("input"), dict) else {}
+            calls.append({"id": safe_tool_id(block.get("id"), f"toolu_{i}"), "type": "function",
+                          "function": {"name": name, "arguments": _sse_json(arguments)}})
+    if not texts and not calls:
+        return []
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+def _as_parts(content: Any) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return content
+
+
+def _merge_openai_messages(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Adjacent user (or assistant) messages merged: chat templates of some servers
+    (vLLM, Ollama) require user and assistant to alternate."""
+    merged: List[Dict[str, Any]] = []
+    for message in messages:
+        last = merged[-1] if merged else None
+        if last is None or last["role"] != message["role"] or message["role"] not in (
+                "user", "assistant"):
+            merged.append(message)
+            continue
+        a, b = last["content"], message["content"]
+        if isinstance(a, str) and isinstance(b, str):
+            last["content"] = "\n".join(t for t in (a, b) if t)
+        else:
+            last["content"] = _as_parts(a) + _as_parts(b)
+        if message.get("tool_calls"):
+            last["tool_calls"] = last.get("tool_calls", []) + message["tool_calls"]
+    return merged
+
+
+def _openai_tools(tools: Any) -> List[Dict[str, Any]]:
+    """Client tools as functions; server tools (typed, no input_schema) skipped (C.1);
+    cache_control, strict, defer_loading and the like dropped (H.3)."""
+    out = []
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict) or not isinstance(tool.get("input_schema"), dict):
+            continue
+        schema = dict(tool["input_schema"])
+        if schema.get("type") == "object" and "properties" not in schema:
+            schema["properties"] = {}
+        function = {"name": tool.get("name", "")}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        function["parameters"] = schema
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _openai_tool_choice(choice: Any) -> Tuple[Any, Optional[bool]]:
+    """(tool_choice, parallel_tool_calls) for an Anthropic tool_choice (C.1 table)."""
+    if not isinstance(choice, dict):
+        return None, None
+    kind = choice.get("type")
+    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if kind == "tool":
+        mapped = {"type": "function", "function": {"name": choice.get("name", "")}}
+    parallel = False if choice.get("disable_parallel_tool_use") is True else None
+    return mapped, parallel
+
+
+def _reasoning_effort(thinking: Any, output_config: Any) -> Optional[str]:
+    """C.1: budget_tokens <= 1024 low, <= 8192 medium, else high; adaptive thinking
+    carries its effort in output_config."""
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = _count(thinking.get("budget_tokens"))
+        return "low" if budget <= 1024 else "medium" if budget <= 8192 else "high"
+    if thinking.get("type") == "adaptive":
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return effort if effort in ("low", "medium", "high") else "medium"
+    return None
+
+
+def anthropic_to_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """An Anthropic Messages request as a Chat Completions request (PROTOCOLS.md C.1).
+    Dropped: cache_control, metadata, top_k, thinking blocks, server tools, beta fields."""
+    messages: List[Dict[str, Any]] = []
+    system = _openai_system_text(body.get("system"))
+    if system:
+        messages.append({"role": "system", "content": system})
+    given = body.get("messages")
+    if not isinstance(given, list):
+        raise ClientError(f'"messages" must be a list, got {_short(given)}')
+    for i, message in enumerate(given):
+        where = f"messages[{i}].content"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant"):
+            raise ClientError(f"messages[{i}].role is {_short(role)}; use \"user\" or \"assistant\" "
+                              "(the system prompt goes in the top-level \"system\")")
+        blocks = _blocks(message.get("content"), where)
+        messages += (_openai_user_messages(blocks, where) if role == "user"
+                     else _openai_assistant_message(blocks, where))
+    out: Dict[str, Any] = {"model": body.get("model"), "messages": _merge_openai_messages(messages)}
+    for key in ("max_tokens", "temperature", "top_p"):
+        if key in body:
+            out[key] = body[key]
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops:
+        out["stop"] = stops
+    if "stream" in body:
+        out["stream"] = body["stream"]
+        if body["stream"] is True:
+            out["stream_options"] = {"include_usage": True}
+    tools = _openai_tools(body.get("tools"))
+    if tools:
+        out["tools"] = tools
+        choice, parallel = _openai_tool_choice(body.get("tool_choice"))
+        if choice is not None:
+            out["tool_choice"] = choice
+        if parallel is not None:
+            out["parallel_tool_calls"] = parallel
+    effort = _reasoning_effort(body.get("thinking"), body.get("output_config"))
+    if effort:
+        out["reasoning_effort"] = effort
+    return out
+
+
+# -- OpenAI-compatible upstream -> Anthropic client: response (C.2, C.4, C.5) -------
+
+def _anthropic_message_id(upstream_id: Any, fallback: Any) -> str:
+    """msg_<...> from the upstream's id (some clients expect the prefix), deterministic."""
+    if isinstance(upstream_id, str) and upstream_id:
+        safe = safe_tool_id(upstream_id, "x")
+        return safe if safe.startswith("msg_") else f"msg_{safe}"
+    return "msg_" + short_hash(_sse_json(fallback))
+
+
+def _stop_reason(finish_reason: Any, tool_used: bool) -> str:
+    """C.4, with rule 7: tool_use whenever a tool_use block was sent, never without one."""
+    if tool_used:
+        return "tool_use"
+    reason = STOP_REASON_FROM_FINISH.get(finish_reason, "end_turn")
+    return "end_turn" if reason == "tool_use" else reason
+
+
+def _text_of(content: Any) -> str:
+    """OpenAI message content as text: a string, or the text of its parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def openai_to_anthropic_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """A Chat Completions answer as an Anthropic Message (C.2): blocks in the order
+    thinking, text, tool_use; the thinking block's signature is "" (no real one exists)."""
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        message, _ = upstream_message(dumps(body))
+        raise UpstreamError(f"answered without choices: {message}")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: List[Dict[str, Any]] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
+    text = _text_of(message.get("content")) or _text_of(message.get("refusal"))
+    if text:
+        content.append({"type": "text", "text": text})
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    if isinstance(message.get("function_call"), dict):     # legacy single-function answer
+        calls = calls + [{"function": message["function_call"]}]
+    for i, call in enumerate(c for c in calls if isinstance(c, dict)):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        content.append({"type": "tool_use",
+                        "id": safe_tool_id(call.get("id"), f"toolu_{i}"),
+                        "name": function.get("name") or "",
+                        "input": _tool_input(function.get("arguments"))})
+    tool_used = any(b["type"] == "tool_use" for b in content)
+    usage = body.get("usage") if _is_openai_usage(body.get("usage")) else {}
+    return {"id": _anthropic_message_id(body.get("id"), body), "type": "message",
+            "role": "assistant", "model": model, "content": content,
+            "stop_reason": _stop_reason(choice.get("finish_reason"), tool_used),
+            "stop_sequence": None, "usage": anthropic_usage_from_openai(usage)}
+
+
+# -- OpenAI-compatible upstream -> Anthropic client: stream (C.3) -----------------
+
+class _JsonDepth:
+    """Tells, a fragment at a time and in constant memory, when streamed JSON text has
+    closed its outermost brace: the sign that a tool call's arguments are complete."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped, self.seen = 0, False, False, False
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = self.seen = True
+            elif ch in "{[":
+                self.depth += 1
+                self.seen = True
+            elif ch in "}]":
+                self.depth -= 1
+            elif not ch.isspace():
+                self.seen = True
+
+    @property
+    def complete(self) -> bool:
+        return self.seen and self.depth <= 0 and not self.in_string
+
+
+class _ToolCall:
+    """One OpenAI tool call on its way to an Anthropic tool_use block. `pending` until it
+    can start (name known, id known or arguments begun, no unfinished call open);
+    buffered arguments are bounded by that one call."""
+
+    def __init__(self) -> None:
+        self.id, self.name, self.state = "", "", "pending"    # pending -> open -> closed
+        self.index = -1
+        self.buffered: List[str] = []
+        self.depth = _JsonDepth()
+
+    @property
+    def startable(self) -> bool:
+        return bool(self.name and (self.id or self.buffered))
+
+
+class OpenAIToAnthropicStream:
+    """Chat Completions chunks in, Anthropic Messages events out (C.3).
+
+    Blocks never interleave: text and thinking open and close as the delta fields
+    change; a tool call streams its arguments live while it is the open block, and a
+    call that begins while another is still unfinished (true parallel interleaving) is
+    buffered and sent whole once the open one completes, or at finish_reason.
+    message_delta and message_stop wait for the usage chunk, [DONE] or the end; a stream
+    that ends without finish_reason ends with an error event, never a fake end_turn."""
+
+    def __init__(self, model: str, input_estimate: int = 0):
+        self.model, self.input_estimate = model, input_estimate
+        self.started = self.ended = self.tool_used = False
+        self.next_index = 0
+        self.open_kind = ""                       # "text", "thinking", "tool_use" or ""
+        self.open_call: Optional[_ToolCall] = None
+        self.calls: Dict[Any, _ToolCall] = {}     # OpenAI tool index -> its current call
+        self.order: List[_ToolCall] = []          # every call, in order of first sight
+        self.message_id = ""
+        self.finish_reason: Optional[str] = None
+        self.usage: Optional[Dict[str, Any]] = None
+
+    # -- input ----------------------------------------------------------------
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        data = data.strip()
+        if self.ended or not data:
+            return []
+        if data == "[DONE]":
+            return self._finish(self.finish_reason or "stop")
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return []                             # not a chunk (a stray keep-alive line)
+        if not isinstance(chunk, dict):
+            return []
+        if chunk.get("error") is not None:
+            message, code = upstream_message(dumps(chunk))
+            return self._fail(f"{code}: {message}" if code and not code.isdigit()
+                              and code not in message else message)
+        out: List[Tuple[str, str]] = []
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            if not self.started:
+                out += self._start(chunk)
+            out += self._choice(choices[0])
+        if _is_openai_usage(chunk.get("usage")):
+            self.usage = chunk["usage"]
+            if self.finish_reason is not None and not choices:
+                out += self._finish(self.finish_reason)
+        return out
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.ended:
+            return []
+        if self.finish_reason is not None:    # finished; only [DONE] (and maybe usage) missing
+            return self._finish(self.finish_reason)
+        return self._fail("upstream stream ended early, before a finish_reason")
+
+    def _choice(self, choice: Dict[str, Any]) -> List[Tuple[str, str]]:
+        if self.finish_reason is not None:
+            return []
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        out: List[Tuple[str, str]] = []
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out += self._text("thinking", reasoning)
+        text = delta.get("content") or delta.get("refusal")
+        if isinstance(text, str) and text:
+            out += self._text("text", text)
+        items = delta.get("tool_calls")
+        for position, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict):
+                out += self._tool_fragment(item, position)
+        reason = choice.get("finish_reason")
+        if reason == "error":
+            return out + self._fail("upstream finished with finish_reason \"error\"")
+        if reason:
+            out += self._close_open()
+            for call in self.order:
+                if call.state == "pending":
+                    out += self._start_call(call, whole=True)
+            self.finish_reason = reason
+        return out
+
+    # -- blocks ---------------------------------------------------------------
+    def _start(self, chunk: Dict[str, Any]) -> List[Tuple[str, str]]:
+        self.started = True
+        self.message_id = _anthropic_message_id(chunk.get("id"), chunk)
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "content": [],
+                   "model": self.model, "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_estimate, "output_tokens": 0}}
+        return [self._event({"type": "message_start", "message": message})]
+
+    @staticmethod
+    def _event(obj: Dict[str, Any]) -> Tuple[str, str]:
+        return obj["type"], _sse_json(obj)
+
+    def _open(self, kind: str, block: Dict[str, Any]) -> List[Tuple[str, str]]:
+        out = self._close_open()
+        self.open_kind, index = kind, self.next_index
+        self.next_index += 1
+        out.append(self._event({"type": "content_block_start", "index": index,
+                                "content_block": block}))
+        return out
+
+    def _delta(self, delta: Dict[str, Any]) -> Tuple[str, str]:
+        return self._event({"type": "content_block_delta", "index": self.next_index - 1,
+                            "delta": delta})
+
+    def _close_open(self) -> List[Tuple[str, str]]:
+        if not self.open_kind:
+            return []
+        if self.open_call is not None:
+            self.open_call.state, self.open_call = "closed", None
+        self.open_kind = ""
+        return [self._event({"type": "content_block_stop", "index": self.next_index - 1})]
+
+    def _text(self, kind: str, text: str) -> List[Tuple[str, str]]:
+        out: List[Tuple[str, str]] = []
+        if self.open_kind != kind:
+            block = ({"type": "text", "text": ""} if kind == "text"
+                     else {"type": "thinking", "thinking": "", "signature": ""})
+            out += self._open(kind, block)
+        key = "text" if kind == "text" else "thinking"
+        out.append(self._delta({"type": f"{key}_delta", key: text}))
+        return out
+
+    # -- tool calls (B.4, H.13) -----------------------------------------------
+    def _tool_fragment(self, item: Dict[str, Any], position: int) -> List[Tuple[str, str]]:
+        index = item.get("index") if isinstance(item.get("index"), int) else position
+        function = item.get("function") if isinstance(item.get("function"), dict) else {}
+        new_id = item.get("id") if isinstance(item.get("id"), str) else ""
+        call = self.calls.get(index)
+        if call is None or (new_id and call.id and new_id != call.id):   # index reused for a new call
+            call = self.calls[index] = _ToolCall()
+            self.order.append(call)
+        call.id = call.id or new_id
+        name = function.get("name")
+        call.name = call.name or (name if isinstance(name, str) else "")   # a repeat is ignored
+        arguments = function.get("arguments")
+        if isinstance(arguments, (dict, list)):
+            arguments = _sse_json(arguments)
+        arguments = arguments if isinstance(arguments, str) else ""
+        if call.state == "closed":
+            return []          # a fragment after its block closed: nothing valid can follow
+        if call.state == "open":
+            if not arguments:
+                return []
+            call.depth.feed(arguments)
+            out = [self._delta({"type": "input_json_delta", "partial_json": arguments})]
+            return out + self._start_next() if call.depth.complete else out
+        if arguments:
+            call.buffered.append(arguments)
+        return self._start_call(call) if call.startable else []
+
+    def _start_next(self) -> List[Tuple[str, str]]:
+        """The open call just completed: a buffered parallel call may start now."""
+        for call in self.order:
+            if call.state == "pending" and call.startable:
+                return self._start_call(call)
+        return []
+
+    def _start_call(self, call: _ToolCall, whole: bool = False) -> List[Tuple[str, str]]:
+        """Open call's block and send what it buffered; `whole` sends and closes it
+        (at finish_reason, when no more fragments can come)."""
+        if not whole and self.open_call is not None and not self.open_call.depth.complete:
+            return []          # another call is mid-arguments: wait, blocks must not interleave
+        position = self.order.index(call)
+        call.id = call.id or f"toolu_{self.message_id[4:]}_{position}"
+        block = {"type": "tool_use", "id": safe_tool_id(call.id, f"toolu_{position}"),
+                 "name": call.name or f"tool_{position}", "input": {}}
+        out = self._open("tool_use", block)
+        call.state, self.open_call, self.tool_used = "open", call, True
+        arguments, call.buffered = "".join(call.buffered), []
+        if arguments:
+            call.depth.feed(arguments)
+            out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
+        if whole:
+            out += self._close_open()
+        return out
+
+    # -- the end --------------------------------------------------------------
+    def _finish(self, reason: str) -> List[Tuple[str, str]]:
+        out: List[Tuple[str, str]] = []
+        if not self.started:
+            out += self._start({})
+        if self.finish_reason is None:
+            out += self._choice({"finish_reason": reason})
+        usage = anthropic_usage_from_openai(self.usage) if self.usage else {"output_tokens": 0}
+        delta = {"stop_reason": _stop_reason(reason, self.tool_used), "stop_sequence": None}
+        out.append(self._event({"type": "message_delta", "delta": delta, "usage": usage}))
+        out.append(self._event({"type": "message_stop"}))
+        self.ended = True
+        return out
+
+    def _fail(self, message: str) -> List[Tuple[str, str]]:
+        out = self._close_open()
+        out.append(("error", _sse_json(error_object("anthropic", 500, message))))
+        self.ended = True
+        return out
+
+
+# -- OpenAI client -> Anthropic-format upstream: request (D.1) --------------------
+
+def _anthropic_part(part: Any, where: str) -> Optional[Dict[str, Any]]:
+    """One OpenAI content part as an Anthropic block; None for empty text."""
+    if isinstance(part, str):
+        part = {"type": "text", "text": part}
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("text", "refusal", "input_text"):
+        text = part.get("text", part.get("refusal"))
+        return {"type": "text", "text": text} if isinstance(text, str) and text else None
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        return {"type": "image", "source": _anthropic_source(url, f"{where}.image_url.url")}
+    if kind == "file":
+        file = part.get("file") if isinstance(part.get("file"), dict) else {}
+        if isinstance(file.get("file_data"), str):
+            return {"type": "document", "source": _anthropic_source(
+                file["file_data"], f"{where}.file.file_data", urls=False)}
+        raise ClientError(f"{where}: a file part needs file_data (a data: URL); file ids of "
+                          "OpenAI's Files API cannot reach an Anthropic upstream")
+    raise ClientError(f"{where}: content part type {_short(kind)} cannot be translated to "
+                      "Anthropic; send text, image_url or file parts")
+
+
+def _anthropic_source(url: Any, where: str, urls: bool = True) -> Dict[str, Any]:
+    """An image_url/file_data URL as an Anthropic source: data: URLs split at the first
+    comma into media type and base64 data, http(s) URLs kept as url sources (D.1)."""
+    text = url if isinstance(url, str) else ""
+    match = _DATA_URL.match(text)
+    if match:
+        return {"type": "base64", "media_type": match.group(1) or "application/octet-stream",
+                "data": match.group(3)}
+    if urls and text.startswith(("http://", "https://")):
+        return {"type": "url", "url": text}
+    raise ClientError(f"{where} is {_short(text[:60])}; send a base64 data: URL"
+                      + (" or an http(s) URL" if urls else ""))
+
+
+def _anthropic_blocks(content: Any, where: str) -> List[Dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise ClientError(f"{where} must be a string or a list of parts, got {_short(content)}")
+    blocks = (_anthropic_part(p, f"{where}[{i}]") for i, p in enumerate(content))
+    return [b for b in blocks if b is not None]
+
+
+def _anthropic_tool_use(call: Any, where: str, fallback: str) -> Dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ClientError(f"{where} needs function.name; send tool calls as "
+                          '{"id", "type": "function", "function": {"name", "arguments"}}')
+    return {"type": "tool_use", "id": safe_tool_id(call.get("id"), fallback),
+            "name": function["name"], "input": _tool_input(function.get("arguments"))}
+
+
+def _anthropic_turn(message: Dict[str, Any], i: int) -> Tuple[str, List[Dict[str, Any]]]:
+    """(role, blocks) of one non-system OpenAI message; reasoning_content and `name`
+    dropped (no signature exists to replay it with)."""
+    role, where = message.get("role"), f"messages[{i}]"
+    if role == "user":
+        return "user", _anthropic_blocks(message.get("content"), f"{where}.content")
+    if role == "assistant":
+        blocks = _anthropic_blocks(message.get("content"), f"{where}.content")
+        calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+        blocks += [_anthropic_tool_use(c, f"{where}.tool_calls[{j}]", f"toolu_{i}_{j}")
+                   for j, c in enumerate(calls)]
+        return "assistant", blocks
+    if role == "tool":
+        result: Dict[str, Any] = {"type": "tool_result",
+                                  "tool_use_id": safe_tool_id(message.get("tool_call_id"),
+                                                              "toolu_missing")}
+        inner = _anthropic_blocks(message.get("content"), f"{where}.content")
+        if inner:
+            text_only = all(b["type"] == "text" for b in inner)
+            result["content"] = "".join(b["text"] for b in inner) if text_only else inner
+        return "user", [result]
+    raise ClientError(f"{where}.role is {_short(role)}; use system, developer, user, assistant "
+                      "or tool (legacy function messages are not supported)")
+
+
+def _anthropic_messages(turns: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """D.1: empty turns dropped, same-role turns merged with tool_results first in each
+    user turn, and a placeholder user turn first when the talk starts otherwise."""
+    merged: List[Dict[str, Any]] = []
+    for role, blocks in turns:
+        if not blocks:
+            continue
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += blocks
+        else:
+            merged.append({"role": role, "content": list(blocks)})
+    for message in merged:
+        if message["role"] == "user":
+            content = message["content"]
+            message["content"] = ([b for b in content if b["type"] == "tool_result"]
+                                  + [b for b in content if b["type"] != "tool_result"])
+    if not merged or merged[0]["role"] != "user":
+        merged.insert(0, {"role": "user",
+                          "content": [{"type": "text", "text": ANTHROPIC_PLACEHOLDER_TEXT}]})
+    return merged
+
+
+def _anthropic_tools(tools: Any) -> List[Dict[str, Any]]:
+    out = []
+    for i, tool in enumerate(tools if isinstance(tools, list) else []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not (
+                isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise ClientError(f"tools[{i}] is not a function tool with a name; Anthropic "
+                              "upstreams take only {\"type\": \"function\", \"function\": {...}}")
+        schema = function.get("parameters")
+        schema = dict(schema) if isinstance(schema, dict) else {"type": "object", "properties": {}}
+        schema.setdefault("type", "object")
+        tool_out = {"name": function["name"]}
+        if isinstance(function.get("description"), str):
+            tool_out["description"] = function["description"]
+        tool_out["input_schema"] = schema
+        out.append(tool_out)
+    return out
+
+
+def _anthropic_tool_choice(choice: Any, parallel: Any) -> Optional[Dict[str, Any]]:
+    """D.1 tool_choice table; parallel_tool_calls false needs a choice object to ride on."""
+    if isinstance(choice, dict):
+        function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
+        out: Optional[Dict[str, Any]] = {"type": "tool", "name": function.get("name", "")}
+    else:
+        out = {"type": {"auto": "auto", "required": "any", "none": "none"}.get(choice, "auto")}
+        if choice is None and parallel is not False:
+            out = None
+    if out is not None and parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _response_format_instruction(fmt: Any) -> str:
+    """No Anthropic field asks for JSON output: say it in the system prompt (D.1)."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return JSON_OBJECT_INSTRUCTION
+    if kind == "json_schema":
+        schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
+        return (f"{JSON_OBJECT_INSTRUCTION} It must match this JSON Schema: "
+                f"{_sse_json(schema.get('schema', {}))}")
+    return ""
+
+
+def openai_to_anthropic_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """A Chat Completions request as an Anthropic Messages request (PROTOCOLS.md D.1).
+    Dropped: stream_options, seed, logit_bias, logprobs, penalties, reasoning_content."""
+    if _count(body.get("n")) > 1:
+        raise ClientError(f"\"n\" is {body['n']}: Anthropic upstreams return one choice; "
+                          "send n=1 or leave it out")
+    given = body.get("messages")
+    if not isinstance(given, list):
+        raise ClientError(f'"messages" must be a list, got {_short(given)}')
+    system: List[Dict[str, Any]] = []
+    turns = []
+    for i, message in enumerate(given):
+        if not isinstance(message, dict):
+            raise ClientError(f"messages[{i}] must be an object, got {_short(message)}")
+        if message.get("role") in ("system", "developer"):
+            system += _anthropic_blocks(message.get("content"), f"messages[{i}].content")
+        else:
+            turns.append(_anthropic_turn(message, i))
+    instruction = _response_format_instruction(body.get("response_format"))
+    if instruction:
+        system.append({"type": "text", "text": instruction})
+    out: Dict[str, Any] = {"model": body.get("model"), "messages": _anthropic_messages(turns)}
+    if system:
+        out["system"] = system
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    out["max_tokens"] = limit if _count(limit) else ANTHROPIC_DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    if stops:
+        out["stop_sequences"] = stops
+    if isinstance(body.get("stream"), bool):
+        out["stream"] = body["stream"]
+    if isinstance(body.get("user"), str) and body["user"]:
+        out["metadata"] = {"user_id": body["user"]}
+    tools = _anthropic_tools(body.get("tools"))
+    choice = _anthropic_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if tools:
+        out["tools"] = tools
+        if choice is not None:
+            out["tool_choice"] = choice
+    _sampling_and_thinking(body, out)
+    return out
+
+
+def _sampling_and_thinking(body: Dict[str, Any], out: Dict[str, Any]) -> None:
+    """reasoning_effort -> thinking with max_tokens raised above the budget (D.1); with
+    thinking on, Anthropic takes no temperature, top_p or top_k, and no forced tool."""
+    budget = THINKING_BUDGETS.get(body.get("reasoning_effort"))
+    forced = out.get("tool_choice", {}).get("type") in ("any", "tool")
+    if budget and not forced:
+        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        if out["max_tokens"] <= budget:      # the client's cap becomes room after thinking
+            out["max_tokens"] += budget
+        return
+    if isinstance(body.get("temperature"), (int, float)):
+        out["temperature"] = min(body["temperature"], 1)    # OpenAI's range is 0-2
+    elif isinstance(body.get("top_p"), (int, float)):       # newer Claude reject both at once
+        out["top_p"] = body["top_p"]
+    if isinstance(body.get("top_k"), int):                  # vLLM/OpenRouter-style extension
+        out["top_k"] = body["top_k"]
+
+
+# -- Anthropic-format upstream -> OpenAI client: response (D.2, D.4, D.5) ----------
+
+def anthropic_to_openai_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """An Anthropic Message as a chat.completion (D.2): text blocks joined into content
+    (null when only tool calls), thinking as the non-standard reasoning_content."""
+    if body.get("type") == "error" or not isinstance(body.get("content"), list):
+        message, _ = upstream_message(dumps(body))
+        raise UpstreamError(f"answered without content: {message}")
+    blocks = [b for b in body["content"] if isinstance(b, dict)]
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    thinking = "".join(b.get("thinking", "") for b in blocks if b.get("type") == "thinking")
+    calls = [{"id": b.get("id", ""), "type": "function",
+              "function": {"name": b.get("name", ""), "arguments": _sse_json(b.get("input", {}))}}
+             for b in blocks if b.get("type") == "tool_use"]
+    message: Dict[str, Any] = {"role": "assistant", "content": None if calls and not text else text}
+    if thinking:
+        message["reasoning_content"] = thinking
+    if calls:
+        message["tool_calls"] = calls
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    return {"id": body.get("id") or "chatcmpl-" + short_hash(_sse_json(body)),
+            "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": FINISH_FROM_STOP_REASON.get(body.get("stop_reason"),
+                                                                     "stop")}],
+            "usage": openai_usage_from_anthropic(usage)}
+
+
+# -- Anthropic-format upstream -> OpenAI client: stream (D.3) ---------------------
+
+_ANTHROPIC_STATUS = {kind: status for status, kind in ANTHROPIC_ERROR_TYPES.items()}
+
+
+class AnthropicToOpenAIStream:
+    """Anthropic Messages events in, chat.completion.chunk data out (D.3): role chunk,
+    content / reasoning_content / tool_calls deltas (tool indexes count tool calls from
+    0, not blocks), finish chunk, a usage chunk with `choices: []`, then [DONE]. A stream
+    that ends before message_stop ends with an error chunk."""
+
+    HANDLED = ("message_start", "content_block_start", "content_block_delta",
+               "message_delta", "message_stop")
+
+    def __init__(self, model: str, input_estimate: int = 0):
+        self.model, self.created = model, int(time.time())
+        self.id = ""
+        self.started = self.finished = self.ended = False
+        self.tool_index: Dict[Any, int] = {}      # Anthropic block index -> OpenAI tool index
+        self.whole: set = set()                   # blocks whose input came in their start
+        self.usage: Dict[str, Any] = {}
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.ended:
+            return []
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return []
+        if not isinstance(obj, dict):
+            return []
+        kind = obj.get("type") or event
+        if kind == "error":
+            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+            return self._fail(str(err.get("message") or "upstream error"),
+                              str(err.get("type") or "api_error"))
+        handler = getattr(self, "_on_" + kind, None) if kind in self.HANDLED else None
+        if handler is None:
+            return []                              # ping and anything newer
+        out = [] if self.started or kind == "message_start" else self._role_chunk()
+        return out + handler(obj)
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.ended:
+            return []
+        return self._fail("upstream stream ended early, before message_stop", "api_error")
+
+    # -- events ---------------------------------------------------------------
+    def _on_message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        self.id = message.get("id") if isinstance(message.get("id"), str) else ""
+        self._merge_usage(message.get("usage"))
+        return self._role_chunk()
+
+    def _on_content_block_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        block = obj.get("content_block") if isinstance(obj.get("content_block"), dict) else {}
+        if block.get("type") != "tool_use":
+            return []
+        k = self.tool_index[obj.get("index")] = len(self.tool_index)
+        function = {"name": block.get("name", ""), "arguments": ""}
+        if isinstance(block.get("input"), dict) and block["input"]:
+            function["arguments"] = _sse_json(block["input"])   # complete already: no deltas
+            self.whole.add(obj.get("index"))
+        return [self._chunk({"tool_calls": [{"index": k, "id": block.get("id", ""),
+                                             "type": "function", "function": function}]})]
+
+    def _on_content_block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+        kind, index = delta.get("type"), obj.get("index")
+        if kind == "text_delta" and delta.get("text"):
+            return [self._chunk({"content": delta["text"]})]
+        if kind == "thinking_delta" and delta.get("thinking"):
+            return [self._chunk({"reasoning_content": delta["thinking"]})]
+        if (kind == "input_json_delta" and delta.get("partial_json")
+                and index in self.tool_index and index not in self.whole):
+            return [self._chunk({"tool_calls": [{"index": self.tool_index[index], "function": {
+                "arguments": delta["partial_json"]}}]})]
+        return []                                  # signature_delta, citations_delta, empty
+
+    def _on_message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        self._merge_usage(obj.get("usage"))
+        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+        if self.finished or not delta.get("stop_reason"):
+            return []
+        self.finished = True
+        return [self._chunk({}, FINISH_FROM_STOP_REASON.get(delta["stop_reason"], "stop"))]
+
+    def _on_message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        out = [] if self.finished else [self._chunk({}, "stop")]
+        usage = dict(self._base(), choices=[], usage=openai_usage_from_anthropic(self.usage))
+        self.ended = True
+        return out + [("", _sse_json(usage)), ("", "[DONE]")]
+
+    # -- chunks ---------------------------------------------------------------
+    def _merge_usage(self, usage: Any) -> None:
+        """Each usage field's last non-null value wins (D.5)."""
+        if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if v is not None)
+
+    def _role_chunk(self) -> List[Tuple[str, str]]:
+        self.started = True
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _base(self) -> Dict[str, Any]:
+        return {"id": self.id or "chatcmpl-proxypal", "object": "chat.completion.chunk",
+                "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Tuple[str, str]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return "", _sse_json(dict(self._base(), choices=[choice]))
+
+    def _fail(self, message: str, err_type: str) -> List[Tuple[str, str]]:
+        self.ended = True
+        status = _ANTHROPIC_STATUS.get(err_type, 502)
+        error = error_object("openai", status, message, err_type)
+        return [("", _sse_json(error)), ("", "[DONE]")]
+
+
+TRANSLATORS[("anthropic", "openai")] = Translator(
+    anthropic_to_openai_request, openai_to_anthropic_response, OpenAIToAnthropicStream)
+TRANSLATORS[("openai", "anthropic")] = Translator(
+    openai_to_anthropic_request, anthropic_to_openai_response, AnthropicToOpenAIStream)
 
 
 # =============================================================================
@@ -2165,6 +3209,58 @@ def model_item(router: Router, name: str, created: int, stamp: str) -> Dict[str,
             "type": "model", "display_name": name, "created_at": stamp}
 
 
+def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))]
+
+
+class UsageStats:
+    """Counters since start, per model and per provider: requests, errors by status,
+    tokens, and latency / time-to-first-byte percentiles over the last USAGE_SAMPLES."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
+
+    def record(self, model: str, provider: str, status: int, latency: float,
+               ttfb: Optional[float], tokens_in: Optional[int], tokens_out: Optional[int]) -> None:
+        for group, name in (("models", model), ("providers", provider)):
+            if not name:
+                continue
+            entry = self.groups[group].setdefault(name, {
+                "requests": 0, "errors": {}, "input_tokens": 0, "output_tokens": 0,
+                "latency": collections.deque(maxlen=USAGE_SAMPLES),
+                "ttfb": collections.deque(maxlen=USAGE_SAMPLES)})
+            entry["requests"] += 1
+            if status >= 400 or not status:
+                key = str(status or "aborted")
+                entry["errors"][key] = entry["errors"].get(key, 0) + 1
+            entry["input_tokens"] += tokens_in or 0
+            entry["output_tokens"] += tokens_out or 0
+            entry["latency"].append(latency)
+            if ttfb is not None:
+                entry["ttfb"].append(ttfb)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The counters as JSON-ready data, latencies in milliseconds."""
+        def ms(value: Optional[float]) -> Optional[float]:
+            return None if value is None else round(value * 1000, 1)
+        out: Dict[str, Any] = {"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
+        for group, entries in self.groups.items():
+            out[group] = {name: {
+                "requests": e["requests"], "errors": dict(e["errors"]),
+                "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"],
+                "latency_ms": {"p50": ms(percentile(e["latency"], 0.5)),
+                               "p95": ms(percentile(e["latency"], 0.95))},
+                "ttfb_ms": {"p50": ms(percentile(e["ttfb"], 0.5)),
+                            "p95": ms(percentile(e["ttfb"], 0.95))},
+            } for name, e in sorted(entries.items())}
+        return out
+
+
 @dataclasses.dataclass
 class Exchange:
     """One request in flight: what the pipeline knows about it so far."""
@@ -2186,6 +3282,17 @@ class Exchange:
     body_read: bool = False
     body: Dict[str, Any] = dataclasses.field(default_factory=dict)   # the parsed JSON request
     keep_alive: bool = True
+    id: str = ""
+    upstream_status: Optional[int] = None
+    tokens_in: Optional[int] = None
+    tokens_out: Optional[int] = None
+
+    def count_tokens(self, found: Tuple[Optional[int], Optional[int]]) -> None:
+        """Keep the latest token counts an answer or stream event reported."""
+        if found[0] is not None:
+            self.tokens_in = found[0]
+        if found[1] is not None:
+            self.tokens_out = found[1]
 
 
 class Connection:
@@ -2328,6 +3435,9 @@ class Server:
         self.secret_filter = SecretFilter()
         self.secret_filter.secrets = config.secrets
         self.started_at = int(time.time())
+        self.usage = UsageStats()
+        self._requests = 0
+        self._id_prefix = f"{os.getpid():x}-"
         self.host, self.port = config.host, config.port
         self.closing = False
         self._server: Optional[asyncio.AbstractServer] = None
@@ -2403,8 +3513,9 @@ class Server:
                 if req is None:
                     return
                 conn.busy = True
+                self._requests += 1
                 ex = Exchange(conn, req, client_format(req.path, req.headers), config, router,
-                              time.monotonic())
+                              time.monotonic(), id=f"{self._id_prefix}{self._requests:x}")
                 ex.keep_alive = req.keep_alive
                 ex.has_body = body_framing(req)[0] != "none"   # refused before any route looks
                 await self.handle(ex)
@@ -2639,7 +3750,7 @@ class Server:
                     continue
                 raise UpstreamError(f"provider {target.cred.label} {exc.message}", exc.status,
                                     target.cred.name, ureq.url) from None
-            ex.ttfb = time.monotonic() - ex.t0
+            ex.ttfb, ex.upstream_status = time.monotonic() - ex.t0, resp.status
             if resp.status in FAILOVER_STATUSES:
                 self.balancer.cool(target.cred, resp.status,
                                    retry_after_seconds(resp.header("retry-after")))
@@ -2665,6 +3776,8 @@ class Server:
         if ex.fmt == "gemini" and cred.kind != "gemini":
             body = dict(body, stream=stream)   # Gemini clients choose streaming by path
         out = translator.request(body) if translator.request else dict(body)
+        if ex.fmt == "anthropic" and cred.kind == "claude":
+            drop_unsigned_thinking(out)
         if cred.kind != "gemini":
             out["model"] = target.model
             if ex.fmt == "gemini":
@@ -2728,25 +3841,24 @@ class Server:
         body = await resp.read_all(MAX_UPSTREAM_BODY)
         if cred.bedrock_region and ex.op == "count_tokens":
             body = bedrock_count_answer(body)
-        if translator.response is not None:
-            body = self._translate_response(translator, body, route.requested, cred)
-        elif ex.fmt != "gemini":
-            body = rewrite_model(body, route.requested)
-        ex.conn.send(ex, resp.status, body, self._passed_headers(resp),
-                     "application/json" if translator.response else
-                     resp.header("content-type") or "application/json")
-
-    @staticmethod
-    def _translate_response(translator: Translator, body: bytes, model: str,
-                            cred: Credential) -> bytes:
         try:
             obj = json.loads(body)
         except ValueError:
-            raise UpstreamError(f"answered with something that is not JSON: "
-                                f"{printable(body.decode('utf-8', 'replace'), 120)!r}") from None
-        if not isinstance(obj, dict):
-            raise UpstreamError(f"answered with JSON {_json_type(obj)}, not an object")
-        return dumps(translator.response(obj, model))
+            obj = None
+        if translator.response is not None:
+            if not isinstance(obj, dict):
+                raise UpstreamError(f"answered with something that is not a JSON object: "
+                                    f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
+            obj = translator.response(obj, route.requested)
+            body = dumps(obj)
+        elif isinstance(obj, dict) and ex.fmt != "gemini" and \
+                isinstance(obj.get("model"), str) and obj["model"] != route.requested:
+            obj["model"] = route.requested     # the name the client asked for
+            body = dumps(obj)
+        ex.count_tokens(usage_tokens(obj))
+        ex.conn.send(ex, resp.status, body, self._passed_headers(resp),
+                     "application/json" if translator.response else
+                     resp.header("content-type") or "application/json")
 
     @staticmethod
     def _passed_headers(resp: UpstreamResponse) -> List[Tuple[str, str]]:
@@ -2827,6 +3939,7 @@ class Server:
                 if out or head:            # the head goes out with the first event
                     conn.writer.write(head + (chunk(out) if chunked and out else out))
                     head = b""
+                    ex.count_tokens(stream_usage(out))
                     await conn.writer.drain()
                 if keepalive:
                     data = await self._read_or_ping(ex, resp, keepalive, chunked)
@@ -2835,6 +3948,7 @@ class Server:
                 out = relay(data) if data else finish()
             if out:
                 self._write_event(conn, chunked, out)
+                ex.count_tokens(stream_usage(out))
             if chunked:
                 conn.writer.write(b"0\r\n\r\n")
             resp.release()
@@ -2889,10 +4003,16 @@ class Server:
                                                       if auth[:7].lower() == "bearer " else "")
         if not given or not key_matches(given, (config.management_key,)):
             raise ProxypalError("missing or wrong management key (X-Management-Key)", 401)
-        raise ClientError(f"no management route {printable(path, 80)}", 404)
+        if path.rstrip("/") == "/v0/management/usage" and ex.req.method in ("GET", "HEAD"):
+            return ex.conn.send(ex, 200, dumps(self.usage.snapshot()))
+        raise ClientError(f"no management route {printable(ex.req.method)} {printable(path, 80)}; "
+                          "try GET /v0/management/usage", 404)
 
     # -- logging -----------------------------------------------------------------
     def _log_request(self, ex: Exchange) -> None:
+        if ex.model:
+            self.usage.record(ex.model, ex.provider, ex.status, time.monotonic() - ex.t0,
+                              ex.ttfb, ex.tokens_in, ex.tokens_out)
         if ex.config.request_logging:
             log.info("%s", json.dumps(request_log_entry(ex), ensure_ascii=False))
         elif log.isEnabledFor(logging.DEBUG):
@@ -2906,14 +4026,20 @@ def guess_path(buf: bytes) -> str:
     return match.group(1).decode("latin-1") if match else "/"
 
 
-def request_log_entry(ex: Exchange) -> Dict[str, Any]:
-    """The request log line, as a dict (pure but for the clock)."""
+def request_log_entry(ex: Exchange, now: Optional[float] = None,
+                      wall: Optional[float] = None) -> Dict[str, Any]:
+    """The request log line, as a dict (pure given the two clocks)."""
+    now = time.monotonic() if now is None else now
+    wall = time.time() if wall is None else wall
     return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "format": ex.fmt,
-        "method": ex.req.method, "path": printable(ex.req.path), "model": printable(ex.model),
-        "routed": ex.routed or None, "provider": ex.provider or None, "status": ex.status,
-        "latency_ms": round((time.monotonic() - ex.t0) * 1000, 1),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}",
+        "id": ex.id, "format": ex.fmt, "method": ex.req.method, "path": printable(ex.req.path),
+        "model": printable(ex.model) or None, "routed": ex.routed or None,
+        "provider": ex.provider or None, "status": ex.status,
+        "upstream_status": ex.upstream_status,
+        "latency_ms": round((now - ex.t0) * 1000, 1),
         "ttfb_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
+        "input_tokens": ex.tokens_in, "output_tokens": ex.tokens_out,
         "error": printable(ex.error, 300) or None,
     }
 

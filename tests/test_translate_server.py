@@ -1,0 +1,158 @@
+"""Translation end to end: clients of one format through the real server to mock
+upstreams of another, streams included; what the upstream received is asserted too."""
+from __future__ import annotations
+
+import json
+
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, anthropic_message, json_answer,
+                     openai_completion, request, sse_answer)
+
+ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
+
+TOOL_STREAM = [
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[{"index":0,"delta":{"role":"assistant","content":"Checking."},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"get_weather","arguments":""}}]},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"city\\":"}}]},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\\"Paris\\"}"}}]},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\n',
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"deepseek-chat","choices":[],"usage":{"prompt_tokens":82,"completion_tokens":17,"total_tokens":99}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+def events(body: bytes):
+    out = []
+    for block in body.split(b"\n\n"):
+        if block.strip():
+            lines = dict(line.split(": ", 1) for line in block.decode().split("\n"))
+            out.append((lines.get("event", ""), lines["data"]))
+    return out
+
+
+def claude_code_request(**extra):
+    return dict({"model": "deepseek-chat", "max_tokens": 32000, "stream": True,
+                 "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2"},
+                            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+                 "metadata": {"user_id": "u"},
+                 "tools": [{"name": "get_weather", "description": "Weather", "cache_control": {"type": "ephemeral"},
+                            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+                 "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather in Paris?",
+                                                            "cache_control": {"type": "ephemeral"}}]}]}, **extra)
+
+
+def test_claude_code_on_openai_compatible_stream(upstream, proxy):
+    up = upstream(sse_answer(TOOL_STREAM))
+    p = proxy({"ampOpenaiProviders": [{"name": "DeepSeek", "baseUrl": up.url + "/v1", "apiKey": "sk-ds",
+                                       "models": [{"name": "deepseek-chat", "alias": "deepseek-chat",
+                                                   "maxOutputTokens": 8192}]}]})
+    status, headers, body = request(p, "POST", "/v1/messages", claude_code_request(), ANTHROPIC_HEADERS, key=None)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    got = events(body)
+    names = [e for e, _ in got]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = json.loads(got[0][1])
+    assert start["message"]["model"] == "deepseek-chat" and start["message"]["usage"]["input_tokens"] > 0
+    deltas = [json.loads(d)["delta"] for e, d in got if e == "content_block_delta"]
+    assert {"type": "text_delta", "text": "Checking."} in deltas
+    assert "".join(d["partial_json"] for d in deltas if d["type"] == "input_json_delta") == '{"city":"Paris"}'
+    final = json.loads(got[-2][1])
+    assert final["delta"]["stop_reason"] == "tool_use" and final["usage"]["output_tokens"] == 17
+    rec = up.last()
+    sent = rec.json()
+    assert sent["model"] == "deepseek-chat" and sent["max_tokens"] == 8192 and sent["stream"] is True
+    assert sent["stream_options"] == {"include_usage": True}
+    text = json.dumps(sent)
+    assert "cache_control" not in text and "metadata" not in sent and "x-anthropic-billing-header" not in text
+    assert sent["messages"][0] == {"role": "system", "content": "You are Claude Code."}
+    assert rec.headers["authorization"] == "Bearer sk-ds"
+
+
+def test_anthropic_client_non_stream_on_openai_upstream(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion("llama3", "Bonjour")))
+    p = proxy({"ampOpenaiProviders": [{"name": "Ollama", "baseUrl": up.url + "/v1", "apiKey": "ollama",
+                                       "models": ["llama3"]}]})
+    status, _, body = request(p, "POST", "/v1/messages", {"model": "llama3", "max_tokens": 50,
+                                                          "messages": [{"role": "user", "content": "Hi"}]},
+                              ANTHROPIC_HEADERS, key=None)
+    msg = json.loads(body)
+    assert status == 200 and msg["type"] == "message" and msg["model"] == "llama3"
+    assert msg["content"] == [{"type": "text", "text": "Bonjour"}] and msg["stop_reason"] == "end_turn"
+    assert msg["usage"]["input_tokens"] == 3 and msg["usage"]["output_tokens"] == 1
+
+
+def test_openai_client_on_anthropic_upstream(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message("claude-opus-4-5", "Hello")))
+    p = proxy({"claudeApiKeys": [{"apiKey": "sk-ant", "baseUrl": up.url,
+                                  "models": [{"name": "claude-opus-4-5", "alias": "opus"}]}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", {
+        "model": "opus", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})
+    out = json.loads(body)
+    assert status == 200 and out["object"] == "chat.completion" and out["model"] == "opus"
+    assert out["choices"][0]["message"]["content"] == "Hello" and out["choices"][0]["finish_reason"] == "stop"
+    sent = up.last()
+    assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == "sk-ant"
+    body_sent = sent.json()
+    assert body_sent["model"] == "claude-opus-4-5" and body_sent["system"] in ("Be brief.", [{"type": "text", "text": "Be brief."}])
+    assert body_sent["max_tokens"] > 0
+    assert body_sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+
+
+def test_openai_client_stream_on_anthropic_upstream(upstream, proxy):
+    up = upstream(sse_answer(ANTHROPIC_STREAM))
+    p = proxy({"claudeApiKeys": [{"apiKey": "sk-ant", "baseUrl": up.url}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", {
+        "model": "claude-sonnet-4-5", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+    got = events(body)
+    assert status == 200 and got[-1] == ("", "[DONE]")
+    chunks = [json.loads(d) for _, d in got[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "Hello"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == ["stop"]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "claude-sonnet-4-5" for c in chunks)
+
+
+def test_count_tokens_estimated_for_openai_upstream(upstream, proxy):
+    up = upstream()
+    p = proxy({"ampOpenaiProviders": [{"name": "Groq", "baseUrl": up.url + "/v1", "apiKey": "g",
+                                       "models": ["llama3-70b-8192"]}]})
+    text = "word " * 400
+    status, _, body = request(p, "POST", "/v1/messages/count_tokens", {
+        "model": "llama3-70b-8192", "messages": [{"role": "user", "content": text}]}, ANTHROPIC_HEADERS, key=None)
+    count = json.loads(body)["input_tokens"]
+    assert status == 200 and 400 <= count <= 700 and up.all == []
+
+
+def test_translated_upstream_error_in_client_format(upstream, proxy):
+    up = upstream(json_answer(429, {"error": {"message": "Rate limit reached", "type": "rate_limit_exceeded"}}))
+    p = proxy({"ampOpenaiProviders": [{"name": "Groq", "baseUrl": up.url + "/v1", "apiKey": "g", "models": ["m"]}]})
+    status, _, body = request(p, "POST", "/v1/messages", {"model": "m", "max_tokens": 5, "messages": []},
+                              ANTHROPIC_HEADERS, key=None)
+    err = json.loads(body)
+    assert status == 429 and err["type"] == "error" and err["error"]["type"] == "rate_limit_error"
+    assert err["error"]["message"].startswith("Groq: ") and "Rate limit reached" in err["error"]["message"]
+
+
+def test_openai_stream_cut_gives_anthropic_error_event(upstream, proxy):
+    up = upstream(sse_answer(OPENAI_STREAM[:2], "close"))
+    p = proxy({"ampOpenaiProviders": [{"name": "vLLM", "baseUrl": up.url + "/v1", "apiKey": "t", "models": ["m"]}]})
+    status, _, body = request(p, "POST", "/v1/messages", {"model": "m", "max_tokens": 5, "stream": True,
+                                                          "messages": [{"role": "user", "content": "Hi"}]},
+                              ANTHROPIC_HEADERS, key=None)
+    got = events(body)
+    assert status == 200 and got[-1][0] == "error" and "message_stop" not in [e for e, _ in got]
+
+
+def test_unsigned_thinking_never_reaches_anthropic(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message()))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": [
+                   {"type": "thinking", "thinking": "from another provider", "signature": ""},
+                   {"type": "thinking", "thinking": "real", "signature": "EqQBCgIYAh"},
+                   {"type": "text", "text": "Hello"}]},
+               {"role": "user", "content": "Again"}]
+    request(p, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": history},
+            ANTHROPIC_HEADERS, key=None)
+    sent = up.last().json()["messages"][1]["content"]
+    assert sent == [{"type": "thinking", "thinking": "real", "signature": "EqQBCgIYAh"},
+                    {"type": "text", "text": "Hello"}]
