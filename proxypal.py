@@ -75,6 +75,7 @@ KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
 USAGE_SAMPLES = 1000                     # latencies kept per model/provider for percentiles
+CONFIG_POLL_SECONDS = 1.0                # config changes apply within 2 s (hot reload)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
@@ -2369,6 +2370,1386 @@ TRANSLATORS[("openai", "anthropic")] = Translator(
     openai_to_anthropic_request, anthropic_to_openai_response, AnthropicToOpenAIStream)
 
 
+# -----------------------------------------------------------------------------
+# 7g. Gemini translators (PROTOCOLS.md E.6, E.7)
+# Strategy: OpenAI and Anthropic clients reach a Gemini upstream through one
+# contents builder (_gemini_append, _url_part, _function_response), one schema
+# cleaner (gemini_schema) and one Gemini-stream reader (_GeminiUpstreamStream)
+# that each client format renders. Gemini clients reach OpenAI and Anthropic
+# upstreams through one contents reader (_gemini_turns) and the reverse tables.
+# Gemini has no tool-call ids: they are derived from the response (never from a
+# clock or a counter kept between requests); nothing is remembered across calls.
+# -----------------------------------------------------------------------------
+
+# Keys a Gemini function `parameters` Schema accepts (E.7); any other is a 400.
+GEMINI_SCHEMA_KEYS = frozenset({
+    "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems",
+    "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
+    "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum"})
+GEMINI_SCHEMA_FORMATS = frozenset({"enum", "date-time", "float", "double", "int32", "int64"})
+GEMINI_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")     # H.21
+GEMINI_MAX_STOP_SEQUENCES = 5                                              # E.2
+# Google's documented stand-in for a thoughtSignature the proxy cannot give back (E.6 (b)).
+GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"
+ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header:"                  # H.8: not for Gemini
+ANTHROPIC_MIN_THINKING_BUDGET = 1024                                       # A.2
+# reasoning_effort -> thinkingBudget (E.6 suggestion; 24576 is Gemini 2.5 Flash's ceiling).
+REASONING_BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
+                     "xhigh": 24576}
+# thinkingBudget -> reasoning_effort, first bound that holds (C.1's suggested cut points).
+BUDGET_EFFORTS = ((1024, "low"), (8192, "medium"), (None, "high"))
+
+# Client request field -> generationConfig field (E.6); the first present wins.
+OPENAI_TO_GEMINI_GENERATION = (
+    ("max_completion_tokens", "maxOutputTokens"), ("max_tokens", "maxOutputTokens"),
+    ("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"),
+    ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
+    ("seed", "seed"))
+ANTHROPIC_TO_GEMINI_GENERATION = (
+    ("max_tokens", "maxOutputTokens"), ("temperature", "temperature"), ("top_p", "topP"),
+    ("top_k", "topK"))
+# The way back: max_tokens is what OpenAI-compatible servers know (C.1); top_k is left
+# out because OpenAI itself rejects it (H.9).
+GEMINI_TO_OPENAI_GENERATION = (
+    ("maxOutputTokens", "max_tokens"), ("temperature", "temperature"), ("topP", "top_p"),
+    ("presencePenalty", "presence_penalty"), ("frequencyPenalty", "frequency_penalty"),
+    ("seed", "seed"))
+GEMINI_TO_ANTHROPIC_GENERATION = tuple((g, a) for a, g in ANTHROPIC_TO_GEMINI_GENERATION)
+
+OPENAI_TOOL_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
+ANTHROPIC_TOOL_MODES = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
+
+GEMINI_SAFETY_FINISHES = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                          "IMAGE_SAFETY", "LANGUAGE")
+# Gemini finishReason -> client value; a reply holding a functionCall overrides both (E.6).
+GEMINI_FINISH_TO_ANTHROPIC = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens",
+                              **{r: "refusal" for r in GEMINI_SAFETY_FINISHES}}
+GEMINI_FINISH_TO_OPENAI = {"STOP": "stop", "MAX_TOKENS": "length",
+                           **{r: "content_filter" for r in GEMINI_SAFETY_FINISHES}}
+OPENAI_FINISH_TO_GEMINI = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP",
+                           "function_call": "STOP", "content_filter": "SAFETY"}
+ANTHROPIC_STOP_TO_GEMINI = {"end_turn": "STOP", "stop_sequence": "STOP", "tool_use": "STOP",
+                            "pause_turn": "STOP", "max_tokens": "MAX_TOKENS",
+                            "model_context_window_exceeded": "MAX_TOKENS", "refusal": "SAFETY"}
+# Anthropic error type -> HTTP status for a Gemini client's error (E.5: 503 is "overloaded").
+ANTHROPIC_ERROR_STATUS = {**{t: s for s, t in ANTHROPIC_ERROR_TYPES.items()},
+                          "overloaded_error": 503}
+
+STREAM_CUT_SHORT = "upstream stream ended before its finish: the answer is incomplete, retry"
+
+
+def _json_text(obj: Any) -> str:
+    return dumps(obj).decode("utf-8")
+
+
+def _as_list(value: Any, where: str) -> List[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ClientError(f"{where} must be an array, not {_json_type(value)}: send a list")
+    return value
+
+
+def _tool_id(prefix: str, response_id: str, n: int, call: Dict[str, Any]) -> str:
+    """A tool-call id for a Gemini functionCall: its own id when it has one (Vertex),
+    else derived from the response id, the call's position, name and args, so the same
+    answer always gets the same ids and two answers almost never share one."""
+    if call.get("id"):
+        return re.sub(r"[^A-Za-z0-9_-]", "_", str(call["id"]))
+    seed = f"{response_id}|{n}|{call.get('name')}|{_json_text(call.get('args') or {})}"
+    return prefix + short_hash(seed)
+
+
+def _parse_arguments(text: Any) -> Dict[str, Any]:
+    """OpenAI tool arguments (a JSON string; some servers send an object) as an object.
+    Unparseable or non-object arguments become {} (CLIProxyAPI, C.2)."""
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text) if isinstance(text, str) and text.strip() else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+# -- E.7: JSON Schema -> Gemini Schema ------------------------------------------
+
+def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
+                  seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A JSON Schema cut down to the subset Gemini's `parameters` accepts (E.7): local
+    $refs inlined (a cycle becomes a bare object), allOf merged, oneOf read as anyOf,
+    null types folded into nullable, const/enum kept only as strings."""
+    if not isinstance(schema, dict):
+        return {}
+    if defs is None:
+        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        name = ref.rsplit("/", 1)[-1]
+        if name in seen or name not in defs:
+            return {"type": "object"}
+        return gemini_schema({**defs[name], **{k: v for k, v in schema.items() if k != "$ref"}},
+                             defs, seen + (name,))
+    for branch in schema.get("allOf") or []:
+        schema = _merge_schema(schema, branch if isinstance(branch, dict) else {})
+    out = {k: v for k, v in schema.items() if k in GEMINI_SCHEMA_KEYS
+           and k not in ("type", "properties", "items", "anyOf", "enum", "format", "required")}
+    _schema_type(schema, out)
+    _schema_enum(schema, out)
+    if schema.get("format") in GEMINI_SCHEMA_FORMATS:
+        out["format"] = schema["format"]
+    if isinstance(schema.get("properties"), dict) and schema["properties"]:
+        out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
+                             for name, sub in schema["properties"].items()}
+        required = [r for r in schema.get("required") or [] if r in out["properties"]]
+        if required:
+            out["required"] = required
+    items = schema.get("items")
+    if isinstance(items, list):                                   # tuple form: first item
+        items = items[0] if items else None
+    if isinstance(items, dict):
+        out["items"] = gemini_schema(items, defs, seen)
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(branches, list):
+        _schema_any_of(branches, out, defs, seen)
+    return out
+
+
+def _merge_schema(parent: Dict[str, Any], branch: Dict[str, Any]) -> Dict[str, Any]:
+    merged = {k: v for k, v in parent.items() if k != "allOf"}
+    for key, value in branch.items():
+        if key == "properties" and isinstance(value, dict):
+            merged["properties"] = {**(merged.get("properties") or {}), **value}
+        elif key == "required" and isinstance(value, list):
+            merged["required"] = list(merged.get("required") or []) + value
+        else:
+            merged.setdefault(key, value)
+    return merged
+
+
+def _schema_type(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        types = [t for t in kind if t != "null"]
+        if len(types) < len(kind):
+            out["nullable"] = True
+        if len(types) == 1:
+            out["type"] = types[0]
+        elif types:
+            out["anyOf"] = [{"type": t} for t in types]
+    elif isinstance(kind, str) and kind != "null":
+        out["type"] = kind
+    elif kind == "null":
+        out["nullable"] = True
+
+
+def _schema_enum(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
+    """Gemini enums are strings: keep const/enum only when every value is one (E.7
+    allows dropping; stringifying would make the model answer "1" for 1)."""
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        out["enum"] = values
+        out.setdefault("type", "string")
+
+
+def _schema_any_of(branches: List[Any], out: Dict[str, Any], defs: Dict[str, Any],
+                   seen: Tuple[str, ...]) -> None:
+    kept = []
+    for branch in branches:
+        if isinstance(branch, dict) and branch.get("type") == "null":
+            out["nullable"] = True
+        else:
+            kept.append(gemini_schema(branch, defs, seen))
+    if len(kept) == 1:
+        for key, value in kept[0].items():
+            out.setdefault(key, value)
+    elif kept:
+        out["anyOf"] = kept
+
+
+def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
+    """A Gemini Schema as standard JSON Schema: lower-case types, nullable as a null type."""
+    if not isinstance(schema, dict):
+        return {}
+    out = dict(schema)
+    if isinstance(out.get("type"), str):
+        out["type"] = out["type"].lower()
+        if out.pop("nullable", False) is True:
+            out["type"] = [out["type"], "null"]
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: json_schema_from_gemini(v) for k, v in out["properties"].items()}
+    if isinstance(out.get("items"), dict):
+        out["items"] = json_schema_from_gemini(out["items"])
+    if isinstance(out.get("anyOf"), list):
+        out["anyOf"] = [json_schema_from_gemini(b) for b in out["anyOf"]]
+    return out
+
+
+# -- OpenAI and Anthropic requests -> Gemini (E.6) --------------------------------
+
+def _gemini_append(contents: List[Dict[str, Any]], role: str, parts: List[Dict[str, Any]]) -> None:
+    """Add parts as a turn; consecutive turns of one role become one (E.2), which also
+    puts parallel function responses in ONE user content, in order."""
+    if not parts:
+        return
+    if contents and contents[-1]["role"] == role:
+        contents[-1]["parts"].extend(parts)
+    else:
+        contents.append({"role": role, "parts": list(parts)})
+
+
+def _sign_function_calls(contents: List[Dict[str, Any]]) -> None:
+    """The first functionCall of each model turn gets Google's dummy signature (E.6 (b)):
+    a stateless proxy cannot give Gemini 3 back its own, and without one it answers 400."""
+    for content in contents:
+        if content["role"] == "model":
+            for part in content["parts"]:
+                if "functionCall" in part:
+                    part.setdefault("thoughtSignature", GEMINI_DUMMY_SIGNATURE)
+                    break
+
+
+_GEMINI_DATA_URL = re.compile(r"data:([^;,]+)[^,]*;base64,(.*)", re.S)
+
+
+def _url_part(url: Any, mime: str, where: str) -> Dict[str, Any]:
+    """A data: URL as inlineData, a gs:// URI as fileData; any other URL is refused,
+    because a pure translator cannot download it and Gemini fetches only its own URIs."""
+    url = url if isinstance(url, str) else ""
+    match = _GEMINI_DATA_URL.match(url)
+    if match:
+        return {"inlineData": {"mimeType": match.group(1), "data": match.group(2)}}
+    if url.startswith("gs://"):
+        return {"fileData": {"fileUri": url, **({"mimeType": mime} if mime else {})}}
+    raise ClientError(f"{where}: URL {printable(url, 80)!r} cannot be sent to a Gemini "
+                      "upstream: send the file inline (a data: URL or base64) or as a gs:// URI")
+
+
+def _function_response(name: str, result: Any, is_error: bool = False) -> Dict[str, Any]:
+    """E.6: `response` must be an object; results are wrapped as result or error."""
+    return {"functionResponse": {"name": name, "response": {"error" if is_error else "result": result}}}
+
+
+def _function_declaration(name: Any, description: Any, schema: Any, where: str) -> Dict[str, Any]:
+    if not isinstance(name, str) or not GEMINI_FUNCTION_NAME.match(name):
+        raise ClientError(f"{where}: tool name {name!r} is not a valid Gemini function name: "
+                          "use a letter or _ first, then up to 63 of A-Z a-z 0-9 _ . : -")
+    decl: Dict[str, Any] = {"name": name}
+    if description:
+        decl["description"] = description
+    params = gemini_schema(schema)
+    if params.get("properties"):            # E.7: no parameters at all for a no-argument tool
+        decl["parameters"] = params
+    return decl
+
+
+def _tool_config(mode: str, name: Any = None) -> Dict[str, Any]:
+    config: Dict[str, Any] = {"mode": mode}
+    if name:
+        config["allowedFunctionNames"] = [name]
+    return {"functionCallingConfig": config}
+
+
+def _generation_config(body: Dict[str, Any], table: Sequence[Tuple[str, str]],
+                       stop: Any) -> Dict[str, Any]:
+    config: Dict[str, Any] = {}
+    for source, target in table:
+        if body.get(source) is not None and target not in config:
+            config[target] = body[source]
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
+    if stops:
+        config["stopSequences"] = stops[:GEMINI_MAX_STOP_SEQUENCES]
+    return config
+
+
+def _thinking_config(budget: int) -> Dict[str, Any]:
+    return {"thinkingBudget": budget, "includeThoughts": True} if budget else {"thinkingBudget": 0}
+
+
+def _gemini_body(system: List[str], contents: List[Dict[str, Any]],
+                 declarations: List[Dict[str, Any]], tool_config: Optional[Dict[str, Any]],
+                 generation: Dict[str, Any]) -> Dict[str, Any]:
+    _sign_function_calls(contents)
+    out: Dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    if declarations:
+        out["tools"] = [{"functionDeclarations": declarations}]
+    if tool_config and declarations:
+        out["toolConfig"] = tool_config
+    if generation:
+        out["generationConfig"] = generation
+    return out
+
+
+def _openai_text(content: Any, where: str) -> str:
+    """Text of an OpenAI content (string or parts); non-text parts are refused."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(_as_list(content, where)):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+            raise ClientError(f"{where}[{j}]: only text parts are allowed here, not "
+                              f"{_short(part)}: send text")
+        texts.append(part.get("text") or "")
+    return "".join(texts)
+
+
+def _openai_user_parts(content: Any, where: str) -> List[Dict[str, Any]]:
+    if content is None or isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts = []
+    for j, part in enumerate(_as_list(content, where + ".content")):
+        at, kind = f"{where}.content[{j}]", part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts += [{"text": part["text"]}] if part.get("text") else []
+        elif kind == "image_url":
+            image = part.get("image_url")
+            parts.append(_url_part(image.get("url") if isinstance(image, dict) else image, "", at))
+        elif kind == "input_audio":
+            audio = part.get("input_audio") or {}
+            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}",
+                                         "data": audio.get("data") or ""}})
+        elif kind == "file" and isinstance(part.get("file"), dict) and part["file"].get("file_data"):
+            parts.append(_url_part(part["file"]["file_data"], "", at))
+        else:
+            raise ClientError(f"{at}: part {_short(part)} cannot be sent to a Gemini upstream: "
+                              "send text, image_url, input_audio or file with file_data")
+    return parts
+
+
+def _openai_assistant_parts(msg: Dict[str, Any], where: str,
+                            names: Dict[str, str]) -> List[Dict[str, Any]]:
+    text = _openai_text(msg.get("content"), where + ".content")
+    parts: List[Dict[str, Any]] = [{"text": text}] if text else []
+    for j, call in enumerate(_as_list(msg.get("tool_calls"), where + ".tool_calls")):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            raise ClientError(f"{where}.tool_calls[{j}] has no function name: send "
+                              '{"id","type":"function","function":{"name","arguments"}}')
+        names[str(call.get("id"))] = function["name"]
+        parts.append({"functionCall": {"name": function["name"],
+                                       "args": _parse_arguments(function.get("arguments"))}})
+    return parts
+
+
+def _answered_name(names: Dict[str, str], call_id: Any, where: str) -> str:
+    """The function name of the call a tool result answers, from the request's own
+    history (E.6, stateless recovery)."""
+    name = names.get(str(call_id))
+    if name is None:
+        raise ClientError(f"{where} answers tool call {call_id!r}, which no earlier assistant "
+                          "message holds: send the assistant tool call before its result")
+    return name
+
+
+def openai_to_gemini_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """OpenAI Chat Completions request -> Gemini generateContent body (E.6)."""
+    if body.get("n") not in (None, 1):
+        raise ClientError(f"n={body['n']!r} is not supported for a Gemini upstream: send n=1")
+    system: List[str] = []
+    contents: List[Dict[str, Any]] = []
+    names: Dict[str, str] = {}
+    for i, msg in enumerate(_as_list(body.get("messages"), "messages")):
+        where = f"messages[{i}]"
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role in ("system", "developer"):
+            text = _openai_text(msg.get("content"), where + ".content")
+            system += [text] if text else []
+        elif role == "user":
+            _gemini_append(contents, "user", _openai_user_parts(msg.get("content"), where))
+        elif role == "assistant":
+            _gemini_append(contents, "model", _openai_assistant_parts(msg, where, names))
+        elif role in ("tool", "function"):
+            name = (_answered_name(names, msg.get("tool_call_id"), where) if role == "tool"
+                    else str(msg.get("name") or ""))
+            result = _openai_text(msg.get("content"), where + ".content")
+            _gemini_append(contents, "user", [_function_response(name, result)])
+        else:
+            raise ClientError(f"{where}: unknown role {role!r}: use system, developer, user, "
+                              "assistant or tool")
+    generation = _generation_config(body, OPENAI_TO_GEMINI_GENERATION, body.get("stop"))
+    generation.update(_openai_response_format(body.get("response_format")))
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_BUDGETS:
+            raise ClientError(f"reasoning_effort {effort!r} is unknown: use one of "
+                              + ", ".join(REASONING_BUDGETS))
+        generation["thinkingConfig"] = _thinking_config(REASONING_BUDGETS[effort])
+    declarations = [_function_declaration(t["function"].get("name"), t["function"].get("description"),
+                                          t["function"].get("parameters"), f"tools[{i}]")
+                    for i, t in enumerate(_as_list(body.get("tools"), "tools"))
+                    if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    return _gemini_body(system, contents, declarations,
+                        _openai_tool_config(body.get("tool_choice")), generation)
+
+
+def _openai_response_format(fmt: Any) -> Dict[str, Any]:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"responseMimeType": "application/json"}
+    if kind == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        return {"responseMimeType": "application/json",
+                **({"responseJsonSchema": schema} if isinstance(schema, dict) else {})}
+    return {}
+
+
+def _openai_tool_config(choice: Any) -> Optional[Dict[str, Any]]:
+    if choice is None:
+        return None
+    if isinstance(choice, dict):
+        return _tool_config("ANY", (choice.get("function") or {}).get("name"))
+    if choice not in OPENAI_TOOL_MODES:
+        raise ClientError(f"tool_choice {choice!r} is unknown: use auto, required, none or "
+                          '{"type":"function","function":{"name":...}}')
+    return _tool_config(OPENAI_TOOL_MODES[choice])
+
+
+def _anthropic_block_list(content: Any, where: str) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [b for b in _as_list(content, where) if isinstance(b, dict)]
+
+
+def _anthropic_source_part(source: Any, where: str) -> Dict[str, Any]:
+    source = source if isinstance(source, dict) else {}
+    kind = source.get("type")
+    if kind == "base64":
+        return {"inlineData": {"mimeType": source.get("media_type") or "", "data": source.get("data") or ""}}
+    if kind == "url":
+        return _url_part(source.get("url"), "", where)
+    if kind == "text":
+        return {"text": source.get("data") or ""}
+    raise ClientError(f"{where}: a {kind!r} source cannot be sent to a Gemini upstream: "
+                      "send base64 data")
+
+
+def _anthropic_parts(block: Dict[str, Any], where: str, names: Dict[str, str]) -> List[Dict[str, Any]]:
+    """One Anthropic content block as Gemini parts. thinking and redacted_thinking are
+    dropped (their signatures are Anthropic's; E.6), as are server-tool blocks."""
+    kind = block.get("type")
+    if kind == "text":
+        return [{"text": block["text"]}] if block.get("text") else []
+    if kind in ("image", "document"):
+        return [_anthropic_source_part(block.get("source"), where)]
+    if kind == "tool_use":
+        names[str(block.get("id"))] = str(block.get("name"))
+        args = block.get("input")
+        return [{"functionCall": {"name": block.get("name"), "args": args if isinstance(args, dict) else {}}}]
+    if kind == "tool_result":
+        name = _answered_name(names, block.get("tool_use_id"), where)
+        texts, extra = [], []
+        for j, inner in enumerate(_anthropic_block_list(block.get("content") or "", where + ".content")):
+            if inner.get("type") == "text":
+                texts.append(inner.get("text") or "")
+            else:       # images inside a result follow the functionResponse (E.6, CLIProxyAPI)
+                extra += _anthropic_parts(inner, f"{where}.content[{j}]", names)
+        return [_function_response(name, "\n".join(texts), block.get("is_error") is True)] + extra
+    return []
+
+
+def _anthropic_system(system: Any) -> List[str]:
+    texts = [b.get("text") or "" for b in _anthropic_block_list(system or [], "system")]
+    return [t for t in texts if t and not t.startswith(ANTHROPIC_BILLING_PREFIX)]
+
+
+def _anthropic_thinking(thinking: Any) -> Optional[Dict[str, Any]]:
+    """enabled -> that budget; adaptive -> Gemini's dynamic budget (-1); disabled or
+    absent -> Gemini's default (a budget of 0 is refused by Pro models)."""
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        return _thinking_config(int(thinking.get("budget_tokens") or ANTHROPIC_MIN_THINKING_BUDGET))
+    if kind == "adaptive":
+        return _thinking_config(-1)
+    return None
+
+
+def _anthropic_tool_config(choice: Any) -> Optional[Dict[str, Any]]:
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ANTHROPIC_TOOL_MODES:
+        raise ClientError(f"tool_choice {_short(choice)} is unknown: use type auto, any, tool or none")
+    return _tool_config(ANTHROPIC_TOOL_MODES[kind], choice.get("name") if kind == "tool" else None)
+
+
+def anthropic_to_gemini_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Anthropic Messages request -> Gemini generateContent body (E.6)."""
+    contents: List[Dict[str, Any]] = []
+    names: Dict[str, str] = {}
+    for i, msg in enumerate(_as_list(body.get("messages"), "messages")):
+        where = f"messages[{i}]"
+        role = msg.get("role") if isinstance(msg, dict) else None
+        if role not in ("user", "assistant"):
+            raise ClientError(f"{where}: role {role!r} is not user or assistant: put system "
+                              "text in the top-level system field")
+        parts: List[Dict[str, Any]] = []
+        for j, block in enumerate(_anthropic_block_list(msg.get("content"), where + ".content")):
+            parts += _anthropic_parts(block, f"{where}.content[{j}]", names)
+        _gemini_append(contents, "model" if role == "assistant" else "user", parts)
+    generation = _generation_config(body, ANTHROPIC_TO_GEMINI_GENERATION, body.get("stop_sequences"))
+    thinking = _anthropic_thinking(body.get("thinking"))
+    if thinking:
+        generation["thinkingConfig"] = thinking
+    declarations = [_function_declaration(t.get("name"), t.get("description"), t.get("input_schema"),
+                                          f"tools[{i}]")
+                    for i, t in enumerate(_as_list(body.get("tools"), "tools"))
+                    if isinstance(t, dict) and ("input_schema" in t or t.get("type") in (None, "custom"))]
+    return _gemini_body(_anthropic_system(body.get("system")), contents, declarations,
+                        _anthropic_tool_config(body.get("tool_choice")), generation)
+
+
+# -- Gemini responses -> OpenAI and Anthropic (E.6) --------------------------------
+
+def _gemini_candidate(body: Dict[str, Any]) -> Dict[str, Any]:
+    candidates = body.get("candidates")
+    return candidates[0] if isinstance(candidates, list) and candidates and \
+        isinstance(candidates[0], dict) else {}
+
+
+def _gemini_parts(candidate: Dict[str, Any]) -> List[Dict[str, Any]]:
+    parts = (candidate.get("content") or {}).get("parts")
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+def _gemini_finish(body: Dict[str, Any]) -> Optional[str]:
+    """The chunk's finishReason; a prompt blocked before generation counts as SAFETY."""
+    reason = _gemini_candidate(body).get("finishReason")
+    if reason:
+        return reason
+    feedback = body.get("promptFeedback")
+    return "SAFETY" if isinstance(feedback, dict) and feedback.get("blockReason") else None
+
+
+def _gemini_counts(meta: Any) -> Tuple[int, int, int, int, int]:
+    """(prompt incl. cached, cached, candidates, thoughts, total) of a usageMetadata."""
+    meta = meta if isinstance(meta, dict) else {}
+    prompt, cached = meta.get("promptTokenCount") or 0, meta.get("cachedContentTokenCount") or 0
+    candidates, thoughts = meta.get("candidatesTokenCount") or 0, meta.get("thoughtsTokenCount") or 0
+    return prompt, cached, candidates, thoughts, meta.get("totalTokenCount") or prompt + candidates + thoughts
+
+
+def anthropic_usage_from_gemini(meta: Any) -> Dict[str, int]:
+    prompt, cached, candidates, thoughts, _ = _gemini_counts(meta)
+    return {"input_tokens": max(0, prompt - cached), "output_tokens": candidates + thoughts,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def openai_usage_from_gemini(meta: Any) -> Dict[str, Any]:
+    prompt, cached, candidates, thoughts, total = _gemini_counts(meta)
+    return {"prompt_tokens": prompt, "completion_tokens": candidates + thoughts, "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": thoughts}}
+
+
+def gemini_to_anthropic_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """Gemini GenerateContentResponse -> Anthropic Message (E.6)."""
+    response_id = str(body.get("responseId") or "")
+    content: List[Dict[str, Any]] = []
+    calls = 0
+    for part in _gemini_parts(_gemini_candidate(body)):
+        last = content[-1] if content else {}
+        if "functionCall" in part:
+            call = part["functionCall"]
+            content.append({"type": "tool_use", "id": _tool_id("toolu_", response_id, calls, call),
+                            "name": call.get("name"), "input": call.get("args") or {}})
+            calls += 1
+        elif part.get("thought") is True:
+            if last.get("type") != "thinking":
+                last = {"type": "thinking", "thinking": "", "signature": ""}
+                content.append(last)
+            last["thinking"] += part.get("text") or ""
+            last["signature"] = part.get("thoughtSignature") or last["signature"]
+        elif part.get("text"):
+            if last.get("type") == "text":
+                last["text"] += part["text"]
+            else:
+                content.append({"type": "text", "text": part["text"]})
+    finish = _gemini_finish(body)
+    stop = "tool_use" if calls else GEMINI_FINISH_TO_ANTHROPIC.get(finish or "", "end_turn")
+    return {"id": "msg_" + (response_id or short_hash(_json_text(body))), "type": "message",
+            "role": "assistant", "model": model, "content": content, "stop_reason": stop,
+            "stop_sequence": None, "usage": anthropic_usage_from_gemini(body.get("usageMetadata"))}
+
+
+def gemini_to_openai_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """Gemini GenerateContentResponse -> OpenAI chat.completion (E.6)."""
+    response_id = str(body.get("responseId") or "")
+    texts, thoughts, calls = [], [], []
+    for part in _gemini_parts(_gemini_candidate(body)):
+        if "functionCall" in part:
+            calls.append(_openai_tool_call(response_id, len(calls), part["functionCall"]))
+        elif part.get("thought") is True:
+            thoughts.append(part.get("text") or "")
+        else:
+            texts.append(part.get("text") or "")
+    message: Dict[str, Any] = {"role": "assistant",
+                               "content": "".join(texts) if texts or not calls else None}
+    if thoughts:
+        message["reasoning_content"] = "".join(thoughts)
+    if calls:
+        message["tool_calls"] = calls
+    finish = "tool_calls" if calls else GEMINI_FINISH_TO_OPENAI.get(_gemini_finish(body) or "", "stop")
+    return {"id": "chatcmpl-" + (response_id or short_hash(_json_text(body))),
+            "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": openai_usage_from_gemini(body.get("usageMetadata"))}
+
+
+def _openai_tool_call(response_id: str, n: int, call: Dict[str, Any]) -> Dict[str, Any]:
+    return {"id": _tool_id("call_", response_id, n, call), "type": "function",
+            "function": {"name": call.get("name"), "arguments": _json_text(call.get("args") or {})}}
+
+
+def _upstream_error(obj: Dict[str, Any]) -> Tuple[int, str]:
+    """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
+    err = obj.get("error")
+    if not isinstance(err, dict):
+        return 502, str(err)
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else (
+        ANTHROPIC_ERROR_STATUS.get(str(err.get("type")), 502))
+    return status, str(err.get("message") or _json_text(err))
+
+
+class _GeminiUpstreamStream:
+    """Reads Gemini alt=sse chunks (E.4) and calls the client format's hooks: _start,
+    _thinking, _text, _tool, _finish_blocks, _end, _error. Each chunk holds new parts
+    only; functionCall parts arrive whole; the last chunk(s) carry finishReason and
+    the full usageMetadata. The end is written when a chunk at or after the finish
+    carries usage, or at close()."""
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        self.model, self.input_estimate = model, input_estimate
+        self.response_id, self.calls = "", 0
+        self.usage: Dict[str, Any] = {}
+        self.finish: Optional[str] = None
+        self.state = "new"                          # new -> open -> done
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.state == "done":
+            return []
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
+                                   f"{printable(data, 80)!r}")
+        if "error" in obj:
+            return self._fail(*_upstream_error(obj))
+        out: List[Tuple[str, str]] = []
+        if self.state == "new":
+            self.response_id, self.state = str(obj.get("responseId") or ""), "open"
+            out += self._start(obj.get("usageMetadata") or {})
+        if isinstance(obj.get("usageMetadata"), dict):
+            self.usage = obj["usageMetadata"]
+        if self.finish is None:
+            out += self._parts(_gemini_parts(_gemini_candidate(obj)))
+            self.finish = _gemini_finish(obj)
+            out += self._finish_blocks() if self.finish else []
+        if self.finish and "usageMetadata" in obj:
+            self.state = "done"
+            out += self._end()
+        return out
+
+    def _parts(self, parts: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
+        out: List[Tuple[str, str]] = []
+        for part in parts:
+            if "functionCall" in part:
+                call = part["functionCall"]
+                out += self._tool(_tool_id(self.id_prefix, self.response_id, self.calls, call),
+                                  str(call.get("name")), call.get("args") or {})
+                self.calls += 1
+            elif part.get("thought") is True:
+                out += self._thinking(part.get("text") or "", part.get("thoughtSignature") or "")
+            elif part.get("text"):   # an empty text part carries only a signature (E.4)
+                out += self._text(part["text"])
+        return out
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.state == "done":
+            return []
+        if self.finish:
+            self.state = "done"
+            return self._end()
+        return self._fail(502, STREAM_CUT_SHORT)
+
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        self.state = "done"
+        return self._error(status, message)
+
+    id_prefix = ""
+
+    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _text(self, text: str) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _finish_blocks(self) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _end(self) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
+        raise NotImplementedError
+
+
+def _anthropic_event(kind: str, **fields: Any) -> Tuple[str, str]:
+    return kind, _json_text({"type": kind, **fields})
+
+
+class GeminiToAnthropicStream(_GeminiUpstreamStream):
+    """Gemini alt=sse -> Anthropic events in A.4 order (E.6 streaming): thoughts and text
+    as deltas of one open block; each functionCall a whole tool_use block."""
+    id_prefix = "toolu_"
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        super().__init__(model, input_estimate)
+        self.index, self.open, self.signature, self.tools = 0, "", "", False
+
+    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
+        counts = anthropic_usage_from_gemini(usage)
+        if "promptTokenCount" not in usage:
+            counts["input_tokens"] = self.input_estimate
+        message = {"id": "msg_" + (self.response_id or short_hash(self.model)), "type": "message",
+                   "role": "assistant", "content": [], "model": self.model, "stop_reason": None,
+                   "stop_sequence": None,
+                   "usage": {"input_tokens": counts["input_tokens"], "output_tokens": 0,
+                             "cache_read_input_tokens": counts["cache_read_input_tokens"]}}
+        return [_anthropic_event("message_start", message=message)]
+
+    def _open(self, kind: str) -> List[Tuple[str, str]]:
+        if self.open == kind:
+            return []
+        out = self._finish_blocks()
+        self.open = kind
+        block = {"type": kind, kind: ""}             # {"type":"text","text":""}, thinking alike
+        return out + [_anthropic_event("content_block_start", index=self.index, content_block=block)]
+
+    def _finish_blocks(self) -> List[Tuple[str, str]]:
+        if not self.open:
+            return []
+        out = []
+        if self.open == "thinking" and self.signature:   # only Gemini's own; never invented
+            out.append(_anthropic_event("content_block_delta", index=self.index,
+                                        delta={"type": "signature_delta", "signature": self.signature}))
+        out.append(_anthropic_event("content_block_stop", index=self.index))
+        self.index, self.open, self.signature = self.index + 1, "", ""
+        return out
+
+    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
+        if not text and self.open != "thinking":
+            return []
+        out = self._open("thinking")
+        if text:
+            out.append(_anthropic_event("content_block_delta", index=self.index,
+                                        delta={"type": "thinking_delta", "thinking": text}))
+        self.signature = signature or self.signature
+        return out
+
+    def _text(self, text: str) -> List[Tuple[str, str]]:
+        return self._open("text") + [_anthropic_event(
+            "content_block_delta", index=self.index, delta={"type": "text_delta", "text": text})]
+
+    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
+        out = self._finish_blocks()
+        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        out += [_anthropic_event("content_block_start", index=self.index, content_block=block),
+                _anthropic_event("content_block_delta", index=self.index,
+                                 delta={"type": "input_json_delta", "partial_json": _json_text(args)}),
+                _anthropic_event("content_block_stop", index=self.index)]
+        self.index, self.tools = self.index + 1, True
+        return out
+
+    def _end(self) -> List[Tuple[str, str]]:
+        stop = "tool_use" if self.tools else GEMINI_FINISH_TO_ANTHROPIC.get(self.finish or "", "end_turn")
+        usage = anthropic_usage_from_gemini(self.usage)
+        del usage["cache_creation_input_tokens"]
+        return [_anthropic_event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                                 usage=usage),
+                _anthropic_event("message_stop")]
+
+    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
+        err_type = "overloaded_error" if status == 503 else ""
+        out = self._finish_blocks()
+        return out + [("error", _json_text(error_object("anthropic", status, message, err_type)))]
+
+
+class GeminiToOpenAIStream(_GeminiUpstreamStream):
+    """Gemini alt=sse -> OpenAI chat.completion.chunk events (E.6 streaming): one chunk
+    per part, each tool call whole, then the finish chunk, the usage chunk and [DONE]."""
+    id_prefix = "call_"
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        super().__init__(model, input_estimate)
+        self.created = int(time.time())
+
+    def _chunk(self, delta: Optional[Dict[str, Any]], finish: Optional[str] = None,
+               **extra: Any) -> Tuple[str, str]:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
+        return "", _json_text({
+            "id": "chatcmpl-" + (self.response_id or short_hash(self.model)),
+            "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": choices, **extra})
+
+    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
+        return [self._chunk({"reasoning_content": text})] if text else []
+
+    def _text(self, text: str) -> List[Tuple[str, str]]:
+        return [self._chunk({"content": text})]
+
+    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
+        call = {"index": self.calls, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": _json_text(args)}}
+        return [self._chunk({"tool_calls": [call]})]
+
+    def _finish_blocks(self) -> List[Tuple[str, str]]:
+        finish = "tool_calls" if self.calls else GEMINI_FINISH_TO_OPENAI.get(self.finish or "", "stop")
+        return [self._chunk({}, finish)]
+
+    def _end(self) -> List[Tuple[str, str]]:
+        return [self._chunk(None, usage=openai_usage_from_gemini(self.usage)), ("", "[DONE]")]
+
+    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
+        return [("", _json_text(error_object("openai", status, message)))]
+
+
+# -- Gemini clients -> OpenAI and Anthropic upstreams (E.6, reversed) ------------
+
+def _gemini_turns(body: Dict[str, Any]) -> List[Tuple[str, List[Tuple[Any, ...]]]]:
+    """Gemini contents as (role, items), role "user" or "assistant", items one of
+    ("text", text), ("thought", text, signature), ("inline", mime, data, where),
+    ("file", mime, uri, where), ("call", id, name, args), ("result", id, response).
+    A call's id is its own, else call_<n> (n counts calls in this request); a
+    functionResponse answers the earliest unanswered call with its id, else its name."""
+    turns: List[Tuple[str, List[Tuple[Any, ...]]]] = []
+    pending: List[Tuple[str, str]] = []
+    for i, content in enumerate(_as_list(body.get("contents"), "contents")):
+        role = content.get("role", "user") if isinstance(content, dict) else None
+        if role not in ("user", "model"):
+            raise ClientError(f"contents[{i}]: role {role!r} is not user or model: use one of them")
+        items = [_gemini_item(part, f"contents[{i}].parts[{j}]", pending)
+                 for j, part in enumerate(_as_list(content.get("parts"), f"contents[{i}].parts"))
+                 if isinstance(part, dict)]
+        turns.append(("assistant" if role == "model" else "user", [x for x in items if x]))
+    return turns
+
+
+def _gemini_item(part: Dict[str, Any], where: str,
+                 pending: List[Tuple[str, str]]) -> Optional[Tuple[Any, ...]]:
+    if isinstance(part.get("functionCall"), dict):
+        call = part["functionCall"]
+        call_id = _tool_id("", "", 0, call) if call.get("id") else f"call_{len(pending)}"
+        pending.append((call_id, str(call.get("name"))))
+        args = call.get("args")
+        return ("call", call_id, str(call.get("name")), args if isinstance(args, dict) else {})
+    if isinstance(part.get("functionResponse"), dict):
+        answer = part["functionResponse"]
+        return ("result", _answered_id(pending, answer, where), answer.get("response"))
+    if isinstance(part.get("inlineData"), dict):
+        data = part["inlineData"]
+        return ("inline", str(data.get("mimeType") or ""), str(data.get("data") or ""), where)
+    if isinstance(part.get("fileData"), dict):
+        data = part["fileData"]
+        return ("file", str(data.get("mimeType") or ""), str(data.get("fileUri") or ""), where)
+    if part.get("thought") is True:
+        return ("thought", part.get("text") or "", part.get("thoughtSignature") or "")
+    if isinstance(part.get("text"), str) and part["text"]:
+        return ("text", part["text"])
+    return None
+
+
+def _answered_id(pending: List[Tuple[str, str]], answer: Dict[str, Any], where: str) -> str:
+    wanted = _tool_id("", "", 0, answer) if answer.get("id") else ""
+    by_id = [n for n, (call_id, _) in enumerate(pending) if wanted and call_id == wanted]
+    by_name = [n for n, (call_id, name) in enumerate(pending) if call_id and name == answer.get("name")]
+    for n in by_id[:1] or by_name[:1]:        # a client-made id (Gemini CLI) falls back to the name
+        call_id, pending[n] = pending[n][0], ("", "")     # answered: never matched again
+        return call_id
+    raise ClientError(f"{where}: functionResponse {answer.get('name')!r} answers no earlier "
+                      "functionCall: send the model's functionCall before its response")
+
+
+def _result_text(response: Any) -> Tuple[str, bool]:
+    """(text, is_error) of a functionResponse.response: {"result"|"output": text} unwrapped,
+    {"error": x} flagged, any other object as JSON."""
+    if isinstance(response, dict) and len(response) == 1:
+        (key, value), = response.items()
+        if key in ("result", "output", "error"):
+            return (value if isinstance(value, str) else _json_text(value)), key == "error"
+    return _json_text(response if response is not None else {}), False
+
+
+def _gemini_system(body: Dict[str, Any]) -> str:
+    instruction = body.get("systemInstruction") or body.get("system_instruction")
+    parts = instruction.get("parts") if isinstance(instruction, dict) else None
+    return "\n".join(p.get("text") for p in parts or [] if isinstance(p, dict) and p.get("text"))
+
+
+def _gemini_declarations(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Function declarations with their parameters as standard JSON Schema; googleSearch,
+    codeExecution and other Gemini-only tools have no equivalent and are left out."""
+    out = []
+    for i, tool in enumerate(_as_list(body.get("tools"), "tools")):
+        for decl in _as_list(tool.get("functionDeclarations") if isinstance(tool, dict) else None,
+                             f"tools[{i}].functionDeclarations"):
+            schema = decl.get("parametersJsonSchema") or json_schema_from_gemini(decl.get("parameters"))
+            out.append({"name": decl.get("name"),
+                        **({"description": decl["description"]} if decl.get("description") else {}),
+                        "parameters": schema or {"type": "object", "properties": {}}})
+    return out
+
+
+def _gemini_calling(body: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    """(mode, the one allowed function name or None) of toolConfig."""
+    config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
+    names = config.get("allowedFunctionNames") or []
+    return str(config.get("mode") or ""), (names[0] if len(names) == 1 else None)
+
+
+def _gemini_generation(body: Dict[str, Any], table: Sequence[Tuple[str, str]]) -> Dict[str, Any]:
+    config = body.get("generationConfig") or {}
+    if config.get("candidateCount") not in (None, 1):
+        raise ClientError(f"candidateCount={config['candidateCount']!r} is not supported for this "
+                          "upstream: send 1")
+    return {target: config[source] for source, target in table if config.get(source) is not None}
+
+
+def _thinking_budget(body: Dict[str, Any]) -> int:
+    """An explicit positive thinkingBudget, else 0: dynamic (-1) and includeThoughts alone
+    ask for nothing an OpenAI or Anthropic model must be told."""
+    thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
+    budget = thinking.get("thinkingBudget")
+    return budget if isinstance(budget, int) and budget > 0 else 0
+
+
+def _openai_media(item: Tuple[Any, ...]) -> Dict[str, Any]:
+    kind, mime, data, where = item
+    if kind == "inline":
+        url = f"data:{mime};base64,{data}"
+        if mime.startswith("image/"):
+            return {"type": "image_url", "image_url": {"url": url}}
+        if mime in ("audio/wav", "audio/mp3", "audio/mpeg"):
+            return {"type": "input_audio", "input_audio": {"data": data, "format": mime.split("/")[1][:3]}}
+        return {"type": "file", "file": {"filename": "file." + mime.split("/")[-1], "file_data": url}}
+    if data.startswith(("http://", "https://")):
+        return {"type": "image_url", "image_url": {"url": data}}
+    raise ClientError(f"{where}: fileData {printable(data, 80)!r} cannot be sent to an "
+                      "OpenAI-compatible upstream: send the file as inlineData")
+
+
+def gemini_to_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Gemini generateContent body -> OpenAI Chat Completions request (E.6 reversed).
+    The pipeline sets model and stream from the path."""
+    messages: List[Dict[str, Any]] = []
+    system = _gemini_system(body)
+    if system:
+        messages.append({"role": "system", "content": system})
+    for role, items in _gemini_turns(body):
+        messages += _openai_messages(role, items)
+    out: Dict[str, Any] = {"messages": messages, **_gemini_generation(body, GEMINI_TO_OPENAI_GENERATION)}
+    config = body.get("generationConfig") or {}
+    if config.get("stopSequences"):
+        out["stop"] = list(config["stopSequences"])
+    out.update(_openai_format_from_gemini(config))
+    budget = _thinking_budget(body)
+    if budget:
+        out["reasoning_effort"] = next(e for bound, e in BUDGET_EFFORTS if bound is None or budget <= bound)
+    elif config.get("thinkingConfig", {}).get("thinkingLevel") in ("low", "high"):
+        out["reasoning_effort"] = config["thinkingConfig"]["thinkingLevel"]
+    tools = [{"type": "function", "function": decl} for decl in _gemini_declarations(body)]
+    if tools:
+        out["tools"] = tools
+        mode, name = _gemini_calling(body)
+        choice = {"AUTO": "auto", "ANY": "required", "NONE": "none", "VALIDATED": "auto"}.get(mode)
+        if mode == "ANY" and name:
+            choice = {"type": "function", "function": {"name": name}}
+        if choice:
+            out["tool_choice"] = choice
+    if body.get("stream") is True:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def _openai_format_from_gemini(config: Dict[str, Any]) -> Dict[str, Any]:
+    schema = config.get("responseJsonSchema") or config.get("responseSchema")
+    if isinstance(schema, dict):
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "response", "schema": json_schema_from_gemini(schema)}}}
+    if config.get("responseMimeType") == "application/json":
+        return {"response_format": {"type": "json_object"}}
+    return {}
+
+
+def _openai_messages(role: str, items: List[Tuple[Any, ...]]) -> List[Dict[str, Any]]:
+    """One Gemini turn as OpenAI messages: tool messages first (they must follow the
+    assistant's tool_calls), then the user's other parts; thoughts are dropped."""
+    if role == "assistant":
+        calls = [{"id": x[1], "type": "function", "function": {"name": x[2], "arguments": _json_text(x[3])}}
+                 for x in items if x[0] == "call"]
+        text = "".join(x[1] for x in items if x[0] == "text")
+        if not text and not calls:
+            return []
+        return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
+    out = []
+    for x in items:
+        if x[0] == "result":
+            result, is_error = _result_text(x[2])
+            out.append({"role": "tool", "tool_call_id": x[1],
+                        "content": ("Error: " if is_error else "") + result})   # C.1: flag kept
+    parts = [{"type": "text", "text": x[1]} if x[0] == "text" else _openai_media(x)
+             for x in items if x[0] in ("text", "inline", "file")]
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        out.append({"role": "user", "content": parts[0]["text"]})
+    elif parts:
+        out.append({"role": "user", "content": parts})
+    return out
+
+
+def _anthropic_media(item: Tuple[Any, ...]) -> Dict[str, Any]:
+    kind, mime, data, where = item
+    block_type = "image" if mime.startswith("image/") else "document"
+    supported = block_type == "image" or mime == "application/pdf"
+    if kind == "inline" and supported:
+        return {"type": block_type, "source": {"type": "base64", "media_type": mime, "data": data}}
+    if kind == "file" and supported and data.startswith(("http://", "https://")):
+        return {"type": block_type, "source": {"type": "url", "url": data}}
+    raise ClientError(f"{where}: {mime or 'a file'} {'inlineData' if kind == 'inline' else repr(data)} "
+                      "cannot be sent to an Anthropic upstream: send images or PDF inline")
+
+
+def _anthropic_content(role: str, items: List[Tuple[Any, ...]]) -> List[Dict[str, Any]]:
+    """One Gemini turn as Anthropic blocks. Thoughts keep their place only with the
+    signature the client got from us (an Anthropic one); unsigned thoughts are dropped."""
+    blocks: List[Dict[str, Any]] = []
+    for x in items:
+        if x[0] == "text":
+            blocks.append({"type": "text", "text": x[1]})
+        elif x[0] == "thought" and role == "assistant":
+            if blocks and blocks[-1]["type"] == "thinking" and not blocks[-1]["signature"]:
+                blocks[-1]["thinking"] += x[1]
+                blocks[-1]["signature"] = x[2]
+            else:
+                blocks.append({"type": "thinking", "thinking": x[1], "signature": x[2]})
+        elif x[0] == "call" and role == "assistant":
+            blocks.append({"type": "tool_use", "id": x[1], "name": x[2], "input": x[3]})
+        elif x[0] == "result":
+            text, is_error = _result_text(x[2])
+            blocks.append({"type": "tool_result", "tool_use_id": x[1], "content": text,
+                           **({"is_error": True} if is_error else {})})
+        elif x[0] in ("inline", "file"):
+            blocks.append(_anthropic_media(x))
+    return [b for b in blocks if b["type"] != "thinking" or b["signature"]]
+
+
+def gemini_to_anthropic_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """Gemini generateContent body -> Anthropic Messages request (E.6 reversed).
+    The pipeline sets model and stream from the path."""
+    messages: List[Dict[str, Any]] = []
+    for role, items in _gemini_turns(body):
+        blocks = _anthropic_content(role, items)
+        if messages and messages[-1]["role"] == role:
+            blocks = messages.pop()["content"] + blocks
+        if blocks:     # tool_result blocks must lead a user message (A.2)
+            blocks.sort(key=lambda b: b["type"] != "tool_result")
+            messages.append({"role": role, "content": blocks})
+    out: Dict[str, Any] = {"messages": messages, **_gemini_generation(body, GEMINI_TO_ANTHROPIC_GENERATION)}
+    out.setdefault("max_tokens", ANTHROPIC_DEFAULT_MAX_TOKENS)   # A.2: required; defined above
+    if isinstance(out.get("temperature"), (int, float)):
+        out["temperature"] = min(out["temperature"], 1.0)   # Gemini 0-2, Anthropic 0-1
+    stops = (body.get("generationConfig") or {}).get("stopSequences")
+    if stops:
+        out["stop_sequences"] = list(stops)
+    system = _gemini_system(body)
+    if system:
+        out["system"] = system
+    budget = _thinking_budget(body)
+    if budget:
+        budget = max(budget, ANTHROPIC_MIN_THINKING_BUDGET)
+        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        out.pop("temperature", None)          # A.2: not allowed together with thinking
+        out.pop("top_k", None)
+        if out["max_tokens"] <= budget:
+            out["max_tokens"] = budget + ANTHROPIC_DEFAULT_MAX_TOKENS
+    tools = [{**{k: v for k, v in d.items() if k != "parameters"}, "input_schema": d["parameters"]}
+             for d in _gemini_declarations(body)]
+    if tools:
+        out["tools"] = tools
+        mode, name = _gemini_calling(body)
+        choice = {"AUTO": {"type": "auto"}, "ANY": {"type": "any"}, "NONE": {"type": "none"},
+                  "VALIDATED": {"type": "auto"}}.get(mode)
+        if mode == "ANY" and name:
+            choice = {"type": "tool", "name": name}
+        if choice:
+            out["tool_choice"] = choice
+    return out
+
+
+def gemini_usage_from_openai(usage: Any) -> Dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    out = {"promptTokenCount": prompt, "candidatesTokenCount": max(0, completion - reasoning),
+           "totalTokenCount": usage.get("total_tokens") or prompt + completion}
+    if cached:
+        out["cachedContentTokenCount"] = cached
+    if reasoning:
+        out["thoughtsTokenCount"] = reasoning
+    return out
+
+
+def gemini_usage_from_anthropic(usage: Any) -> Dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    cached = usage.get("cache_read_input_tokens") or 0
+    prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) + cached
+    output = usage.get("output_tokens") or 0
+    out = {"promptTokenCount": prompt, "candidatesTokenCount": output, "totalTokenCount": prompt + output}
+    if cached:
+        out["cachedContentTokenCount"] = cached
+    return out
+
+
+def _gemini_answer(parts: List[Dict[str, Any]], finish: Optional[str], usage: Optional[Dict[str, Any]],
+                   model: str, response_id: str) -> Dict[str, Any]:
+    """A GenerateContentResponse (whole answer or stream chunk). A finishing answer with
+    no parts carries one empty text part, as Google's own final chunks do."""
+    parts = parts or ([{"text": ""}] if finish else [])
+    candidate: Dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    out: Dict[str, Any] = {"candidates": [candidate]}
+    if usage is not None:
+        out["usageMetadata"] = usage
+    out.update({"modelVersion": model, "responseId": response_id})
+    return out
+
+
+def _function_call_part(call_id: str, name: str, args: Dict[str, Any]) -> Dict[str, Any]:
+    """The upstream's call id rides along as functionCall.id; Gemini clients send it back
+    on the functionResponse, which pairs them exactly (_answered_id)."""
+    return {"functionCall": {"id": call_id, "name": name, "args": args}} if call_id else \
+        {"functionCall": {"name": name, "args": args}}
+
+
+def openai_to_gemini_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """OpenAI chat.completion -> Gemini GenerateContentResponse."""
+    choices = body.get("choices") or [{}]
+    message = choices[0].get("message") or {}
+    parts: List[Dict[str, Any]] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append({"text": reasoning, "thought": True})
+    text = message.get("content")
+    if isinstance(text, list):
+        text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
+    if text:
+        parts.append({"text": text})
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        parts.append(_function_call_part(call.get("id") or "", str(function.get("name")),
+                                         _parse_arguments(function.get("arguments"))))
+    finish = OPENAI_FINISH_TO_GEMINI.get(choices[0].get("finish_reason") or "", "STOP")
+    return _gemini_answer(parts, finish, gemini_usage_from_openai(body.get("usage")), model,
+                          str(body.get("id") or ""))
+
+
+def anthropic_to_gemini_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
+    """Anthropic Message -> Gemini GenerateContentResponse. redacted_thinking has no
+    Gemini form and is dropped."""
+    parts: List[Dict[str, Any]] = []
+    for block in body.get("content") or []:
+        kind = block.get("type")
+        if kind == "thinking":
+            parts.append({"text": block.get("thinking") or "", "thought": True,
+                          **({"thoughtSignature": block["signature"]} if block.get("signature") else {})})
+        elif kind == "text" and block.get("text"):
+            parts.append({"text": block["text"]})
+        elif kind == "tool_use":
+            parts.append(_function_call_part(str(block.get("id") or ""), str(block.get("name")),
+                                             block.get("input") or {}))
+    finish = ANTHROPIC_STOP_TO_GEMINI.get(body.get("stop_reason") or "", "STOP")
+    return _gemini_answer(parts, finish, gemini_usage_from_anthropic(body.get("usage")), model,
+                          str(body.get("id") or ""))
+
+
+class _GeminiClientStream:
+    """Writes Gemini alt=sse chunks for a Gemini client: "" events, no [DONE] (section 0)."""
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        self.model, self.response_id, self.done = model, "", False
+
+    def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
+               usage: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
+        return "", _json_text(_gemini_answer(parts, finish, usage, self.model, self.response_id))
+
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        self.done = True
+        return [("", _json_text(error_object("gemini", status, message)))]
+
+    def _load(self, data: str) -> Any:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        return obj if isinstance(obj, dict) else None
+
+
+class OpenAIToGeminiStream(_GeminiClientStream):
+    """OpenAI chunks -> Gemini chunks: text and reasoning pass through as they come;
+    tool calls are gathered (Gemini sends each functionCall whole, E.4) and sent with
+    the finishReason and usage in the last chunk."""
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        super().__init__(model, input_estimate)
+        self.calls: Dict[int, Dict[str, str]] = {}
+        self.finish: Optional[str] = None
+        self.usage: Optional[Dict[str, Any]] = None
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        if data.strip() == "[DONE]":
+            self.finish = self.finish or "stop"
+            return self._end()
+        obj = self._load(data)
+        if obj is None:
+            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
+                                   f"{printable(data, 80)!r}")
+        if obj.get("error"):
+            return self._fail(*_upstream_error(obj))
+        self.response_id = self.response_id or str(obj.get("id") or "")
+        out = []
+        for choice in (obj.get("choices") or [])[:1]:
+            out += self._delta(choice.get("delta") or {})
+            self.finish = choice.get("finish_reason") or self.finish
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        return out + (self._end() if self.finish and self.usage else [])
+
+    def _delta(self, delta: Dict[str, Any]) -> List[Tuple[str, str]]:
+        parts = []
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append({"text": reasoning, "thought": True})
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            parts.append({"text": delta["content"]})
+        for item in delta.get("tool_calls") or []:
+            call = self.calls.setdefault(item.get("index") or 0, {"id": "", "name": "", "arguments": ""})
+            function = item.get("function") or {}
+            call["id"] = call["id"] or str(item.get("id") or "")
+            call["name"] = call["name"] or str(function.get("name") or "")
+            arguments = function.get("arguments")
+            call["arguments"] += arguments if isinstance(arguments, str) else _json_text(arguments or {})
+        return [self._chunk(parts)] if parts else []
+
+    def _end(self) -> List[Tuple[str, str]]:
+        self.done = True
+        parts = [_function_call_part(c["id"], c["name"], _parse_arguments(c["arguments"]))
+                 for _, c in sorted(self.calls.items())]
+        usage = gemini_usage_from_openai(self.usage) if self.usage else None
+        return [self._chunk(parts, OPENAI_FINISH_TO_GEMINI.get(self.finish or "", "STOP"), usage)]
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        return self._end() if self.finish else self._fail(502, STREAM_CUT_SHORT)
+
+
+class AnthropicToGeminiStream(_GeminiClientStream):
+    """Anthropic events -> Gemini chunks: text and thinking deltas pass through, a
+    signature as an empty thought part carrying it, each tool_use whole at its
+    content_block_stop, finishReason and usage at message_stop."""
+
+    def __init__(self, model: str, input_estimate: int = 0) -> None:
+        super().__init__(model, input_estimate)
+        self.tools: Dict[int, Dict[str, str]] = {}
+        self.stop_reason = ""
+        self.usage: Dict[str, Any] = {}
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        obj = self._load(data)
+        if obj is None:
+            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
+                                   f"{printable(data, 80)!r}")
+        kind = obj.get("type") or event
+        handler = getattr(self, "_on_" + str(kind), None)
+        return handler(obj) if handler else []         # ping and unknown events: nothing
+
+    def _on_error(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return self._fail(*_upstream_error(obj))
+
+    def _on_message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        message = obj.get("message") or {}
+        self.response_id = str(message.get("id") or "")
+        self.usage.update(message.get("usage") or {})
+        return []
+
+    def _on_content_block_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        block = obj.get("content_block") or {}
+        if block.get("type") == "tool_use":
+            self.tools[obj.get("index", 0)] = {"id": str(block.get("id") or ""),
+                                               "name": str(block.get("name")), "json": ""}
+        return []
+
+    def _on_content_block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        delta = obj.get("delta") or {}
+        kind = delta.get("type")
+        if kind == "input_json_delta" and obj.get("index", 0) in self.tools:
+            self.tools[obj.get("index", 0)]["json"] += delta.get("partial_json") or ""
+            return []
+        part = {"text_delta": lambda: {"text": delta.get("text") or ""},
+                "thinking_delta": lambda: {"text": delta.get("thinking") or "", "thought": True},
+                "signature_delta": lambda: {"text": "", "thought": True,
+                                            "thoughtSignature": delta.get("signature") or ""},
+                }.get(kind)
+        return [self._chunk([part()])] if part else []
+
+    def _on_content_block_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        tool = self.tools.pop(obj.get("index", 0), None)
+        if tool is None:
+            return []
+        return [self._chunk([_function_call_part(tool["id"], tool["name"], _parse_arguments(tool["json"]))])]
+
+    def _on_message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        self.stop_reason = (obj.get("delta") or {}).get("stop_reason") or self.stop_reason
+        self.usage.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
+        return []
+
+    def _on_message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        self.done = True
+        finish = ANTHROPIC_STOP_TO_GEMINI.get(self.stop_reason, "STOP")
+        return [self._chunk([], finish, gemini_usage_from_anthropic(self.usage))]
+
+    def close(self) -> List[Tuple[str, str]]:
+        return [] if self.done else self._fail(502, STREAM_CUT_SHORT)
+
+
+TRANSLATORS[("openai", "gemini")] = Translator(
+    openai_to_gemini_request, gemini_to_openai_response, GeminiToOpenAIStream)
+TRANSLATORS[("anthropic", "gemini")] = Translator(
+    anthropic_to_gemini_request, gemini_to_anthropic_response, GeminiToAnthropicStream)
+TRANSLATORS[("gemini", "openai")] = Translator(
+    gemini_to_openai_request, openai_to_gemini_response, OpenAIToGeminiStream)
+TRANSLATORS[("gemini", "anthropic")] = Translator(
+    gemini_to_anthropic_request, anthropic_to_gemini_response, AnthropicToGeminiStream)
+
+
 # =============================================================================
 # 8. Routing
 # Strategy: Router turns a Config into a plain dict from every routable model
@@ -3174,6 +4555,29 @@ def upstream_hint(cred: Credential, status: int, url: str, body: bytes, model: s
     return f"check baseUrl in {cred.path} (tried {url}): {advice}"
 
 
+def bedrock_request(config: Config, target: Target, op: str, body: Dict[str, Any], stream: bool,
+                    client: Dict[str, str], environ: Dict[str, str]) -> UpstreamRequest:
+    """Bedrock's URL and body, signed with SigV4 (F.4), or carrying the apiKey as a
+    Bedrock API key (F.3) when no AWS access key is configured."""
+    cred = target.cred
+    beta = client.get("anthropic-beta", "")
+    payload = dumps(bedrock_count_body(body, beta) if op == "count_tokens"
+                    else bedrock_body(body, beta))
+    url = cred.base_url + bedrock_path(target.model, op, stream)
+    accept = "x-amzn-bedrock-accept" if stream and op != "count_tokens" else "accept"
+    sent = {"content-type": "application/json", accept: "application/json",
+            "host": urllib.parse.urlsplit(url).netloc}
+    creds = aws_credentials(cred.headers, environ)
+    if creds:
+        sent.update(sigv4_sign("POST", url, sent, payload, creds, cred.bedrock_region, amz_date()))
+    elif cred.api_key:
+        sent["authorization"] = f"Bearer {cred.api_key}"
+    sent["user-agent"] = client.get("user-agent", f"proxypal/{__version__}")
+    return UpstreamRequest("POST", url, sent, payload, cred.name,
+                           proxy_for(config, cred, url, environ), config.connect_timeout,
+                           config.first_byte_timeout, config.read_timeout)
+
+
 def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
     """CORS for browser clients. With the public default key only loopback pages may
     call the proxy, so a web page cannot spend the user's upstream keys."""
@@ -3200,6 +4604,14 @@ def models_payload(router: Router, created: int) -> Dict[str, Any]:
     return {"object": "list", "data": data, "has_more": False,
             "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None}
+
+
+def gemini_models_payload(router: Router) -> Dict[str, Any]:
+    """GET /v1beta/models in Gemini's shape, for Gemini CLI and the Google SDKs."""
+    return {"models": [{"name": f"models/{name}", "baseModelId": name, "displayName": name,
+                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
+                                                       "countTokens"]}
+                       for name in router.names()]}
 
 
 def model_item(router: Router, name: str, created: int, stamp: str) -> Dict[str, Any]:
@@ -3440,20 +4852,68 @@ class Server:
         self._id_prefix = f"{os.getpid():x}-"
         self.host, self.port = config.host, config.port
         self.closing = False
+        self.overrides: Dict[str, Any] = {}    # command-line values that beat the file
+        self._watch: Optional[asyncio.Task] = None
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: Dict[asyncio.Task, Connection] = {}
 
     # -- lifecycle ---------------------------------------------------------------
-    async def listen(self, host: str, port: int) -> None:
+    async def listen(self, host: str, port: int, reuse_port: bool = False,
+                     sock: Optional[socket.socket] = None) -> None:
         check_exposure(self.config, host)
-        self._server = await asyncio.start_server(self._on_connection, host, port,
-                                                  limit=MAX_HEADER_BLOCK * 2)
+        if sock is not None:
+            self._server = await asyncio.start_server(self._on_connection, sock=sock,
+                                                      limit=MAX_HEADER_BLOCK * 2)
+        else:
+            self._server = await asyncio.start_server(self._on_connection, host, port,
+                                                      limit=MAX_HEADER_BLOCK * 2,
+                                                      reuse_port=reuse_port or None)
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         log.addFilter(self.secret_filter)
+        if self.config.path:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_config())
+
+    def apply(self, config: Config) -> None:
+        """Switch to a new config: requests already running finish on the old one."""
+        config = dataclasses.replace(config, **self.overrides)
+        check_exposure(config, self.host)
+        self.config, self.router = config, Router(config)
+        self.secret_filter.secrets = config.secrets
+        log.setLevel(logging.DEBUG if config.debug else logging.INFO) if log.handlers else None
+
+    def reload(self) -> bool:
+        """Read the config file again; an invalid file keeps the running config."""
+        try:
+            config = load_config(self.config.path)
+            self.apply(config)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping the running config: %s", exc.message)
+            return False
+        log.info("config reloaded from %s: %d providers, %d models", config.path,
+                 len(config.credentials), len(self.router.names()))
+        return True
+
+    async def _watch_config(self) -> None:
+        """Poll the config file's mtime and size (no watcher dependency)."""
+        def stamp() -> Tuple[int, int]:
+            try:
+                info = os.stat(self.config.path)
+                return info.st_mtime_ns, info.st_size
+            except OSError:
+                return 0, 0
+        seen = stamp()
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            now = stamp()
+            if now != seen and now != (0, 0):
+                seen = now
+                self.reload()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""
         self.closing = True
+        if self._watch is not None:
+            self._watch.cancel()
         if self._server is not None:
             self._server.close()
         for task, conn in list(self._connections.items()):
@@ -3599,6 +5059,8 @@ class Server:
             return await self._management(ex, path)
         self._authenticate(ex)
         if req.method in ("GET", "HEAD"):
+            if path.rstrip("/") == "/v1beta/models":
+                return ex.conn.send(ex, 200, dumps(gemini_models_payload(ex.router)))
             if path in ("/v1/models", "/v1/models/"):
                 return ex.conn.send(ex, 200, dumps(models_payload(ex.router, self.started_at)))
             if path.startswith("/v1/models/"):
@@ -3785,35 +5247,12 @@ class Server:
         clamp_output_tokens(out, target.max_output_tokens)
         headers = upstream_headers(cred, ex.req.headers)
         if cred.bedrock_region:
-            return self._bedrock_request(ex, target, op, out, stream, headers)
+            return bedrock_request(config, target, op, out, stream, ex.req.headers, self.environ)
         url = upstream_url(cred, op, target.model, stream, ex.req.query)
         return UpstreamRequest(
             "POST", url, headers, dumps(out), cred.name,
             proxy_for(config, cred, url, self.environ), config.connect_timeout,
             config.first_byte_timeout, config.read_timeout)
-
-    def _bedrock_request(self, ex: Exchange, target: Target, op: str, body: Dict[str, Any],
-                         stream: bool, headers: Dict[str, str]) -> UpstreamRequest:
-        """Bedrock's URL and body, signed with SigV4, or with the apiKey as a Bedrock API key."""
-        cred, config = target.cred, ex.config
-        beta = ex.req.header("anthropic-beta")
-        payload = dumps(bedrock_count_body(body, beta) if op == "count_tokens"
-                        else bedrock_body(body, beta))
-        url = cred.base_url + bedrock_path(target.model, op, stream)
-        sent = {"content-type": "application/json", "accept": "application/json"}
-        if stream and op != "count_tokens":
-            sent = {"content-type": "application/json",
-                    "x-amzn-bedrock-accept": "application/json"}
-        sent["host"] = urllib.parse.urlsplit(url).netloc
-        creds = aws_credentials(cred.headers, self.environ)
-        if creds:
-            sent.update(sigv4_sign("POST", url, sent, payload, creds, cred.bedrock_region, amz_date()))
-        elif cred.api_key:
-            sent["authorization"] = f"Bearer {cred.api_key}"   # a Bedrock API key (F.3)
-        sent["user-agent"] = headers.get("user-agent", f"proxypal/{__version__}")
-        return UpstreamRequest("POST", url, sent, payload, cred.name,
-                               proxy_for(config, cred, url, self.environ), config.connect_timeout,
-                               config.first_byte_timeout, config.read_timeout)
 
     async def _deliver(self, ex: Exchange, target: Target, resp: UpstreamResponse,
                        stream: bool, route: Route) -> None:

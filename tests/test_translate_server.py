@@ -156,3 +156,69 @@ def test_unsigned_thinking_never_reaches_anthropic(upstream, proxy):
     sent = up.last().json()["messages"][1]["content"]
     assert sent == [{"type": "thinking", "thinking": "real", "signature": "EqQBCgIYAh"},
                     {"type": "text", "text": "Hello"}]
+
+
+GEMINI_STREAM = [
+    b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Hel"}]}}],"modelVersion":"gemini-2.5-pro"}\r\n\r\n',
+    b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"lo"}]},"finishReason":"STOP"}],'
+    b'"usageMetadata":{"promptTokenCount":5,"candidatesTokenCount":2,"totalTokenCount":7},"modelVersion":"gemini-2.5-pro"}\r\n\r\n',
+]
+
+
+def gemini_key(url, models=("gemini-2.5-pro",)):
+    return {"geminiApiKeys": [{"apiKey": "AIza-test", "baseUrl": url, "models": list(models)}]}
+
+
+def test_claude_code_on_gemini_stream(upstream, proxy):
+    up = upstream(sse_answer(GEMINI_STREAM))
+    p = proxy(gemini_key(up.url))
+    status, _, body = request(p, "POST", "/v1/messages", claude_code_request(model="gemini-2.5-pro"),
+                              ANTHROPIC_HEADERS, key=None)
+    got = events(body)
+    assert status == 200 and got[0][0] == "message_start" and got[-1][0] == "message_stop"
+    text = "".join(json.loads(d)["delta"].get("text", "") for e, d in got if e == "content_block_delta")
+    assert text == "Hello"
+    rec = up.last()
+    assert rec.path == "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse"
+    assert rec.headers["x-goog-api-key"] == "AIza-test"
+    sent = rec.json()
+    assert "model" not in sent and "stream" not in sent and sent["contents"][0]["role"] == "user"
+    assert "cache_control" not in json.dumps(sent)
+
+
+def test_openai_client_on_gemini_non_stream(upstream, proxy):
+    up = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hi!"}]},
+                                                    "finishReason": "STOP"}],
+                                    "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}}))
+    p = proxy(gemini_key(up.url))
+    status, _, body = request(p, "POST", "/v1/chat/completions", {
+        "model": "gemini-2.5-pro", "messages": [{"role": "user", "content": "Hello"}]})
+    out = json.loads(body)
+    assert status == 200 and out["choices"][0]["message"]["content"] == "Hi!" and out["model"] == "gemini-2.5-pro"
+    assert out["usage"]["prompt_tokens"] == 4 and out["usage"]["completion_tokens"] == 2
+    assert up.last().path == "/v1beta/models/gemini-2.5-pro:generateContent"
+
+
+def test_gemini_client_on_openai_upstream_stream(upstream, proxy):
+    up = upstream(sse_answer(OPENAI_STREAM))
+    p = proxy({"ampOpenaiProviders": [{"name": "OpenRouter", "baseUrl": up.url + "/api/v1", "apiKey": "or",
+                                       "models": ["openai/gpt-4o"]}]})
+    status, _, body = request(p, "POST", "/v1beta/models/openai%2Fgpt-4o:streamGenerateContent?alt=sse",
+                              {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]},
+                              {"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 200
+    chunks = [json.loads(d) for _, d in events(body)]
+    text = "".join(p.get("text", "") for c in chunks for cand in c.get("candidates", [])
+                   for p in cand.get("content", {}).get("parts", []))
+    assert text == "Hello" and any(c.get("candidates", [{}])[0].get("finishReason") == "STOP" for c in chunks)
+    sent = up.last().json()
+    assert sent["model"] == "openai/gpt-4o" and sent["stream"] is True
+    assert sent["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+def test_gemini_models_list(upstream, proxy):
+    up = upstream()
+    p = proxy(gemini_key(up.url, ["gemini-2.5-pro", "gemini-2.5-flash"]))
+    status, _, body = request(p, "GET", "/v1beta/models?key=proxypal-local", key=None)
+    names = [m["name"] for m in json.loads(body)["models"]]
+    assert status == 200 and names == ["models/gemini-2.5-pro", "models/gemini-2.5-flash"]
