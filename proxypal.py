@@ -32,6 +32,7 @@ import http
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -182,12 +183,13 @@ _SECRET_PATTERNS = re.compile(
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def mask_secrets(text: str, secrets: Sequence[str] = ()) -> str:
-    """Replace every known secret and anything that looks like a credential with ***."""
+def mask_secrets(text: str, secrets: Sequence[str] = (), patterns: bool = True) -> str:
+    """Replace every known secret, and (with `patterns`) anything that looks like a
+    credential in a header, query or JSON field, with ***."""
     for secret in secrets:
         if secret and len(secret) >= 4 and secret in text:
             text = text.replace(secret, "***")
-    return _SECRET_PATTERNS.sub(lambda m: m.group(1) + "***", text)
+    return _SECRET_PATTERNS.sub(lambda m: m.group(1) + "***", text) if patterns else text
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -4626,7 +4628,7 @@ def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(fraction * len(ordered) + 0.5)) - 1))]
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 class UsageStats:
@@ -4879,12 +4881,15 @@ class Server:
         check_exposure(config, self.host)
         self.config, self.router = config, Router(config)
         self.secret_filter.secrets = config.secrets
-        log.setLevel(logging.DEBUG if config.debug else logging.INFO) if log.handlers else None
+        if log.handlers:                   # logging is main()'s: only adjust what it set up
+            log.setLevel(logging.DEBUG if config.debug else logging.INFO)
 
     def reload(self) -> bool:
         """Read the config file again; an invalid file keeps the running config."""
         try:
             config = load_config(self.config.path)
+            if not config.loaded:
+                raise ConfigError("", f"{self.config.path} is missing")
             self.apply(config)
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s", exc.message)
@@ -5269,6 +5274,9 @@ class Server:
             hint = upstream_hint(cred, status, resp.req.url, body, target.model, route.requested)
             ex.error = f"{cred.name}: {upstream_message(body)[0]}"
             out = upstream_error_body(ex.fmt, upstream_fmt, status, body, cred.name, hint)
+            out = mask_secrets(out.decode("utf-8", "replace"), ex.config.secrets,
+                               patterns=False).encode("utf-8")
+            ex.error = mask_secrets(ex.error, ex.config.secrets)   # upstreams echo keys back
             return ex.conn.send(ex, status, out, self._passed_headers(resp))
         content_type = resp.header("content-type").split(";")[0].strip().lower()
         if content_type == "application/vnd.amazon.eventstream":
@@ -5539,19 +5547,27 @@ def banner(server: Server) -> str:
 
 
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
-          print_banner: bool = True) -> int:
-    """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully. Returns 0."""
+          print_banner: bool = True, overrides: Optional[Dict[str, Any]] = None,
+          sock: Optional[socket.socket] = None, note: str = "") -> int:
+    """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully: stop accepting,
+    let in-flight requests finish for up to SHUTDOWN_GRACE seconds. SIGHUP reloads the
+    config file at once (it is also polled). Returns 0."""
     async def run() -> None:
-        server = await start(config, host, port)
+        cfg = _as_config(config)
+        server = Server(cfg)
+        server.overrides = dict(overrides or {})
+        await server.listen(cfg.host if host is None else host,
+                            cfg.port if port is None else port, sock=sock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for name in ("SIGINT", "SIGTERM"):
+        for name, action in (("SIGINT", stop.set), ("SIGTERM", stop.set),
+                             ("SIGHUP", server.reload)):
             try:
-                loop.add_signal_handler(getattr(signal, name), stop.set)
+                loop.add_signal_handler(getattr(signal, name), action)
             except (NotImplementedError, AttributeError, RuntimeError, ValueError):
                 pass                       # Windows: Ctrl-C arrives as KeyboardInterrupt
         if print_banner:
-            print(banner(server), flush=True)
+            print(banner(server) + (f"\n{note}" if note else ""), flush=True)
         try:
             await stop.wait()
         finally:
@@ -5565,65 +5581,375 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
 
 
 # =============================================================================
-# 12. CLI
-# Strategy: argparse, then precedence command line > environment > config file
-# > defaults. main() is the only place that configures logging. Exit codes:
-# 0 ok, 2 bad usage or invalid config, 1 anything else that stops the start.
+# 12. Operations commands: check, models, init
+# Strategy: what a person running the proxy for weeks asks of it, answered from
+# the same config, router and upstream client the server uses. Each prints a
+# table (or JSON with --json) and returns the exit code.
 # =============================================================================
 
-def _parser() -> argparse.ArgumentParser:
+def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in list(rows) + [header]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths]] + list(rows):
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def model_routes(config: Config) -> List[Dict[str, Any]]:
+    """Every routable name and where it goes: provider, upstream model, mapping applied."""
+    router = Router(config)
+    rows = []
+    for name in router.names():
+        route = router.resolve(name)
+        for target in route.targets:
+            rows.append({"model": name, "provider": target.cred.name, "entry": target.cred.path,
+                         "upstream_model": target.model, "format": KIND_FORMAT[target.cred.kind],
+                         "mapping": f"{route.mapping.source} -> {route.mapping.target}"
+                         if route.mapping else None, "credentials": len(route.targets)})
+    for cred in router.wildcard_creds:
+        rows.append({"model": f"{KIND_PREFIX[cred.kind]}*", "provider": cred.name,
+                     "entry": cred.path, "upstream_model": "(the name asked for)",
+                     "format": KIND_FORMAT[cred.kind], "mapping": None, "credentials": 1})
+    return rows
+
+
+def print_models(config: Config, as_json: bool) -> int:
+    rows = model_routes(config)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models: no provider is configured in {config.path}")
+        return 0
+    print_table([[r["model"], r["provider"], r["entry"], r["upstream_model"],
+                  r["mapping"] or "", f"shared by {r['credentials']}" if r["credentials"] > 1 else ""]
+                 for r in rows], ["model", "provider", "entry", "upstream model", "mapping", "note"])
+    return 0
+
+
+STARTER_CONFIG: Dict[str, Any] = {
+    "_readme": "proxypal config. Copy an entry from _templates into the list of the same name "
+               "above it, put your key in, and save: the running proxy reloads it. "
+               "_templates itself is ignored.",
+    "port": DEFAULT_PORT, "host": DEFAULT_HOST, "proxyApiKey": DEFAULT_LOCAL_KEY,
+    "requestRetry": 1, "routingStrategy": "round-robin",
+    "claudeApiKeys": [], "geminiApiKeys": [], "ampOpenaiProviders": [], "ampModelMappings": [],
+    "_templates": {
+        "claudeApiKeys": [
+            {"apiKey": "YOUR_AZURE_AI_FOUNDRY_API_KEY",
+             "baseUrl": "https://YOUR-RESOURCE.services.ai.azure.com/anthropic",
+             "models": [{"name": "claude-opus-4-5", "alias": "claude-opus-4-5-20251101"},
+                        {"name": "claude-sonnet-4-5", "alias": "claude-sonnet-4-5-20250929"},
+                        {"name": "claude-haiku-4-5", "alias": "claude-haiku-4-5-20251001"}]},
+            {"apiKey": "sk-ant-api03-YOUR-KEY", "baseUrl": "https://api.anthropic.com"},
+            {"apiKey": "unused-with-aws-keys",
+             "baseUrl": "https://bedrock-runtime.us-east-1.amazonaws.com",
+             "headers": {"x-amz-access-key": "YOUR_ACCESS_KEY_ID",
+                         "x-amz-secret-key": "YOUR_SECRET_ACCESS_KEY", "x-amz-region": "us-east-1"},
+             "models": [{"name": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                         "alias": "claude-sonnet-4-5-20250929"}]}],
+        "geminiApiKeys": [{"apiKey": "AIzaSy-YOUR-KEY", "models": ["gemini-2.5-pro", "gemini-2.5-flash"]}],
+        "ampOpenaiProviders": [
+            {"name": "OpenRouter", "baseUrl": "https://openrouter.ai/api/v1",
+             "apiKey": "sk-or-v1-YOUR-KEY", "models": ["openai/gpt-4o", "anthropic/claude-3-opus"]},
+            {"name": "Groq", "baseUrl": "https://api.groq.com/openai/v1", "apiKey": "gsk_YOUR-KEY",
+             "models": ["llama3-70b-8192"]},
+            {"name": "DeepSeek", "baseUrl": "https://api.deepseek.com/v1", "apiKey": "sk-YOUR-KEY",
+             "models": [{"name": "deepseek-chat", "alias": "deepseek-chat", "maxOutputTokens": 8192}]},
+            {"name": "Ollama", "baseUrl": "http://localhost:11434/v1", "apiKey": "ollama",
+             "models": ["llama3", "codellama"]},
+            {"name": "vLLM Server", "baseUrl": "http://localhost:8000/v1", "apiKey": "token-abc123",
+             "models": ["meta-llama/Llama-3-70b-chat-hf"]},
+            {"name": "LiteLLM Local", "baseUrl": "http://localhost:4000", "apiKey": "sk-1234",
+             "models": ["gpt-4"]},
+            {"name": "LocalAI", "baseUrl": "http://localhost:8080/v1", "apiKey": "any",
+             "models": ["gpt-3.5-turbo", "text-embedding-ada-002"]}],
+        "ampModelMappings": [{"from": "claude-haiku-*", "to": "llama3", "enabled": True}],
+    },
+}
+
+
+def init_config(path: str) -> int:
+    """Write STARTER_CONFIG at `path`; an existing file is never touched. The file
+    appears whole or not at all (written aside, then linked into place)."""
+    if os.path.exists(path):
+        print(f"proxypal: {path} already exists; init never overwrites a config. Edit it, or "
+              "pass --config with a new path.", file=sys.stderr)
+        return 1
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    with open(temp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(STARTER_CONFIG, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(temp, path)                # fails if the path appeared meanwhile
+    except FileExistsError:
+        print(f"proxypal: {path} already exists; not overwritten", file=sys.stderr)
+        return 1
+    except OSError:                        # no hard links here (some filesystems)
+        try:
+            with open(path, "x", encoding="utf-8") as f, open(temp, encoding="utf-8") as src:
+                f.write(src.read())
+        except FileExistsError:
+            print(f"proxypal: {path} already exists; not overwritten", file=sys.stderr)
+            return 1
+    finally:
+        os.unlink(temp)
+    print(f"wrote {path}\nnext: copy a provider from \"_templates\" into its list, add your "
+          "key, then run: python proxypal.py")
+    return 0
+
+
+def probe_requests(config: Config, cred: Credential,
+                   environ: Dict[str, str]) -> List[Tuple[List[str], UpstreamRequest]]:
+    """What to ask an upstream to prove each configured model works: a models listing where
+    the API has one (answers for all its models), else the smallest possible request."""
+    names = [m.name for m in cred.models]
+    headers = upstream_headers(cred, {})
+    listing = {"openai": "/models", "gemini": "/v1beta/models?pageSize=1000"}.get(cred.kind)
+    if cred.kind == "claude" and urllib.parse.urlsplit(cred.base_url).hostname == "api.anthropic.com":
+        listing = "/v1/models?limit=1000"
+    if listing:
+        url = cred.base_url + listing
+        return [(names or ["(any)"], UpstreamRequest(
+            "GET", url, headers, b"", cred.name, proxy_for(config, cred, url, environ),
+            config.connect_timeout, config.first_byte_timeout, config.read_timeout))]
+    probes = []
+    for name in names or ["claude-haiku-4-5"]:
+        body = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        if cred.bedrock_region:
+            probes.append(([name], bedrock_request(config, Target(cred, name), "messages", body,
+                                                   False, {}, environ)))
+        else:
+            url = upstream_url(cred, "messages", name, False, "")
+            probes.append(([name], UpstreamRequest(
+                "POST", url, headers, dumps(body), cred.name, proxy_for(config, cred, url, environ),
+                config.connect_timeout, config.first_byte_timeout, config.read_timeout)))
+    return probes
+
+
+def listed_models(body: bytes) -> Optional[set]:
+    """Model ids in an OpenAI, Anthropic or Gemini models listing; None if not one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    items = obj.get("data") or obj.get("models") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        return None
+    ids = set()
+    for item in items:
+        if isinstance(item, dict):
+            for key in ("id", "name"):
+                if isinstance(item.get(key), str):
+                    ids.add(item[key][len("models/"):] if item[key].startswith("models/") else item[key])
+    return ids
+
+
+async def probe(client: UpstreamClient, cred: Credential, names: List[str],
+                req: UpstreamRequest, timeout: float) -> List[Dict[str, Any]]:
+    t0 = time.monotonic()
+    status, body, detail = 0, b"", ""
+    try:
+        resp = await asyncio.wait_for(client.open(req), timeout)
+        status = resp.status
+        body = await asyncio.wait_for(resp.read_all(MAX_UPSTREAM_BODY, truncate=True), timeout)
+    except asyncio.TimeoutError:
+        detail = f"no answer within {timeout:g}s"
+    except UpstreamError as exc:
+        detail = exc.message
+    latency = round((time.monotonic() - t0) * 1000)
+    listed = listed_models(body) if req.method == "GET" and status == 200 else None
+    rows = []
+    for name in names:
+        ok = 200 <= status < 300 and (listed is None or name == "(any)" or name in listed)
+        why = detail
+        if status and not ok:
+            why = (f"{name!r} is not in the provider's models listing" if 200 <= status < 300
+                   else f"HTTP {status}: {upstream_message(body)[0]}")
+            hint = upstream_hint(cred, status, req.url, body, name, name)
+            why += f" ({hint})" if hint else ""
+        rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
+                     "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
+                     "detail": mask_secrets(why, (cred.api_key,)) if why else ""})
+    return rows
+
+
+def run_check(config: Config, timeout: float, as_json: bool, environ: Dict[str, str]) -> int:
+    """Probe every provider and model in parallel; exit 0 when all pass, 1 otherwise."""
+    async def everything() -> List[Dict[str, Any]]:
+        client = UpstreamClient()
+        jobs = [probe(client, cred, names, req, timeout) for cred in config.credentials
+                for names, req in probe_requests(config, cred, environ)]
+        results = await asyncio.gather(*jobs)
+        client.close()
+        return [row for rows in results for row in rows]
+    rows = asyncio.run(everything()) if config.credentials else []
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"nothing to check: no provider is configured in {config.path}")
+    else:
+        print_table([[r["provider"], r["base_url"], r["model"], "ok" if r["ok"] else "FAIL",
+                      f"{r['latency_ms']} ms", r["detail"]] for r in rows],
+                    ["provider", "base URL", "model", "result", "latency", "detail"])
+    return 0 if rows and all(r["ok"] for r in rows) else 1
+
+
+# =============================================================================
+# 13. CLI
+# Strategy: a command word (serve, check, models, init; serve when none), then
+# argparse, then precedence command line > environment > config file > defaults.
+# main() is the only place that configures logging. Exit codes: 0 ok, 1 a check
+# failed or the start failed, 2 bad usage or invalid config.
+# =============================================================================
+
+COMMANDS = ("serve", "check", "models", "init")
+LOG_FILE_BACKUPS = 4                     # rotated files kept beside proxypal.log
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="proxypal.py",
-        description="One-file LLM API proxy: OpenAI, Anthropic and Gemini clients to any "
-                    "configured upstream.",
+        prog="proxypal.py" + ("" if command == "serve" else f" {command}"),
+        description={
+            "serve": "One-file LLM API proxy: OpenAI, Anthropic and Gemini clients to any "
+                     "configured upstream. Commands: check (probe every provider and model), "
+                     "models (what each model name routes to), init (write a starter config).",
+            "check": "Probe every provider and configured model, in parallel, and print a "
+                     "table; exit 1 if any failed.",
+            "models": "List every routable model name and where it goes.",
+            "init": "Write a starter config (never overwrites an existing file)."}[command],
         epilog="environment: PROXYPAL_CONFIG, PROXYPAL_HOST, PROXYPAL_PORT "
                "(the command line wins over them, they win over the config file)")
     parser.add_argument("--config", metavar="PATH",
                         help=f"config file (default: {default_config_path()})")
-    parser.add_argument("--host", help=f"listen address (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT}; 0 picks one)")
-    parser.add_argument("--debug", action="store_true", help="debug logging: routing, upstream URLs")
-    parser.add_argument("--log-requests", action="store_true",
-                        help="one JSON line per request on stderr (secrets masked)")
-    parser.add_argument("--version", action="version", version=f"proxypal {__version__}")
+    if command == "serve":
+        parser.add_argument("--host", help=f"listen address (default {DEFAULT_HOST})")
+        parser.add_argument("--port", type=int,
+                            help=f"listen port (default {DEFAULT_PORT}; 0 picks one)")
+        parser.add_argument("--debug", action="store_true",
+                            help="debug logging: routing decisions, upstream URLs, timings")
+        parser.add_argument("--log-requests", action="store_true",
+                            help="one JSON line per request (secrets masked)")
+        parser.add_argument("--workers", type=int, default=1, metavar="N",
+                            help="N processes sharing the port (SO_REUSEPORT; Linux, macOS)")
+        parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+        parser.add_argument("--version", action="version", version=f"proxypal {__version__}")
+    if command in ("check", "models"):
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+    if command == "check":
+        parser.add_argument("--timeout", type=float, default=20.0,
+                            help="seconds per probe (default 20)")
     return parser
 
 
-def setup_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%Y-%m-%dT%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
+def setup_logging(config: Config) -> None:
+    """stderr always; with loggingToFile also <config folder>/logs/proxypal.log, rotated so
+    the folder stays under logsMaxTotalSizeMb. Secrets are masked before any handler."""
+    import logging.handlers
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.logging_to_file:
+        folder = os.path.join(os.path.dirname(os.path.abspath(config.path or default_config_path())),
+                              "logs")
+        os.makedirs(folder, exist_ok=True)
+        each = config.logs_max_total_size_mb * 1024 * 1024 // (LOG_FILE_BACKUPS + 1)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            os.path.join(folder, "proxypal.log"), maxBytes=max(each, 64 * 1024),
+            backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    log.handlers[:] = handlers
+    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
     log.propagate = False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    env = os.environ
+def _serve_overrides(args: argparse.Namespace, env: Dict[str, str]) -> Dict[str, Any]:
+    overrides: Dict[str, Any] = {}
+    host = args.host or env.get("PROXYPAL_HOST")
+    port = args.port if args.port is not None else env.get("PROXYPAL_PORT")
+    if host:
+        overrides["host"] = host
+    if port is not None and port != "":
+        try:
+            overrides["port"] = int(port)
+        except ValueError:
+            raise ConfigError("PROXYPAL_PORT", f"must be a whole number, got {port!r}") from None
+        if not 0 <= overrides["port"] <= 65535:
+            raise ConfigError("port", f"must be between 0 and 65535, got {overrides['port']}")
+    if args.debug:
+        overrides["debug"] = True
+    if args.log_requests:
+        overrides["request_logging"] = True
+    return overrides
+
+
+def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
+                  argv: Sequence[str]) -> int:
+    """N processes, each a full proxy, sharing one port through SO_REUSEPORT; the kernel
+    spreads connections. No state needs sharing: each has its own pool and counters."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.warning("--workers needs SO_REUSEPORT, which this OS does not have; "
+                    "running a single process")
+        return serve(config, overrides=overrides)
+    check_exposure(config, config.host)
+    family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.host, config.port))
+    port = sock.getsockname()[1]
+    rest = [a for a in argv if a != "--worker"]
+    children = [subprocess_worker(rest, port) for _ in range(count - 1)]
     try:
-        config = load_config(args.config or env.get("PROXYPAL_CONFIG") or None)
-        overrides: Dict[str, Any] = {}
-        host = args.host or env.get("PROXYPAL_HOST")
-        port = args.port if args.port is not None else env.get("PROXYPAL_PORT")
-        if host:
-            overrides["host"] = host
-        if port is not None and port != "":
+        return serve(config, overrides=dict(overrides, port=port), sock=sock,
+                     note=f"workers: {count} processes share port {port}")
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
             try:
-                overrides["port"] = int(port)
-            except ValueError:
-                raise ConfigError("PROXYPAL_PORT", f"must be a whole number, got {port!r}") from None
-            if not 0 <= overrides["port"] <= 65535:
-                raise ConfigError("port", f"must be between 0 and 65535, got {overrides['port']}")
-        if args.debug:
-            overrides["debug"] = True
-        if args.log_requests:
-            overrides["request_logging"] = True
+                child.wait(SHUTDOWN_GRACE + 2)
+            except Exception:              # still running: it had its chance
+                child.kill()
+
+
+def subprocess_worker(argv: Sequence[str], port: int) -> Any:
+    import subprocess
+    args = list(argv)
+    for flag in ("--workers", "--port"):   # the worker serves the parent's port, alone
+        while flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    args = [a for a in args if not a.startswith(("--workers=", "--port="))]
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args,
+                             "--port", str(port), "--worker"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else "serve"
+    if argv and argv[0] == command:
+        argv = argv[1:]
+    args = _parser(command).parse_args(argv)
+    env = dict(os.environ)
+    path = args.config or env.get("PROXYPAL_CONFIG") or None
+    try:
+        if command == "init":
+            return init_config(path or default_config_path())
+        config = load_config(path)
+        if command == "models":
+            return print_models(config, args.json)
+        if command == "check":
+            return run_check(config, args.timeout, args.json, env)
+        overrides = _serve_overrides(args, env)
         config = dataclasses.replace(config, **overrides)
-        setup_logging(config.debug)
+        setup_logging(config)
         for key in config.unknown_keys:
             log.debug("config key %r is not used by proxypal; ignored", key)
-        return serve(config)
+        if args.workers > 1:
+            return serve_workers(config, overrides, args.workers, argv)
+        return serve(config, overrides=overrides, print_banner=not args.worker)
     except ConfigError as exc:
         print(f"proxypal: invalid config: {exc}", file=sys.stderr)
         return 2
