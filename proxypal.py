@@ -4535,7 +4535,8 @@ def upstream_hint(cred: Credential, status: int, url: str, body: bytes, model: s
         return f"check the apiKey of provider {cred.label}"
     if status != 404:
         return ""
-    if b"DeploymentNotFound" in body:
+    azure = (urllib.parse.urlsplit(cred.base_url).hostname or "").endswith(".azure.com")
+    if b"DeploymentNotFound" in body or (azure and b"type\":\"error" not in body.replace(b" ", b"")):
         return (f"deployment '{model}' does not exist there: add model aliasing, e.g. "
                 f'"models": [{{"name": "<deployment name>", "alias": "{requested}"}}]')
     try:

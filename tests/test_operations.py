@@ -280,6 +280,9 @@ def test_sighup_reloads(upstream, tmp_path):
             line = proc.stderr.readline()
             assert line, "the proxy exited"
         assert "1 providers, 2 models" in line
+        req = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer proxypal-local"})
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+            assert [m["id"] for m in json.loads(resp.read())["data"]] == ["a", "b"]
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
@@ -305,3 +308,21 @@ def test_workers_share_the_port(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_log_files_rotate_under_the_cap(tmp_path):
+    config = proxypal.parse_config({"loggingToFile": True, "logsMaxTotalSizeMb": 1},
+                                   path=str(tmp_path / "config.json"))
+    saved = list(proxypal.log.handlers), proxypal.log.level, proxypal.log.propagate
+    try:
+        proxypal.setup_logging(config)
+        proxypal.log.handlers = [h for h in proxypal.log.handlers if isinstance(h, logging.FileHandler)]
+        for i in range(3000):
+            proxypal.log.info("line %d %s", i, "x" * 1000)
+    finally:
+        for handler in proxypal.log.handlers:
+            handler.close()
+        proxypal.log.handlers, proxypal.log.level, proxypal.log.propagate = saved
+    files = list((tmp_path / "logs").iterdir())
+    total = sum(f.stat().st_size for f in files)
+    assert len(files) == proxypal.LOG_FILE_BACKUPS + 1 and total <= 1024 * 1024

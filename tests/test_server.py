@@ -564,3 +564,19 @@ def test_aws_signing_headers_never_forwarded(upstream, proxy):
         "x-amz-access-key": "AKIDEXAMPLE", "x-amz-secret-key": "wJalrXUtnFEMI", "x-amz-region": "us-east-1"}}]})
     request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
     assert not [h for h in up.last().headers if h.startswith("x-amz-")]
+
+
+def test_azure_unknown_deployment_404_hints_aliasing(upstream, proxy):
+    """A Foundry 404 in Azure's own shape (no Anthropic error type) is about the deployment."""
+    azure = upstream(json_answer(404, {"error": {"code": "404", "message": "Resource not found"}}))
+    config = {"proxyUrl": azure.url, "claudeApiKeys": [{
+        "apiKey": "azure-key", "baseUrl": "http://res.services.ai.azure.com/anthropic",
+        "models": [{"name": "claude-opus-4-5", "alias": "claude-opus-4-5-20251101"}]}]}
+    p = proxy(config)
+    status, _, body = request(p, "POST", "/v1/messages", message(), ANTHROPIC_HEADERS, key=None)
+    err = json.loads(body)
+    assert status == 404 and err["error"]["type"] == "not_found_error"
+    assert "deployment 'claude-opus-4-5'" in err["error"]["message"] and "model aliasing" in err["error"]["message"]
+    rec = azure.last()
+    assert rec.path == "http://res.services.ai.azure.com/anthropic/v1/messages"
+    assert rec.headers["x-api-key"] == "azure-key" and rec.headers["api-key"] == "azure-key"
