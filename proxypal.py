@@ -2462,18 +2462,6 @@ def _tool_id(prefix: str, response_id: str, n: int, call: Dict[str, Any]) -> str
     return prefix + short_hash(seed)
 
 
-def _parse_arguments(text: Any) -> Dict[str, Any]:
-    """OpenAI tool arguments (a JSON string; some servers send an object) as an object.
-    Unparseable or non-object arguments become {} (CLIProxyAPI, C.2)."""
-    if isinstance(text, dict):
-        return text
-    try:
-        value = json.loads(text) if isinstance(text, str) and text.strip() else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 # -- E.7: JSON Schema -> Gemini Schema ------------------------------------------
 
 def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
@@ -2731,7 +2719,7 @@ def _openai_assistant_parts(msg: Dict[str, Any], where: str,
                               '{"id","type":"function","function":{"name","arguments"}}')
         names[str(call.get("id"))] = function["name"]
         parts.append({"functionCall": {"name": function["name"],
-                                       "args": _parse_arguments(function.get("arguments"))}})
+                                       "args": _tool_input(function.get("arguments"))}})
     return parts
 
 
@@ -3563,7 +3551,7 @@ def openai_to_gemini_response(body: Dict[str, Any], model: str) -> Dict[str, Any
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         parts.append(_function_call_part(call.get("id") or "", str(function.get("name")),
-                                         _parse_arguments(function.get("arguments"))))
+                                         _tool_input(function.get("arguments"))))
     finish = OPENAI_FINISH_TO_GEMINI.get(choices[0].get("finish_reason") or "", "STOP")
     return _gemini_answer(parts, finish, gemini_usage_from_openai(body.get("usage")), model,
                           str(body.get("id") or ""))
@@ -3660,7 +3648,7 @@ class OpenAIToGeminiStream(_GeminiClientStream):
 
     def _end(self) -> List[Tuple[str, str]]:
         self.done = True
-        parts = [_function_call_part(c["id"], c["name"], _parse_arguments(c["arguments"]))
+        parts = [_function_call_part(c["id"], c["name"], _tool_input(c["arguments"]))
                  for _, c in sorted(self.calls.items())]
         usage = gemini_usage_from_openai(self.usage) if self.usage else None
         return [self._chunk(parts, OPENAI_FINISH_TO_GEMINI.get(self.finish or "", "STOP"), usage)]
@@ -3726,7 +3714,7 @@ class AnthropicToGeminiStream(_GeminiClientStream):
         tool = self.tools.pop(obj.get("index", 0), None)
         if tool is None:
             return []
-        return [self._chunk([_function_call_part(tool["id"], tool["name"], _parse_arguments(tool["json"]))])]
+        return [self._chunk([_function_call_part(tool["id"], tool["name"], _tool_input(tool["json"]))])]
 
     def _on_message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
         self.stop_reason = (obj.get("delta") or {}).get("stop_reason") or self.stop_reason

@@ -12,12 +12,24 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "proxypal.py")
 
-# The standard library's top-level names (sys.stdlib_module_names exists from 3.10 on).
-STDLIB = set(getattr(sys, "stdlib_module_names", ())) or {
-    "__future__", "argparse", "asyncio", "base64", "concurrent", "dataclasses", "difflib",
-    "email", "fnmatch", "hashlib", "hmac", "http", "ipaddress", "json", "logging", "os", "re",
-    "select", "signal", "socket", "ssl", "struct", "sys", "threading", "time", "typing",
-    "urllib", "binascii", "zlib", "collections", "functools", "itertools"}
+def stdlib_names() -> set:
+    """The standard library's top-level module names: sys.stdlib_module_names (3.10+),
+    else what the interpreter's own stdlib folder and built-ins hold."""
+    if hasattr(sys, "stdlib_module_names"):
+        return set(sys.stdlib_module_names)
+    import sysconfig
+    folder = sysconfig.get_paths()["stdlib"]
+    names = set(sys.builtin_module_names)
+    for entry in os.listdir(folder):
+        if entry != "site-packages":
+            names.add(entry[:-3] if entry.endswith(".py") else entry.split(".")[0])
+    dynload = os.path.join(folder, "lib-dynload")
+    if os.path.isdir(dynload):
+        names |= {entry.split(".")[0] for entry in os.listdir(dynload)}
+    return names
+
+
+STDLIB = stdlib_names()
 
 
 def imported_modules(path: str):
