@@ -88,8 +88,9 @@ POOL_IDLE_PER_HOST = 32                  # idle keep-alive connections kept per 
 
 COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes (SPEC)
 COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes (SPEC)
-COOLDOWN_DEFAULT = 30.0                  # 429/5xx without Retry-After
+COOLDOWN_DEFAULT = 30.0                  # a 429 without Retry-After
 
+OWN_HEADERS = frozenset({"content-type", "cache-control", "x-accel-buffering"})   # set here
 FAILOVER_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
@@ -4353,8 +4354,8 @@ def connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseE
 # 10. Server
 # Strategy: the asyncio edge. A connection reads bytes into a buffer, hands
 # them to the wire functions, and writes what the request pipeline decides.
-# The pipeline authenticates, parses the body, routes, calls the upstream on a
-# worker thread and relays the answer: whole, or event by event for streams.
+# The pipeline authenticates, parses the body, routes, translates, calls the
+# upstream and relays the answer: whole, or event by event for streams.
 # Errors become answers in the client's format; nothing here stops the server.
 # =============================================================================
 
@@ -4414,6 +4415,32 @@ class BedrockSource:
         if self._decoder.pending:
             raise UpstreamError("Bedrock event stream ended inside a frame")
         return []
+
+
+END_MARKER = {"anthropic": "message_stop", "openai": "a finish_reason", "gemini": "a finishReason"}
+_OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
+_GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^data:\s*\{\s*"error"', re.M)
+
+
+def stream_finished(fmt: str, recent: Sequence[bytes]) -> bool:
+    """Whether a relayed stream's last events include its format's proper end: Anthropic
+    message_stop or error; OpenAI a finish_reason, [DONE] or an error chunk; Gemini a
+    finishReason or an error. Decided on parsed fields, never on free text."""
+    if fmt == "anthropic":
+        last = parse_sse_event(recent[-1]) if recent else None
+        return bool(last) and last[0] in ("message_stop", "error")
+    pattern = _OPENAI_FINISHED if fmt == "openai" else _GEMINI_FINISHED
+    return any(pattern.search(event) for event in recent)
+
+
+def complete_json(data: str) -> bool:
+    if data.strip() == "[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def early_stream_error(data: str) -> UpstreamError:
@@ -4564,6 +4591,9 @@ def bedrock_request(config: Config, target: Target, op: str, body: Dict[str, Any
     elif cred.api_key:
         sent["authorization"] = f"Bearer {cred.api_key}"
     sent["user-agent"] = client.get("user-agent", f"proxypal/{__version__}")
+    for name, value in cred.headers:       # e.g. X-Amzn-Bedrock-GuardrailIdentifier; unsigned
+        if not name.lower().startswith("x-amz-") and name.lower() not in sent:
+            sent[name.lower()] = value
     return UpstreamRequest("POST", url, sent, payload, cred.name,
                            proxy_for(config, cred, url, environ), config.connect_timeout,
                            config.first_byte_timeout, config.read_timeout)
@@ -4875,6 +4905,10 @@ class Server:
 
     def reload(self) -> bool:
         """Read the config file again; an invalid file keeps the running config."""
+        if not self.config.path:
+            log.warning("reload asked, but this proxy was started from a config object, "
+                        "not a file: nothing to reload")
+            return False
         try:
             config = load_config(self.config.path)
             if not config.loaded:
@@ -5125,7 +5159,8 @@ class Server:
             state = "" if ex.config.loaded else " (the file does not exist)"
             return ProxypalError(f"no auth available: no provider is configured; add one to "
                                  f"{where}{state} (claudeApiKeys, geminiApiKeys or "
-                                 "ampOpenaiProviders) and restart", 503)
+                                 "ampOpenaiProviders); the proxy picks the change up within "
+                                 "seconds", 503)
         near = ex.router.nearest(name)
         hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
             "; GET /v1/models lists the names this proxy serves"
@@ -5298,32 +5333,34 @@ class Server:
 
     @staticmethod
     def _passed_headers(resp: UpstreamResponse) -> List[Tuple[str, str]]:
-        return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != "content-type"]
+        """The upstream's own headers worth passing on (request ids, rate limits)."""
+        return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS]
 
     async def _relay_stream(self, ex: Exchange, resp: UpstreamResponse) -> None:
         """Same format on both sides: relay the SSE bytes event by event, untouched; each
-        complete event is written as soon as it arrived."""
+        complete event is written as soon as it arrived. A stream that ends without its
+        format's last event gets an error event, not a quiet truncation."""
         splitter = SSESplitter()
-        last = b""
+        recent: List[bytes] = []            # the last few events: where the end markers are
 
         def relay(data: bytes) -> bytes:
-            nonlocal last
+            nonlocal recent
             events = splitter.feed(data)
             if events:
-                last = events[-1]
+                recent = (recent + events)[-3:]
             return b"".join(events)
 
         def finish() -> bytes:
-            nonlocal last
-            tail = splitter.close()
-            if tail:
-                last = tail[-1]
-                return tail[-1] + b"\n\n"
-            if ex.fmt == "anthropic" and b"message_stop" not in last and b"error" not in last:
-                ex.error = "stream cut before message_stop"
-                return stream_error_event(ex.fmt, 502, f"{ex.provider}: upstream ended the "
-                                                        "stream before message_stop")
-            return b""
+            out = b""
+            for tail in splitter.close():  # a last event left without its blank line
+                parsed = parse_sse_event(tail)
+                if parsed and complete_json(parsed[1]):
+                    out, recent[:] = tail + b"\n\n", (recent + [tail])[-3:]
+            if stream_finished(ex.fmt, recent):
+                return out
+            ex.error = "upstream ended the stream before its end"
+            return out + stream_error_event(ex.fmt, 502, f"{ex.provider}: upstream ended the "
+                                                         f"stream before {END_MARKER[ex.fmt]}")
         await self._stream(ex, resp, resp.header("content-type"), relay, finish)
 
     async def _relay_events(self, ex: Exchange, resp: UpstreamResponse, source: Any,
@@ -5525,7 +5562,8 @@ def banner(server: Server) -> str:
                 f"{len(router.names())} models)"
     else:
         where = (f"config: {config.path or '(none)'} not found: no providers yet; "
-                 "create it (see README, or config.example.json) and restart")
+                 "create it (python proxypal.py init, or see README); it is picked up "
+                 "within seconds")
     key = config.proxy_api_key if config.proxy_api_key == DEFAULT_LOCAL_KEY else "<your proxyApiKey>"
     return "\n".join([
         f"proxypal {__version__} listening on {base}",
@@ -5537,7 +5575,7 @@ def banner(server: Server) -> str:
 
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
           print_banner: bool = True, overrides: Optional[Dict[str, Any]] = None,
-          sock: Optional[socket.socket] = None, note: str = "") -> int:
+          sock: Optional[socket.socket] = None, note: str = "", reuse_port: bool = False) -> int:
     """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully: stop accepting,
     let in-flight requests finish for up to SHUTDOWN_GRACE seconds. SIGHUP reloads the
     config file at once (it is also polled). Returns 0."""
@@ -5546,7 +5584,7 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
         server = Server(cfg)
         server.overrides = dict(overrides or {})
         await server.listen(cfg.host if host is None else host,
-                            cfg.port if port is None else port, sock=sock)
+                            cfg.port if port is None else port, reuse_port=reuse_port, sock=sock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for name, action in (("SIGINT", stop.set), ("SIGTERM", stop.set),
@@ -5557,6 +5595,8 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
                 pass                       # Windows: Ctrl-C arrives as KeyboardInterrupt
         if print_banner:
             print(banner(server) + (f"\n{note}" if note else ""), flush=True)
+        elif reuse_port:
+            log.info("worker %d serving on port %d", os.getpid(), server.port)
         try:
             await stop.wait()
         finally:
@@ -5693,7 +5733,7 @@ def probe_requests(config: Config, cred: Credential,
                    environ: Dict[str, str]) -> List[Tuple[List[str], UpstreamRequest]]:
     """What to ask an upstream to prove each configured model works: a models listing where
     the API has one (answers for all its models), else the smallest possible request."""
-    names = [m.name for m in cred.models]
+    names = [m.name for m in cred.models if not _excluded(cred, m.name, m.alias)]
     headers = upstream_headers(cred, {})
     listing = {"openai": "/models", "gemini": "/v1beta/models?pageSize=1000"}.get(cred.kind)
     if cred.kind == "claude" and urllib.parse.urlsplit(cred.base_url).hostname == "api.anthropic.com":
@@ -5938,7 +5978,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.debug("config key %r is not used by proxypal; ignored", key)
         if args.workers > 1:
             return serve_workers(config, overrides, args.workers, argv)
-        return serve(config, overrides=overrides, print_banner=not args.worker)
+        return serve(config, overrides=overrides, print_banner=not args.worker,
+                     reuse_port=args.worker)
     except ConfigError as exc:
         print(f"proxypal: invalid config: {exc}", file=sys.stderr)
         return 2

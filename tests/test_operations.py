@@ -296,11 +296,19 @@ def test_workers_share_the_port(tmp_path):
         lines = [proc.stdout.readline() for _ in range(5)]
         url = lines[0].split("listening on ")[1].strip()
         assert lines[4].startswith("workers: 3 processes share port")
+        serving = set()
+        while len(serving) < 2:            # each worker says so once it holds the port
+            line = proc.stderr.readline()
+            assert line and "cannot start" not in line, line
+            if "serving on port" in line:
+                serving.add(line.split("worker ")[1].split()[0])
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) == 2
+        assert sorted(children) == sorted(serving)
         for _ in range(10):
             with urllib.request.urlopen(url + "/health", timeout=TIMEOUT) as resp:
                 assert resp.status == 200
+        for pid in children:               # the workers are serving, not dead on bind
+            assert "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
         for pid in children:

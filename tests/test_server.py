@@ -580,3 +580,42 @@ def test_azure_unknown_deployment_404_hints_aliasing(upstream, proxy):
     rec = azure.last()
     assert rec.path == "http://res.services.ai.azure.com/anthropic/v1/messages"
     assert rec.headers["x-api-key"] == "azure-key" and rec.headers["api-key"] == "azure-key"
+
+
+CLEAN_BUT_SHORT = [
+    ("anthropic-text-says-error", "claude", "/v1/messages",
+     ANTHROPIC_STREAM[:2] + [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                             b'"delta":{"type":"text_delta","text":"the build failed with an error in"}}\n\n'],
+     b"event: error", b"before message_stop"),
+    ("anthropic-partial-event", "claude", "/v1/messages",
+     ANTHROPIC_STREAM[:3] + [b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_del'],
+     b"event: error", b"before message_stop"),
+    ("openai-no-finish", "openai", "/v1/chat/completions", OPENAI_STREAM[:2], b'data: {"error"', b"a finish_reason"),
+    ("gemini-no-finish", "gemini", "/v1beta/models/gemini-x:streamGenerateContent?alt=sse",
+     [b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Hel"}]}}]}\n\n'],
+     b'data: {"error"', b"a finishReason"),
+]
+
+
+@pytest.mark.parametrize("kind,path,events,marker,words", [c[1:] for c in CLEAN_BUT_SHORT],
+                         ids=[c[0] for c in CLEAN_BUT_SHORT])
+def test_stream_ended_cleanly_but_early_gets_error_event(upstream, proxy, kind, path, events, marker, words):
+    up = upstream(sse_answer(events))
+    config = {"claude": {"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]},
+              "openai": {"ampOpenaiProviders": [openai_provider(up.url)]},
+              "gemini": {"geminiApiKeys": [{"apiKey": "g", "baseUrl": up.url, "models": ["gemini-x"]}]}}[kind]
+    p = proxy(config)
+    body = {"claude": message("claude-x", stream=True), "openai": chat(stream=True),
+            "gemini": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}}[kind]
+    status, _, out = request(p, "POST", path, body, ANTHROPIC_HEADERS if kind == "claude" else None,
+                             key=None if kind == "claude" else "proxypal-local")
+    last = out.split(b"\n\n")[-2]
+    assert status == 200 and last.startswith(marker) and words in last
+    assert b"text_del\n" not in out and not out.endswith(b'"text_del')   # no partial event passed on
+
+
+def test_openai_stream_with_finish_but_no_done_is_complete(upstream, proxy):
+    up = upstream(sse_answer(OPENAI_STREAM[:-1]))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    _, _, out = request(p, "POST", "/v1/chat/completions", chat(stream=True))
+    assert out == b"".join(OPENAI_STREAM[:-1])
