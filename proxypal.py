@@ -4221,7 +4221,11 @@ class UpstreamClient:
     @property
     def ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:              # built on first use: it costs ~30 ms at start
-            self._ssl = make_ssl_context()
+            try:
+                self._ssl = make_ssl_context()
+            except (ssl.SSLError, OSError) as exc:
+                raise UpstreamError(f"cannot load the CA certificates named by SSL_CERT_FILE / "
+                                    f"SSL_CERT_DIR ({exc}): point them at a PEM bundle") from None
         return self._ssl
 
     def _take(self, key: tuple) -> Optional[_Link]:
