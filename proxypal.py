@@ -4778,30 +4778,49 @@ class Connection:
         self.buf = b""
         self.busy = False
         self.eof = False
+        self.expired = False                 # a timeout ended the input (see _arm)
+        self.phase = ""
+        self._timer: Optional[asyncio.TimerHandle] = None
 
-    async def _fill(self, timeout: float) -> bool:
-        """Read more into buf; False at EOF. asyncio.TimeoutError after `timeout`."""
-        data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0.001))
-        if not data:
+    # Timeouts: one timer per connection rather than asyncio.wait_for around each read
+    # (which costs a task per read). When it fires, reading stops and the pending read
+    # sees the end of input, with `expired` saying why.
+    def _arm(self, seconds: float, phase: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.phase = phase
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer, self.expired = None, True
+        transport = self.writer.transport
+        if not transport.is_closing():
+            transport.pause_reading()       # nothing more is fed to the reader...
+        self.reader.feed_eof()              # ...so its pending read can end now
+
+    async def _read(self) -> bytes:
+        data = await self.reader.read(READ_SIZE)
+        if not data and not self.expired:
             self.eof = True
-            return False
-        self.buf += data
-        return True
+        return data
 
     async def read_head(self, first: bool) -> Optional[Request]:
         """The next request head; None when the client closed or idled out between requests."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (HEAD_TIMEOUT if first else KEEPALIVE_IDLE_TIMEOUT)
-        started = False
+        self._arm(HEAD_TIMEOUT if first else KEEPALIVE_IDLE_TIMEOUT, "head" if first else "idle")
         while True:
             if self.buf[:1] in (b"\r", b"\n"):   # empty lines before a request are ignored
                 self.buf = self.buf.lstrip(b"\r\n")   # (RFC 9112 section 2.2)
             if self.buf:
-                if not started and not first:   # first byte of a keep-alive request
-                    deadline = loop.time() + HEAD_TIMEOUT
-                started = True
+                if self.phase == "idle":     # first byte of a keep-alive request
+                    self._arm(HEAD_TIMEOUT, "head")
                 end = scan_head(self.buf)
                 if end > 0:
+                    self.disarm()
                     req = parse_request_head(self.buf[:end])
                     self.buf = self.buf[end:]
                     req.peer = self.peer
@@ -4810,13 +4829,12 @@ class Connection:
                 if self.buf:
                     raise WireError("connection closed in the middle of a request head")
                 return None
-            try:
-                if not await self._fill(deadline - loop.time()):
-                    continue
-            except asyncio.TimeoutError:
-                if not self.buf and not first:
+            data = await self._read()
+            if self.expired:
+                if self.phase == "idle":
                     return None
-                raise WireError(f"request head not received within {HEAD_TIMEOUT:g}s", 408) from None
+                raise WireError(f"request head not received within {HEAD_TIMEOUT:g}s", 408)
+            self.buf += data
 
     async def read_body(self, req: Request, limit: int) -> bytes:
         kind, length = req.framing
@@ -4859,12 +4877,11 @@ class Connection:
         return b"".join(parts)
 
     async def _read_idle(self) -> bytes:
-        try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), BODY_IDLE_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise WireError(f"request body stalled for {BODY_IDLE_TIMEOUT:g}s", 408) from None
-        if not data:
-            self.eof = True
+        self._arm(BODY_IDLE_TIMEOUT, "body")
+        data = await self._read()
+        self.disarm()
+        if self.expired:
+            raise WireError(f"request body stalled for {BODY_IDLE_TIMEOUT:g}s", 408)
         return data
 
     async def watch_disconnect(self, on_gone: Callable[[], None]) -> None:
@@ -5010,6 +5027,7 @@ class Server:
             log.exception("unexpected error on a connection from %s", conn.peer)
         finally:
             self._connections.pop(task, None)
+            conn.disarm()
             await self._linger_close(conn)
 
     @staticmethod

@@ -16,8 +16,22 @@ latency it adds at concurrency 1. The whole measurement is repeated --runs times
 each cell shows min/median/max over the runs, and the targets are judged on the
 medians.
 
+Streams are also measured by client API and upstream API, the mock serving both
+(an ampOpenaiProviders entry for model "m", a claudeApiKeys entry for "claude-m"):
+    openai -> openai          pass-through (the streams above)
+    anthropic -> anthropic    pass-through
+    anthropic -> openai       translated: Anthropic client, OpenAI-compatible upstream
+    openai -> anthropic       translated: OpenAI client, Anthropic upstream
+Each: first event p50 at concurrency 1, and at concurrency 32 the events/s the
+client receives and the upstream events/s (201 upstream events a stream over the
+time taken). A translated stream's client sees a different number of events than
+the upstream sent, so upstream events/s is the fair comparison with pass-through.
+Direct numbers exist for the pass-through pairs only. Once a run, one stream and
+one non-stream answer of each pair are parsed whole and checked (event order, text,
+stop reason, model).
+
 Run it:
-    make bench                        # 3 runs, about 2-3 minutes
+    make bench                        # 3 runs, about 3 minutes
     python3 tests/bench.py --runs 5 --duration 3
     python3 tests/bench.py --quick    # one short run: a smoke test
 
@@ -51,8 +65,13 @@ PROXYPAL = os.path.join(os.path.dirname(HERE), "proxypal.py")
 
 HOST = "127.0.0.1"                 # loopback only, everywhere
 LOCAL_KEY = "proxypal-local"       # the proxy's default local key
-MODEL = "m"
+MODEL = "m"                        # served by the ampOpenaiProviders entry
+CLAUDE_MODEL = "claude-m"          # served by the claudeApiKeys entry (same mock)
+ANTHROPIC_VERSION = "2023-06-01"
 STREAM_EVENTS = 200                # chat.completion.chunk events per stream, then [DONE]
+UPSTREAM_EVENTS = STREAM_EVENTS + 1   # SSE events in one mock stream, in either format
+ANTHROPIC_DELTAS = UPSTREAM_EVENTS - 5   # text_delta events: the other five are message_start,
+                                         # content_block_start/stop, message_delta, message_stop
 HELD_STREAMS = 500                 # streams held open at once for the RSS measurement
 HOLD_WAVE = 50                     # held streams opened at a time: listen backlogs are finite
 CONCURRENCIES = (1, 16, 32)        # non-stream load points
@@ -67,7 +86,9 @@ PATHS = ("direct", "relay", "proxy")
 TARGETS_TEXT = (
     "added p50 latency at c=1 <= 0.5 ms (non-stream and first stream event); "
     "non-stream req/s at c=16 >= 20% of direct; stream events/s at c=32 >= 40% of direct; "
-    "cold start < 0.3 s; RSS < 30 MB idle and < 60 MB with 500 open streams")
+    "cold start < 0.3 s; RSS < 30 MB idle and < 60 MB with 500 open streams; "
+    "translated streams (anthropic client on an openai upstream, and the reverse): "
+    "upstream events/s at c=32 >= 50% of the same client's pass-through")
 
 
 class BenchError(Exception):
@@ -75,30 +96,51 @@ class BenchError(Exception):
 
 
 # =============================================================================
-# Mock upstream (child process): POST /v1/chat/completions, OpenAI format.
-# A body with "stream": true gets STREAM_EVENTS chunk events and [DONE], each
-# event its own HTTP chunk, written and drained one by one. With "bench_hold":
-# true as well, the stream stops after its first event and the connection stays
-# open until the other side closes it.
+# Mock upstream (child process), two APIs:
+#   POST /v1/chat/completions   OpenAI format
+#   POST /v1/messages           Anthropic format (a claudeApiKeys baseUrl without /v1)
+# A body with "stream": true gets an SSE stream of UPSTREAM_EVENTS events (OpenAI:
+# STREAM_EVENTS chunk events and [DONE]; Anthropic: message_start,
+# content_block_start, ANTHROPIC_DELTAS text deltas, content_block_stop,
+# message_delta with usage, message_stop), each event its own HTTP chunk, written
+# and drained one by one. With "bench_hold": true as well, the stream stops after its
+# first event and the connection stays open until the other side closes it. A request
+# either API would refuse (no messages; Anthropic: no max_tokens or anthropic-version)
+# gets a 400, so a translation that drops them shows up as failed requests.
 # =============================================================================
 
+def json_response(status: str, obj: Dict[str, Any]) -> bytes:
+    body = json.dumps(obj, separators=(",", ":")).encode()
+    head = (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
 def completion_response() -> bytes:
-    body = json.dumps({
+    return json_response("200 OK", {
         "id": "chatcmpl-bench", "object": "chat.completion", "created": 1700000000,
         "model": MODEL,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
                      "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
-    }, separators=(",", ":")).encode()
-    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-    return head + body
+    })
+
+
+def message_response() -> bytes:
+    return json_response("200 OK", {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": CLAUDE_MODEL,
+        "content": [{"type": "text", "text": "Hello!"}], "stop_reason": "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 2},
+    })
+
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n")
 
 
 def stream_chunks() -> List[bytes]:
     """The whole streamed response: the head, one HTTP chunk per SSE event, the end."""
-    chunks = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-              b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    chunks = [SSE_HEAD]
     for i in range(STREAM_EVENTS):
         last = i == STREAM_EVENTS - 1
         event = {"id": "chatcmpl-bench", "object": "chat.completion.chunk",
@@ -111,14 +153,60 @@ def stream_chunks() -> List[bytes]:
     return chunks
 
 
+def anthropic_stream_chunks() -> List[bytes]:
+    """The same, as Anthropic Messages events (`event: X` and `data: {...}`)."""
+    message = {"id": "msg_bench", "type": "message", "role": "assistant", "content": [],
+               "model": CLAUDE_MODEL, "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 5, "output_tokens": 1}}
+    events: List[Dict[str, Any]] = [
+        {"type": "message_start", "message": message},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}]
+    events += [{"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": f"tok{i} "}}
+               for i in range(ANTHROPIC_DELTAS)]
+    events += [{"type": "content_block_stop", "index": 0},
+               {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": ANTHROPIC_DELTAS}},
+               {"type": "message_stop"}]
+    chunks = [SSE_HEAD]
+    for event in events:
+        chunks.append(http_chunk(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()))
+    chunks.append(b"0\r\n\r\n")
+    return chunks
+
+
 def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def refusal(api: str, message: str) -> bytes:
+    if api == "anthropic":
+        return json_response("400 Bad Request", {"type": "error", "error": {
+            "type": "invalid_request_error", "message": message}})
+    return json_response("400 Bad Request", {"error": {
+        "message": message, "type": "invalid_request_error", "code": None}})
+
+
+def mock_problem(api: str, head: bytes, request: Dict[str, Any]) -> str:
+    """Why the real API would refuse this request ("" if it would not)."""
+    if not isinstance(request.get("messages"), list) or not request["messages"]:
+        return "messages: a non-empty list is required"
+    if api == "anthropic":
+        if not isinstance(request.get("max_tokens"), int):
+            return "max_tokens: Field required"
+        if b"\nanthropic-version:" not in head.lower():
+            return "anthropic-version: header is required"
+    return ""
 
 
 NOT_FOUND = (b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 9\r\n\r\n"
              b"not found")
 COMPLETION = completion_response()
 STREAM = stream_chunks()
+MOCK_ROUTES = {                        # request line start -> (API, non-stream answer, stream)
+    b"POST /v1/chat/completions ": ("openai", COMPLETION, STREAM),
+    b"POST /v1/messages ": ("anthropic", message_response(), anthropic_stream_chunks()),
+}
 
 
 class IdleTimer:
@@ -154,17 +242,21 @@ async def mock_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             body = await reader.readexactly(content_length(head))
             idle.touch()
             request = json.loads(body) if body else {}
-            if not head.startswith(b"POST /v1/chat/completions "):
+            route = next((r for line, r in MOCK_ROUTES.items() if head.startswith(line)), None)
+            problem = mock_problem(route[0], head, request) if route else ""
+            if route is None:
                 writer.write(NOT_FOUND)
+            elif problem:
+                writer.write(refusal(route[0], problem))
             elif request.get("stream") is True and request.get("bench_hold") is True:
-                await mock_held_stream(reader, writer)
+                await mock_held_stream(reader, writer, route[2])
                 return
             elif request.get("stream") is True:
-                for data in STREAM:
+                for data in route[2]:
                     writer.write(data)
                     await writer.drain()
             else:
-                writer.write(COMPLETION)
+                writer.write(route[1])
             await writer.drain()
             idle.touch()
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
@@ -175,9 +267,10 @@ async def mock_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWr
         idle.close()
 
 
-async def mock_held_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def mock_held_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           chunks: List[bytes]) -> None:
     """The head and the first event, then nothing until the other side closes."""
-    writer.write(STREAM[0] + STREAM[1])
+    writer.write(chunks[0] + chunks[1])
     await writer.drain()
     while await reader.read(READ_SIZE):
         pass
@@ -310,9 +403,13 @@ def stop_child(proc: subprocess.Popen) -> None:
 def write_proxy_config(directory: str, mock_port: int) -> str:
     path = os.path.join(directory, "config.json")
     with open(path, "w") as f:
-        json.dump({"ampOpenaiProviders": [{
-            "name": "mock", "baseUrl": f"http://{HOST}:{mock_port}/v1", "apiKey": "k",
-            "models": [MODEL]}]}, f)
+        json.dump({
+            "ampOpenaiProviders": [{
+                "name": "mock", "baseUrl": f"http://{HOST}:{mock_port}/v1", "apiKey": "k",
+                "models": [MODEL]}],
+            "claudeApiKeys": [{                # no /v1: the proxy appends /v1/messages
+                "baseUrl": f"http://{HOST}:{mock_port}", "apiKey": "k",
+                "models": [{"name": CLAUDE_MODEL, "alias": CLAUDE_MODEL}]}]}, f)
     return path
 
 
@@ -436,37 +533,88 @@ CLIENT_ERRORS = (BadResponse, OSError, ValueError, asyncio.IncompleteReadError,
                  asyncio.LimitOverrunError)
 
 
-def request_bytes(port: int, payload: Dict[str, object]) -> bytes:
-    body = json.dumps(payload).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
-            f"Authorization: Bearer {LOCAL_KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+class Call(NamedTuple):
+    """A request the load client repeats, in the API it speaks, and what a good answer
+    looks like: for a stream, the least and most SSE events it may have."""
+    api: str                           # "openai" (/v1/chat/completions) or "anthropic"
+    payload: Dict[str, object]
+    min_events: int = UPSTREAM_EVENTS
+    max_events: int = UPSTREAM_EVENTS
+
+    @property
+    def stream(self) -> bool:
+        return self.payload.get("stream") is True
+
+
+def chat_call(api: str, model: str, stream: bool, **extra: object) -> Call:
+    payload: Dict[str, object] = {"model": model,
+                                  "messages": [{"role": "user", "content": "Say hello."}]}
+    if api == "anthropic":
+        payload["max_tokens"] = 256
+    if stream:
+        payload["stream"] = True
+    return Call(api, dict(payload, **extra))
+
+
+def request_bytes(port: int, call: Call) -> bytes:
+    body = json.dumps(call.payload).encode()
+    if call.api == "anthropic":
+        target = "/v1/messages"
+        auth = f"x-api-key: {LOCAL_KEY}\r\nanthropic-version: {ANTHROPIC_VERSION}\r\n"
+    else:
+        target, auth = "/v1/chat/completions", f"Authorization: Bearer {LOCAL_KEY}\r\n"
+    head = (f"POST {target} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
 
 
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
-STREAMED_CHAT = dict(CHAT, stream=True)
-HELD_CHAT = dict(CHAT, stream=True, bench_hold=True)
+CHAT = chat_call("openai", MODEL, False)
+STREAMED_CHAT = chat_call("openai", MODEL, True)
+HELD_CHAT = chat_call("openai", MODEL, True, bench_hold=True)
 
 
 class Body:
     """A response body as it arrives: the SSE events in it (blank-line separators),
-    when the first one came, and its first bytes for checks and error messages."""
+    when the first one came, its first and last bytes for checks and error messages,
+    and whether an error object went by."""
 
     def __init__(self, t0: float):
         self.t0 = t0
         self.events = 0
         self.first_event: Optional[float] = None
         self.start = b""
-        self.last = b""
+        self.tail = b""
+        self.error = False
 
     def feed(self, data: bytes) -> None:
-        self.events += (self.last[-1:] + data).count(b"\n\n")
+        self.events += (self.tail[-1:] + data).count(b"\n\n")
         if self.events and self.first_event is None:
             self.first_event = time.perf_counter() - self.t0
         if len(self.start) < 4096:
             self.start += data[:4096]
-        self.last = data
+        self.tail = (self.tail + data)[-512:]
+        self.error = self.error or b'"error"' in data
+
+    def last_event(self) -> bytes:
+        return self.tail.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+
+
+def stream_problem(call: Call, body: Body) -> str:
+    """Why a streamed answer is not what the client's API promises ("" if it is): the
+    event count in range, no error event, and the right first and last event."""
+    if call.api == "anthropic":
+        shape = "message_start ... message_stop"
+        good = (body.start.startswith(b"event: message_start\n")
+                and body.last_event().startswith(b"event: message_stop\n"))
+    else:
+        shape = "chunks ... [DONE]"
+        good = body.last_event() == b"data: [DONE]"
+    if good and not body.error and call.min_events <= body.events <= call.max_events:
+        return ""
+    expected = (str(call.min_events) if call.min_events == call.max_events
+                else f"{call.min_events}-{call.max_events}")
+    return (f"stream with {body.events} events{', an error among them' if body.error else ''}, "
+            f"expected {expected}: {shape}; starts {body.start[:60]!r}, ends {body.tail[-80:]!r}")
 
 
 class Sample(NamedTuple):
@@ -478,10 +626,10 @@ class Sample(NamedTuple):
 class Client:
     """One keep-alive HTTP/1.1 connection; responses framed by Content-Length or chunked."""
 
-    def __init__(self, port: int, payload: Dict[str, object]):
+    def __init__(self, port: int, call: Call):
         self.port = port
-        self.request = request_bytes(port, payload)
-        self.stream = payload.get("stream") is True
+        self.call = call
+        self.request = request_bytes(port, call)
         self.reader: Optional[asyncio.StreamReader] = None
         self.writer: Optional[asyncio.StreamWriter] = None
 
@@ -548,11 +696,14 @@ class Client:
         latency = time.perf_counter() - t0
         if status != 200:
             raise BadResponse(f"HTTP {status}: {body.start[:300]!r}")
-        if self.stream and (body.events != STREAM_EVENTS + 1 or b"[DONE]" not in body.last):
-            raise BadResponse(f"stream with {body.events} events, expected {STREAM_EVENTS + 1} "
-                              f"ending with [DONE]; ends {body.last[-80:]!r}")
-        if not self.stream and b"chat.completion" not in body.start:
+        if self.call.stream:
+            problem = stream_problem(self.call, body)
+            if problem:
+                raise BadResponse(problem)
+        elif self.call.api == "openai" and b"chat.completion" not in body.start:
             raise BadResponse(f"not a chat.completion: {body.start[:300]!r}")
+        elif self.call.api == "anthropic" and b'"message"' not in body.start:
+            raise BadResponse(f"not an Anthropic message: {body.start[:300]!r}")
         return Sample(latency, body.first_event, body.events)
 
     async def hold_stream(self) -> None:
@@ -589,11 +740,11 @@ async def worker(client: Client, deadline: float, samples: List[Sample],
             return
 
 
-async def run_load(port: int, payload: Dict[str, object], concurrency: int, duration: float,
+async def run_load(port: int, call: Call, concurrency: int, duration: float,
                    watch_pid: Optional[int]) -> Phase:
     """`concurrency` connections sending requests back to back for `duration` seconds,
     after one warm-up request each (it opens the connections and the proxy's pool)."""
-    clients = [Client(port, payload) for _ in range(concurrency)]
+    clients = [Client(port, call) for _ in range(concurrency)]
     try:
         warm_errors: List[str] = []
         await bounded(TIMEOUT, "warm-up", *(worker(c, 0.0, [], warm_errors) for c in clients))
@@ -652,6 +803,50 @@ def close_all(clients: List[Client]) -> None:
 
 
 # =============================================================================
+# Stream pairs: the API the client speaks, the API the model's upstream speaks.
+# =============================================================================
+
+def text_deltas(upstream: str) -> int:
+    """Events carrying text in one mock stream (the last OpenAI chunk only finishes)."""
+    return STREAM_EVENTS - 1 if upstream == "openai" else ANTHROPIC_DELTAS
+
+
+def upstream_text(upstream: str) -> str:
+    return "".join(f"tok{i} " for i in range(text_deltas(upstream)))
+
+
+class StreamPair(NamedTuple):
+    client: str                        # "openai" or "anthropic"
+    upstream: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.client} -> {self.upstream}"
+
+    @property
+    def translated(self) -> bool:
+        return self.client != self.upstream
+
+    @property
+    def model(self) -> str:
+        return MODEL if self.upstream == "openai" else CLAUDE_MODEL
+
+    def call(self, stream: bool = True) -> Call:
+        call = chat_call(self.client, self.model, stream)
+        if stream and self.translated:
+            # Translated events are re-framed: every text delta, plus at least the frame
+            # of the client's API (Anthropic: message_start, content_block_start/stop,
+            # message_delta, message_stop; OpenAI: a finish chunk and [DONE]).
+            least = text_deltas(self.upstream) + (5 if self.client == "anthropic" else 2)
+            call = call._replace(min_events=least, max_events=4 * UPSTREAM_EVENTS)
+        return call
+
+
+PAIRS = (StreamPair("openai", "openai"), StreamPair("anthropic", "anthropic"),
+         StreamPair("anthropic", "openai"), StreamPair("openai", "anthropic"))
+
+
+# =============================================================================
 # One run: every measurement once, against a freshly started proxy.
 # =============================================================================
 
@@ -665,6 +860,7 @@ class Results:
 
     def __init__(self) -> None:
         self.values: Dict[str, Dict[str, List[float]]] = {}
+        self.pairs: Dict[str, Dict[str, Dict[str, List[float]]]] = {}   # pair label -> the same
         self.errors: Dict[str, List[str]] = {}
         self.failed: Set[str] = set()     # metrics the proxy failed before they could be measured
         self.notes: List[str] = []
@@ -675,6 +871,15 @@ class Results:
 
     def median(self, metric: str, path: str) -> Optional[float]:
         runs = self.values.get(metric, {}).get(path)
+        return statistics.median(runs) if runs else None
+
+    def add_pair(self, pair: "StreamPair", metric: str, path: str, value: Optional[float]) -> None:
+        if value is not None:
+            table = self.pairs.setdefault(pair.label, {})
+            table.setdefault(metric, {}).setdefault(path, []).append(value)
+
+    def pair_median(self, pair: "StreamPair", metric: str, path: str) -> Optional[float]:
+        runs = self.pairs.get(pair.label, {}).get(metric, {}).get(path)
         return statistics.median(runs) if runs else None
 
     def note(self, text: str) -> None:
@@ -699,26 +904,204 @@ async def measure_load(results: Results, ports: Dict[str, int], pids: Dict[str, 
             results.add(f"non-stream p99 ms c={c}", path, percentile(latencies, 0.99))
             if phase.cpu is not None and c == 16:
                 results.add("CPU us/request c=16", path, phase.cpu / len(phase.samples) * 1e6)
-    progress("  stream c=1")
-    for path in PATHS:
-        phase = await run_load(ports[path], STREAMED_CHAT, 1, duration, None)
-        record_errors(results, "stream c=1", path, phase.errors)
-        firsts = [s.first_event * 1000 for s in phase.samples if s.first_event is not None]
-        results.add("stream first event p50 ms c=1", path, percentile(firsts, 0.50))
-    progress(f"  stream c={STREAM_CONCURRENCY}")
-    for path in PATHS:
-        phase = await run_load(ports[path], STREAMED_CHAT, STREAM_CONCURRENCY, duration,
-                               pids.get(path))
-        record_errors(results, f"stream c={STREAM_CONCURRENCY}", path, phase.errors)
-        events = sum(s.events for s in phase.samples)
-        results.add(f"stream events/s c={STREAM_CONCURRENCY}", path, events / phase.elapsed)
-        if phase.cpu is not None:
-            results.add(f"CPU us/event c={STREAM_CONCURRENCY}", path, phase.cpu / events * 1e6)
+    for pair in PAIRS:
+        await measure_streams(results, pair, ports, pids, duration)
     for path in ("relay", "proxy"):
         for metric, label in (("non-stream p50 ms c=1", "added p50 ms c=1, non-stream"),
                               ("stream first event p50 ms c=1", "added p50 ms c=1, first event")):
             mine, direct = results.values[metric][path][-1], results.values[metric]["direct"][-1]
             results.add(label, path, mine - direct)
+
+
+FIRST_EVENT = "first event p50 ms c=1"
+CLIENT_EVENTS = "client events per stream"
+CLIENT_RATE = f"client events/s c={STREAM_CONCURRENCY}"
+UPSTREAM_RATE = f"upstream events/s c={STREAM_CONCURRENCY}"
+PAIR_CPU = f"CPU us/upstream event c={STREAM_CONCURRENCY}"
+
+
+async def measure_streams(results: Results, pair: StreamPair, ports: Dict[str, int],
+                          pids: Dict[str, int], duration: float) -> None:
+    """First event p50 at c=1, events/s at STREAM_CONCURRENCY: for the proxy, and
+    direct where the client's API is the upstream's. The first pair (OpenAI pass-through)
+    also fills the main table, relay included. A pair the proxy cannot serve at all is
+    recorded as failed, and the run goes on."""
+    main = pair == PAIRS[0]
+    paths = PATHS if main else ("proxy",) if pair.translated else ("direct", "proxy")
+    call = pair.call()
+
+    async def load(path: str, concurrency: int, watch: Optional[int]) -> Optional[Phase]:
+        phase_name = f"stream {pair.label} c={concurrency}"
+        try:
+            phase = await run_load(ports[path], call, concurrency, duration, watch)
+        except BenchError as exc:
+            if main:
+                raise
+            record_errors(results, phase_name, path, [str(exc)])
+            for judged in PAIRS:           # this pair's target, or the ones it is the base of
+                if judged == pair or (not pair.translated and judged.client == pair.client):
+                    results.failed.add(f"{judged.label}: {UPSTREAM_RATE}")
+            return None
+        record_errors(results, phase_name, path, phase.errors)
+        return phase
+
+    progress(f"  stream {pair.label} c=1")
+    for path in paths:
+        phase = await load(path, 1, None)
+        if phase is None:
+            continue
+        firsts = [s.first_event * 1000 for s in phase.samples if s.first_event is not None]
+        first = percentile(firsts, 0.50) if firsts else None
+        results.add_pair(pair, FIRST_EVENT, path, first)
+        if main:
+            results.add("stream first event p50 ms c=1", path, first)
+    progress(f"  stream {pair.label} c={STREAM_CONCURRENCY}")
+    for path in paths:
+        phase = await load(path, STREAM_CONCURRENCY, pids.get(path))
+        if phase is None:
+            continue
+        streams, events = len(phase.samples), sum(s.events for s in phase.samples)
+        upstream_events = streams * UPSTREAM_EVENTS
+        results.add_pair(pair, CLIENT_EVENTS, path, events / streams)
+        results.add_pair(pair, CLIENT_RATE, path, events / phase.elapsed)
+        results.add_pair(pair, UPSTREAM_RATE, path, upstream_events / phase.elapsed)
+        if phase.cpu is not None and path != "direct":
+            results.add_pair(pair, PAIR_CPU, path, phase.cpu / upstream_events * 1e6)
+        if main:
+            results.add(f"stream events/s c={STREAM_CONCURRENCY}", path, events / phase.elapsed)
+            if phase.cpu is not None:
+                results.add(f"CPU us/event c={STREAM_CONCURRENCY}", path,
+                            phase.cpu / events * 1e6)
+
+
+async def check_shapes(results: Results, ports: Dict[str, int]) -> None:
+    """One non-stream and one streamed answer of every pair, read whole and checked
+    (direct too where the APIs match: a check of the mock itself)."""
+    for pair in PAIRS:
+        for path in ("proxy",) if pair.translated else ("direct", "proxy"):
+            for stream in (False, True):
+                problem = await shape_problem(ports[path], pair, stream)
+                if problem:
+                    kind = "stream" if stream else "non-stream"
+                    record_errors(results, f"shape check, {pair.label} {kind}", path, [problem])
+
+
+async def shape_problem(port: int, pair: StreamPair, stream: bool) -> str:
+    """What is wrong with one answer ("" if nothing)."""
+    client = Client(port, pair.call(stream))
+    parts: List[bytes] = []
+    try:
+        status, headers = await asyncio.wait_for(client.send(), TIMEOUT)
+        await asyncio.wait_for(client.read_body(headers, parts.append), TIMEOUT)
+    except CLIENT_ERRORS + (asyncio.TimeoutError,) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    body = b"".join(parts)
+    if status != 200:
+        return f"HTTP {status}: {body[:300]!r}"
+    try:
+        problems = (stream_shape if stream else message_shape)(pair, body)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        problems = [f"unreadable ({type(exc).__name__}: {exc})"]
+    if not problems:
+        return ""
+    return "; ".join(problems) + f"; body starts {body[:120]!r}, ends {body[-120:]!r}"
+
+
+def message_shape(pair: StreamPair, body: bytes) -> List[str]:
+    obj = json.loads(body)
+    if pair.client == "openai":
+        choice = obj["choices"][0]
+        got = {"object": obj.get("object"), "model": obj.get("model"),
+               "role": choice["message"].get("role"), "text": choice["message"].get("content"),
+               "finish_reason": choice.get("finish_reason")}
+        want = {"object": "chat.completion", "model": pair.model, "role": "assistant",
+                "text": "Hello!", "finish_reason": "stop"}
+    else:
+        got = {"type": obj.get("type"), "model": obj.get("model"), "role": obj.get("role"),
+               "blocks": [b.get("type") for b in obj["content"]],
+               "text": "".join(b.get("text", "") for b in obj["content"]),
+               "stop_reason": obj.get("stop_reason")}
+        want = {"type": "message", "model": pair.model, "role": "assistant", "blocks": ["text"],
+                "text": "Hello!", "stop_reason": "end_turn"}
+    return differences(got, want)
+
+
+def stream_shape(pair: StreamPair, body: bytes) -> List[str]:
+    """Event order and framing of the client's API, the whole text, the stop reason, the
+    model asked for, and output tokens where the upstream reported them."""
+    events = sse_events(body)
+    if pair.client == "anthropic":
+        objs = [json.loads(data) for _, data in events]
+        names = [name for name, _ in events if name != "ping"]
+
+        def of(kind: str) -> List[Dict[str, Any]]:
+            return [o for o in objs if o.get("type") == kind]
+        message_delta = (of("message_delta") or [{}])[-1]
+        got: Dict[str, Any] = {
+            "first": names[:1], "last two": names[-2:],
+            "event name != data type": [n for (n, _), o in zip(events, objs) if o.get("type") != n],
+            "blocks": [o["content_block"]["type"] for o in of("content_block_start")],
+            "block stops": len(of("content_block_stop")),
+            "model": (of("message_start") or [{}])[0].get("message", {}).get("model"),
+            "text": "".join(o["delta"].get("text", "") for o in of("content_block_delta")),
+            "stop_reason": message_delta.get("delta", {}).get("stop_reason")}
+        want: Dict[str, Any] = {
+            "first": ["message_start"], "last two": ["message_delta", "message_stop"],
+            "event name != data type": [], "blocks": ["text"], "block stops": 1,
+            "model": pair.model, "text": upstream_text(pair.upstream), "stop_reason": "end_turn"}
+        if pair.upstream == "anthropic":
+            got["output_tokens"] = message_delta.get("usage", {}).get("output_tokens")
+            want["output_tokens"] = ANTHROPIC_DELTAS
+    else:
+        datas = [data for _, data in events]
+        chunks = [json.loads(data) for data in datas if data != "[DONE]"]
+        choices = [c["choices"][0] for c in chunks if c.get("choices")]
+        got = {"last": datas[-1:], "[DONE] count": datas.count("[DONE]"),
+               "objects": sorted({str(c.get("object")) for c in chunks}),
+               "models": sorted({str(c.get("model")) for c in chunks}),
+               "text": "".join(ch.get("delta", {}).get("content") or "" for ch in choices),
+               "finish_reasons": [ch["finish_reason"] for ch in choices if ch.get("finish_reason")]}
+        want = {"last": ["[DONE]"], "[DONE] count": 1, "objects": ["chat.completion.chunk"],
+                "models": [pair.model], "text": upstream_text(pair.upstream),
+                "finish_reasons": ["stop"]}
+        if pair.upstream == "anthropic":
+            usage = [c["usage"] for c in chunks if isinstance(c.get("usage"), dict)]
+            got["completion_tokens"] = usage[-1].get("completion_tokens") if usage else None
+            want["completion_tokens"] = ANTHROPIC_DELTAS
+    return differences(got, want)
+
+
+def sse_events(body: bytes) -> List[Tuple[str, str]]:
+    """(event name, data) of each SSE event; comments skipped."""
+    events = []
+    for block in body.decode("utf-8").split("\n\n"):
+        name, data = "", []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+        if name or data:
+            events.append((name, "\n".join(data)))
+    return events
+
+
+def differences(got: Dict[str, Any], want: Dict[str, Any]) -> List[str]:
+    out = []
+    for key, expected in want.items():
+        value = got.get(key)
+        if value == expected:
+            continue
+        if isinstance(value, str) and isinstance(expected, str) and len(expected) > 40:
+            i = next((i for i, (a, b) in enumerate(zip(value, expected)) if a != b),
+                     min(len(value), len(expected)))
+            out.append(f"{key}: {len(value)} chars, expected {len(expected)}; from char {i} "
+                       f"{value[i:i + 30]!r}, expected {expected[i:i + 30]!r}")
+        else:
+            out.append(f"{key}: {str(value)[:100]}, expected {str(expected)[:100]}")
+    return out
 
 
 def record_errors(results: Results, phase: str, path: str, errors: List[str]) -> None:
@@ -752,8 +1135,8 @@ async def measure_held_streams(results: Results, ports: Dict[str, int],
 
 async def warm_up_proxy(port: int) -> None:
     """One non-stream and one streamed request, so "idle" means imported and used."""
-    for payload in (CHAT, STREAMED_CHAT):
-        client = Client(port, payload)
+    for call in (CHAT, STREAMED_CHAT):
+        client = Client(port, call)
         try:
             await bounded(TIMEOUT, "first proxy request", client.exchange())
         except CLIENT_ERRORS as exc:
@@ -776,6 +1159,7 @@ def one_run(results: Results, config_path: str, log_path: str, ports: Dict[str, 
         if rss_mb(proxy.proc.pid) is None:
             results.note("RSS, threads and CPU skipped: no /proc on this system")
         results.add("RSS MB, idle after first requests", "proxy", rss_mb(proxy.proc.pid))
+        asyncio.run(check_shapes(results, ports))
         asyncio.run(measure_load(results, ports, pids, duration))
         time.sleep(0.2)
         results.add("RSS MB, idle after load", "proxy", rss_mb(proxy.proc.pid))
@@ -827,6 +1211,30 @@ def print_table(results: Results, runs: int) -> None:
           "closed: a server that let go of them is back at its idle count (about 7).")
 
 
+def print_pairs(results: Results) -> None:
+    print(f"\nstreams by client API -> upstream API (c=1 first event, c={STREAM_CONCURRENCY} "
+          "events/s; direct where the two APIs match)\n")
+    row = "{:<36} {:<28} {:>20} {:>20} {:>12} {:>15}"
+    print(row.format("client -> upstream", "metric", "direct", "proxy", "proxy/direct",
+                     "vs pass-through"))
+    print("-" * 136)
+    for pair in PAIRS:
+        name = f"{pair.label}, {'translated' if pair.translated else 'pass-through'}"
+        for metric, by_path in results.pairs.get(pair.label, {}).items():
+            mine = results.pair_median(pair, metric, "proxy")
+            direct = results.pair_median(pair, metric, "direct")
+            base = results.pair_median(StreamPair(pair.client, pair.client), metric, "proxy")
+            print(row.format(name, metric, cell(by_path.get("direct")), cell(by_path.get("proxy")),
+                             f"{mine / direct:.2f}x" if mine is not None and direct else "-",
+                             f"{mine / base:.2f}x" if pair.translated and mine is not None
+                             and base else "-"))
+            name = ""
+    print(f"\nclient events: SSE events the client read. upstream events/s: {UPSTREAM_EVENTS} "
+          "events each stream the mock sent, over the time taken; for a translated stream the\n"
+          "fair comparison with pass-through. vs pass-through: proxy median over the proxy "
+          "median of the pass-through pair of the same client API.")
+
+
 class Target(NamedTuple):
     label: str
     metric: str                        # the row of the results table it judges
@@ -860,15 +1268,25 @@ def targets(results: Results) -> List[Target]:
         Target("RSS idle (MB)", idle, proxy(idle), "< 30", lambda v: v < 30),
         Target(f"RSS with {HELD_STREAMS} open streams (MB)", held, proxy(held), "< 60",
                lambda v: v < 60),
-    ]
+    ] + [Target(f"{pair.label} upstream events/s c={STREAM_CONCURRENCY}, % of pass-through",
+                f"{pair.label}: {UPSTREAM_RATE}",
+                pass_through_share(results, pair), ">= 50", lambda v: v >= 50)
+         for pair in PAIRS if pair.translated]
+
+
+def pass_through_share(results: Results, pair: StreamPair) -> Optional[float]:
+    """A translated pair's proxy upstream events/s, as % of its client's pass-through."""
+    mine = results.pair_median(pair, UPSTREAM_RATE, "proxy")
+    base = results.pair_median(StreamPair(pair.client, pair.client), UPSTREAM_RATE, "proxy")
+    return None if mine is None or not base else mine / base * 100
 
 
 def print_targets(results: Results) -> int:
     """The targets table; returns how many were missed."""
     print("\ntargets (proxy, medians over the runs)\n")
-    row = "{:<46} {:>10} {:>8}  {}"
+    row = "{:<58} {:>10} {:>8}  {}"
     print(row.format("target", "value", "limit", "result"))
-    print("-" * 76)
+    print("-" * 88)
     missed = 0
     for target in targets(results):
         if target.metric in results.failed:
@@ -879,6 +1297,8 @@ def print_targets(results: Results) -> int:
             verdict = "PASS" if target.ok(target.value) else "FAIL"
         missed += verdict.startswith("FAIL")
         print(row.format(target.label, number(target.value), target.limit, verdict))
+    print("\npass-through: the pair of the same client API (anthropic -> anthropic, "
+          "openai -> openai), measured in the same runs")
     return missed
 
 
@@ -964,6 +1384,7 @@ def bench(args: argparse.Namespace) -> int:
               f"load point, {STREAM_EVENTS}-event streams; Python {sys.version.split()[0]}, "
               f"{os.cpu_count()} CPU(s); load client, mock, relay and proxy share them")
         print_table(results, args.runs)
+        print_pairs(results)
         failed = print_targets(results)
         print_errors(results, log_paths)
     print(f"\n{failed} target(s) missed" if failed else "\nall targets met")
