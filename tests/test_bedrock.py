@@ -323,3 +323,18 @@ def test_bedrock_throttled_before_stream_is_http_429(upstream, proxy):
     status, _, body = request(p, "POST", "/v1/messages", ask("claude-opus-4-5-20251101", stream=True), HEADERS, key=None)
     err = json.loads(body)
     assert status == 429 and err["error"]["type"] == "rate_limit_error"
+
+
+def test_openai_client_reaches_bedrock_stream(upstream, proxy):
+    """Translation and Bedrock together: an OpenAI-format client streams from Bedrock."""
+    mock = upstream(mock_bedrock)
+    p = proxy(bedrock_config(mock.url))
+    status, _, body = request(p, "POST", "/v1/chat/completions", {
+        "model": "claude-sonnet-4-5-20250929", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+    chunks = [block.split(b"data: ", 1)[1] for block in body.split(b"\n\n") if block.strip()]
+    assert status == 200 and chunks[-1] == b"[DONE]"
+    parsed = [json.loads(c) for c in chunks[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in parsed if c["choices"]) == "Hello"
+    sent = json.loads(mock.last().body)
+    assert sent["anthropic_version"] == "bedrock-2023-05-31" and "model" not in sent and "stream" not in sent
+    assert sent["messages"][0]["role"] == "user" and sent["max_tokens"] > 0
