@@ -4324,8 +4324,8 @@ class UpstreamClient:
                 link.close()
                 raise UpstreamError(f"upstream at {where} sent a response head over "
                                     f"{MAX_HEADER_BLOCK} bytes", 502, req.provider, req.url) from None
-            except UpstreamError:
-                link.close()
+            except (UpstreamError, asyncio.CancelledError):
+                link.close()               # cancelled (client gone, shutdown): let it go
                 raise
             return UpstreamResponse(self, key, link, version, status, resp_headers, req)
         raise AssertionError("unreachable")
@@ -5496,6 +5496,9 @@ class Server:
         except ConnectionError:            # the client went away while we wrote
             resp.abort()
             ex.error, ex.keep_alive = "client disconnected", False
+        except asyncio.CancelledError:     # shutdown: the upstream request ends with us
+            resp.abort()
+            raise
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
