@@ -5310,6 +5310,9 @@ class Server:
                     continue
             try:
                 return await self._deliver(ex, target, resp, stream, route)
+            except asyncio.CancelledError:
+                resp.abort()
+                raise
             except UpstreamError as exc:
                 if ex.started:
                     raise
