@@ -77,6 +77,8 @@ SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on s
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
 USAGE_SAMPLES = 1000                     # latencies kept per model/provider for percentiles
 CONFIG_POLL_SECONDS = 1.0                # config changes apply within 2 s (hot reload)
+CLIENT_WRITE_TIMEOUT = 120.0             # a client that reads nothing this long is gone
+WRITE_BUFFER_HIGH = 64 * 1024            # asyncio's own high-water mark for writes
 
 DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
@@ -370,7 +372,10 @@ class _Reader:
             return default
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
+            try:
+                value, ok = float(value), True
+            except OverflowError:
+                raise self.fail(key, f"is far too large: {_short(value)}") from None
         if not ok:
             raise self.fail(key, f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)} {_short(value)}")
         if required and kind is str and not value.strip():
@@ -402,6 +407,7 @@ def _short(value: Any) -> str:
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
@@ -427,7 +433,7 @@ def _parse_headers(reader: _Reader) -> Tuple[Tuple[str, str], ...]:
             raise ConfigError(where, f"{name!r} is not a valid header name")
         if not isinstance(value, str):
             raise ConfigError(where, f'"{name}" must be a string, got {_json_type(value)}')
-        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+        if _BAD_HEADER_TEXT.search(value):
             raise ConfigError(where, f'"{name}" must not contain line breaks or control characters')
         result.append((name, value.strip()))
     return tuple(result)
@@ -486,6 +492,9 @@ def _parse_credential(kind: str, obj: Any, path: str) -> Credential:
     r = _Reader(obj, path)
     is_openai = kind == "openai"
     api_key = r.get("apiKey", str, "", required=not is_openai) or ""
+    if _BAD_HEADER_TEXT.search(api_key):
+        raise ConfigError(path, '"apiKey" must not contain line breaks or control characters '
+                                "(two keys pasted into one?)")
     base = r.get("baseUrl", str, None, required=is_openai) or DEFAULT_BASE_URL[kind]
     base = _normalize_base(kind, _parse_url(base, path, "baseUrl", ("http", "https")))
     proxy_url = r.get("proxyUrl", str, "") or ""
@@ -612,6 +621,8 @@ def load_config(path: Optional[str] = None) -> Config:
     except json.JSONDecodeError as exc:
         raise ConfigError("", f"{path}: line {exc.lineno}, column {exc.colno}: {exc.msg} "
                               "(the config file must be valid JSON)") from None
+    except (ValueError, RecursionError) as exc:   # e.g. a number with thousands of digits
+        raise ConfigError("", f"{path}: not usable JSON ({exc})") from None
     return parse_config(raw, path=path)
 
 
@@ -4118,17 +4129,21 @@ class _Link:
         self.writer.transport.abort()
 
 
+_RESPONSE_VALUE_BAD = re.compile(rb"[\x00\r\n]")
+
+
 def parse_response_head(head: bytes) -> Tuple[str, int, List[Tuple[str, str]]]:
     """(version, status, lower-case headers) of an upstream response head.
     status-line = HTTP-version SP status-code SP [ reason-phrase ]   (RFC 9112 4)"""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
+    lines = head.lstrip(b"\r\n").rstrip(b"\r\n").split(b"\r\n")   # tolerate stray CRLFs
     parts = lines[0].decode("latin-1").split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         raise UpstreamError(f"upstream sent a malformed status line {printable(parts[0], 60)!r}")
     headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if colon and name and name[:1] not in (b" ", b"\t"):
+        if colon and name and name[:1] not in (b" ", b"\t") and \
+                not _RESPONSE_VALUE_BAD.search(value):   # a value with LF could forge a header
             headers.append((name.decode("latin-1").strip().lower(),
                             value.strip(b" \t").decode("latin-1")))
     return parts[0], int(parts[1]), headers
@@ -4292,8 +4307,12 @@ class UpstreamClient:
         if absolute and proxy and proxy.username:
             headers["proxy-authorization"] = proxy.authorization()
         headers["content-length"] = str(len(req.body))
-        wire = (f"{req.method} {target} HTTP/1.1\r\n" +
-                "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode("latin-1")
+        fields = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        if "\n" in fields.replace("\r\n", "") or "\r" in fields.replace("\r\n", ""):
+            raise UpstreamError("a header value for the upstream contains a line break; "
+                                "check the headers and keys in the config", 500, req.provider)
+        # Header values are octets (RFC 9110 5.5): non-ASCII config text goes out as UTF-8.
+        wire = (f"{req.method} {target} HTTP/1.1\r\n{fields}\r\n").encode("utf-8")
         key = (scheme, host, port, proxy.id if proxy else "")
         where = f"{host}:{port}"
         for attempt in (0, 1):
@@ -4758,6 +4777,8 @@ class Exchange:
     upstream_status: Optional[int] = None
     tokens_in: Optional[int] = None
     tokens_out: Optional[int] = None
+    client_gone: bool = False
+    on_gone: Callable[[], Any] = lambda: None   # what the client leaving should stop
 
     def count_tokens(self, found: Tuple[Optional[int], Optional[int]]) -> None:
         """Keep the latest token counts an answer or stream event reported."""
@@ -4797,8 +4818,12 @@ class Connection:
             self._timer = None
 
     def _expire(self) -> None:
-        self._timer, self.expired = None, True
         transport = self.writer.transport
+        if self.phase == "write":          # a client that stopped reading: let it go
+            self._timer = None
+            transport.abort()
+            return
+        self._timer, self.expired = None, True
         if not transport.is_closing():
             transport.pause_reading()       # nothing more is fed to the reader...
         self.reader.feed_eof()              # ...so its pending read can end now
@@ -4883,6 +4908,17 @@ class Connection:
         if self.expired:
             raise WireError(f"request body stalled for {BODY_IDLE_TIMEOUT:g}s", 408)
         return data
+
+    async def drain(self) -> None:
+        """writer.drain(), but a client that reads nothing for CLIENT_WRITE_TIMEOUT is
+        dropped rather than holding its stream (and the upstream's) forever."""
+        if self.writer.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+            return await self.writer.drain()
+        self._arm(CLIENT_WRITE_TIMEOUT, "write")
+        try:
+            await self.writer.drain()
+        finally:
+            self.disarm()
 
     async def watch_disconnect(self, on_gone: Callable[[], None]) -> None:
         """While a response streams, notice the client going away at once."""
@@ -4972,6 +5008,9 @@ class Server:
             self.apply(config)
         except ConfigError as exc:
             log.error("config reload failed, keeping the running config: %s", exc.message)
+            return False
+        except Exception:                  # a bug must not stop future reloads
+            log.exception("config reload failed, keeping the running config")
             return False
         log.info("config reloaded from %s: %d providers, %d models", config.path,
                  len(config.credentials), len(self.router.names()))
@@ -5075,7 +5114,11 @@ class Server:
                     conn.send_error(ex, exc)
             finally:
                 conn.busy = False
-            await conn.writer.drain()
+            try:
+                await conn.drain()
+            except ConnectionError:
+                ex = ex and dataclasses.replace(ex, keep_alive=False)
+                conn.eof = True
             if ex is not None:
                 self._log_request(ex)
             if not ex or not ex.keep_alive or conn.eof:
@@ -5131,9 +5174,9 @@ class Server:
                          "x-api-key, anthropic-version, anthropic-beta"),
                         ("Access-Control-Max-Age", "600")]
         ex.status = 204
-        head = response_head(204, headers + [("Content-Length", "0")], ex.keep_alive,
-                             ex.req.version)
-        ex.conn.writer.write(head)
+        if ex.has_body:                    # never read: it must not pass for a request
+            ex.keep_alive = False
+        ex.conn.writer.write(response_head(204, headers, ex.keep_alive, ex.req.version))
         ex.started = True
 
     async def _route(self, ex: Exchange) -> None:
@@ -5284,6 +5327,29 @@ class Server:
 
     async def _try_targets(self, ex: Exchange, attempts: Sequence[Target], body: Dict[str, Any],
                            stream: bool, route: Route) -> None:
+        """Streams watch the client from the start: a client that leaves while the model
+        is still thinking (Claude Code's Esc) cancels the upstream request at once."""
+        if not stream:
+            return await self._attempt(ex, attempts, body, stream, route)
+        task = asyncio.current_task()
+
+        def gone() -> None:
+            ex.client_gone = True
+            ex.on_gone()
+        ex.on_gone = task.cancel
+        watcher = asyncio.get_running_loop().create_task(ex.conn.watch_disconnect(gone))
+        try:
+            await self._attempt(ex, attempts, body, stream, route)
+        except asyncio.CancelledError:
+            if not ex.client_gone:
+                raise                      # shutdown
+            ex.error, ex.keep_alive = "client disconnected", False
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _attempt(self, ex: Exchange, attempts: Sequence[Target], body: Dict[str, Any],
+                       stream: bool, route: Route) -> None:
         last_error: Optional[UpstreamError] = None
         for i, target in enumerate(attempts):
             more = i + 1 < len(attempts)
@@ -5453,8 +5519,8 @@ class Server:
         """The streaming skeleton: await the upstream's first bytes (so an early failure is
         still an HTTP error), send the head, then write what relay() makes of each read
         and what finish() adds at the end. A client that goes away aborts the upstream."""
-        conn, loop = ex.conn, asyncio.get_running_loop()
-        watcher = loop.create_task(conn.watch_disconnect(resp.abort))
+        conn = ex.conn
+        ex.on_gone = resp.abort            # the client leaving now ends the upstream read
         chunked = ex.req.version == "HTTP/1.1"
         try:
             data = await resp.read1()
@@ -5474,7 +5540,7 @@ class Server:
                     conn.writer.write(head + (chunk(out) if chunked and out else out))
                     head = b""
                     ex.count_tokens(stream_usage(out))
-                    await conn.writer.drain()
+                    await conn.drain()
                 if keepalive:
                     data = await self._read_or_ping(ex, resp, keepalive, chunked)
                 else:
@@ -5499,12 +5565,21 @@ class Server:
         except ConnectionError:            # the client went away while we wrote
             resp.abort()
             ex.error, ex.keep_alive = "client disconnected", False
-        except asyncio.CancelledError:     # shutdown: the upstream request ends with us
+        except asyncio.CancelledError:     # shutdown, or the client left: the upstream ends too
             resp.abort()
             raise
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+        except Exception as exc:           # a bug (e.g. in a translator): end the stream cleanly
+            resp.abort()
+            log.exception("stream relay failed for %s %s", ex.req.method, printable(ex.req.path))
+            if not ex.started:
+                raise
+            ex.error, ex.keep_alive = f"internal error ({type(exc).__name__})", False
+            if not conn.writer.transport.is_closing():
+                self._write_event(conn, chunked, stream_error_event(
+                    ex.fmt, 500, f"internal error in proxypal ({type(exc).__name__}) while "
+                                 "relaying the stream; see the proxy's log"))
+                if chunked:
+                    conn.writer.write(b"0\r\n\r\n")
 
     async def _read_or_ping(self, ex: Exchange, resp: UpstreamResponse, seconds: float,
                             chunked: bool) -> bytes:
@@ -5517,7 +5592,7 @@ class Server:
                 if done:
                     return reading.result()
                 self._write_event(ex.conn, chunked, b": keep-alive\n\n")
-                await ex.conn.writer.drain()
+                await ex.conn.drain()
         finally:
             if not reading.done():
                 reading.cancel()
