@@ -4984,7 +4984,8 @@ class Server:
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         log.addFilter(self.secret_filter)
         if self.config.path:
-            self._watch = asyncio.get_running_loop().create_task(self._watch_config())
+            self._watch = asyncio.get_running_loop().create_task(
+                self._watch_config(self._config_stamp()))
 
     def apply(self, config: Config) -> None:
         """Switch to a new config: requests already running finish on the old one."""
@@ -5016,18 +5017,18 @@ class Server:
                  len(config.credentials), len(self.router.names()))
         return True
 
-    async def _watch_config(self) -> None:
+    def _config_stamp(self) -> Tuple[int, int]:
+        try:
+            info = os.stat(self.config.path)
+            return info.st_mtime_ns, info.st_size
+        except OSError:
+            return 0, 0
+
+    async def _watch_config(self, seen: Tuple[int, int]) -> None:
         """Poll the config file's mtime and size (no watcher dependency)."""
-        def stamp() -> Tuple[int, int]:
-            try:
-                info = os.stat(self.config.path)
-                return info.st_mtime_ns, info.st_size
-            except OSError:
-                return 0, 0
-        seen = stamp()
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
-            now = stamp()
+            now = self._config_stamp()
             if now != seen and now != (0, 0):
                 seen = now
                 self.reload()
