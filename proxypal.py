@@ -841,8 +841,8 @@ class SSESplitter:
             match = _SSE_BOUNDARY.search(buf, start)
             if not match:
                 break
-            if match.end() == len(buf) and buf.endswith(b"\r"):
-                break                      # a lone CR at the end may be half of CRLF
+            # An event ending in a CR is complete even if an LF follows it (the LF is then
+            # an empty line that dispatches nothing), so it goes out at once.
             events.append(buf[start:match.end()])
             start = match.end()
         self._buf = buf[start:]
@@ -4205,6 +4205,7 @@ class UpstreamResponse:
             try:
                 out = b"".join(self._chunked.feed(data))
             except WireError as exc:
+                self._link.close()
                 raise UpstreamError(f"upstream sent invalid chunked framing ({exc.message})",
                                     502, self.req.provider) from None
             if self._chunked.done:
@@ -4216,6 +4217,8 @@ class UpstreamResponse:
         return b""
 
     def _broken(self, why: str) -> UpstreamError:
+        """The error for a body that cannot be read to its end; the connection is closed."""
+        self._link.close()
         if self.aborted:
             return UpstreamError("request aborted: the client went away", 499, self.req.provider)
         if self._link.timed_out:
@@ -4323,10 +4326,10 @@ class UpstreamClient:
             link.arm(req.first_byte_timeout)
             try:
                 link.writer.write(wire + req.body)
-                head = await link.reader.readuntil(b"\r\n\r\n")
+                head = await self._read_head(link)
                 version, status, resp_headers = parse_response_head(head)
                 while 100 <= status < 200:          # interim answers carry no body
-                    head = await link.reader.readuntil(b"\r\n\r\n")
+                    head = await self._read_head(link)
                     version, status, resp_headers = parse_response_head(head)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:
                 link.close()
@@ -4348,6 +4351,13 @@ class UpstreamClient:
                 raise
             return UpstreamResponse(self, key, link, version, status, resp_headers, req)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _read_head(link: _Link) -> bytes:
+        head = await link.reader.readuntil(b"\r\n\r\n")
+        if len(head) > MAX_HEADER_BLOCK:
+            raise ValueError("response head over the limit")
+        return head
 
     async def _connect(self, scheme: str, host: str, port: int, proxy: Optional[ProxySpec],
                        req: UpstreamRequest, where: str) -> _Link:
@@ -5474,8 +5484,9 @@ class Server:
         def relay(data: bytes) -> bytes:
             nonlocal recent
             events = splitter.feed(data)
-            if events:
-                recent = (recent + events)[-3:]
+            real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
+            if real:
+                recent = (recent + real)[-3:]
             return b"".join(events)
 
         def finish() -> bytes:

@@ -213,9 +213,16 @@ class RunningProxy:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
 
     def close(self) -> None:
-        self.call(self.server.close(grace=1.0))
+        async def stop() -> None:
+            await self.server.close(grace=1.0)
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+        self.call(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(TIMEOUT)
+        self.loop.close()
 
 
 def request(proxy: RunningProxy, method: str, path: str, body: Any = None,

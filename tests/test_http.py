@@ -181,7 +181,7 @@ def test_chunked_decoder_refuses(data, status):
 SSE = [
     ("lf", b"event: a\ndata: 1\n\ndata: 2\n\n", [b"event: a\ndata: 1\n\n", b"data: 2\n\n"], []),
     ("crlf", b"data: 1\r\n\r\ndata: 2\r\n\r\n", [b"data: 1\r\n\r\n", b"data: 2\r\n\r\n"], []),
-    ("cr", b"data: 1\r\rdata: 2\r\r", [b"data: 1\r\r"], [b"data: 2\r\r"]),  # final CR: wait
+    ("cr", b"data: 1\r\rdata: 2\r\r", [b"data: 1\r\r", b"data: 2\r\r"], []),
     ("comment", b": OPENROUTER PROCESSING\n\ndata: {}\n\n", [b": OPENROUTER PROCESSING\n\n", b"data: {}\n\n"], []),
     ("no-final-blank", b"data: 1\n\ndata: 2\n", [b"data: 1\n\n"], [b"data: 2\n"]),
     ("multi-line-data", b"data: a\ndata: b\n\n", [b"data: a\ndata: b\n\n"], []),
@@ -189,19 +189,37 @@ SSE = [
 ]
 
 
+def sse_result(data: bytes):
+    """What must not depend on how the bytes were cut: every byte comes out once, in
+    order (events, then what is still pending at the end), and the same events parse
+    from them. Block edges may move by a CR/LF that only ends an empty line."""
+    def finish(splitter):
+        pending = splitter.pending
+        return [("tail", pending, splitter.close())]
+
+    def normalize(out):
+        blocks, (_, pending, closed) = out[:-1], out[-1]
+        parsed = [proxypal.parse_sse_event(b) for b in blocks + closed]
+        return b"".join(blocks) + pending, [p for p in parsed if p]
+    return feed_all_ways(proxypal.SSESplitter, data, finish, normalize)
+
+
 @pytest.mark.parametrize("data,events,tail", [(d, e, t) for _, d, e, t in SSE], ids=[n for n, _, _, _ in SSE])
 def test_sse_splitter(data, events, tail):
-    out = feed_all_ways(proxypal.SSESplitter, data, lambda s: [("tail", s.close())])
-    assert out[:-1] == events
-    assert out[-1] == ("tail", tail)
+    relayed, parsed = sse_result(data)
+    assert relayed == data
+    assert parsed == [proxypal.parse_sse_event(e) for e in events + tail if proxypal.parse_sse_event(e)]
+    whole = proxypal.SSESplitter()
+    assert whole.feed(data) == events and whole.close() == tail
 
 
 def test_sse_splitter_emits_each_event_when_complete():
     splitter = proxypal.SSESplitter()
     assert splitter.feed(b"data: 1\n") == []
     assert splitter.feed(b"\n") == [b"data: 1\n\n"]
-    assert splitter.feed(b"data: 2\r\n\r") == []          # CR may be half of a CRLF
-    assert splitter.feed(b"\n") == [b"data: 2\r\n\r\n"]
+    assert splitter.feed(b"data: 2\r\n\r") == [b"data: 2\r\n\r"]   # complete at the CR
+    assert splitter.feed(b"\n") == [] and splitter.close() == []       # the LF is an empty line
+    assert splitter.feed(b"data: 3\r\r") == [b"data: 3\r\r"]
 
 
 @pytest.mark.parametrize("block,expected", [
