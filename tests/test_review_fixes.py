@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, json_answer, openai_completion,
-                     proxypal, raw_exchange, request, send, sse_answer, status_of)
+                     proxypal, raw_exchange, request, sse_answer, status_of)
 
 
 def provider(url, **extra):
