@@ -4811,29 +4811,44 @@ class Connection:
         self.eof = False
         self.expired = False                 # a timeout ended the input (see _arm)
         self.phase = ""
+        self._deadline = math.inf
         self._timer: Optional[asyncio.TimerHandle] = None
 
-    # Timeouts: one timer per connection rather than asyncio.wait_for around each read
-    # (which costs a task per read). When it fires, reading stops and the pending read
-    # sees the end of input, with `expired` saying why.
+    # Timeouts: one deadline per connection rather than asyncio.wait_for around each read
+    # (a task per read). Its timer is moved only when the deadline comes earlier than the
+    # timer; a timer that fires before the deadline just sets itself again. When the
+    # deadline passes, reading stops and the pending read sees the end of input, with
+    # `expired` saying why.
     def _arm(self, seconds: float, phase: str) -> None:
-        if self._timer is not None:
+        loop = asyncio.get_running_loop()
+        self.phase, self._deadline = phase, loop.time() + seconds
+        if self._timer is not None and self._timer.when() > self._deadline:
             self._timer.cancel()
-        self.phase = phase
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+            self._timer = None
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._expire)
 
     def disarm(self) -> None:
+        self._deadline = math.inf           # the pending timer finds nothing to do
+
+    def stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        if self._deadline == math.inf:
+            return
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._expire)
+            return
         transport = self.writer.transport
         if self.phase == "write":          # a client that stopped reading: let it go
-            self._timer = None
             transport.abort()
             return
-        self._timer, self.expired = None, True
+        self.expired = True
         if not transport.is_closing():
             transport.pause_reading()       # nothing more is fed to the reader...
         self.reader.feed_eof()              # ...so its pending read can end now
@@ -5077,7 +5092,7 @@ class Server:
             log.exception("unexpected error on a connection from %s", conn.peer)
         finally:
             self._connections.pop(task, None)
-            conn.disarm()
+            conn.stop_timer()
             await self._linger_close(conn)
 
     @staticmethod
@@ -5304,7 +5319,8 @@ class Server:
             raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
                               f"{KIND_FORMAT[first.kind]} API; {ex.req.path} cannot reach it: "
                               "call that provider's endpoint instead")
-        route = dataclasses.replace(route, targets=usable)
+        if usable != route.targets:
+            route = Route(route.requested, route.routed, route.mapping, usable)
         ready, cooling = self.balancer.plan(route, ex.config.routing_strategy)
         if not ready:
             raise self._cooling_error(cooling)
