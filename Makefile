@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 test:
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark tests
 
 bench:
 	$(PYTHON) tests/bench.py
