@@ -4511,6 +4511,23 @@ def complete_json(data: str) -> bool:
     return True
 
 
+def with_provider(provider: str, event: str, data: str) -> str:
+    """An error event's message with the provider's name before it (SPEC: errors); any
+    other event unchanged. Cheap for the events that are not errors."""
+    if event != "error" and not data.startswith('{"error"'):
+        return data
+    try:
+        obj = json.loads(data)
+        err = obj["error"]
+        if isinstance(err, dict) and isinstance(err.get("message"), str) and provider \
+                and not err["message"].startswith(provider + ": "):
+            err["message"] = f"{provider}: {err['message']}"
+            return dumps(obj).decode("utf-8")
+    except (ValueError, KeyError, TypeError):
+        pass
+    return data
+
+
 def early_stream_error(data: str) -> UpstreamError:
     """An Anthropic error event that arrived before anything else: an HTTP error instead."""
     try:
@@ -5531,7 +5548,8 @@ class Server:
                 out += events.feed(event, text)
             if closing:
                 out += events.close()
-            return b"".join(encode_event(ex.fmt, e, d) for e, d in out)
+            return b"".join(encode_event(ex.fmt, e, with_provider(ex.provider, e, d))
+                            for e, d in out)
 
         def early(data: bytes) -> bytes:
             incoming = source.feed(data)

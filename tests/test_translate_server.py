@@ -140,6 +140,7 @@ def test_openai_stream_cut_gives_anthropic_error_event(upstream, proxy):
                               ANTHROPIC_HEADERS, key=None)
     got = events(body)
     assert status == 200 and got[-1][0] == "error" and "message_stop" not in [e for e, _ in got]
+    assert json.loads(got[-1][1])["error"]["message"].startswith("vLLM: ")
 
 
 def test_unsigned_thinking_never_reaches_anthropic(upstream, proxy):
