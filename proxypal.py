@@ -5440,6 +5440,11 @@ class Server:
         out = translator.request(body) if translator.request else dict(body)
         if ex.fmt == "anthropic" and cred.kind == "claude":
             drop_unsigned_thinking(out)
+        if translator.request and cred.kind == "openai" and "max_tokens" in out and \
+                urllib.parse.urlsplit(cred.base_url).hostname == "api.openai.com":
+            # OpenAI itself takes only max_completion_tokens from its reasoning models
+            # (B.2); every other OpenAI-compatible server knows max_tokens.
+            out.setdefault("max_completion_tokens", out.pop("max_tokens"))
         if cred.kind != "gemini":
             out["model"] = target.model
             if ex.fmt == "gemini":

@@ -223,3 +223,14 @@ def test_gemini_models_list(upstream, proxy):
     status, _, body = request(p, "GET", "/v1beta/models?key=proxypal-local", key=None)
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and names == ["models/gemini-2.5-pro", "models/gemini-2.5-flash"]
+
+
+def test_translated_requests_to_openai_itself_use_max_completion_tokens(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion("o3")))
+    p = proxy({"proxyUrl": up.url, "ampOpenaiProviders": [
+        {"name": "OpenAI", "baseUrl": "http://api.openai.com/v1", "apiKey": "sk", "models": ["o3"]}]})
+    request(p, "POST", "/v1/messages", {"model": "o3", "max_tokens": 300,
+                                        "messages": [{"role": "user", "content": "Hi"}]},
+            ANTHROPIC_HEADERS, key=None)
+    sent = up.last().json()
+    assert sent["max_completion_tokens"] == 300 and "max_tokens" not in sent
