@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -110,3 +111,26 @@ def test_version_and_help():
 def test_bad_env_port_exits_2(tmp_path):
     out = run("--config", str(tmp_path / "none.json"), env={"PROXYPAL_PORT": "eighty"})
     assert out.returncode == 2 and "PROXYPAL_PORT" in out.stderr
+
+
+def test_log_requests_and_debug_flags(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ampOpenaiProviders": [
+        {"name": "Down", "baseUrl": "http://127.0.0.1:9/v1", "apiKey": "k", "models": ["m"]}]}))
+    proc = spawn("--config", str(config), "--port", "0", "--log-requests", "--debug")
+    try:
+        url = read_banner(proc)[0].split("listening on ")[1].strip()
+        req = urllib.request.Request(url + "/v1/chat/completions", data=b'{"model":"m","messages":[]}',
+                                     headers={"Authorization": "Bearer proxypal-local"})
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(req, timeout=TIMEOUT)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=TIMEOUT)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert " DEBUG route m -> m via 'Down'" in err                       # --debug: routing
+    assert " DEBUG upstream POST http://127.0.0.1:9/v1/chat/completions" in err
+    entry = json.loads([l for l in err.splitlines() if '"path": "/v1/chat/completions"' in l][0]
+                       .split(" INFO ", 1)[1])                            # --log-requests
+    assert entry["status"] == 502 and entry["provider"] == "Down" and "refused" in entry["error"]
