@@ -2114,8 +2114,8 @@ def _anthropic_turn(message: Dict[str, Any], i: int) -> Tuple[str, List[Dict[str
             text_only = all(b["type"] == "text" for b in inner)
             result["content"] = "".join(b["text"] for b in inner) if text_only else inner
         return "user", [result]
-    raise ClientError(f"{where}.role is {_short(role)}; use system, developer, user, assistant "
-                      "or tool (legacy function messages are not supported)")
+    raise ClientError(f"{where}.role is {_short(role)}; use system, developer, user, assistant, "
+                      "tool or function")
 
 
 def _anthropic_messages(turns: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
@@ -2185,9 +2185,48 @@ def _response_format_instruction(fmt: Any) -> str:
     return ""
 
 
+def modern_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """OpenAI's legacy function calling (`functions`, `function_call`, assistant
+    `function_call`, role "function" messages) in its `tools` form, so one translator
+    serves both. Legacy calls have no ids: call_<n> is given in order, and each function
+    result takes the id of the earliest unanswered call of that name. Pure."""
+    messages = body.get("messages")
+    legacy = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
+        for m in messages)
+    if not legacy and "functions" not in body and "function_call" not in body:
+        return body
+    out = dict(body)
+    functions, choice = out.pop("functions", None), out.pop("function_call", None)
+    if isinstance(functions, list) and "tools" not in out:
+        out["tools"] = [{"type": "function", "function": f} for f in functions]
+    if choice is not None and "tool_choice" not in out:
+        named = isinstance(choice, dict) and isinstance(choice.get("name"), str)
+        out["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}}
+                              if named else choice)
+    if legacy:
+        out["messages"], open_calls = [], []
+        for message in messages:
+            if isinstance(message, dict) and isinstance(message.get("function_call"), dict):
+                call_id = f"call_{len(out['messages'])}"
+                open_calls.append((message["function_call"].get("name"), call_id))
+                message = dict(message, tool_calls=list(message.get("tool_calls") or []) + [
+                    {"id": call_id, "type": "function", "function": message["function_call"]}])
+                del message["function_call"]
+            elif isinstance(message, dict) and message.get("role") == "function":
+                match = next((c for c in open_calls if c[0] == message.get("name")), None)
+                if match:
+                    open_calls.remove(match)
+                message = {"role": "tool", "content": message.get("content") or "",
+                           "tool_call_id": match[1] if match else f"call_{len(out['messages'])}"}
+            out["messages"].append(message)
+    return out
+
+
 def openai_to_anthropic_request(body: Dict[str, Any]) -> Dict[str, Any]:
     """A Chat Completions request as an Anthropic Messages request (PROTOCOLS.md D.1).
     Dropped: stream_options, seed, logit_bias, logprobs, penalties, reasoning_content."""
+    body = modern_openai_request(body)
     if _count(body.get("n")) > 1:
         raise ClientError(f"\"n\" is {body['n']}: Anthropic upstreams return one choice; "
                           "send n=1 or leave it out")
@@ -2772,6 +2811,7 @@ def _answered_name(names: Dict[str, str], call_id: Any, where: str) -> str:
 
 def openai_to_gemini_request(body: Dict[str, Any]) -> Dict[str, Any]:
     """OpenAI Chat Completions request -> Gemini generateContent body (E.6)."""
+    body = modern_openai_request(body)
     if body.get("n") not in (None, 1):
         raise ClientError(f"n={body['n']!r} is not supported for a Gemini upstream: send n=1")
     system: List[str] = []

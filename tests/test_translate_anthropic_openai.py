@@ -401,8 +401,8 @@ D1_ERRORS = [
     ("image-not-a-url", chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]}]),
      "messages[0].content[0].image_url.url is \"ftp://x/y.png\"; send a base64 data: URL"),
-    ("legacy-function-role", chat(messages=[{"role": "function", "name": "f", "content": "x"}]),
-     "messages[0].role is \"function\""),
+    ("unknown-role", chat(messages=[{"role": "critic", "content": "x"}]),
+     "messages[0].role is \"critic\""),
     ("non-function-tool", chat(tools=[{"type": "custom", "custom": {"name": "x"}}]),
      "tools[0] is not a function tool"),
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, anthropic_message, json_answer,
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, anthropic_message, json_answer, proxypal,
                      openai_completion, request, sse_answer)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
@@ -234,3 +234,35 @@ def test_translated_requests_to_openai_itself_use_max_completion_tokens(upstream
             ANTHROPIC_HEADERS, key=None)
     sent = up.last().json()
     assert sent["max_completion_tokens"] == 300 and "max_tokens" not in sent
+
+
+LEGACY = {"model": "claude-x", "function_call": {"name": "get_weather"},
+          "functions": [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+          "messages": [{"role": "user", "content": "Weather in Paris?"},
+                       {"role": "assistant", "content": None,
+                        "function_call": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
+                       {"role": "function", "name": "get_weather", "content": "18C"}]}
+
+
+def test_modern_openai_request_converts_legacy_functions():
+    out = proxypal.modern_openai_request(LEGACY)
+    assert out["tools"] == [{"type": "function", "function": LEGACY["functions"][0]}]
+    assert out["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert out["messages"][1]["tool_calls"] == [{"id": "call_1", "type": "function",
+                                                 "function": LEGACY["messages"][1]["function_call"]}]
+    assert "function_call" not in out["messages"][1]
+    assert out["messages"][2] == {"role": "tool", "content": "18C", "tool_call_id": "call_1"}
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert proxypal.modern_openai_request(plain) is plain
+
+
+def test_legacy_functions_reach_anthropic_as_tools(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message()))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    assert request(p, "POST", "/v1/chat/completions", LEGACY)[0] == 200
+    sent = up.last().json()
+    assert sent["tools"][0]["name"] == "get_weather" and sent["tool_choice"]["name"] == "get_weather"
+    use = sent["messages"][1]["content"][-1]
+    result = sent["messages"][2]["content"][0]
+    assert use["type"] == "tool_use" and use["input"] == {"city": "Paris"}
+    assert result["type"] == "tool_result" and result["tool_use_id"] == use["id"] and result["content"] == "18C"
