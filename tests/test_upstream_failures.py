@@ -579,15 +579,15 @@ def test_invalid_chunk_size_non_stream_is_502_and_connection_closed(rig, client,
     alive(p)
 
 
-@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
-def test_invalid_chunk_size_mid_stream_ends_with_error_event(rig, client, kind):
+def stream_then(rig, client, kind, then):
+    """Relay the first events of a stream to the client, then let `then(peer, req)` break
+    the upstream; returns the proxy and every byte the client got."""
     relayed = threading.Event()
 
     def handler(peer, req):
         peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in first_events(req)))
-        assert relayed.wait(TIMEOUT)            # the client has those events: now the bad chunk
-        peer.send(b"-5\r\n" + b"".join(rest_events(req)) + b"\r\n0\r\n\r\n")
-        peer.wait_closed()
+        assert relayed.wait(TIMEOUT)            # the client has those events: now break
+        then(peer, req)
     p, _ = rig(handler)
     resp = open_stream(p, client, MODEL[kind])
     try:
@@ -598,6 +598,15 @@ def test_invalid_chunk_size_mid_stream_ends_with_error_event(rig, client, kind):
     finally:
         relayed.set()
         resp.conn.close()
+    return p, got
+
+
+@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
+def test_invalid_chunk_size_mid_stream_ends_with_error_event(rig, client, kind):
+    def bad_chunk(peer, req):
+        peer.send(b"-5\r\n" + b"".join(rest_events(req)) + b"\r\n0\r\n\r\n")
+        peer.wait_closed()
+    p, got = stream_then(rig, client, kind, bad_chunk)
     err = stream_error(client, got)
     assert "invalid chunked framing" in err["message"] and PROVIDER[kind] in err["message"]
     assert streamed_text(client, got) == "Hel"      # the events before the fault were relayed
@@ -779,22 +788,7 @@ def test_silence_after_stream_head_before_any_event_is_504(rig, client, kind):
 
 @pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
 def test_reset_mid_stream_ends_with_error_event(rig, client, kind):
-    relayed = threading.Event()
-
-    def handler(peer, req):
-        peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in first_events(req)))
-        assert relayed.wait(TIMEOUT)            # the client has those events: now reset
-        peer.reset()
-    p, _ = rig(handler)
-    resp = open_stream(p, client, MODEL[kind])
-    try:
-        assert resp.status == 200
-        got = read_until(resp, b'"Hel"')
-        relayed.set()
-        got += resp.read()
-    finally:
-        relayed.set()
-        resp.conn.close()
+    p, got = stream_then(rig, client, kind, lambda peer, req: peer.reset())
     assert streamed_text(client, got) == "Hel"
     err = stream_error(client, got)
     assert "broke mid-response" in err["message"] and PROVIDER[kind] in err["message"]
