@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
 import hmac
 import http
@@ -40,9 +42,11 @@ import socket
 import ssl
 import struct
 import sys
+import tempfile
+import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = ["serve", "start", "load_config", "parse_config", "Config", "ProxypalError",
@@ -110,11 +114,9 @@ BUILTIN_GEMINI_MODELS = (
     "gemini-3-pro-preview", "gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite",
     "gemini-2.0-flash",
 )
+BUILTIN_MODELS = {"anthropic": BUILTIN_CLAUDE_MODELS, "gemini": BUILTIN_GEMINI_MODELS}
+MODEL_PREFIX = {"anthropic": "claude-", "gemini": "gemini-"}   # also served by keys listing none
 PROXY_SCHEMES = ("http", "socks5", "socks5h")   # outbound proxies the client speaks through
-KIND_PREFIX = {"claude": "claude-", "gemini": "gemini-"}
-KIND_FORMAT = {"claude": "anthropic", "openai": "openai", "gemini": "gemini"}
-CONFIG_LIST_KIND = {"claudeApiKeys": "claude", "geminiApiKeys": "gemini",
-                    "ampOpenaiProviders": "openai"}
 
 
 # =============================================================================
@@ -244,11 +246,73 @@ def short_hash(text: str) -> str:
 
 # =============================================================================
 # 4. Config
-# Strategy: parse_config(raw) turns the JSON object into one frozen Config,
-# validating every key it knows and naming the key path in each error; unknown
-# keys (ProxyPal's app settings) are kept by name only. It never touches a
-# file: load_config(path) is the I/O edge, and never writes.
+# Strategy: SETTINGS is the one table of top-level settings (key, type,
+# default, range, whether it applies live, help); it feeds parse_config, the
+# known keys, `init`, the management page and a README check. parse_config(raw)
+# turns the JSON object into one frozen Config, validating every key it knows
+# and naming the key path in each error; it keeps the raw document untouched,
+# unknown keys included. ConfigStore is the only code that writes the file:
+# validate, write aside, fsync, keep the previous file as .bak, rename.
 # =============================================================================
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    key: str                               # the JSON key
+    attr: str                              # the Config field
+    kind: type                             # str, bool, int, float or list (of strings)
+    default: Any
+    low: Optional[float] = None
+    high: Optional[float] = None
+    live: bool = True                      # applied on reload, without a restart
+    help: str = ""
+    choices: Tuple[str, ...] = ()
+    secret: bool = False
+
+
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("port", "port", int, DEFAULT_PORT, 0, 65535, False, "listen port"),
+    Setting("host", "host", str, DEFAULT_HOST, live=False,
+            help="listen address; beyond loopback it needs a proxyApiKey of your own"),
+    Setting("proxyApiKey", "proxy_api_key", str, DEFAULT_LOCAL_KEY,
+            help="the key local clients present", secret=True),
+    Setting("apiKeys", "api_keys", list, (), help="more accepted local keys", secret=True),
+    Setting("managementKey", "management_key", str, "",
+            help="key for the management page and API (generated at first start)", secret=True),
+    Setting("allowRemoteManagement", "allow_remote_management", bool, False,
+            help="answer management requests from other machines too"),
+    Setting("debug", "debug", bool, False, help="debug log lines: routing, upstream URLs, timings"),
+    Setting("requestLogging", "request_logging", bool, False,
+            help="one JSON log line per request (secrets masked)"),
+    Setting("loggingToFile", "logging_to_file", bool, False, live=False,
+            help="also write logs under the config folder's logs/"),
+    Setting("logsMaxTotalSizeMb", "logs_max_total_size_mb", int, 100, 1, 1_000_000, False,
+            "cap for the logs folder; older files rotate away"),
+    Setting("requestRetry", "request_retry", int, 0, 0, 20,
+            help="extra tries on other credentials for 429, 5xx and connect errors"),
+    Setting("routingStrategy", "routing_strategy", str, "round-robin",
+            help="how to pick among credentials serving one model",
+            choices=("round-robin", "fill-first")),
+    Setting("proxyUrl", "proxy_url", str, "",
+            help="outbound proxy for every upstream: http://, https:// or socks5://"),
+    Setting("proxyUsername", "proxy_username", str, "", help="outbound proxy user"),
+    Setting("proxyPassword", "proxy_password", str, "", help="outbound proxy password", secret=True),
+    Setting("useSystemProxy", "use_system_proxy", bool, False,
+            help="honour HTTPS_PROXY, HTTP_PROXY and NO_PROXY"),
+    Setting("maxBodyMb", "max_body_mb", float, float(DEFAULT_MAX_BODY_MB), 0.001, 4096,
+            help="largest request body accepted"),
+    Setting("streamKeepaliveSeconds", "stream_keepalive_seconds", float, 0.0, 0, 3600,
+            help="while a stream is silent this long, send a keep-alive (0: off)"),
+    Setting("connectTimeoutSeconds", "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, 0.1, 600,
+            help="TCP and TLS connect to an upstream"),
+    Setting("firstByteTimeoutSeconds", "first_byte_timeout", float, DEFAULT_FIRST_BYTE_TIMEOUT,
+            0.1, 86400, help="wait for an upstream's first byte"),
+    Setting("readTimeoutSeconds", "read_timeout", float, DEFAULT_READ_TIMEOUT, 0.1, 86400,
+            help="silence allowed between two chunks of one upstream answer"),
+)
+CREDENTIAL_LISTS = {"claudeApiKeys": "anthropic", "geminiApiKeys": "gemini",
+                    "ampOpenaiProviders": "openai"}
+KNOWN_KEYS = frozenset([s.key for s in SETTINGS] + list(CREDENTIAL_LISTS) + ["ampModelMappings"])
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
@@ -259,7 +323,8 @@ class ModelEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Credential:
-    kind: str                              # "claude" | "gemini" | "openai"
+    api: str                               # the format it speaks: anthropic | gemini | openai
+    dialect: str                           # anthropic | azure | bedrock | gemini | openai
     path: str                              # "claudeApiKeys[0]", for errors and logs
     name: str                              # shown to users
     api_key: str
@@ -286,7 +351,9 @@ class Mapping:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The whole configuration: one immutable value, swapped whole on reload."""
+    """The whole configuration: one immutable value, swapped whole on reload. Its
+    top-level fields are SETTINGS; `raw` is the document it was made from (read it,
+    never change it: ConfigStore writes copies)."""
     port: int = DEFAULT_PORT
     host: str = DEFAULT_HOST
     proxy_api_key: str = DEFAULT_LOCAL_KEY
@@ -303,7 +370,7 @@ class Config:
     proxy_username: str = ""
     proxy_password: str = ""
     use_system_proxy: bool = False
-    max_body_mb: float = DEFAULT_MAX_BODY_MB
+    max_body_mb: float = float(DEFAULT_MAX_BODY_MB)
     stream_keepalive_seconds: float = 0.0
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
@@ -313,6 +380,7 @@ class Config:
     path: str = ""                         # where it was loaded from ("" when built in code)
     loaded: bool = False                   # False when the file did not exist
     unknown_keys: Tuple[str, ...] = ()
+    raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def local_keys(self) -> Tuple[str, ...]:
@@ -460,7 +528,7 @@ def _parse_models(reader: _Reader, required: bool) -> Tuple[ModelEntry, ...]:
     return tuple(entries)
 
 
-def _provider_name(kind: str, base_url: str) -> str:
+def _provider_name(base_url: str) -> str:
     host = urllib.parse.urlsplit(base_url).hostname or base_url
     if host.endswith(".services.ai.azure.com"):
         return f"Azure AI Foundry ({host.split('.')[0]})"
@@ -473,45 +541,56 @@ def _provider_name(kind: str, base_url: str) -> str:
     return host
 
 
-def _normalize_base(kind: str, url: str) -> str:
+def _normalize_base(api: str, url: str) -> str:
     url = url.rstrip("/")
-    if kind == "claude" and url.endswith("/v1"):      # SPEC: tolerate a trailing /v1
+    if api == "anthropic" and url.endswith("/v1"):    # tolerate a trailing /v1
         url = url[:-3]
-    if kind == "gemini":
+    if api == "gemini":
         for suffix in ("/v1beta", "/v1"):
             if url.endswith(suffix):
                 url = url[:-len(suffix)]
     return url
 
 
-DEFAULT_BASE_URL = {"claude": "https://api.anthropic.com",
+DEFAULT_BASE_URL = {"anthropic": "https://api.anthropic.com",
                     "gemini": "https://generativelanguage.googleapis.com"}
 
 
-def _parse_credential(kind: str, obj: Any, path: str) -> Credential:
+def _parse_credential(api: str, obj: Any, path: str) -> Credential:
     r = _Reader(obj, path)
-    is_openai = kind == "openai"
+    is_openai = api == "openai"
     api_key = r.get("apiKey", str, "", required=not is_openai) or ""
     if _BAD_HEADER_TEXT.search(api_key):
         raise ConfigError(path, '"apiKey" must not contain line breaks or control characters '
                                 "(two keys pasted into one?)")
-    base = r.get("baseUrl", str, None, required=is_openai) or DEFAULT_BASE_URL[kind]
-    base = _normalize_base(kind, _parse_url(base, path, "baseUrl", ("http", "https")))
+    base = r.get("baseUrl", str, None, required=is_openai) or DEFAULT_BASE_URL[api]
+    base = _normalize_base(api, _parse_url(base, path, "baseUrl", ("http", "https")))
     proxy_url = r.get("proxyUrl", str, "") or ""
     if proxy_url:
         _parse_url(proxy_url, path, "proxyUrl", PROXY_SCHEMES)
-    name = (r.get("name", str, "", required=is_openai) or _provider_name(kind, base)).strip()
+    name = (r.get("name", str, "", required=is_openai) or _provider_name(base)).strip()
     retry = r.get("requestRetry", int)
     if retry is not None and not 0 <= retry <= 20:
         raise ConfigError(path, f'"requestRetry" must be between 0 and 20, got {retry}')
     prefix = (r.get("prefix", str, "") or "").strip().strip("/")
     headers = _parse_headers(r)
+    region = bedrock_region(base, headers) if api == "anthropic" else ""
     return Credential(
-        kind=kind, path=path, name=name, api_key=api_key.strip(), base_url=base,
-        headers=headers, proxy_url=proxy_url, models=_parse_models(r, is_openai),
-        excluded=r.strings("excludedModels"), prefix=prefix, request_retry=retry,
-        key=f"{kind}|{base}|{short_hash(api_key)}|{short_hash(repr(headers))}",
-        bedrock_region=bedrock_region(base, headers) if kind == "claude" else "")
+        api=api, dialect=_dialect(api, base, region), path=path, name=name,
+        api_key=api_key.strip(), base_url=base, headers=headers, proxy_url=proxy_url,
+        models=_parse_models(r, is_openai), excluded=r.strings("excludedModels"), prefix=prefix,
+        request_retry=retry, key=f"{api}|{base}|{short_hash(api_key)}|{short_hash(repr(headers))}",
+        bedrock_region=region)
+
+
+def _dialect(api: str, base_url: str, region: str) -> str:
+    """Which upstream adapter (section 9) serves a credential."""
+    if region:
+        return "bedrock"
+    if api == "anthropic" and (urllib.parse.urlsplit(base_url).hostname or "").endswith(
+            ".services.ai.azure.com"):
+        return "azure"
+    return api
 
 
 _BEDROCK_HOST = re.compile(r"(?:^|\.)bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.(?:vpce\.)?amazonaws\.com$")
@@ -541,60 +620,41 @@ def _parse_mappings(root: _Reader) -> Tuple[Mapping, ...]:
     return tuple(result)
 
 
-KNOWN_KEYS = frozenset({
-    "port", "host", "proxyApiKey", "apiKeys", "managementKey", "allowRemoteManagement", "debug",
-    "requestLogging", "loggingToFile", "logsMaxTotalSizeMb", "requestRetry", "routingStrategy",
-    "proxyUrl", "proxyUsername", "proxyPassword", "useSystemProxy", "claudeApiKeys",
-    "geminiApiKeys", "ampOpenaiProviders", "ampModelMappings", "maxBodyMb",
-    "streamKeepaliveSeconds", "connectTimeoutSeconds", "firstByteTimeoutSeconds",
-    "readTimeoutSeconds"})
+def _setting(r: _Reader, setting: Setting) -> Any:
+    """One top-level setting, read and checked as SETTINGS describes it."""
+    if setting.kind is list:
+        return r.strings(setting.key)
+    if setting.low is not None:
+        return r.number(setting.key, setting.default, setting.low, setting.high or 0, setting.kind)
+    value = r.get(setting.key, setting.kind, setting.default)
+    if setting.kind is str:
+        value = (value or setting.default) if setting.key == "host" else value
+        value = value.strip().lower() if setting.choices else value
+        if setting.choices and value not in setting.choices:
+            raise ConfigError(setting.key, "must be " + " or ".join(f'"{c}"' for c in setting.choices)
+                              + f", got {value!r}")
+        if setting.key == "proxyUrl" and value:
+            _parse_url(value, "", "proxyUrl", PROXY_SCHEMES)
+        value = value.strip() if setting.key == "host" else value
+    return tuple(value) if isinstance(value, list) else value
 
 
 def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     """Validate a config object (the parsed JSON) into a Config. Pure; raises ConfigError."""
     r = _Reader(raw, "")
-    strategy = r.get("routingStrategy", str, "round-robin").strip().lower()
-    if strategy not in ("round-robin", "fill-first"):
-        raise ConfigError("routingStrategy", f'must be "round-robin" or "fill-first", got {strategy!r}')
-    proxy_url = r.get("proxyUrl", str, "") or ""
-    if proxy_url:
-        _parse_url(proxy_url, "", "proxyUrl", PROXY_SCHEMES)
+    values = {s.attr: _setting(r, s) for s in SETTINGS}
     credentials = []
-    for list_key, kind in CONFIG_LIST_KIND.items():
+    for list_key, api in CREDENTIAL_LISTS.items():
         for i, item in enumerate(r.get(list_key, list, [])):
-            credentials.append(_parse_credential(kind, item, f"{list_key}[{i}]"))
-    return Config(
-        port=r.number("port", DEFAULT_PORT, 0, 65535, int),
-        host=(r.get("host", str, DEFAULT_HOST) or DEFAULT_HOST).strip(),
-        proxy_api_key=r.get("proxyApiKey", str, DEFAULT_LOCAL_KEY),
-        api_keys=r.strings("apiKeys"),
-        management_key=r.get("managementKey", str, ""),
-        allow_remote_management=r.get("allowRemoteManagement", bool, False),
-        debug=r.get("debug", bool, False),
-        request_logging=r.get("requestLogging", bool, False),
-        logging_to_file=r.get("loggingToFile", bool, False),
-        logs_max_total_size_mb=r.number("logsMaxTotalSizeMb", 100, 1, 1_000_000, int),
-        request_retry=r.number("requestRetry", 0, 0, 20, int),
-        routing_strategy=strategy,
-        proxy_url=proxy_url,
-        proxy_username=r.get("proxyUsername", str, ""),
-        proxy_password=r.get("proxyPassword", str, ""),
-        use_system_proxy=r.get("useSystemProxy", bool, False),
-        max_body_mb=r.number("maxBodyMb", DEFAULT_MAX_BODY_MB, 0.001, 4096),
-        stream_keepalive_seconds=r.number("streamKeepaliveSeconds", 0.0, 0, 3600),
-        connect_timeout=r.number("connectTimeoutSeconds", DEFAULT_CONNECT_TIMEOUT, 0.1, 600),
-        first_byte_timeout=r.number("firstByteTimeoutSeconds", DEFAULT_FIRST_BYTE_TIMEOUT, 0.1, 86400),
-        read_timeout=r.number("readTimeoutSeconds", DEFAULT_READ_TIMEOUT, 0.1, 86400),
-        credentials=tuple(credentials),
-        mappings=_parse_mappings(r),
-        path=path, loaded=loaded,
-        unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
-    )
+            credentials.append(_parse_credential(api, item, f"{list_key}[{i}]"))
+    return Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
+                  path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
+                  raw=raw)
 
 
 def default_config_path(environ: Optional[Dict[str, str]] = None,
                         platform: str = sys.platform) -> str:
-    """The OS default config path (SPEC): %APPDATA%, Application Support or XDG."""
+    """The OS default config path: %APPDATA%, Application Support or XDG."""
     env = os.environ if environ is None else environ
     home = env.get("HOME") or os.path.expanduser("~")
     if platform.startswith("win"):
@@ -606,6 +666,17 @@ def default_config_path(environ: Optional[Dict[str, str]] = None,
     return os.path.join(base, "proxypal", "config.json")
 
 
+def parse_config_text(text: str, path: str) -> Any:
+    """The JSON document of a config file's text; an empty file is an empty object."""
+    try:
+        return json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError("", f"{path}: line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                              "(the config file must be valid JSON)") from None
+    except (ValueError, RecursionError) as exc:   # e.g. a number with thousands of digits
+        raise ConfigError("", f"{path}: not usable JSON ({exc})") from None
+
+
 def load_config(path: Optional[str] = None) -> Config:
     """Read and validate a config file; a missing file gives an empty config."""
     path = path or os.environ.get("PROXYPAL_CONFIG") or default_config_path()
@@ -613,17 +684,155 @@ def load_config(path: Optional[str] = None) -> Config:
         with open(path, "r", encoding="utf-8-sig") as f:   # -sig: Notepad writes a BOM
             text = f.read()
     except FileNotFoundError:
-        return Config(path=path, loaded=False)
+        return Config(path=path, loaded=False, raw={})
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc}") from None
+    return parse_config(parse_config_text(text, path), path=path)
+
+
+class ConfigConflict(ProxypalError):
+    """A save over a file that changed since the version the editor started from."""
+    status = 409
+
+
+class ConfigStore:
+    """The only code that writes the config file. save() validates with parse_config
+    first, refuses to overwrite a newer file than the one the caller edited, writes the
+    new text aside in the same folder, fsyncs it, keeps the previous file as
+    config.json.bak and renames the new one into place: the file is always whole, old
+    or new. Keys it does not know are written back as they came. One save at a time,
+    in this process (a lock) and across processes (a lock file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def version_of(data: Optional[bytes]) -> str:
+        return hashlib.sha256(data).hexdigest()[:16] if data is not None else ""
+
+    def read_bytes(self) -> Optional[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {self.path}: {exc}") from None
+
+    def read(self) -> Tuple[Dict[str, Any], str]:
+        """(the document, its version); ({}, "") when the file does not exist."""
+        data = self.read_bytes()
+        if data is None:
+            return {}, ""
+        text = data.decode("utf-8-sig", "replace")
+        raw = parse_config_text(text, self.path)
+        if not isinstance(raw, dict):
+            raise ConfigError("", f"{self.path}: the config must be a JSON object")
+        return raw, self.version_of(data)
+
+    def save(self, raw: Dict[str, Any], base_version: Optional[str] = None) -> Tuple[Config, str]:
+        """Validate and write `raw`; base_version is the version the caller edited (None:
+        whatever is there). Returns (the new Config, the new version)."""
+        config = parse_config(raw, path=self.path)
+        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock, _FolderLock(os.path.dirname(self.path)):
+            current = self.read_bytes()
+            if base_version is not None and self.version_of(current) != base_version:
+                raise ConfigConflict(f"{self.path} changed since it was read (by another editor "
+                                     "or by hand): reload it, reapply your change, and save again")
+            if current is not None and current != data:
+                self._write(self.path + ".bak", current)
+            self._write(self.path, data)
+        return config, self.version_of(data)
+
+    def create(self, raw: Dict[str, Any]) -> bool:
+        """Write a new file; False (and nothing written) when one exists already. The file
+        appears whole or not at all: written aside, then linked into place."""
+        parse_config(raw, path=self.path)
+        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock, _FolderLock(os.path.dirname(self.path)):
+            if os.path.exists(self.path):
+                return False
+            temp = self.path + f".{os.getpid()}.new"
+            self._write(temp, data)
+            try:
+                os.link(temp, self.path)      # fails if the path appeared meanwhile
+            except FileExistsError:
+                return False
+            except OSError:                   # no hard links here (some filesystems)
+                os.replace(temp, self.path)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+        return True
+
+    def _write(self, path: str, data: bytes) -> None:
+        folder = os.path.dirname(path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise ConfigError("", f"cannot write {path}: {exc.strerror or exc}; the file was "
+                                  "not changed") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise ConfigError("", f"cannot write {path}: {exc.strerror or exc}; the file was "
+                                  "not changed") from None
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (POSIX; Windows has no directory handles)."""
+    if os.name != "posix":
+        return
     try:
-        raw = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError("", f"{path}: line {exc.lineno}, column {exc.colno}: {exc.msg} "
-                              "(the config file must be valid JSON)") from None
-    except (ValueError, RecursionError) as exc:   # e.g. a number with thousands of digits
-        raise ConfigError("", f"{path}: not usable JSON ({exc})") from None
-    return parse_config(raw, path=path)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _FolderLock:
+    """An exclusive lock, across processes, on the folder of the config file: flock on
+    the folder itself (POSIX: no lock file is left behind), a lock file on Windows."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.fd = folder, -1
+
+    def __enter__(self) -> "_FolderLock":
+        with contextlib.suppress(OSError):
+            os.makedirs(self.folder, exist_ok=True)
+        try:
+            if os.name == "nt":
+                self.fd = os.open(os.path.join(self.folder, ".proxypal.lock"),
+                                  os.O_RDWR | os.O_CREAT, 0o600)
+                import msvcrt
+                msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
+            else:
+                self.fd = os.open(self.folder, os.O_RDONLY)
+                import fcntl
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            pass                           # no lock to be had: the write will say what is wrong
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)              # closing releases the lock
+            self.fd = -1
 
 
 # =============================================================================
@@ -903,15 +1112,21 @@ def chunk(data: bytes) -> bytes:
 
 # =============================================================================
 # 6. API formats
-# Strategy: what differs between the OpenAI, Anthropic and Gemini wire formats
-# outside of translation: which format a path speaks, error bodies (ours and
-# the upstream's), in-stream error events and the model field. Pure.
+# Strategy: one Format record per API a client or an upstream speaks (OpenAI
+# Chat Completions, Anthropic Messages, Gemini, OpenAI Responses): its client
+# paths and operations, its error body and status-to-type table, how it frames
+# stream events, how a stream of it ends, and where its usage lives. Everything
+# below asks the record instead of testing format names. Pure.
 # =============================================================================
 
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                          402: "billing_error", 403: "permission_error", 404: "not_found_error",
                          413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                         504: "timeout_error", 529: "overloaded_error"}
+                         503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error"}
+ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                          "billing_error": 402, "permission_error": 403, "not_found_error": 404,
+                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                          "timeout_error": 504, "overloaded_error": 529}
 OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                       403: "permission_error", 404: "not_found_error", 408: "timeout",
                       413: "invalid_request_error", 429: "rate_limit_error"}
@@ -924,15 +1139,117 @@ GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMIS
                    504: "DEADLINE_EXCEEDED"}
 
 
-def client_format(path: str, headers: Optional[Dict[str, str]] = None) -> str:
-    """'anthropic', 'openai' or 'gemini': the API a request path speaks."""
+def _openai_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+    kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
+        "api_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": OPENAI_ERROR_CODES.get(status),
+                      "param": None}}
+
+
+def _anthropic_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+    kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
+        "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _gemini_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+    if status == 529:                      # Anthropic's "overloaded" is Gemini's 503
+        status = 503
+    return {"error": {"code": status, "message": message,
+                      "status": GEMINI_STATUSES.get(status, "INTERNAL" if status >= 500
+                                                    else "FAILED_PRECONDITION")}}
+
+
+def _named_event(event: str, data: str) -> bytes:
+    return f"event: {event}\ndata: {data}\n\n".encode("utf-8")
+
+
+def _data_event(event: str, data: str) -> bytes:
+    return f"data: {data}\n\n".encode("utf-8")
+
+
+_OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
+_GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^data:\s*\{\s*"error"', re.M)
+_RESPONSES_FINISHED = re.compile(
+    rb'^event:\s*(?:response\.(?:completed|incomplete|failed)|error)\s*$'
+    rb'|^data:\s*\{\s*"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"', re.M)
+
+
+def _anthropic_finished(recent: Sequence[bytes]) -> bool:
+    last = parse_sse_event(recent[-1]) if recent else None
+    return bool(last) and last[0] in ("message_stop", "error")
+
+
+def _usage_pair(obj: Any) -> Tuple[Optional[int], Optional[int]]:
+    """(input, output) tokens any format's answer or stream event reports; None where it
+    says nothing. Anthropic's input excludes cached tokens, so they are added back."""
+    if not isinstance(obj, dict):
+        return None, None
+    usage = obj.get("usage") or obj.get("usageMetadata")
+    if usage is None and isinstance(obj.get("message"), dict):
+        usage = obj["message"].get("usage")          # Anthropic message_start
+    if usage is None and isinstance(obj.get("response"), dict):
+        usage = obj["response"].get("usage")         # Responses terminal events
+    if not isinstance(usage, dict):
+        return None, None
+
+    def total(*keys: str) -> Optional[int]:
+        values = [usage[k] for k in keys if isinstance(usage.get(k), int)]
+        return sum(values) if values else None
+    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
+        return total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount")
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        return total("prompt_tokens"), total("completion_tokens")
+    return (total("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+            total("output_tokens"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """What one API is on the wire, apart from translation (section 7)."""
+    name: str                              # "openai", "anthropic", "gemini", "responses"
+    title: str                             # for messages: "OpenAI Chat Completions"
+    paths: Dict[str, str]                  # client POST path -> operation
+    error: Callable[[int, str, str], Dict[str, Any]]
+    encode: Callable[[str, str], bytes]    # one stream event, framed
+    end_marker: str                        # what a complete stream ends with, for messages
+    finished: Callable[[Sequence[bytes]], bool]   # do these last events end the stream?
+    opaque: str = ""                       # the field that carries opaque reasoning
+
+    def error_body(self, status: int, message: str, err_type: str = "") -> bytes:
+        return dumps(self.error(status, message, err_type))
+
+    def stream_error(self, status: int, message: str) -> bytes:
+        """An error as the last event of a stream that had already begun."""
+        return self.encode("error", dumps(self.error(status, message, "")).decode("utf-8"))
+
+
+FORMATS: Dict[str, Format] = {f.name: f for f in (
+    Format("openai", "OpenAI Chat Completions",
+           {"/v1/chat/completions": "generate", "/v1/completions": "completions",
+            "/v1/embeddings": "embeddings"},
+           _openai_error, _data_event, "a finish_reason",
+           lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent)),
+    Format("anthropic", "Anthropic Messages",
+           {"/v1/messages": "generate", "/v1/messages/count_tokens": "count"},
+           _anthropic_error, _named_event, "message_stop", _anthropic_finished, "signature"),
+    Format("gemini", "Gemini",
+           {"generateContent": "generate", "streamGenerateContent": "stream",
+            "countTokens": "count"},
+           _gemini_error, _data_event, "a finishReason",
+           lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent), "thoughtSignature"),
+)}
+
+
+def format_of_path(path: str) -> str:
+    """The API a path speaks, for answers to requests that match no route."""
     path = strip_amp_prefix(path)
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.startswith("/v1beta/"):
         return "gemini"
-    if headers and "anthropic-version" in headers:
-        return "anthropic"
+    if path.startswith("/v1/responses"):
+        return "responses" if "responses" in FORMATS else "openai"
     return "openai"
 
 
@@ -945,32 +1262,9 @@ def strip_amp_prefix(path: str) -> str:
     return path
 
 
-def error_object(fmt: str, status: int, message: str, err_type: str = "") -> Dict[str, Any]:
-    if fmt == "anthropic":
-        kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
-            "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
-    if fmt == "gemini":
-        return {"error": {"code": status, "message": message,
-                          "status": GEMINI_STATUSES.get(status, "INTERNAL" if status >= 500
-                                                        else "FAILED_PRECONDITION")}}
-    kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
-        "api_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind,
-                      "code": OPENAI_ERROR_CODES.get(status), "param": None}}
-
-
 def error_body(fmt: str, status: int, message: str, err_type: str = "") -> bytes:
     """The one renderer of every error the proxy answers, in the client's format."""
-    return dumps(error_object(fmt, status, message, err_type))
-
-
-def stream_error_event(fmt: str, status: int, message: str) -> bytes:
-    """An error as the last event of a stream that had already begun."""
-    body = error_body(fmt, status, message)
-    if fmt == "anthropic":
-        return b"event: error\ndata: " + body + b"\n\n"
-    return b"data: " + body + b"\n\n"
+    return FORMATS[fmt].error_body(status, message, err_type)
 
 
 def upstream_message(body: bytes) -> Tuple[str, str]:
@@ -1038,6 +1332,23 @@ def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[flo
     return max(0.0, when - (time.time() if now is None else now))
 
 
+def stream_usage(events: bytes) -> Tuple[Optional[int], Optional[int]]:
+    """Token counts from the SSE events in `events` that carry any (cheap when none do)."""
+    found: Tuple[Optional[int], Optional[int]] = (None, None)
+    if b'"usage' not in events:
+        return found
+    for block in re.split(rb"\r?\n\r?\n", events):
+        if b'"usage' in block:
+            parsed = parse_sse_event(block)
+            try:
+                tokens = _usage_pair(json.loads(parsed[1])) if parsed else (None, None)
+            except ValueError:
+                continue
+            found = (tokens[0] if tokens[0] is not None else found[0],
+                     tokens[1] if tokens[1] is not None else found[1])
+    return found
+
+
 def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
     """Apply a model entry's maxOutputTokens to whichever field the format uses."""
     if not limit:
@@ -1053,65 +1364,2734 @@ def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
             config["maxOutputTokens"] = limit
 
 
-def rewrite_model(body: bytes, alias: str) -> bytes:
-    """A non-stream JSON answer with `model` set to the name the client asked for."""
+# =============================================================================
+# 7. Translation
+# Strategy: every API format has one reader and one writer for requests, for
+# answers and for streams, all meeting in an internal form of our own (7.1),
+# never in another wire format: a Chat Completions pivot would lose thinking
+# signatures, cache_control, exact thinking budgets, tool-result errors and
+# images, and Gemini's functionResponse names. TRANSLATORS (7.6) composes the
+# readers of one format with the writers of another; a client format is one
+# request reader, one answer writer and one stream writer. Same-format pairs
+# never enter the internal form: they are relayed byte for byte. Opaque values
+# (Anthropic signatures and redacted thinking, Gemini thoughtSignature, Responses
+# encrypted_content) remember the format that made them, travel to a client of
+# another format tagged "pp1:<origin>:", and are only ever sent back to an
+# upstream of their own format. Pure: no I/O, no config, no logging.
+# =============================================================================
+
+# -- 7.1 The internal form --------------------------------------------------------
+
+@dataclasses.dataclass
+class Text:
+    text: str
+    cache: Optional[Dict[str, Any]] = None     # Anthropic cache_control, positional
+
+
+@dataclasses.dataclass
+class Media:
+    """An image, document or audio part: inline base64 `data`, or a `url` (http(s), gs://)."""
+    mime: str
+    data: str = ""
+    url: str = ""
+    name: str = ""
+    where: str = ""                            # its place in the client's request, for errors
+    cache: Optional[Dict[str, Any]] = None
+
+    @property
+    def kind(self) -> str:
+        return self.mime.split("/")[0] if "/" in self.mime else "file"
+
+
+@dataclasses.dataclass
+class Reasoning:
+    text: str = ""
+    signature: str = ""                        # opaque; only for an upstream of `origin`
+    origin: str = ""                           # the format whose upstream made the signature
+    redacted: bool = False                     # Anthropic redacted_thinking: data in signature
+
+
+@dataclasses.dataclass
+class ToolCall:
+    id: str
+    name: str
+    args: Any                                  # an object; raw text for a freeform tool
+    signature: str = ""                        # Gemini thoughtSignature of a functionCall part
+    origin: str = ""
+    custom: bool = False                       # freeform (Responses "custom") tool
+
+
+@dataclasses.dataclass
+class ToolResult:
+    call_id: str
+    name: str                                  # the function answered, from the history
+    parts: List[Any]                           # Text and Media
+    is_error: bool = False
+    where: str = ""
+    cache: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class Turn:
+    role: str                                  # "user", "assistant" or "system"
+    parts: List[Any]
+
+
+@dataclasses.dataclass
+class Tool:
+    name: str
+    description: str = ""
+    schema: Optional[Dict[str, Any]] = None    # JSON Schema of the arguments
+    custom: bool = False                       # freeform text input (Codex's apply_patch)
+    server: str = ""                           # run by the upstream: web_search, web_fetch...
+    cache: Optional[Dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class Think:
+    """What the client asked of reasoning: an effort word, an exact budget, or `dynamic`
+    (Gemini's -1, Anthropic's adaptive). effort "none" turns it off."""
+    effort: str = ""
+    budget: Optional[int] = None
+    dynamic: bool = False
+    summary: str = ""                          # Responses reasoning.summary
+
+
+@dataclasses.dataclass
+class Chat:
+    """A request in the internal form."""
+    model: str = ""
+    system: List[Text] = dataclasses.field(default_factory=list)
+    turns: List[Turn] = dataclasses.field(default_factory=list)
+    tools: List[Tool] = dataclasses.field(default_factory=list)
+    tool_choice: str = ""                      # "", auto, any, none, tool
+    tool_name: str = ""                        # with tool_choice "tool"
+    parallel: Optional[bool] = None
+    max_tokens: Optional[int] = None
+    cap_includes_reasoning: bool = True        # max_tokens also pays for thinking
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    stop: List[str] = dataclasses.field(default_factory=list)
+    think: Optional[Think] = None
+    output: Optional[Dict[str, Any]] = None    # {"type": "json_schema"|"json_object", ...}
+    stream: Optional[bool] = None
+    include_usage: bool = True                 # OpenAI clients: stream_options.include_usage
+    user: str = ""
+    n: int = 1
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)   # client-format echoes
+
+
+@dataclasses.dataclass
+class Usage:
+    input: int = 0                             # all prompt tokens, cached ones included
+    cached: int = 0                            # read from a prompt cache
+    cache_write: int = 0                       # written to a prompt cache
+    output: int = 0                            # all output tokens, reasoning included
+    reasoning: int = 0
+    total: int = 0                             # as the upstream said, else input + output
+
+    def sum(self) -> int:
+        return self.total or self.input + self.output
+
+
+@dataclasses.dataclass
+class Answer:
+    """A whole (non-stream) answer in the internal form."""
+    id: str
+    parts: List[Any]                           # Reasoning, Text, ToolCall in order
+    stop: str                                  # a canonical stop reason (STOPS)
+    usage: Usage
+
+
+# Canonical stop reasons; each format has one table in and one table out.
+STOPS = ("end", "stop_sequence", "length", "tool", "refusal", "pause", "context")
+
+# Reasoning effort <-> thinking budget, one table for every format. The budgets are
+# the common suggestions: Anthropic needs >= 1024 (it raises smaller ones); 24576 is
+# Gemini 2.5 Flash's ceiling; xhigh and max use Anthropic's common 32k.
+EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 32768,
+                  "max": 32768}
+EFFORTS = ("none",) + tuple(EFFORT_BUDGETS)
+
+
+def budget_of(think: Think) -> Optional[int]:
+    """The thinking budget a Think asks for; 0 for off, None for 'the model decides'."""
+    if think.effort == "none":
+        return 0
+    if think.budget is not None:
+        return think.budget
+    return EFFORT_BUDGETS.get(think.effort)
+
+
+def effort_of(think: Think) -> str:
+    """The effort word of a Think: given, else from its budget (<= 1024 low, <= 8192
+    medium, else high: the three every reasoning API accepts); "" when dynamic."""
+    if think.effort:
+        return think.effort
+    if think.budget is None:
+        return ""
+    if think.budget <= 0:
+        return "none"
+    return "low" if think.budget <= 1024 else "medium" if think.budget <= 8192 else "high"
+
+
+OPAQUE_TAG = "pp1:"
+
+
+def carry(value: str, origin: str, client: str, redacted: bool = False) -> str:
+    """An opaque value as a client of format `client` keeps it: unchanged when the
+    client's own format made it, else tagged with its origin, so that it finds its way
+    back to an upstream of that format and never to another."""
+    if not value or (origin == client and not redacted):
+        return value
+    return f"{OPAQUE_TAG}{origin}{'!' if redacted else ''}:{value}"
+
+
+def uncarry(value: Any, client: str) -> Tuple[str, str, bool]:
+    """(origin, value, redacted) of an opaque value a client sent back."""
+    if not isinstance(value, str) or not value:
+        return "", "", False
+    if value.startswith(OPAQUE_TAG) and value.count(":") >= 2:
+        _, origin, raw = value.split(":", 2)
+        return origin.rstrip("!"), raw, origin.endswith("!")
+    return client, value, False
+
+
+def merged_turns(turns: Sequence[Turn]) -> List[Turn]:
+    """Adjacent turns of one role merged (chat templates of vLLM and Ollama, Anthropic and
+    Gemini all want user and assistant to alternate); empty turns dropped; in a user
+    turn tool results come first (each answers the assistant turn before it)."""
+    out: List[Turn] = []
+    for turn in turns:
+        if not turn.parts:
+            continue
+        if out and out[-1].role == turn.role:
+            out[-1] = Turn(turn.role, out[-1].parts + turn.parts)
+        else:
+            out.append(Turn(turn.role, list(turn.parts)))
+    for turn in out:
+        if turn.role == "user" and any(isinstance(p, ToolResult) for p in turn.parts):
+            turn.parts.sort(key=lambda p: not isinstance(p, ToolResult))
+    return out
+
+
+def system_texts(chat: Chat) -> List[Text]:
+    """The system prompt, with system turns from mid-conversation appended in order (for
+    formats that take system text in one place only)."""
+    texts = list(chat.system)
+    for turn in chat.turns:
+        if turn.role == "system":
+            texts += [p for p in turn.parts if isinstance(p, Text)]
+    return texts
+
+
+def json_text(obj: Any) -> str:
+    return dumps(obj).decode("utf-8")
+
+
+def count(value: Any) -> int:
+    """A token count as given, or 0 for anything that is not a positive whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+_UNSAFE_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def safe_id(value: Any, fallback: str) -> str:
+    """A tool or message id every API accepts (^[a-zA-Z0-9_-]+$). Deterministic, so a
+    tool call and its result map alike without state (the same foreign id, the same
+    safe id)."""
+    text = value if isinstance(value, str) else ""
+    return _UNSAFE_ID.sub("_", text) or fallback
+
+
+_DATA_URL = re.compile(r"^data:([^;,]+)?((?:;[^;,]*)*?);base64,(.*)$", re.S)
+
+
+def media_from_url(url: Any, where: str, name: str = "", mime: str = "") -> Media:
+    """A data: URL as inline data, an http(s):// or gs:// URL as a reference; any other
+    value is refused here, whatever the upstream."""
+    text = url if isinstance(url, str) else ""
+    match = _DATA_URL.match(text)
+    if match:
+        return Media(match.group(1) or mime or "application/octet-stream", data=match.group(3),
+                     name=name, where=where)
+    if text.startswith(("http://", "https://")):
+        return Media(mime or _mime_of(text), url=text, name=name, where=where)
+    if text.startswith("gs://"):
+        return Media(mime, url=text, name=name, where=where)
+    raise ClientError(f"{where} is {_short(text[:60])}; send a base64 data: URL or an http(s) URL")
+
+
+def _mime_of(url: str) -> str:
+    ext = url.rsplit("?", 1)[0].rsplit(".", 1)[-1].lower()
+    return {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "gif": "image/gif",
+            "webp": "image/webp", "pdf": "application/pdf"}.get(ext, "image/jpeg")
+
+
+def data_url(media: Media) -> str:
+    return media.url or f"data:{media.mime};base64,{media.data}"
+
+
+def tool_args(arguments: Any) -> Dict[str, Any]:
+    """Tool arguments (a JSON string, or an object from lax servers) as an object. Invalid
+    JSON or a non-object becomes {}: every API needs an object, and a half-parsed guess
+    could run the wrong command."""
+    if isinstance(arguments, dict):
+        return arguments
     try:
-        obj = json.loads(body)
+        value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
     except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any, where: str) -> List[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ClientError(f"{where} must be an array, not {_json_type(value)}: send a list")
+    return value
+
+
+def result_text(parts: Sequence[Any], joiner: str = "") -> str:
+    return joiner.join(p.text for p in parts if isinstance(p, Text))
+
+
+CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string"}},
+                      "required": ["input"]}
+
+
+def call_arguments(call: ToolCall) -> Dict[str, Any]:
+    """A tool call's arguments as an object: a freeform tool's raw text rides in "input"
+    (the one string parameter it is declared with for JSON-only upstreams)."""
+    if call.custom:
+        return {"input": call.args if isinstance(call.args, str) else json_text(call.args)}
+    return call.args if isinstance(call.args, dict) else tool_args(call.args)
+
+
+STREAM_CUT = "upstream ended the stream before {end}: the answer is incomplete, retry"
+SERVER_TOOLS = {"web_search": "web search", "web_fetch": "web fetch",
+                "code_execution": "code execution"}
+
+
+def refuse_server_tool(tool: Tool, upstream: str) -> ClientError:
+    return ClientError(f"tool {tool.name!r} is a {SERVER_TOOLS.get(tool.server, tool.server)} "
+                       f"tool that the provider runs itself, and {FORMATS[upstream].title} "
+                       "upstreams cannot run it; route this model to a provider that can, "
+                       "or leave the tool out")
+
+
+def named(provider: str, message: str) -> str:
+    """An error message with the provider's name before it, once."""
+    return f"{provider}: {message}" if provider and not message.startswith(provider + ": ") \
+        else message
+
+
+# -- 7.2 OpenAI Chat Completions -------------------------------------------------
+# https://platform.openai.com/docs/api-reference/chat and .../chat-streaming
+
+OPENAI_STOP_IN = {"stop": "end", "length": "length", "tool_calls": "tool",
+                  "function_call": "tool", "content_filter": "refusal"}
+OPENAI_STOP_OUT = {"end": "stop", "stop_sequence": "stop", "length": "length",
+                   "tool": "tool_calls", "refusal": "content_filter", "pause": "stop",
+                   "context": "length"}
+OPENAI_TOOL_CHOICES = {"auto": "auto", "required": "any", "none": "none"}
+OPENAI_AUDIO_FORMATS = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/mpeg": "mp3",
+                        "audio/mp3": "mp3"}
+OPENAI_NUMBERS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
+def modern_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
+    """OpenAI's legacy function calling (`functions`, `function_call`, assistant
+    `function_call`, role "function" messages) in its `tools` form, so one reader
+    serves both. Legacy calls have no ids: call_<n> is given in order, and each function
+    result takes the id of the earliest unanswered call of that name. Pure."""
+    messages = body.get("messages")
+    legacy = isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
+        for m in messages)
+    if not legacy and "functions" not in body and "function_call" not in body:
         return body
-    if isinstance(obj, dict) and isinstance(obj.get("model"), str) and obj["model"] != alias:
-        obj["model"] = alias
-        return dumps(obj)
-    return body
+    out = dict(body)
+    functions, choice = out.pop("functions", None), out.pop("function_call", None)
+    if isinstance(functions, list) and "tools" not in out:
+        out["tools"] = [{"type": "function", "function": f} for f in functions]
+    if choice is not None and "tool_choice" not in out:
+        named = isinstance(choice, dict) and isinstance(choice.get("name"), str)
+        out["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}}
+                              if named else choice)
+    if legacy:
+        out["messages"] = _modern_messages(messages)
+    return out
 
 
-def usage_tokens(obj: Any) -> Tuple[Optional[int], Optional[int]]:
-    """(input, output) tokens reported by any format's answer or stream event; None where
-    it says nothing. Anthropic's input excludes cached tokens, so they are added back."""
-    if not isinstance(obj, dict):
-        return None, None
-    usage = obj.get("usage") or obj.get("usageMetadata")
-    if usage is None and isinstance(obj.get("message"), dict):
-        usage = obj["message"].get("usage")          # Anthropic message_start
+def _modern_messages(messages: List[Any]) -> List[Any]:
+    out: List[Any] = []
+    open_calls: List[Tuple[Any, str]] = []
+    for message in messages:
+        if isinstance(message, dict) and isinstance(message.get("function_call"), dict):
+            call_id = f"call_{len(out)}"
+            open_calls.append((message["function_call"].get("name"), call_id))
+            message = dict(message, tool_calls=list(message.get("tool_calls") or []) + [
+                {"id": call_id, "type": "function", "function": message["function_call"]}])
+            del message["function_call"]
+        elif isinstance(message, dict) and message.get("role") == "function":
+            match = next((c for c in open_calls if c[0] == message.get("name")), None)
+            if match:
+                open_calls.remove(match)
+            message = {"role": "tool", "content": message.get("content") or "",
+                       "tool_call_id": match[1] if match else f"call_{len(out)}"}
+        out.append(message)
+    return out
+
+
+def read_openai_request(body: Dict[str, Any]) -> Chat:
+    """A Chat Completions request in the internal form. System and developer messages
+    stay where they are (formats with one system slot collect them in order)."""
+    body = modern_openai_request(body)
+    chat = Chat(model=body["model"] if isinstance(body.get("model"), str) else "")
+    names: Dict[str, str] = {}
+    for i, message in enumerate(as_list(body.get("messages"), "messages")):
+        if not isinstance(message, dict):
+            raise ClientError(f"messages[{i}] must be an object, got {_short(message)}")
+        chat.turns.append(_openai_turn(message, i, names))
+    chat.tools = [_openai_tool(t, i) for i, t in enumerate(as_list(body.get("tools"), "tools"))]
+    _openai_choice(body, chat)
+    _openai_settings(body, chat)
+    return chat
+
+
+def _openai_turn(message: Dict[str, Any], i: int, names: Dict[str, str]) -> Turn:
+    role, where = message.get("role"), f"messages[{i}]"
+    if role in ("system", "developer"):
+        return Turn("system", [Text(t) for t in [_openai_text(message.get("content"),
+                                                               where + ".content")] if t])
+    if role == "user":
+        return Turn("user", _openai_parts(message.get("content"), where + ".content"))
+    if role == "assistant":
+        return Turn("assistant", _openai_assistant(message, where, i, names))
+    if role == "tool":
+        call_id = safe_id(message.get("tool_call_id"), "toolu_missing")
+        parts = _openai_parts(message.get("content"), where + ".content")
+        return Turn("user", [ToolResult(call_id, names.get(call_id, ""), parts, where=where)])
+    raise ClientError(f"{where}.role is {_short(role)}; use system, developer, user, assistant, "
+                      "tool or function")
+
+
+def _openai_text(content: Any, where: str) -> str:
+    """Text of a content that may hold only text (a string or text parts)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(as_list(content, where)):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text",
+                                                                   "output_text", "refusal"):
+            raise ClientError(f"{where}[{j}]: only text parts are allowed here, not "
+                              f"{_short(part)}: send text")
+        texts.append(part.get("text") or part.get("refusal") or "")
+    return "".join(texts)
+
+
+def _openai_parts(content: Any, where: str) -> List[Any]:
+    if content is None or isinstance(content, str):
+        return [Text(content)] if content else []
+    parts: List[Any] = []
+    for j, part in enumerate(as_list(content, where)):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(part, str) or kind in ("text", "input_text", "output_text", "refusal"):
+            text = part if isinstance(part, str) else part.get("text", part.get("refusal"))
+            parts += [Text(text)] if isinstance(text, str) and text else []
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            parts.append(media_from_url(url, f"{at}.image_url.url"))
+        elif kind == "input_audio":
+            audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
+            parts.append(Media(f"audio/{audio.get('format') or 'wav'}",
+                               data=str(audio.get("data") or ""), where=at))
+        elif kind == "file":
+            parts.append(_openai_file(part, at))
+        else:
+            raise ClientError(f"{at}: content part type {_short(kind)} cannot be translated; "
+                              "send text, image_url, input_audio or file parts")
+    return parts
+
+
+def _openai_file(part: Dict[str, Any], at: str) -> Media:
+    file = part.get("file") if isinstance(part.get("file"), dict) else {}
+    if not isinstance(file.get("file_data"), str):
+        raise ClientError(f"{at}: a file part needs file_data (a data: URL); file ids of "
+                          "OpenAI's Files API cannot reach another provider")
+    return media_from_url(file["file_data"], f"{at}.file.file_data",
+                          name=str(file.get("filename") or ""))
+
+
+def _openai_assistant(message: Dict[str, Any], where: str, i: int,
+                      names: Dict[str, str]) -> List[Any]:
+    parts: List[Any] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append(Reasoning(reasoning))
+    text = _openai_text(message.get("content"), where + ".content")
+    parts += [Text(text)] if text else []
+    for j, call in enumerate(as_list(message.get("tool_calls"), where + ".tool_calls")):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not function["name"]:
+            raise ClientError(f"{where}.tool_calls[{j}] needs function.name; send tool calls "
+                              'as {"id", "type": "function", "function": {"name", "arguments"}}')
+        call_id = safe_id(call.get("id"), f"toolu_{i}_{j}")
+        names[call_id] = function["name"]
+        parts.append(ToolCall(call_id, function["name"], tool_args(function.get("arguments"))))
+    return parts
+
+
+def _openai_tool(tool: Any, i: int) -> Tool:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not (
+            isinstance(function, dict) and isinstance(function.get("name"), str)):
+        raise ClientError(f"tools[{i}] is not a function tool with a name; send "
+                          '{"type": "function", "function": {"name", "parameters"}}')
+    schema = function.get("parameters")
+    return Tool(function["name"], function.get("description") or "",
+                schema if isinstance(schema, dict) else None)
+
+
+def _openai_choice(body: Dict[str, Any], chat: Chat) -> None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
+        chat.tool_choice, chat.tool_name = "tool", str(function.get("name") or "")
+    elif choice in OPENAI_TOOL_CHOICES:
+        chat.tool_choice = OPENAI_TOOL_CHOICES[choice]
+    elif choice is not None:
+        raise ClientError(f"tool_choice {choice!r} is unknown: use auto, required, none or "
+                          '{"type":"function","function":{"name":...}}')
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        chat.parallel = body["parallel_tool_calls"]
+
+
+def _openai_settings(body: Dict[str, Any], chat: Chat) -> None:
+    limit = count(body.get("max_completion_tokens")) or count(body.get("max_tokens"))
+    chat.max_tokens = limit or None
+    for key in OPENAI_NUMBERS + ("top_k",):
+        if _is_number(body.get(key)):
+            setattr(chat, key, body[key])
+    stop = body.get("stop")
+    chat.stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)] \
+        if isinstance(stop, list) else []
+    chat.output = _openai_output(body.get("response_format"))
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise ClientError(f"reasoning_effort {effort!r} is unknown: use one of "
+                              + ", ".join(EFFORTS))
+        chat.think = Think(effort=effort)
+    if isinstance(body.get("stream"), bool):
+        chat.stream = body["stream"]
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    chat.include_usage = options.get("include_usage") is True
+    chat.user = body["user"] if isinstance(body.get("user"), str) else ""
+    chat.n = count(body.get("n")) or 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _openai_output(fmt: Any) -> Optional[Dict[str, Any]]:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
+        return {"type": "json_schema", "schema": spec.get("schema") or {"type": "object"},
+                "name": spec.get("name") or "response", "strict": spec.get("strict")}
+    return None
+
+
+def write_openai_request(chat: Chat) -> Dict[str, Any]:
+    """The internal form as a Chat Completions request. top_k never goes (OpenAI itself
+    refuses it); reasoning goes as reasoning_content on its assistant message (DeepSeek
+    and Kimi in thinking mode need it back on tool-call turns)."""
+    out: Dict[str, Any] = {"model": chat.model} if chat.model else {}
+    messages: List[Dict[str, Any]] = []
+    system = result_text(chat.system, "\n")
+    if system:
+        messages.append({"role": "system", "content": system})
+    for turn in merged_turns(chat.turns):
+        messages += _openai_messages(turn)
+    out["messages"] = messages
+    if chat.max_tokens:
+        out["max_tokens"] = chat.max_tokens
+    for key in OPENAI_NUMBERS:
+        if getattr(chat, key) is not None:
+            out[key] = getattr(chat, key)
+    if chat.stop:
+        out["stop"] = chat.stop
+    if chat.stream is not None:
+        out["stream"] = chat.stream
+        if chat.stream:                    # usage for the proxy's counters and the client
+            out["stream_options"] = {"include_usage": True}
+    _openai_tools_out(chat, out)
+    effort = effort_of(chat.think) if chat.think else ""
+    if effort and effort != "none":
+        out["reasoning_effort"] = effort
+    if chat.output:
+        out["response_format"] = _openai_format_out(chat.output)
+    if chat.user:
+        out["user"] = chat.user
+    return out
+
+
+def _openai_messages(turn: Turn) -> List[Dict[str, Any]]:
+    if turn.role == "system":
+        return [{"role": "system", "content": result_text(turn.parts, "\n")}]
+    if turn.role == "assistant":
+        return _openai_assistant_out(turn.parts)
+    tools, extra = [], []
+    for part in turn.parts:
+        if isinstance(part, ToolResult):
+            message, carried = _openai_tool_message(part, len(extra))
+            tools.append(message)
+            extra += carried
+    parts = extra + [_openai_part(p) for p in turn.parts if isinstance(p, (Text, Media))]
+    if not parts:
+        return tools
+    content: Any = parts
+    if all(p["type"] == "text" for p in parts):
+        content = "\n".join(p["text"] for p in parts)
+    return tools + [{"role": "user", "content": content}]
+
+
+def _openai_part(part: Any) -> Dict[str, Any]:
+    if isinstance(part, Text):
+        return {"type": "text", "text": part.text}
+    if part.url:
+        if not part.url.startswith(("http://", "https://")):
+            raise ClientError(f"{part.where}: {printable(part.url, 80)!r} cannot be sent to an "
+                              "OpenAI-compatible upstream: send the file inline")
+        return {"type": "image_url", "image_url": {"url": part.url}}
+    if part.kind == "image":
+        return {"type": "image_url", "image_url": {"url": data_url(part)}}
+    if part.mime in OPENAI_AUDIO_FORMATS:
+        return {"type": "input_audio", "input_audio": {"data": part.data,
+                                                       "format": OPENAI_AUDIO_FORMATS[part.mime]}}
+    return {"type": "file", "file": {"filename": part.name or "file." + part.mime.split("/")[-1],
+                                     "file_data": data_url(part)}}
+
+
+def _openai_tool_message(result: ToolResult, carried: int) -> Tuple[Dict[str, Any], list]:
+    """A tool result as a `tool` message, plus the media it carried, which go to a user
+    message after it: most servers take only text in `tool` messages."""
+    texts, extra = [], []
+    for part in result.parts:
+        if isinstance(part, Text):
+            texts.append(part.text)
+        else:
+            extra.append(_openai_part(part))
+            texts.append(f"[{'image' if part.kind == 'image' else 'file'} "
+                         f"{carried + len(extra)} follows in the next message]")
+    text = "\n\n".join(texts)
+    if result.is_error:                    # no OpenAI field: say it in the text
+        text = f"Error: {text}" if text else "Error"
+    return {"role": "tool", "tool_call_id": result.call_id, "content": text}, extra
+
+
+def _openai_assistant_out(parts: List[Any]) -> List[Dict[str, Any]]:
+    texts = [p.text for p in parts if isinstance(p, Text)]
+    thoughts = [p.text for p in parts if isinstance(p, Reasoning) and p.text]
+    calls = [{"id": p.id, "type": "function",
+              "function": {"name": p.name, "arguments": json_text(call_arguments(p))}}
+             for p in parts if isinstance(p, ToolCall)]
+    if not texts and not calls and not thoughts:
+        return []
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+    if thoughts:
+        message["reasoning_content"] = "\n".join(thoughts)
+    if calls:
+        message["tool_calls"] = calls
+    return [message]
+
+
+def _openai_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
+    tools = []
+    for tool in chat.tools:
+        if tool.server:
+            raise refuse_server_tool(tool, "openai")
+        schema = dict(CUSTOM_TOOL_SCHEMA if tool.custom else tool.schema or {"type": "object"})
+        if schema.get("type") == "object" and "properties" not in schema:
+            schema["properties"] = {}
+        function: Dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        function["parameters"] = schema
+        tools.append({"type": "function", "function": function})
+    if not tools:
+        return
+    out["tools"] = tools
+    if chat.tool_choice == "tool":
+        out["tool_choice"] = {"type": "function", "function": {"name": chat.tool_name}}
+    elif chat.tool_choice:
+        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[chat.tool_choice]
+    if chat.parallel is not None:
+        out["parallel_tool_calls"] = chat.parallel
+
+
+def _openai_format_out(output: Dict[str, Any]) -> Dict[str, Any]:
+    if output["type"] == "json_object":
+        return {"type": "json_object"}
+    spec = {"name": output.get("name") or "response", "schema": output.get("schema") or {}}
+    if output.get("strict") is not None:
+        spec["strict"] = output["strict"]
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def read_openai_usage(usage: Any) -> Optional[Usage]:
+    if not isinstance(usage, dict) or not any(k in usage for k in ("prompt_tokens",
+                                                                    "completion_tokens")):
+        return None
+    details = usage.get("prompt_tokens_details") if isinstance(
+        usage.get("prompt_tokens_details"), dict) else {}
+    output = usage.get("completion_tokens_details") if isinstance(
+        usage.get("completion_tokens_details"), dict) else {}
+    write = (usage.get("cache_creation_input_tokens") or details.get("cache_write_tokens")
+             or details.get("cache_creation_input_tokens"))
+    return Usage(count(usage.get("prompt_tokens")), count(details.get("cached_tokens")),
+                 count(write), count(usage.get("completion_tokens")),
+                 count(output.get("reasoning_tokens")), count(usage.get("total_tokens")))
+
+
+def write_openai_usage(usage: Usage) -> Dict[str, Any]:
+    return {"prompt_tokens": usage.input, "completion_tokens": usage.output,
+            "total_tokens": usage.sum(), "prompt_tokens_details": {"cached_tokens": usage.cached},
+            "completion_tokens_details": {"reasoning_tokens": usage.reasoning}}
+
+
+def read_openai_response(body: Dict[str, Any]) -> Answer:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        message, _ = upstream_message(dumps(body))
+        raise UpstreamError(f"answered without choices: {message}")
+    message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
+    parts: List[Any] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        parts.append(Reasoning(reasoning))
+    text = _content_text(message.get("content")) or _content_text(message.get("refusal"))
+    parts += [Text(text)] if text else []
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
+    if isinstance(message.get("function_call"), dict):     # legacy single-function answer
+        calls = calls + [{"function": message["function_call"]}]
+    for i, call in enumerate(c for c in calls if isinstance(c, dict)):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        parts.append(ToolCall(safe_id(call.get("id"), f"toolu_{i}"), str(function.get("name") or ""),
+                              tool_args(function.get("arguments"))))
+    return Answer(str(body.get("id") or short_hash(json_text(body))), parts,
+                  OPENAI_STOP_IN.get(choices[0].get("finish_reason"), "end"),
+                  read_openai_usage(body.get("usage")) or Usage())
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content
+                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def write_openai_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
+    message = _openai_assistant_out(answer.parts)[:1] or [{"role": "assistant", "content": ""}]
+    reply = message[0]
+    if reply.get("tool_calls") and not any(isinstance(p, Text) for p in answer.parts):
+        reply["content"] = None
+    finish = "tool_calls" if reply.get("tool_calls") else OPENAI_STOP_OUT.get(answer.stop, "stop")
+    return {"id": _prefixed(answer.id, "chatcmpl-"), "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}],
+            "usage": write_openai_usage(answer.usage)}
+
+
+def _prefixed(value: str, prefix: str) -> str:
+    value = safe_id(value, short_hash(value or "x"))
+    return value if value.startswith(prefix) else prefix + value
+
+
+class _JsonDepth:
+    """Tells, a fragment at a time and in constant memory, when streamed JSON text has
+    closed its outermost brace: the sign that a tool call's arguments are complete."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped, self.seen = 0, False, False, False
+
+    def feed(self, text: str) -> None:
+        for ch in text:
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = self.seen = True
+            elif ch in "{[":
+                self.depth += 1
+                self.seen = True
+            elif ch in "}]":
+                self.depth -= 1
+            elif not ch.isspace():
+                self.seen = True
+
+    @property
+    def complete(self) -> bool:
+        return self.seen and self.depth <= 0 and not self.in_string
+
+
+class _Fragments:
+    """One streamed OpenAI tool call: its id and name may come late or repeat, its
+    arguments in pieces. `pending` until it can start (name known, and id known or
+    arguments begun); buffered arguments are bounded by that one call."""
+
+    def __init__(self, key: int) -> None:
+        self.key, self.id, self.name, self.state = key, "", "", "pending"   # -> open -> closed
+        self.buffered: List[str] = []
+        self.depth = _JsonDepth()
+
+    @property
+    def startable(self) -> bool:
+        return bool(self.name and (self.id or self.buffered))
+
+
+def stream_error_of(obj: Dict[str, Any]) -> Tuple[int, str]:
+    """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
+    err = obj.get("error")
+    if not isinstance(err, dict):
+        return 502, str(err)
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else (
+        ANTHROPIC_ERROR_STATUS.get(str(err.get("type")), 502))
+    message = str(err.get("message") or json_text(err))
+    if isinstance(code, str) and code and not code.isdigit() and code not in message:
+        message = f"{code}: {message}"
+    return status, message
+
+
+class OpenAIStreamReader:
+    """Chat Completions chunks in (the upstream's), the writer's events out. Lines that
+    are not JSON are skipped (keep-alives of some servers); the end is [DONE], a usage
+    chunk after the finish_reason, or the close after a finish_reason."""
+
+    def __init__(self, writer: Any) -> None:
+        self.w = writer
+        self.calls: Dict[Any, _Fragments] = {}
+        self.order: List[_Fragments] = []
+        self.stopped = False
+        self.usage: Optional[Usage] = None
+        self.resp_id = ""
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        data = data.strip()
+        if self.w.done or not data:
+            return []
+        if data == "[DONE]":
+            return self._stop("stop") + self.w.end(self.usage)
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return []
+        if not isinstance(chunk, dict):
+            return []
+        if chunk.get("error") is not None:
+            return self.w.fail(*stream_error_of(chunk))
+        out: List[Tuple[str, str]] = []
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            if not self.w.started:
+                self.resp_id = str(chunk.get("id") or "")
+                out += self.w.start(self.resp_id or short_hash(data), None)
+            out += self._choice(choices[0])
+        usage = read_openai_usage(chunk.get("usage"))
+        if usage:
+            self.usage = usage
+            if self.stopped and not choices:
+                out += self.w.end(usage)
+        return out
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        if self.stopped:                  # finished; only [DONE] (and maybe usage) missing
+            return self.w.end(self.usage)
+        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["openai"].end_marker))
+
+    def _choice(self, choice: Dict[str, Any]) -> List[Tuple[str, str]]:
+        if self.stopped:
+            return []
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        out: List[Tuple[str, str]] = []
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out += self.w.reasoning(reasoning)
+        text = delta.get("content") or delta.get("refusal")
+        if isinstance(text, str) and text:
+            out += self.w.text(text)
+        items = delta.get("tool_calls")
+        for position, item in enumerate(items if isinstance(items, list) else []):
+            if isinstance(item, dict):
+                out += self._fragment(item, position)
+        reason = choice.get("finish_reason")
+        if reason == "error":
+            return out + self.w.fail(502, 'upstream finished with finish_reason "error"')
+        return out + self._stop(reason) if reason else out
+
+    def _stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped:
+            return []
+        out: List[Tuple[str, str]] = []
+        for call in self.order:
+            if call.state == "pending":
+                out += self._open(call)
+            if call.state == "open":
+                call.state = "closed"
+                out += self.w.tool_end(call.key)
+        self.stopped = True
+        return out + self.w.stop(OPENAI_STOP_IN.get(reason, "end"))
+
+    def _fragment(self, item: Dict[str, Any], position: int) -> List[Tuple[str, str]]:
+        index = item.get("index") if isinstance(item.get("index"), int) else position
+        function = item.get("function") if isinstance(item.get("function"), dict) else {}
+        new_id = item.get("id") if isinstance(item.get("id"), str) else ""
+        call = self.calls.get(index)
+        if call is None or (new_id and call.id and new_id != call.id):   # index reused
+            call = self.calls[index] = _Fragments(len(self.order))
+            self.order.append(call)
+        call.id = call.id or new_id
+        name = function.get("name")
+        call.name = call.name or (name if isinstance(name, str) else "")   # a repeat is ignored
+        arguments = function.get("arguments")
+        if isinstance(arguments, (dict, list)):
+            arguments = json_text(arguments)
+        arguments = arguments if isinstance(arguments, str) else ""
+        if call.state == "closed":
+            return []                      # after its end nothing valid can follow
+        if call.state == "open":
+            return self._arguments(call, arguments) if arguments else []
+        if arguments:
+            call.buffered.append(arguments)
+        return self._open(call) if call.startable else []
+
+    def _open(self, call: _Fragments) -> List[Tuple[str, str]]:
+        call_id = safe_id(call.id, "") or f"toolu_{safe_id(self.resp_id, 'x')}_{call.key}"
+        call.state = "open"
+        out = self.w.tool_start(call.key, call_id, call.name or f"tool_{call.key}")
+        arguments, call.buffered = "".join(call.buffered), []
+        return out + self._arguments(call, arguments) if arguments else out
+
+    def _arguments(self, call: _Fragments, arguments: str) -> List[Tuple[str, str]]:
+        call.depth.feed(arguments)
+        out = self.w.tool_args(call.key, arguments)
+        if call.depth.complete:
+            call.state = "closed"
+            out += self.w.tool_end(call.key)
+        return out
+
+
+class OpenAIStreamWriter:
+    """The writer's calls in, chat.completion.chunk data out (B.4): a role chunk first,
+    content, reasoning_content and tool_calls deltas (tool indexes count tool calls from
+    0), the finish chunk, the usage chunk (choices: []) when the client asked for it
+    with stream_options.include_usage, then [DONE]. A failure is one error chunk and no
+    [DONE], so that no client can take a cut answer for a finished one."""
+
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
+        self.model, self.created = model, int(time.time())
+        self.include_usage = ask.include_usage if ask is not None else True
+        self.started = self.done = False
+        self.stopped = ""
+        self.tools: Dict[Any, int] = {}
+        self.usage: Optional[Usage] = None
+        self._base = ""
+
+    def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.started:
+            return []
+        self.started = True
+        base = json_text({"id": _prefixed(resp_id, "chatcmpl-"), "object": "chat.completion.chunk",
+                          "created": self.created, "model": self.model})
+        self._base = base[:-1] + ',"choices":[{"index":0,"delta":'
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Tuple[str, str]:
+        return "", self._base + json_text(delta) + ',"finish_reason":%s}]}' % (
+            json_text(finish) if finish else "null")
+
+    def _begin(self) -> List[Tuple[str, str]]:
+        return [] if self.started else self.start("", None)
+
+    def text(self, text: str) -> List[Tuple[str, str]]:
+        # The hot path of every translated stream: one string format, no dict.
+        out = self._begin()
+        out.append(("", self._base + '{"content":' + _JSON.encode(text) + '},"finish_reason":null}]}'))
+        return out
+
+    def reasoning(self, text: str) -> List[Tuple[str, str]]:
+        return self._begin() + [self._chunk({"reasoning_content": text})] if text else []
+
+    def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
+        return []                          # Chat Completions has no place for it
+
+    def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
+        index = self.tools[key] = len(self.tools)
+        return self._begin() + [self._chunk({"tool_calls": [{
+            "index": index, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": ""}}]})]
+
+    def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
+        if not fragment or key not in self.tools:
+            return []
+        return [self._chunk({"tool_calls": [{"index": self.tools[key],
+                                             "function": {"arguments": fragment}}]})]
+
+    def tool_end(self, key: Any) -> List[Tuple[str, str]]:
+        return []
+
+    def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
+                  origin: str = "") -> List[Tuple[str, str]]:
+        index = self.tools[object()] = len(self.tools)
+        return self._begin() + [self._chunk({"tool_calls": [{
+            "index": index, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}]})]
+
+    def stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped or self.done:
+            return []
+        self.stopped = reason
+        finish = "tool_calls" if self.tools else OPENAI_STOP_OUT.get(reason, "stop")
+        return self._begin() + [self._chunk({}, finish)]
+
+    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        out = self.stop("end")
+        self.done, self.usage = True, usage or self.usage
+        if self.include_usage:
+            out.append(("", self._base.split(',"choices"')[0] + ',"choices":[],"usage":'
+                        + json_text(write_openai_usage(self.usage or Usage())) + "}"))
+        return out + [("", "[DONE]")]
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        message = named(self.provider, message)
+        if self.done:
+            return []
+        self.done = True
+        return [("", json_text(_openai_error(status, message)))]
+
+
+# -- 7.3 Anthropic Messages -------------------------------------------------------
+# https://docs.anthropic.com/en/api/messages and .../messages-streaming
+
+ANTHROPIC_STOP_IN = {"end_turn": "end", "stop_sequence": "stop_sequence", "max_tokens": "length",
+                     "tool_use": "tool", "refusal": "refusal", "pause_turn": "pause",
+                     "model_context_window_exceeded": "context"}
+ANTHROPIC_STOP_OUT = {v: k for k, v in ANTHROPIC_STOP_IN.items()}
+ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens; other clients may omit
+                                         # it. 8192 is the largest cap every current Claude
+                                         # model accepts, and maxOutputTokens clamps anyway.
+ANTHROPIC_MIN_THINKING_BUDGET = 1024     # budget_tokens below this is refused
+ANTHROPIC_PLACEHOLDER_TEXT = "(continue)"   # Anthropic needs a first user turn, no empty text
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"   # Claude Code's attribution text: it
+                                         # means nothing to another provider (CLIProxyAPI drops it)
+JSON_OBJECT_INSTRUCTION = "Respond with one JSON object and nothing else."
+ANTHROPIC_CHOICES = {"auto": "auto", "any": "any", "tool": "tool", "none": "none"}
+ANTHROPIC_SERVER_TOOLS = {"web_search": "web_search_20250305", "web_fetch": "web_fetch_20250910"}
+
+
+def read_anthropic_request(body: Dict[str, Any]) -> Chat:
+    """A Messages request in the internal form. Mid-conversation system messages (the
+    mid-conversation-system beta Claude Code uses) become system turns in place."""
+    chat = Chat(model=body["model"] if isinstance(body.get("model"), str) else "")
+    chat.system = [t for t in _anthropic_texts(body.get("system"), "system")
+                   if not t.text.startswith(BILLING_HEADER_PREFIX)]
+    names: Dict[str, str] = {}
+    for i, message in enumerate(as_list(body.get("messages"), "messages")):
+        role = message.get("role") if isinstance(message, dict) else None
+        where = f"messages[{i}]"
+        if role not in ("user", "assistant", "system"):
+            raise ClientError(f"{where}.role is {_short(role)}; use \"user\" or \"assistant\" "
+                              "(the system prompt goes in the top-level \"system\")")
+        blocks = _anthropic_blocks(message.get("content"), where + ".content")
+        chat.turns.append(Turn(role, [p for j, b in enumerate(blocks) for p in _anthropic_part(
+            b, f"{where}.content[{j}]", role, names, j)]))
+    chat.tools = [_anthropic_tool(t) for t in as_list(body.get("tools"), "tools")
+                  if isinstance(t, dict)]
+    _anthropic_choice(body.get("tool_choice"), chat)
+    _anthropic_settings(body, chat)
+    return chat
+
+
+def _anthropic_blocks(content: Any, where: str) -> List[Dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [b for b in as_list(content, where) if isinstance(b, dict)]
+
+
+def _anthropic_texts(content: Any, where: str) -> List[Text]:
+    return [Text(b["text"], b.get("cache_control")) for b in _anthropic_blocks(content, where)
+            if b.get("type") == "text" and isinstance(b.get("text"), str) and b["text"]]
+
+
+def _anthropic_part(block: Dict[str, Any], where: str, role: str, names: Dict[str, str],
+                    position: int = 0) -> List[Any]:
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        return [Text(text, block.get("cache_control"))] if isinstance(text, str) and text else []
+    if kind in ("image", "document"):
+        return [_anthropic_media(block, where)]
+    if kind == "tool_use":
+        name = block.get("name")
+        if not isinstance(name, str) or not name:
+            raise ClientError(f"{where}: a tool_use needs a \"name\"; add the tool's name")
+        call_id = safe_id(block.get("id"), f"toolu_{position}")
+        names[call_id] = name
+        args = block.get("input") if isinstance(block.get("input"), dict) else {}
+        return [ToolCall(call_id, name, args)]
+    if kind == "tool_result":
+        call_id = safe_id(block.get("tool_use_id"), "toolu_missing")
+        parts = [p for j, b in enumerate(_anthropic_blocks(block.get("content") or [],
+                                                           where + ".content"))
+                 for p in _anthropic_part(b, f"{where}.content[{j}]", role, names)
+                 if isinstance(p, (Text, Media))]
+        return [ToolResult(call_id, names.get(call_id, ""), parts, block.get("is_error") is True,
+                           where, block.get("cache_control"))]
+    if kind in ("thinking", "redacted_thinking") and role == "assistant":
+        redacted = kind == "redacted_thinking"
+        origin, value, was_redacted = uncarry(block.get("data" if redacted else "signature"),
+                                              "anthropic")
+        return [Reasoning("" if redacted else str(block.get("thinking") or ""), value, origin,
+                          redacted or was_redacted)]
+    return []                              # server-tool blocks and anything newer
+
+
+def _anthropic_media(block: Dict[str, Any], where: str) -> Any:
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    origin, kind = source.get("type"), block.get("type")
+    name = block.get("title") if isinstance(block.get("title"), str) else ""
+    if origin == "base64":
+        mime = source.get("media_type") or ("image/png" if kind == "image" else "application/pdf")
+        return Media(str(mime), data=str(source.get("data") or ""), name=name, where=where,
+                     cache=block.get("cache_control"))
+    if origin == "url":
+        return media_from_url(source.get("url"), where, name,
+                              "application/pdf" if kind == "document" else "")
+    if origin == "text":
+        return Text(str(source.get("data") or ""), block.get("cache_control"))
+    if origin == "content":
+        return Text("\n".join(t.text for t in _anthropic_texts(source.get("content"), where)))
+    raise ClientError(f"{where}: a {kind} with source type {origin!r} cannot be translated for "
+                      "another provider; send it as base64 data instead")
+
+
+def _anthropic_tool(tool: Dict[str, Any]) -> Tool:
+    """A client tool; a typed tool without input_schema (web_search_20250305...) is a
+    server tool the upstream must run itself."""
+    kind = str(tool.get("type") or "")
+    if isinstance(tool.get("input_schema"), dict) or kind in ("", "custom"):
+        schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else None
+        return Tool(str(tool.get("name") or ""), str(tool.get("description") or ""), schema,
+                    cache=tool.get("cache_control"))
+    server = next((s for s in ("web_search", "web_fetch", "code_execution") if kind.startswith(s)),
+                  kind)
+    return Tool(str(tool.get("name") or kind), server=server)
+
+
+def _anthropic_choice(choice: Any, chat: Chat) -> None:
+    if choice is None:
+        return
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in ANTHROPIC_CHOICES:
+        raise ClientError(f"tool_choice {_short(choice)} is unknown: use type auto, any, tool or none")
+    chat.tool_choice = kind
+    chat.tool_name = str(choice.get("name") or "") if kind == "tool" else ""
+    if choice.get("disable_parallel_tool_use") is True:
+        chat.parallel = False
+
+
+def _anthropic_settings(body: Dict[str, Any], chat: Chat) -> None:
+    chat.max_tokens = count(body.get("max_tokens")) or None
+    for key in ("temperature", "top_p", "top_k"):
+        if _is_number(body.get(key)):
+            setattr(chat, key, body[key])
+    chat.stop = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)] \
+        if isinstance(body.get("stop_sequences"), list) else []
+    if isinstance(body.get("stream"), bool):
+        chat.stream = body["stream"]
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    chat.think = _anthropic_think(body.get("thinking"), config.get("effort"))
+    fmt = config.get("format") or body.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        chat.output = {"type": "json_schema", "schema": fmt.get("schema") or {"type": "object"},
+                       "name": fmt.get("name") or "response"}
+
+
+def _anthropic_think(thinking: Any, effort: Any) -> Optional[Think]:
+    """enabled -> that budget; adaptive -> the model decides, at output_config.effort;
+    disabled or absent -> nothing asked (an effort alone is still an effort)."""
+    effort = effort if effort in EFFORTS else ""
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        return Think(budget=count(thinking.get("budget_tokens")) or ANTHROPIC_MIN_THINKING_BUDGET)
+    if kind == "adaptive":
+        return Think(effort=effort, dynamic=True)
+    return Think(effort=effort) if effort and kind != "disabled" else None
+
+
+def write_anthropic_request(chat: Chat) -> Dict[str, Any]:
+    """The internal form as a Messages request: system text collected in order, tool
+    results first in their user turn, a placeholder user turn first when needed; only
+    Anthropic's own signatures are replayed (a foreign thinking block is dropped)."""
+    if chat.n > 1:
+        raise ClientError(f'"n" is {chat.n}: Anthropic upstreams return one choice; send n=1 '
+                          "or leave it out")
+    out: Dict[str, Any] = {"model": chat.model} if chat.model else {}
+    messages = [{"role": t.role, "content": blocks} for t in merged_turns(
+        [t for t in chat.turns if t.role != "system"]) for blocks in [_anthropic_blocks_out(t)]
+        if blocks]
+    if not messages or messages[0]["role"] != "user":
+        messages.insert(0, {"role": "user",
+                            "content": [{"type": "text", "text": ANTHROPIC_PLACEHOLDER_TEXT}]})
+    out["messages"] = messages
+    system = [_anthropic_text_out(t) for t in system_texts(chat)]
+    if chat.output and chat.output["type"] == "json_object":
+        system.append({"type": "text", "text": JSON_OBJECT_INSTRUCTION})
+    if system:
+        out["system"] = system
+    if chat.stop:
+        out["stop_sequences"] = chat.stop
+    if chat.stream is not None:
+        out["stream"] = chat.stream
+    if chat.user:
+        out["metadata"] = {"user_id": chat.user}
+    _anthropic_tools_out(chat, out)
+    _anthropic_budget_and_sampling(chat, out)
+    if chat.output and chat.output["type"] == "json_schema":
+        out["output_config"] = {"format": {"type": "json_schema", "schema": chat.output["schema"]}}
+    return out
+
+
+def _anthropic_text_out(text: Text) -> Dict[str, Any]:
+    block: Dict[str, Any] = {"type": "text", "text": text.text}
+    if text.cache:
+        block["cache_control"] = text.cache
+    return block
+
+
+def _anthropic_blocks_out(turn: Turn) -> List[Dict[str, Any]]:
+    blocks = []
+    for part in turn.parts:
+        if isinstance(part, Text):
+            blocks += [_anthropic_text_out(part)] if part.text else []
+        elif isinstance(part, Media):
+            blocks.append(_anthropic_media_out(part))
+        elif isinstance(part, ToolCall):
+            blocks.append({"type": "tool_use", "id": part.id, "name": part.name,
+                           "input": call_arguments(part)})
+        elif isinstance(part, ToolResult):
+            blocks.append(_anthropic_result_out(part))
+        elif isinstance(part, Reasoning) and part.origin == "anthropic" and part.signature:
+            blocks.append({"type": "redacted_thinking", "data": part.signature} if part.redacted
+                          else {"type": "thinking", "thinking": part.text,
+                                "signature": part.signature})
+    return blocks
+
+
+def _anthropic_media_out(media: Media) -> Dict[str, Any]:
+    kind = "image" if media.kind == "image" or not media.mime else "document"
+    if kind == "document" and media.mime not in ("application/pdf", "text/plain"):
+        raise ClientError(f"{media.where}: {media.mime or 'this file'} cannot be sent to an "
+                          "Anthropic upstream: send images or PDF documents")
+    if media.data:
+        source = {"type": "base64", "media_type": media.mime, "data": media.data}
+    elif media.url.startswith(("http://", "https://")):
+        source = {"type": "url", "url": media.url}
+    else:
+        raise ClientError(f"{media.where}: {media.url!r} cannot be sent to an Anthropic "
+                          "upstream: send the file inline or by an http(s) URL")
+    block: Dict[str, Any] = {"type": kind, "source": source}
+    if media.cache:
+        block["cache_control"] = media.cache
+    return block
+
+
+def _anthropic_result_out(result: ToolResult) -> Dict[str, Any]:
+    block: Dict[str, Any] = {"type": "tool_result", "tool_use_id": result.call_id}
+    inner = [_anthropic_text_out(p) if isinstance(p, Text) else _anthropic_media_out(p)
+             for p in result.parts if not isinstance(p, Text) or p.text]
+    if inner:
+        block["content"] = ("".join(b["text"] for b in inner)
+                            if all(b["type"] == "text" and "cache_control" not in b for b in inner)
+                            else inner)
+    if result.is_error:
+        block["is_error"] = True
+    if result.cache:
+        block["cache_control"] = result.cache
+    return block
+
+
+def _anthropic_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
+    tools = []
+    for tool in chat.tools:
+        if tool.server:
+            if tool.server not in ANTHROPIC_SERVER_TOOLS:
+                raise refuse_server_tool(tool, "anthropic")
+            tools.append({"type": ANTHROPIC_SERVER_TOOLS[tool.server], "name": tool.server})
+            continue
+        schema = dict(CUSTOM_TOOL_SCHEMA if tool.custom else tool.schema or {})
+        schema.setdefault("type", "object")
+        if "properties" not in schema:
+            schema["properties"] = {}
+        entry: Dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            entry["description"] = tool.description
+        entry["input_schema"] = schema
+        if tool.cache:
+            entry["cache_control"] = tool.cache
+        tools.append(entry)
+    if not tools:
+        return
+    out["tools"] = tools
+    choice: Optional[Dict[str, Any]] = {"type": chat.tool_choice} if chat.tool_choice else None
+    if choice and chat.tool_choice == "tool":
+        choice["name"] = chat.tool_name
+    if chat.parallel is False and (choice or {}).get("type") != "none":
+        choice = dict(choice or {"type": "auto"}, disable_parallel_tool_use=True)
+    if choice:
+        out["tool_choice"] = choice
+
+
+def _anthropic_budget_and_sampling(chat: Chat, out: Dict[str, Any]) -> None:
+    """max_tokens, thinking and sampling together, because they constrain each other:
+    the budget must be >= 1024 and below max_tokens; a budget never outgrows a cap
+    that already pays for reasoning (OpenAI's max_completion_tokens); with thinking on,
+    no temperature, top_p or top_k, and no forced tool; without it, temperature or
+    top_p, never both (current Claude models refuse the pair)."""
+    cap = chat.max_tokens
+    budget = budget_of(chat.think) if chat.think else None
+    forced = chat.tool_choice in ("any", "tool")
+    if budget and not forced:
+        budget = max(budget, ANTHROPIC_MIN_THINKING_BUDGET)
+        if cap is None:
+            cap = ANTHROPIC_DEFAULT_MAX_TOKENS
+            cap = cap if cap > budget else cap + budget
+        elif not chat.cap_includes_reasoning:
+            cap += budget
+        elif budget >= cap:
+            budget = cap // 2 if cap // 2 >= ANTHROPIC_MIN_THINKING_BUDGET else 0
+        if budget:
+            out["max_tokens"] = cap
+            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            return
+    out["max_tokens"] = chat.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
+    if chat.temperature is not None:
+        out["temperature"] = min(chat.temperature, 1)       # OpenAI and Gemini go up to 2
+    elif chat.top_p is not None:
+        out["top_p"] = chat.top_p
+    if chat.top_k is not None:
+        out["top_k"] = chat.top_k
+
+
+def read_anthropic_usage(usage: Any) -> Optional[Usage]:
     if not isinstance(usage, dict):
-        return None, None
-
-    def total(*keys: str) -> Optional[int]:
-        values = [usage[k] for k in keys if isinstance(usage.get(k), int)]
-        return sum(values) if values else None
-    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
-        return total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount")
-    if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return total("prompt_tokens"), total("completion_tokens")
-    return (total("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
-            total("output_tokens"))
+        return None
+    cached, write = count(usage.get("cache_read_input_tokens")), count(
+        usage.get("cache_creation_input_tokens"))
+    return Usage(count(usage.get("input_tokens")) + cached + write, cached, write,
+                 count(usage.get("output_tokens")))
 
 
-def stream_usage(events: bytes) -> Tuple[Optional[int], Optional[int]]:
-    """Token counts from the SSE events in `events` that carry any (cheap when none do)."""
-    found: Tuple[Optional[int], Optional[int]] = (None, None)
-    if b'"usage' not in events:
-        return found
-    for block in re.split(rb"\r?\n\r?\n", events):
-        if b'"usage' in block:
-            parsed = parse_sse_event(block)
+def write_anthropic_usage(usage: Usage) -> Dict[str, int]:
+    return {"input_tokens": max(0, usage.input - usage.cached - usage.cache_write),
+            "output_tokens": usage.output, "cache_creation_input_tokens": usage.cache_write,
+            "cache_read_input_tokens": usage.cached}
+
+
+def read_anthropic_response(body: Dict[str, Any]) -> Answer:
+    if body.get("type") == "error" or not isinstance(body.get("content"), list):
+        message, _ = upstream_message(dumps(body))
+        raise UpstreamError(f"answered without content: {message}")
+    parts: List[Any] = []
+    for block in body["content"]:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and block.get("text"):
+            parts.append(Text(str(block["text"])))
+        elif kind == "thinking":
+            parts.append(Reasoning(str(block.get("thinking") or ""), str(block.get("signature") or ""),
+                                   "anthropic"))
+        elif kind == "redacted_thinking":
+            parts.append(Reasoning("", str(block.get("data") or ""), "anthropic", True))
+        elif kind == "tool_use":
+            parts.append(ToolCall(safe_id(block.get("id"), f"toolu_{len(parts)}"),
+                                  str(block.get("name") or ""),
+                                  block.get("input") if isinstance(block.get("input"), dict) else {}))
+    return Answer(str(body.get("id") or short_hash(json_text(body))), parts,
+                  ANTHROPIC_STOP_IN.get(body.get("stop_reason"), "end"),
+                  read_anthropic_usage(body.get("usage")) or Usage())
+
+
+def _message_id(value: str) -> str:
+    return _prefixed(value, "msg_")
+
+
+def write_anthropic_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
+    content: List[Dict[str, Any]] = []
+    for part in answer.parts:
+        if isinstance(part, Reasoning):
+            value = carry(part.signature, part.origin, "anthropic", part.redacted)
+            content.append({"type": "thinking", "thinking": part.text, "signature": value}
+                           if not (part.redacted and part.origin == "anthropic")
+                           else {"type": "redacted_thinking", "data": part.signature})
+        elif isinstance(part, Text):
+            if content and content[-1]["type"] == "text":
+                content[-1]["text"] += part.text
+            else:
+                content.append({"type": "text", "text": part.text})
+        elif isinstance(part, ToolCall):
+            content.append({"type": "tool_use", "id": part.id, "name": part.name,
+                            "input": call_arguments(part)})
+    return {"id": _message_id(answer.id), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": anthropic_stop(answer.stop, any(
+                b["type"] == "tool_use" for b in content)),
+            "stop_sequence": None, "usage": write_anthropic_usage(answer.usage)}
+
+
+def anthropic_stop(stop: str, tools: bool) -> str:
+    """tool_use whenever a tool_use block went out, never without one (Claude Code loops
+    or hangs on a wrong stop reason)."""
+    if tools:
+        return "tool_use"
+    reason = ANTHROPIC_STOP_OUT.get(stop, "end_turn")
+    return "end_turn" if reason == "tool_use" else reason
+
+
+class AnthropicStreamReader:
+    """Messages events in (the upstream's), the writer's events out. The end is
+    message_stop; an error event fails the stream; ping and newer events are skipped."""
+
+    def __init__(self, writer: Any) -> None:
+        self.w = writer
+        self.usage: Dict[str, Any] = {}
+        self.blocks: Dict[Any, str] = {}           # open block index -> its kind
+        self.whole: set = set()                    # tool blocks whose input came in the start
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return []
+        if not isinstance(obj, dict):
+            return []
+        handler = self.HANDLERS.get(str(obj.get("type") or event))
+        return handler(self, obj) if handler else []
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["anthropic"].end_marker))
+
+    def _usage(self, usage: Any) -> None:
+        """Each usage field's last non-null value wins."""
+        if isinstance(usage, dict):
+            self.usage.update((k, v) for k, v in usage.items() if v is not None)
+
+    def _message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        self._usage(message.get("usage"))
+        return self.w.start(str(message.get("id") or short_hash(json_text(obj))),
+                            read_anthropic_usage(message.get("usage")))
+
+    def _block_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        block = obj.get("content_block") if isinstance(obj.get("content_block"), dict) else {}
+        index, kind = obj.get("index"), block.get("type")
+        self.blocks[index] = str(kind)
+        if kind == "redacted_thinking":
+            return self.w.signature(str(block.get("data") or ""), "anthropic", True)
+        if kind != "tool_use":
+            return []
+        if isinstance(block.get("input"), dict) and block["input"]:
+            self.whole.add(index)                  # complete already: no deltas follow
+            return self.w.tool_call(str(block.get("id") or ""), str(block.get("name") or ""),
+                                    json_text(block["input"]))
+        return self.w.tool_start(index, str(block.get("id") or ""), str(block.get("name") or ""))
+
+    def _block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+        kind = delta.get("type")
+        if kind == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
+            return self.w.text(delta["text"])
+        if kind == "thinking_delta" and isinstance(delta.get("thinking"), str):
+            return self.w.reasoning(delta["thinking"])
+        if kind == "signature_delta" and delta.get("signature"):
+            return self.w.signature(str(delta["signature"]), "anthropic")
+        if kind == "input_json_delta" and delta.get("partial_json") \
+                and obj.get("index") not in self.whole:
+            return self.w.tool_args(obj.get("index"), str(delta["partial_json"]))
+        return []                                  # citations_delta and anything newer
+
+    def _block_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        index = obj.get("index")
+        if self.blocks.pop(index, "") == "tool_use" and index not in self.whole:
+            return self.w.tool_end(index)
+        return []
+
+    def _message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        self._usage(obj.get("usage"))
+        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+        reason = delta.get("stop_reason")
+        return self.w.stop(ANTHROPIC_STOP_IN.get(reason, "end")) if reason else []
+
+    def _message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return self.w.end(read_anthropic_usage(self.usage))
+
+    def _error(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return self.w.fail(*stream_error_of(obj))
+
+    HANDLERS = {"message_start": _message_start, "content_block_start": _block_start,
+                "content_block_delta": _block_delta, "content_block_stop": _block_stop,
+                "message_delta": _message_delta, "message_stop": _message_stop,
+                "error": _error}
+
+
+class _PendingCall:
+    def __init__(self, call_id: str, name: str) -> None:
+        self.id, self.name, self.args, self.ended = call_id, name, [], False
+
+
+class AnthropicStreamWriter:
+    """The writer's calls in, Messages events out in A.4 order. Blocks never interleave:
+    text and thinking open and close as the kind of content changes; a tool call that
+    starts while another is still receiving arguments (OpenAI's parallel calls) is held
+    and sent whole once the open one is complete. message_delta carries the stop reason
+    (tool_use whenever a tool_use block went out, never otherwise) and the usage."""
+
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
+        self.model, self.input_estimate = model, input_estimate
+        self.started = self.done = self.tools = False
+        self.stopped = ""
+        self.index = 0
+        self.open = ""                             # "text", "thinking", "tool_use" or ""
+        self.open_key: Any = None
+        self.held_signature = ""
+        self.calls: Dict[Any, _PendingCall] = {}   # tool calls not yet sent, by key
+        self.queue: List[Any] = []
+        self.usage: Optional[Usage] = None
+
+    @staticmethod
+    def _event(kind: str, **fields: Any) -> Tuple[str, str]:
+        return kind, json_text({"type": kind, **fields})
+
+    def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.started:
+            return []
+        self.started, self.usage = True, usage
+        counts = write_anthropic_usage(usage) if usage else {
+            "input_tokens": self.input_estimate, "cache_read_input_tokens": 0}
+        message = {"id": _message_id(resp_id), "type": "message", "role": "assistant",
+                   "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": counts["input_tokens"], "output_tokens": 0,
+                             "cache_read_input_tokens": counts["cache_read_input_tokens"]}}
+        return [self._event("message_start", message=message)]
+
+    def _begin(self) -> List[Tuple[str, str]]:
+        return [] if self.started else self.start(short_hash(self.model), None)
+
+    def _open(self, kind: str, block: Dict[str, Any]) -> List[Tuple[str, str]]:
+        out = self._begin() + self._close()
+        self.open = kind
+        return out + [self._event("content_block_start", index=self.index, content_block=block)]
+
+    def _close(self) -> List[Tuple[str, str]]:
+        if not self.open:
+            return []
+        out = []
+        if self.open == "thinking" and self.held_signature:
+            out.append(self._event("content_block_delta", index=self.index, delta={
+                "type": "signature_delta", "signature": self.held_signature}))
+        out.append(self._event("content_block_stop", index=self.index))
+        self.index, self.open, self.open_key, self.held_signature = self.index + 1, "", None, ""
+        return out
+
+    def text(self, text: str) -> List[Tuple[str, str]]:
+        out = [] if self.open == "text" else self._open("text", {"type": "text", "text": ""})
+        # The hot path of every translated stream: one string format, no dict.
+        out.append(("content_block_delta", '{"type":"content_block_delta","index":%d,"delta":'
+                    '{"type":"text_delta","text":%s}}' % (self.index, _JSON.encode(text))))
+        return out
+
+    def reasoning(self, text: str) -> List[Tuple[str, str]]:
+        out = [] if self.open == "thinking" else self._open(
+            "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if text:
+            out.append(self._event("content_block_delta", index=self.index,
+                                   delta={"type": "thinking_delta", "thinking": text}))
+        return out
+
+    def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
+        if redacted and origin == "anthropic":
+            return self._open("redacted_thinking", {"type": "redacted_thinking", "data": value}) \
+                + self._close()
+        out = self.reasoning("") if self.open != "thinking" else []
+        self.held_signature = carry(value, origin, "anthropic", redacted)
+        return out
+
+    def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
+        self.calls[key] = _PendingCall(call_id, name)
+        self.queue.append(key)
+        return self._flush()
+
+    def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
+        if key == self.open_key and self.open == "tool_use":
+            return [self._event("content_block_delta", index=self.index,
+                                delta={"type": "input_json_delta", "partial_json": fragment})]
+        if key in self.calls:
+            self.calls[key].args.append(fragment)
+        return []
+
+    def tool_end(self, key: Any) -> List[Tuple[str, str]]:
+        if key in self.calls:
+            self.calls[key].ended = True
+        if key == self.open_key:
+            self.open_key = ("ended", key)          # complete: the next call may start
+        return self._flush()
+
+    def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
+                  origin: str = "") -> List[Tuple[str, str]]:
+        key = object()
+        self.calls[key] = _PendingCall(call_id, name)
+        self.calls[key].args.append(arguments)
+        self.calls[key].ended = True
+        self.queue.append(key)
+        out = self._flush()
+        return out + self._close() if self.open == "tool_use" and self.open_key == ("ended", key) \
+            else out
+
+    def _flush(self) -> List[Tuple[str, str]]:
+        """Start held calls while no call is still receiving arguments."""
+        out: List[Tuple[str, str]] = []
+        while self.queue and not (self.open == "tool_use" and not isinstance(self.open_key, tuple)):
+            key = self.queue.pop(0)
+            call = self.calls.pop(key)
+            out += self._open("tool_use", {"type": "tool_use", "id": call.id, "name": call.name,
+                                           "input": {}})
+            self.tools, self.open_key = True, key
+            arguments = "".join(call.args)
+            if arguments:
+                out.append(self._event("content_block_delta", index=self.index,
+                                       delta={"type": "input_json_delta", "partial_json": arguments}))
+            if call.ended:
+                self.open_key = ("ended", key)
+        return out
+
+    def stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped or self.done:
+            return []
+        self.stopped = reason
+        out = self._begin()
+        for key in self.queue:
+            self.calls[key].ended = True
+        if self.open == "tool_use":
+            self.open_key = ("ended", self.open_key)
+        return out + self._flush() + self._close()
+
+    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        out = self.stop("end")
+        self.done, self.usage = True, usage or self.usage
+        reason = anthropic_stop(self.stopped, self.tools)
+        counts = write_anthropic_usage(usage) if usage else {"output_tokens": 0}
+        return out + [self._event("message_delta", delta={"stop_reason": reason,
+                                                          "stop_sequence": None}, usage=counts),
+                      self._event("message_stop")]
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        message = named(self.provider, message)
+        if self.done:
+            return []
+        self.done = True
+        return self._close() + [("error", json_text(_anthropic_error(status, message)))]
+
+
+# -- 7.4 Gemini -------------------------------------------------------------------
+# https://ai.google.dev/api/generate-content and .../gemini-api/docs/thought-signatures.
+# Gemini has no tool-call ids: they are derived from the answer (never from a clock or a
+# counter kept between requests), and a functionResponse is matched to its call by the
+# request's own history.
+
+# Keys a Gemini function `parameters` Schema accepts; any other is a 400.
+GEMINI_SCHEMA_KEYS = frozenset({
+    "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems",
+    "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
+    "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum"})
+GEMINI_SCHEMA_FORMATS = frozenset({"enum", "date-time", "float", "double", "int32", "int64"})
+GEMINI_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+GEMINI_MAX_STOP_SEQUENCES = 5
+# Google's documented stand-in for a thoughtSignature a proxy cannot give back: without
+# one on the first functionCall of a turn, Gemini 3 answers 400.
+GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"
+GEMINI_SAFETY_FINISHES = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                          "IMAGE_SAFETY", "LANGUAGE")
+GEMINI_STOP_IN = {"STOP": "end", "MAX_TOKENS": "length",
+                  **{r: "refusal" for r in GEMINI_SAFETY_FINISHES}}
+GEMINI_STOP_OUT = {"end": "STOP", "stop_sequence": "STOP", "tool": "STOP", "pause": "STOP",
+                   "length": "MAX_TOKENS", "context": "MAX_TOKENS", "refusal": "SAFETY"}
+GEMINI_MODES = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
+GEMINI_CHOICES = {"AUTO": "auto", "ANY": "any", "NONE": "none", "VALIDATED": "auto"}
+GEMINI_SERVER_TOOLS = {"googleSearch": "web_search", "google_search": "web_search",
+                       "googleSearchRetrieval": "web_search", "urlContext": "web_fetch",
+                       "url_context": "web_fetch", "codeExecution": "code_execution",
+                       "code_execution": "code_execution"}
+GEMINI_TOOLS_OUT = {"web_search": "googleSearch", "web_fetch": "urlContext",
+                    "code_execution": "codeExecution"}
+GEMINI_LEVELS = {"minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
+                 "xhigh": "high", "max": "high"}
+# generationConfig field <-> internal form field, both directions.
+GEMINI_GENERATION = (("maxOutputTokens", "max_tokens"), ("temperature", "temperature"),
+                     ("topP", "top_p"), ("topK", "top_k"), ("seed", "seed"),
+                     ("presencePenalty", "presence_penalty"),
+                     ("frequencyPenalty", "frequency_penalty"))
+
+
+def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
+                  seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A JSON Schema cut down to the subset Gemini's `parameters` accepts (ai.google.dev/api/caching#Schema): local
+    $refs inlined (a cycle becomes a bare object), allOf merged, oneOf read as anyOf,
+    null types folded into nullable, const/enum kept only as strings."""
+    if not isinstance(schema, dict):
+        return {}
+    if defs is None:
+        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        name = ref.rsplit("/", 1)[-1]
+        if name in seen or name not in defs:
+            return {"type": "object"}
+        return gemini_schema({**defs[name], **{k: v for k, v in schema.items() if k != "$ref"}},
+                             defs, seen + (name,))
+    for branch in schema.get("allOf") or []:
+        schema = _merge_schema(schema, branch if isinstance(branch, dict) else {})
+    out = {k: v for k, v in schema.items() if k in GEMINI_SCHEMA_KEYS
+           and k not in ("type", "properties", "items", "anyOf", "enum", "format", "required")}
+    _schema_type(schema, out)
+    _schema_enum(schema, out)
+    if schema.get("format") in GEMINI_SCHEMA_FORMATS:
+        out["format"] = schema["format"]
+    if isinstance(schema.get("properties"), dict) and schema["properties"]:
+        out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
+                             for name, sub in schema["properties"].items()}
+        required = [r for r in schema.get("required") or [] if r in out["properties"]]
+        if required:
+            out["required"] = required
+    items = schema.get("items")
+    if isinstance(items, list):                                   # tuple form: first item
+        items = items[0] if items else None
+    if isinstance(items, dict):
+        out["items"] = gemini_schema(items, defs, seen)
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(branches, list):
+        _schema_any_of(branches, out, defs, seen)
+    return out
+
+
+def _merge_schema(parent: Dict[str, Any], branch: Dict[str, Any]) -> Dict[str, Any]:
+    merged = {k: v for k, v in parent.items() if k != "allOf"}
+    for key, value in branch.items():
+        if key == "properties" and isinstance(value, dict):
+            merged["properties"] = {**(merged.get("properties") or {}), **value}
+        elif key == "required" and isinstance(value, list):
+            merged["required"] = list(merged.get("required") or []) + value
+        else:
+            merged.setdefault(key, value)
+    return merged
+
+
+def _schema_type(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        types = [t for t in kind if t != "null"]
+        if len(types) < len(kind):
+            out["nullable"] = True
+        if len(types) == 1:
+            out["type"] = types[0]
+        elif types:
+            out["anyOf"] = [{"type": t} for t in types]
+    elif isinstance(kind, str) and kind != "null":
+        out["type"] = kind
+    elif kind == "null":
+        out["nullable"] = True
+
+
+def _schema_enum(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
+    """Gemini enums are strings: keep const/enum only when every value is one (E.7
+    allows dropping; stringifying would make the model answer "1" for 1)."""
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        out["enum"] = values
+        out.setdefault("type", "string")
+
+
+def _schema_any_of(branches: List[Any], out: Dict[str, Any], defs: Dict[str, Any],
+                   seen: Tuple[str, ...]) -> None:
+    kept = []
+    for branch in branches:
+        if isinstance(branch, dict) and branch.get("type") == "null":
+            out["nullable"] = True
+        else:
+            kept.append(gemini_schema(branch, defs, seen))
+    if len(kept) == 1:
+        for key, value in kept[0].items():
+            out.setdefault(key, value)
+    elif kept:
+        out["anyOf"] = kept
+
+
+def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
+    """A Gemini Schema as standard JSON Schema: lower-case types, nullable as a null type."""
+    if not isinstance(schema, dict):
+        return {}
+    out = dict(schema)
+    if isinstance(out.get("type"), str):
+        out["type"] = out["type"].lower()
+        if out.pop("nullable", False) is True:
+            out["type"] = [out["type"], "null"]
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: json_schema_from_gemini(v) for k, v in out["properties"].items()}
+    if isinstance(out.get("items"), dict):
+        out["items"] = json_schema_from_gemini(out["items"])
+    if isinstance(out.get("anyOf"), list):
+        out["anyOf"] = [json_schema_from_gemini(b) for b in out["anyOf"]]
+    return out
+
+
+def read_gemini_request(body: Dict[str, Any]) -> Chat:
+    """A generateContent body in the internal form (model and streaming come from the
+    path). A call's id is its own, else call_<n> (n counts calls in this request); a
+    functionResponse answers the earliest unanswered call with its id, else its name."""
+    chat = Chat(cap_includes_reasoning=False)
+    instruction = body.get("systemInstruction") or body.get("system_instruction")
+    parts = instruction.get("parts") if isinstance(instruction, dict) else None
+    chat.system = [Text(p["text"]) for p in parts or []
+                   if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]]
+    pending: List[Tuple[str, str]] = []
+    for i, content in enumerate(as_list(body.get("contents"), "contents")):
+        role = content.get("role", "user") if isinstance(content, dict) else None
+        if role not in ("user", "model"):
+            raise ClientError(f"contents[{i}]: role {role!r} is not user or model: use one of them")
+        items: List[Any] = []
+        for j, part in enumerate(as_list(content.get("parts"), f"contents[{i}].parts")):
+            if isinstance(part, dict):
+                _gemini_item(part, f"contents[{i}].parts[{j}]", pending, items)
+        chat.turns.append(Turn("assistant" if role == "model" else "user", items))
+    _gemini_tools(body, chat)
+    _gemini_settings(body, chat)
+    return chat
+
+
+def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]],
+                 items: List[Any]) -> None:
+    if isinstance(part.get("functionCall"), dict):
+        call = part["functionCall"]
+        call_id = safe_id(call.get("id"), "") or f"call_{len(pending)}"
+        pending.append((call_id, str(call.get("name"))))
+        origin, signature, _ = uncarry(part.get("thoughtSignature"), "gemini")
+        args = call.get("args")
+        items.append(ToolCall(call_id, str(call.get("name")), args if isinstance(args, dict) else {},
+                              signature, origin))
+    elif isinstance(part.get("functionResponse"), dict):
+        answer = part["functionResponse"]
+        text, is_error = _result_text(answer.get("response"))
+        items.append(ToolResult(_answered_id(pending, answer, where), str(answer.get("name") or ""),
+                                [Text(text)] if text else [], is_error, where))
+    elif isinstance(part.get("inlineData"), dict):
+        data = part["inlineData"]
+        items.append(Media(str(data.get("mimeType") or ""), data=str(data.get("data") or ""),
+                           where=where))
+    elif isinstance(part.get("fileData"), dict):
+        data = part["fileData"]
+        items.append(Media(str(data.get("mimeType") or ""), url=str(data.get("fileUri") or ""),
+                           where=where))
+    elif part.get("thought") is True:
+        origin, signature, redacted = uncarry(part.get("thoughtSignature"), "gemini")
+        last = items[-1] if items else None
+        if isinstance(last, Reasoning) and not last.signature:
+            last.text += str(part.get("text") or "")
+            last.signature, last.origin, last.redacted = signature, origin, redacted
+        else:
+            items.append(Reasoning(str(part.get("text") or ""), signature, origin, redacted))
+    elif isinstance(part.get("text"), str) and part["text"]:
+        items.append(Text(part["text"]))
+
+
+def _answered_id(pending: List[Tuple[str, str]], answer: Dict[str, Any], where: str) -> str:
+    wanted = safe_id(answer.get("id"), "")
+    by_id = [n for n, (call_id, _) in enumerate(pending) if wanted and call_id == wanted]
+    by_name = [n for n, (call_id, name) in enumerate(pending) if call_id and name == answer.get("name")]
+    for n in by_id[:1] or by_name[:1]:        # a client-made id (Gemini CLI) falls back to the name
+        call_id, pending[n] = pending[n][0], ("", "")     # answered: never matched again
+        return call_id
+    raise ClientError(f"{where}: functionResponse {answer.get('name')!r} answers no earlier "
+                      "functionCall: send the model's functionCall before its response")
+
+
+def _result_text(response: Any) -> Tuple[str, bool]:
+    """(text, is_error) of a functionResponse.response: {"result"|"output": text} unwrapped,
+    {"error": x} flagged, any other object as JSON."""
+    if isinstance(response, dict) and len(response) == 1:
+        (key, value), = response.items()
+        if key in ("result", "output", "error"):
+            return (value if isinstance(value, str) else json_text(value)), key == "error"
+    return json_text(response if response is not None else {}), False
+
+
+def _gemini_tools(body: Dict[str, Any], chat: Chat) -> None:
+    for i, tool in enumerate(as_list(body.get("tools"), "tools")):
+        if not isinstance(tool, dict):
+            continue
+        for decl in as_list(tool.get("functionDeclarations") or tool.get("function_declarations"),
+                            f"tools[{i}].functionDeclarations"):
+            if isinstance(decl, dict):
+                schema = decl.get("parametersJsonSchema") or json_schema_from_gemini(
+                    decl.get("parameters"))
+                chat.tools.append(Tool(str(decl.get("name") or ""), str(decl.get("description") or ""),
+                                       schema or {"type": "object", "properties": {}}))
+        chat.tools += [Tool(key, server=kind) for key, kind in GEMINI_SERVER_TOOLS.items()
+                       if key in tool]
+    config = body.get("toolConfig") if isinstance(body.get("toolConfig"), dict) else {}
+    calling = config.get("functionCallingConfig") if isinstance(
+        config.get("functionCallingConfig"), dict) else {}
+    chat.tool_choice = GEMINI_CHOICES.get(str(calling.get("mode") or "").upper(), "")
+    names = calling.get("allowedFunctionNames") or []
+    if chat.tool_choice == "any" and isinstance(names, list) and len(names) == 1:
+        chat.tool_choice, chat.tool_name = "tool", str(names[0])
+
+
+def _gemini_settings(body: Dict[str, Any], chat: Chat) -> None:
+    config = body.get("generationConfig") if isinstance(body.get("generationConfig"), dict) else {}
+    if config.get("candidateCount") not in (None, 1):
+        raise ClientError(f"candidateCount={config['candidateCount']!r} is not supported for this "
+                          "upstream: send 1")
+    for source, target in GEMINI_GENERATION:
+        if _is_number(config.get(source)):
+            setattr(chat, target, config[source])
+    stops = config.get("stopSequences")
+    chat.stop = [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
+    schema = config.get("responseJsonSchema") or config.get("response_json_schema")
+    if not isinstance(schema, dict) and isinstance(config.get("responseSchema"), dict):
+        schema = json_schema_from_gemini(config["responseSchema"])
+    if isinstance(schema, dict):
+        chat.output = {"type": "json_schema", "schema": schema, "name": "response"}
+    elif config.get("responseMimeType") == "application/json":
+        chat.output = {"type": "json_object"}
+    chat.think = _gemini_think(config.get("thinkingConfig"))
+    if isinstance(body.get("stream"), bool):
+        chat.stream = body["stream"]
+
+
+def _gemini_think(config: Any) -> Optional[Think]:
+    """thinkingLevel (any case) is an effort; a thinkingBudget above 0 an exact budget,
+    0 off, -1 dynamic (the model decides: nothing to ask of another provider)."""
+    if not isinstance(config, dict):
+        return None
+    level = str(config.get("thinkingLevel") or "").lower()
+    if level:
+        if level not in EFFORTS:
+            raise ClientError(f"thinkingLevel {config['thinkingLevel']!r} is unknown: use MINIMAL, "
+                              "LOW, MEDIUM or HIGH")
+        return Think(effort=level)
+    budget = config.get("thinkingBudget")
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        return None
+    if budget < 0:
+        return Think(dynamic=True)
+    return Think(effort="none") if budget == 0 else Think(budget=budget)
+
+
+def write_gemini_request(chat: Chat) -> Dict[str, Any]:
+    """The internal form as a generateContent body. Signatures go back only where Gemini
+    made them; the first functionCall of each model turn without one gets Google's
+    documented stand-in."""
+    if chat.n > 1:
+        raise ClientError(f'"n" is {chat.n}: Gemini upstreams return one choice here; send n=1 '
+                          "or leave it out")
+    contents = []
+    for turn in merged_turns([t for t in chat.turns if t.role != "system"]):
+        parts = _gemini_parts_out(turn)
+        if parts:
+            contents.append({"role": "model" if turn.role == "assistant" else "user", "parts": parts})
+    out: Dict[str, Any] = {"contents": contents}
+    system = [{"text": t.text} for t in system_texts(chat)]
+    if system:
+        out["systemInstruction"] = {"parts": system}
+    declarations = [_gemini_declaration(t, i) for i, t in enumerate(chat.tools) if not t.server]
+    tools: List[Dict[str, Any]] = [{"functionDeclarations": declarations}] if declarations else []
+    tools += [{GEMINI_TOOLS_OUT[t.server]: {}} for t in chat.tools if t.server in GEMINI_TOOLS_OUT]
+    for tool in chat.tools:
+        if tool.server and tool.server not in GEMINI_TOOLS_OUT:
+            raise refuse_server_tool(tool, "gemini")
+    if tools:
+        out["tools"] = tools
+    if declarations and chat.tool_choice:
+        config: Dict[str, Any] = {"mode": GEMINI_MODES[chat.tool_choice]}
+        if chat.tool_choice == "tool" and chat.tool_name:
+            config["allowedFunctionNames"] = [chat.tool_name]
+        out["toolConfig"] = {"functionCallingConfig": config}
+    generation = _gemini_generation_out(chat)
+    if generation:
+        out["generationConfig"] = generation
+    return out
+
+
+def _gemini_parts_out(turn: Turn) -> List[Dict[str, Any]]:
+    parts: List[Dict[str, Any]] = []
+    carried = ""                               # a Gemini signature waiting for its functionCall
+    for part in turn.parts:
+        if isinstance(part, Text):
+            parts += [{"text": part.text}] if part.text else []
+        elif isinstance(part, Media):
+            parts.append(_gemini_media_out(part))
+        elif isinstance(part, Reasoning) and part.origin == "gemini" and part.signature:
+            if part.text:
+                parts.append({"text": part.text, "thought": True, "thoughtSignature": part.signature})
+            else:
+                carried = part.signature
+        elif isinstance(part, ToolCall):
+            call: Dict[str, Any] = {"functionCall": {"name": part.name, "args": call_arguments(part)}}
+            signature = part.signature if part.origin == "gemini" else carried
+            if signature:
+                call["thoughtSignature"] = signature
+            carried = ""
+            parts.append(call)
+        elif isinstance(part, ToolResult):
+            parts += _gemini_result_out(part)
+    calls = [p for p in parts if "functionCall" in p]
+    if turn.role == "assistant" and calls:
+        calls[0].setdefault("thoughtSignature", GEMINI_DUMMY_SIGNATURE)
+    return parts
+
+
+def _gemini_media_out(media: Media) -> Dict[str, Any]:
+    if media.data:
+        return {"inlineData": {"mimeType": media.mime, "data": media.data}}
+    if media.url.startswith("gs://"):
+        return {"fileData": {"fileUri": media.url, **({"mimeType": media.mime} if media.mime else {})}}
+    raise ClientError(f"{media.where}: URL {printable(media.url, 80)!r} cannot be sent to a Gemini "
+                      "upstream: send the file inline (a data: URL or base64) or as a gs:// URI")
+
+
+def _gemini_result_out(result: ToolResult) -> List[Dict[str, Any]]:
+    if not result.name:
+        raise ClientError(f"{result.where} answers tool call {result.call_id!r}, which no earlier "
+                          "assistant message holds: send the assistant tool call before its result")
+    text = result_text(result.parts, "\n")
+    response = {"error" if result.is_error else "result": text}
+    extra = [_gemini_media_out(p) for p in result.parts if isinstance(p, Media)]
+    return [{"functionResponse": {"name": result.name, "response": response}}] + extra
+
+
+def _gemini_declaration(tool: Tool, i: int) -> Dict[str, Any]:
+    if not GEMINI_FUNCTION_NAME.match(tool.name):
+        raise ClientError(f"tools[{i}]: tool name {tool.name!r} is not a valid Gemini function "
+                          "name: use a letter or _ first, then up to 63 of A-Z a-z 0-9 _ . : -")
+    decl: Dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        decl["description"] = tool.description
+    params = gemini_schema(CUSTOM_TOOL_SCHEMA if tool.custom else tool.schema)
+    if params.get("properties"):            # no parameters at all for a no-argument tool
+        decl["parameters"] = params
+    return decl
+
+
+def _gemini_generation_out(chat: Chat) -> Dict[str, Any]:
+    config: Dict[str, Any] = {}
+    for target, source in GEMINI_GENERATION:
+        if getattr(chat, source) is not None:
+            config[target] = getattr(chat, source)
+    if chat.stop:
+        config["stopSequences"] = chat.stop[:GEMINI_MAX_STOP_SEQUENCES]
+    if chat.output:
+        config["responseMimeType"] = "application/json"
+        if chat.output["type"] == "json_schema":
+            config["responseJsonSchema"] = chat.output.get("schema") or {}
+    if chat.think:
+        config["thinkingConfig"] = _gemini_thinking_out(chat.think, chat.model)
+    return config
+
+
+def _gemini_thinking_out(think: Think, model: str) -> Dict[str, Any]:
+    """Gemini 3 takes a level, Gemini 2.5 a budget (https://ai.google.dev/gemini-api/docs/thinking)."""
+    if think.dynamic and not think.effort:
+        return {"thinkingBudget": -1, "includeThoughts": True}
+    if think.effort == "none":
+        return {"thinkingBudget": 0}
+    if think.effort and think.budget is None and model.startswith("gemini-3"):
+        return {"thinkingLevel": GEMINI_LEVELS.get(think.effort, "high"), "includeThoughts": True}
+    return {"thinkingBudget": budget_of(think) or ANTHROPIC_MIN_THINKING_BUDGET,
+            "includeThoughts": True}
+
+
+def read_gemini_usage(meta: Any) -> Optional[Usage]:
+    if not isinstance(meta, dict):
+        return None
+    prompt, candidates = count(meta.get("promptTokenCount")), count(meta.get("candidatesTokenCount"))
+    thoughts = count(meta.get("thoughtsTokenCount"))
+    return Usage(prompt, count(meta.get("cachedContentTokenCount")), 0, candidates + thoughts,
+                 thoughts, count(meta.get("totalTokenCount")))
+
+
+def write_gemini_usage(usage: Usage) -> Dict[str, int]:
+    out = {"promptTokenCount": usage.input, "candidatesTokenCount": max(0, usage.output - usage.reasoning),
+           "totalTokenCount": usage.sum()}
+    if usage.cached:
+        out["cachedContentTokenCount"] = usage.cached
+    if usage.reasoning:
+        out["thoughtsTokenCount"] = usage.reasoning
+    return out
+
+
+def _gemini_candidate_parts(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    candidates = body.get("candidates")
+    candidate = candidates[0] if isinstance(candidates, list) and candidates and \
+        isinstance(candidates[0], dict) else {}
+    content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+    parts = content.get("parts")
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+def _gemini_finish(body: Dict[str, Any]) -> Optional[str]:
+    """The chunk's finishReason; a prompt blocked before generation counts as SAFETY."""
+    candidates = body.get("candidates")
+    if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict) \
+            and candidates[0].get("finishReason"):
+        return str(candidates[0]["finishReason"])
+    feedback = body.get("promptFeedback")
+    return "SAFETY" if isinstance(feedback, dict) and feedback.get("blockReason") else None
+
+
+def gemini_call_id(response_id: str, n: int, call: Dict[str, Any]) -> str:
+    """A tool-call id for a Gemini functionCall: its own id when it has one (Vertex), else
+    derived from the response id, the call's position, name and args, so the same answer
+    always gets the same ids and two answers almost never share one."""
+    if call.get("id"):
+        return safe_id(call["id"], "call_0")
+    return "call_" + short_hash(f"{response_id}|{n}|{call.get('name')}|{json_text(call.get('args') or {})}")
+
+
+def read_gemini_response(body: Dict[str, Any]) -> Answer:
+    response_id = str(body.get("responseId") or "")
+    parts: List[Any] = []
+    calls = 0
+    for part in _gemini_candidate_parts(body):
+        last = parts[-1] if parts else None
+        signature = str(part.get("thoughtSignature") or "")
+        if isinstance(part.get("functionCall"), dict):
+            call = part["functionCall"]
+            args = call.get("args") if isinstance(call.get("args"), dict) else {}
+            parts.append(ToolCall(gemini_call_id(response_id, calls, call), str(call.get("name")),
+                                  args, signature, "gemini" if signature else ""))
+            calls += 1
+        elif part.get("thought") is True:
+            if not isinstance(last, Reasoning) or last.signature:
+                last = Reasoning()
+                parts.append(last)
+            last.text += str(part.get("text") or "")
+            if signature:
+                last.signature, last.origin = signature, "gemini"
+        elif part.get("text"):
+            if isinstance(last, Text):
+                last.text += str(part["text"])
+            else:
+                parts.append(Text(str(part["text"])))
+    finish = _gemini_finish(body)
+    return Answer(response_id or short_hash(json_text(body)), parts,
+                  "tool" if calls else GEMINI_STOP_IN.get(finish or "", "end"),
+                  read_gemini_usage(body.get("usageMetadata")) or Usage())
+
+
+def _gemini_answer(parts: List[Dict[str, Any]], finish: Optional[str], usage: Optional[Usage],
+                   model: str, response_id: str) -> Dict[str, Any]:
+    """A GenerateContentResponse (whole answer or stream chunk). A finishing answer with
+    no parts carries one empty text part, as Google's own final chunks do."""
+    parts = parts or ([{"text": ""}] if finish else [])
+    candidate: Dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+    if finish:
+        candidate["finishReason"] = finish
+    out: Dict[str, Any] = {"candidates": [candidate]}
+    if usage is not None:
+        out["usageMetadata"] = write_gemini_usage(usage)
+    out.update({"modelVersion": model, "responseId": response_id})
+    return out
+
+
+def _gemini_call_part(call_id: str, name: str, args: Any, signature: str = "") -> Dict[str, Any]:
+    """The upstream's call id rides along as functionCall.id; Gemini clients send it back
+    on the functionResponse, which pairs them exactly (_answered_id)."""
+    call: Dict[str, Any] = {"id": call_id} if call_id else {}
+    part: Dict[str, Any] = {"functionCall": dict(call, name=name, args=args)}
+    if signature:
+        part["thoughtSignature"] = signature
+    return part
+
+
+def _gemini_part_out(part: Any) -> Optional[Dict[str, Any]]:
+    if isinstance(part, Text):
+        return {"text": part.text}
+    if isinstance(part, Reasoning):
+        out: Dict[str, Any] = {"text": part.text, "thought": True}
+        if part.signature:
+            out["thoughtSignature"] = carry(part.signature, part.origin, "gemini", part.redacted)
+        return out
+    if isinstance(part, ToolCall):
+        return _gemini_call_part(part.id, part.name, call_arguments(part),
+                                 carry(part.signature, part.origin, "gemini"))
+    return None
+
+
+def write_gemini_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
+    parts = [p for p in map(_gemini_part_out, answer.parts) if p is not None]
+    return _gemini_answer(parts, GEMINI_STOP_OUT.get(answer.stop, "STOP"), answer.usage, model,
+                          answer.id)
+
+
+class GeminiStreamReader:
+    """Gemini alt=sse chunks in (the upstream's), the writer's events out. Each chunk
+    holds new parts only; functionCall parts arrive whole; the last chunk(s) carry the
+    finishReason and the full usageMetadata. Lines that are not JSON are skipped."""
+
+    def __init__(self, writer: Any) -> None:
+        self.w = writer
+        self.response_id, self.calls = "", 0
+        self.usage: Optional[Usage] = None
+        self.stopped = False
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return []
+        if not isinstance(obj, dict):
+            return []
+        if "error" in obj:
+            return self.w.fail(*stream_error_of(obj))
+        out: List[Tuple[str, str]] = []
+        meta = obj.get("usageMetadata")
+        if not self.w.started:
+            self.response_id = str(obj.get("responseId") or "")
+            known = isinstance(meta, dict) and "promptTokenCount" in meta
+            out += self.w.start(self.response_id or short_hash(data),
+                                read_gemini_usage(meta) if known else None)
+        if isinstance(meta, dict):
+            self.usage = read_gemini_usage(meta)
+        if not self.stopped:
+            out += self._parts(_gemini_candidate_parts(obj))
+            finish = _gemini_finish(obj)
+            if finish:
+                self.stopped = True
+                out += self.w.stop(GEMINI_STOP_IN.get(finish, "end"))
+        if self.stopped and isinstance(meta, dict):
+            out += self.w.end(self.usage)
+        return out
+
+    def _parts(self, parts: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
+        out: List[Tuple[str, str]] = []
+        for part in parts:
+            signature = str(part.get("thoughtSignature") or "")
+            if isinstance(part.get("functionCall"), dict):
+                call = part["functionCall"]
+                out += self.w.tool_call(gemini_call_id(self.response_id, self.calls, call),
+                                        str(call.get("name")), json_text(call.get("args") or {}),
+                                        signature, "gemini")
+                self.calls += 1
+            elif part.get("thought") is True:
+                out += self.w.reasoning(str(part.get("text") or ""))
+                out += self.w.signature(signature, "gemini") if signature else []
+            elif part.get("text"):     # an empty text part carries only a signature
+                out += self.w.text(str(part["text"]))
+        return out
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        if self.stopped:
+            return self.w.end(self.usage)
+        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["gemini"].end_marker))
+
+
+class GeminiStreamWriter:
+    """The writer's calls in, Gemini alt=sse chunks out: "" events, no [DONE]. Text and
+    thoughts go out as they come; each tool call whole once its arguments are complete;
+    the finishReason and usage in the last chunk."""
+
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
+        self.model, self.response_id = model, ""
+        self.started = self.done = False
+        self.stopped = ""
+        self.calls: Dict[Any, _PendingCall] = {}
+        self.usage: Optional[Usage] = None
+
+    def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
+               usage: Optional[Usage] = None) -> Tuple[str, str]:
+        return "", json_text(_gemini_answer(parts, finish, usage, self.model, self.response_id))
+
+    def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        self.started, self.response_id = True, resp_id
+        return []
+
+    def text(self, text: str) -> List[Tuple[str, str]]:
+        return [self._chunk([{"text": text}])]
+
+    def reasoning(self, text: str) -> List[Tuple[str, str]]:
+        return [self._chunk([{"text": text, "thought": True}])] if text else []
+
+    def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
+        return [self._chunk([{"text": "", "thought": True,
+                              "thoughtSignature": carry(value, origin, "gemini", redacted)}])]
+
+    def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
+        self.calls[key] = _PendingCall(call_id, name)
+        return []
+
+    def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
+        if key in self.calls:
+            self.calls[key].args.append(fragment)
+        return []
+
+    def tool_end(self, key: Any) -> List[Tuple[str, str]]:
+        call = self.calls.pop(key, None)
+        if call is None:
+            return []
+        return [self._chunk([_gemini_call_part(call.id, call.name, tool_args("".join(call.args)))])]
+
+    def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
+                  origin: str = "") -> List[Tuple[str, str]]:
+        return [self._chunk([_gemini_call_part(call_id, name, tool_args(arguments),
+                                               carry(signature, origin, "gemini"))])]
+
+    def stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped or self.done:
+            return []
+        self.stopped = reason
+        return [event for key in list(self.calls) for event in self.tool_end(key)]
+
+    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        out = self.stop("end")
+        self.done, self.usage = True, usage or self.usage
+        return out + [self._chunk([], GEMINI_STOP_OUT.get(self.stopped, "STOP"), self.usage)]
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        message = named(self.provider, message)
+        if self.done:
+            return []
+        self.done = True
+        return [("", json_text(_gemini_error(status, message)))]
+
+
+# -- 7.6 Composition: TRANSLATORS, whole answers replayed as streams, StreamPipe ----
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """One format's readers and writers."""
+    read_request: Callable[[Dict[str, Any]], Chat]
+    write_request: Callable[[Chat], Dict[str, Any]]
+    read_response: Callable[[Dict[str, Any]], Answer]
+    write_response: Callable[[Answer, str, Optional[Chat]], Dict[str, Any]]
+    stream_reader: Callable[[Any], Any]        # writer -> reader of this format's stream
+    stream_writer: Callable[..., Any]          # (model, input_estimate, ask) -> writer
+
+
+CODECS: Dict[str, Codec] = {
+    "openai": Codec(read_openai_request, write_openai_request, read_openai_response,
+                    write_openai_response, OpenAIStreamReader, OpenAIStreamWriter),
+    "anthropic": Codec(read_anthropic_request, write_anthropic_request, read_anthropic_response,
+                       write_anthropic_response, AnthropicStreamReader, AnthropicStreamWriter),
+    "gemini": Codec(read_gemini_request, write_gemini_request, read_gemini_response,
+                    write_gemini_response, GeminiStreamReader, GeminiStreamWriter),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Translator:
+    """How a client format reaches an upstream format: the client's reader composed with
+    the upstream's writer, and back. request(body) -> upstream body; response(body,
+    model) -> client body; stream(model, input_estimate) -> a reader with feed(event,
+    data) and close(), both returning [(event, data)] in the client's format."""
+    client: str
+    upstream: str
+
+    @property
+    def passthrough(self) -> bool:
+        return self.client == self.upstream
+
+    def read(self, body: Dict[str, Any]) -> Chat:
+        return CODECS[self.client].read_request(body)
+
+    def write(self, chat: Chat) -> Dict[str, Any]:
+        return CODECS[self.upstream].write_request(chat)
+
+    def request(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        return self.write(self.read(body))
+
+    def response(self, body: Dict[str, Any], model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
+        answer = CODECS[self.upstream].read_response(body)
+        return CODECS[self.client].write_response(answer, model, ask)
+
+    def writer(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None) -> Any:
+        return CODECS[self.client].stream_writer(model, input_estimate, ask)
+
+    def stream(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None) -> Any:
+        return CODECS[self.upstream].stream_reader(self.writer(model, input_estimate, ask))
+
+    def replay(self, body: Dict[str, Any], model: str, input_estimate: int = 0,
+               ask: Optional[Chat] = None) -> List[Tuple[str, str]]:
+        """A whole answer as the client's stream: for an upstream that ignored stream:true."""
+        return replay(CODECS[self.upstream].read_response(body),
+                      self.writer(model, input_estimate, ask))
+
+
+TRANSLATORS: Dict[Tuple[str, str], Translator] = {
+    (client, upstream): Translator(client, upstream) for client in CODECS for upstream in CODECS}
+
+
+def replay(answer: Answer, writer: Any) -> List[Tuple[str, str]]:
+    """Feed a whole answer to a stream writer, part by part."""
+    out = writer.start(answer.id, answer.usage)
+    for part in answer.parts:
+        if isinstance(part, Reasoning):
+            out += writer.reasoning(part.text) if part.text else []
+            out += writer.signature(part.signature, part.origin, part.redacted) \
+                if part.signature else []
+        elif isinstance(part, Text):
+            out += writer.text(part.text)
+        elif isinstance(part, ToolCall):
+            out += writer.tool_call(part.id, part.name, json_text(call_arguments(part)),
+                                    part.signature, part.origin)
+    return out + writer.stop(answer.stop) + writer.end(answer.usage)
+
+
+def estimate_tokens(body: Dict[str, Any]) -> int:
+    """A heuristic, not a tokenizer: UTF-8 bytes of the JSON of the prompt parts
+    (system, messages, tools, Gemini contents, Responses input) divided by 4, rounded up.
+    English text and JSON average close to 4 bytes a token for current models."""
+    parts = {k: body[k] for k in ("system", "messages", "tools", "contents", "systemInstruction",
+                                  "prompt", "input", "instructions") if k in body}
+    return (len(dumps(parts)) + 3) // 4 if parts else 0
+
+
+def local_count(fmt: str, body: Dict[str, Any]) -> Dict[str, int]:
+    """A token count answered here for an upstream that cannot count: an estimate."""
+    if fmt == "gemini":
+        return {"totalTokens": estimate_tokens(body)}
+    return {"input_tokens": estimate_tokens(body)}
+
+
+def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
+    """For a same-format relay: opaque values another format made (tagged pp1:) and
+    thinking without a signature (made from another provider's reasoning) cannot be
+    verified by this upstream, so they go. True if the body changed."""
+    changed = False
+    if fmt == "anthropic":
+        for message in body.get("messages") or ():
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                kept = [b for b in content if not _foreign_thinking(b)]
+                changed |= len(kept) != len(content)
+                message["content"] = kept
+    elif fmt == "gemini":
+        for content in body.get("contents") or ():
+            for part in (content.get("parts") or ()) if isinstance(content, dict) else ():
+                value = part.get("thoughtSignature") if isinstance(part, dict) else None
+                if isinstance(value, str) and value.startswith(OPAQUE_TAG):
+                    del part["thoughtSignature"]
+                    changed = True
+    return changed
+
+
+def _foreign_thinking(block: Any) -> bool:
+    if not isinstance(block, dict) or block.get("type") not in ("thinking", "redacted_thinking"):
+        return False
+    value = block.get("signature" if block["type"] == "thinking" else "data")
+    return not value or (isinstance(value, str) and value.startswith(OPAQUE_TAG))
+
+
+class SSEDecoder:
+    """Upstream SSE bytes -> (event type, data) pairs."""
+
+    def __init__(self) -> None:
+        self._splitter = SSESplitter()
+
+    def feed(self, data: bytes) -> List[Tuple[str, str]]:
+        return [e for e in map(parse_sse_event, self._splitter.feed(data)) if e]
+
+    def close(self) -> List[Tuple[str, str]]:
+        return [e for e in map(parse_sse_event, self._splitter.close()) if e]
+
+
+class EventRelay:
+    """Decoded events of the client's own format relayed as they are (Bedrock's frames to
+    an Anthropic client), ending with an error event if they stop before the end."""
+
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, fmt: str) -> None:
+        self.fmt = FORMATS[fmt]
+        self.done = self.started = False
+        self.recent: List[bytes] = []
+        self.usage: Optional[Usage] = None
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        if self.done or not event:
+            return []
+        self.started = True
+        self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
+        if '"usage' in data:
+            tokens = _usage_pair(json.loads(data))
+            self.usage = Usage(tokens[0] or 0, output=tokens[1] or 0)
+        self.done = self.fmt.finished(self.recent)
+        return [(event, data)]
+
+    def close(self) -> List[Tuple[str, str]]:
+        return [] if self.done else self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        message = named(self.provider, message)
+        self.done = True
+        return [("error", json_text(self.fmt.error(status, message, "")))]
+
+
+class StreamPipe:
+    """Upstream stream bytes in, client stream bytes out: a decoder (SSE, or Bedrock's
+    event stream), a reader of the upstream's events feeding a writer of the client's,
+    and the client format's framing. The writer owns the end of the stream: fail()
+    ends it with the client format's own error."""
+
+    def __init__(self, decoder: Any, reader: Any, client: str) -> None:
+        self.decoder, self.reader = decoder, reader
+        self.writer = getattr(reader, "w", reader)
+        self.encode = FORMATS[client].encode
+
+    def first(self, data: bytes) -> bytes:
+        """The first bytes: an error event before anything else is an HTTP error instead."""
+        events = self.decoder.feed(data)
+        if events and (events[0][0] == "error" or events[0][1].lstrip().startswith('{"error"')):
             try:
-                tokens = usage_tokens(json.loads(parsed[1])) if parsed else (None, None)
-            except ValueError:
-                continue
-            found = (tokens[0] if tokens[0] is not None else found[0],
-                     tokens[1] if tokens[1] is not None else found[1])
-    return found
+                status, message = stream_error_of(json.loads(events[0][1]))
+            except (ValueError, AttributeError):
+                status, message = 502, printable(events[0][1], 200)
+            raise UpstreamError(message, status, failover=status in FAILOVER_STATUSES)
+        return self._out(events)
+
+    def feed(self, data: bytes) -> bytes:
+        return self._out(self.decoder.feed(data))
+
+    def close(self) -> bytes:
+        return self._out(self.decoder.close(), closing=True)
+
+    def fail(self, status: int, message: str) -> bytes:
+        return b"".join(self.encode(e, d) for e, d in self.writer.fail(status, message))
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        return self.writer.usage
+
+    def _out(self, events: List[Tuple[str, str]], closing: bool = False) -> bytes:
+        out: List[Tuple[str, str]] = []
+        for event, data in events:
+            out += self.reader.feed(event, data)
+        if closing:
+            out += self.reader.close()
+        encode = self.encode
+        return b"".join([encode(e, d) for e, d in out])
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    cred: Credential
+    model: str                             # the upstream's model name
+    max_output_tokens: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    requested: str
+    routed: str                            # after ampModelMappings
+    mapping: Optional[Mapping]
+    targets: Tuple[Target, ...]
+
+
+def _excluded(cred: Credential, *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for pattern in cred.excluded for n in names)
+
+
+class Router:
+    """Model name -> targets, built once per Config."""
+
+    def __init__(self, config: Config):
+        self.table: Dict[str, List[Target]] = {}
+        self.wildcard_creds: List[Credential] = []
+        for cred in config.credentials:
+            entries = cred.models or tuple(ModelEntry(m, m) for m in BUILTIN_MODELS.get(cred.api, ()))
+            for entry in entries:
+                if _excluded(cred, entry.name, entry.alias):
+                    continue
+                target = Target(cred, entry.name, entry.max_output_tokens)
+                self._add(entry.alias, target)
+                if cred.prefix:
+                    self._add(f"{cred.prefix}/{entry.alias}", target)
+            if not cred.models and cred.api in MODEL_PREFIX:
+                self.wildcard_creds.append(cred)
+        self.exact_maps = {m.source: m for m in config.mappings if "*" not in m.source}
+        self.wild_maps = [m for m in config.mappings if "*" in m.source]
+
+    def _add(self, name: str, target: Target) -> None:
+        targets = self.table.setdefault(name, [])
+        if target not in targets:
+            targets.append(target)
+
+    def lookup(self, name: str) -> List[Target]:
+        """Every target serving `name`: listed names first, then keys serving claude-*/gemini-*."""
+        found = list(self.table.get(name, ()))
+        for cred in self.wildcard_creds:
+            model = name
+            if cred.prefix and model.startswith(cred.prefix + "/"):
+                model = model[len(cred.prefix) + 1:]
+            if model.startswith(MODEL_PREFIX[cred.api]) and not _excluded(cred, model):
+                target = Target(cred, model)
+                if all(t.cred is not cred for t in found):
+                    found.append(target)
+        return found
+
+    def mapping_for(self, requested: str) -> Optional[Mapping]:
+        """An exact `from` wins over a wildcard one; among wildcards, the first listed."""
+        if requested in self.exact_maps:
+            return self.exact_maps[requested]
+        for mapping in self.wild_maps:
+            if fnmatch.fnmatchcase(requested, mapping.source):
+                return mapping
+        return None
+
+    def resolve(self, requested: str) -> Route:
+        mapping = self.mapping_for(requested)
+        if mapping and mapping.target != requested:
+            targets = self.lookup(mapping.target)
+            if targets:
+                return Route(requested, mapping.target, mapping, tuple(targets))
+        return Route(requested, requested, None, tuple(self.lookup(requested)))
+
+    def names(self) -> List[str]:
+        """Every routable name: listed models, prefixed forms and mapping sources."""
+        names = list(self.table)
+        names += [m.source for m in self.exact_maps.values()
+                  if m.source not in self.table and self.lookup(m.target)]
+        return names
+
+    def nearest(self, requested: str) -> List[str]:
+        return difflib.get_close_matches(requested, self.names(), n=3, cutoff=0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cooldown:
+    until: float
+    status: int
+    reason: str
+
+
+class Balancer:
+    """Round-robin counters and cooldowns: the router's only mutable state."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._turn: Dict[str, int] = {}
+        self.cooldowns: Dict[str, Cooldown] = {}
+
+    def plan(self, route: Route, strategy: str) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
+        """(targets to try in order, targets cooling down with why)."""
+        now = self.clock()
+        ready, cooling = [], []
+        for target in route.targets:
+            cool = self.cooldowns.get(target.cred.key)
+            if cool and cool.until > now:
+                cooling.append((target, cool))
+            else:
+                ready.append(target)
+        if strategy == "round-robin" and len(ready) > 1:
+            turn = self._turn.get(route.routed, 0)
+            self._turn[route.routed] = turn + 1
+            start = turn % len(ready)
+            ready = ready[start:] + ready[:start]
+        return ready, cooling
+
+    def cool(self, cred: Credential, status: int, retry_after: Optional[float]) -> Optional[Cooldown]:
+        """Rest a credential after 429 (Retry-After, capped) or 401/403 (5 minutes)."""
+        if status == 429:
+            seconds = min(COOLDOWN_RETRY_AFTER_CAP,
+                          retry_after if retry_after is not None else COOLDOWN_DEFAULT)
+            reason = "rate limited (429)"
+        elif status in (401, 403):
+            seconds, reason = COOLDOWN_AUTH, f"rejected the key ({status})"
+        else:
+            return None
+        cool = Cooldown(self.clock() + seconds, status, reason)
+        self.cooldowns[cred.key] = cool
+        return cool
+
+
+def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
+                     wall: Optional[float] = None) -> str:
+    """'every credential for this model is cooling down: ...' with which, why, until when."""
+    wall = time.time() if wall is None else wall
+    parts = []
+    for target, cool in cooling:
+        left = max(0.0, cool.until - now)
+        when = time.strftime("%H:%M:%S", time.localtime(wall + left))
+        parts.append(f"{target.cred.label} {cool.reason}, until {when} ({left:.0f}s)")
+    return "every credential serving this model is cooling down: " + "; ".join(parts)
 
 
 # =============================================================================
-# 6a. Amazon Bedrock (sans-I/O)
-# Strategy: what makes Bedrock differ from the Anthropic API it carries: the
-# body (anthropic_version, anthropic_beta, no model/stream), the URL, AWS
-# Signature Version 4 written with hmac/hashlib, the binary event stream
-# decoded incrementally with both CRCs checked, and its error names mapped to
-# Anthropic's. Pure functions of their inputs (the clock is a parameter).
+# 9. Upstreams
+# Strategy: what it takes to talk to each kind of upstream. 9.1 is Amazon
+# Bedrock's wire (SigV4 written with hmac and hashlib, the binary event stream
+# decoded incrementally with both CRCs checked), pure functions of their inputs.
+# 9.2 is the HTTP/1.1 client on the event loop itself: connections kept alive
+# and reused through a pool keyed by (scheme, host, port, proxy); outbound
+# proxies http:// (CONNECT for https) and socks5:// (handshakes on a worker
+# thread); socket errors become UpstreamError with the fix in the message.
+# (http.client on worker threads cost ~700 us of CPU and two thread handoffs a
+# request, and could not meet the latency and throughput targets.) 9.3 has one
+# adapter per dialect (OpenAI-compatible, Anthropic, Azure AI Foundry, Bedrock,
+# Gemini): each builds its requests, explains its errors, supplies its stream
+# decoder and its `check` probe. Nothing else in the file tests a dialect.
 # =============================================================================
+
+# -- 9.1 Amazon Bedrock's wire ---------------------------------------------------------
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
 # Betas Bedrock accepts in the body; others make it answer 400 ValidationException (F.2).
@@ -1139,7 +4119,7 @@ MAX_EVENT_STREAM_FRAME = 16 * 1024 * 1024   # one Bedrock frame; real ones are a
 def bedrock_path(model: str, op: str, stream: bool) -> str:
     """/model/{id}/invoke[-with-response-stream] or /count-tokens; the id is one path
     segment, ':' kept raw as the AWS SDKs send it (F.1)."""
-    action = "count-tokens" if op == "count_tokens" else (
+    action = "count-tokens" if op == "count" else (
         "invoke-with-response-stream" if stream else "invoke")
     return f"/model/{urllib.parse.quote(model, safe=':')}/{action}"
 
@@ -1297,7 +4277,7 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
             data = base64.b64decode(json.loads(payload)["bytes"]).decode("utf-8")
             return json.loads(data).get("type", "message"), data
         except (ValueError, KeyError, TypeError, AttributeError):
-            return "error", dumps(error_object("anthropic", 502, "malformed Bedrock chunk"))
+            return "error", error_body("anthropic", 502, "malformed Bedrock chunk").decode()
     if kind == "event":
         return "", ""                      # other event types carry nothing for the client
     name = headers.get(":exception-type") or headers.get(":error-code") or "InternalServerException"
@@ -1306,8 +4286,7 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
     except (ValueError, AttributeError):
         message = headers.get(":error-message") or name
     _, err_type = BEDROCK_ERRORS.get(name[:1].upper() + name[1:], (500, "api_error"))
-    return "error", dumps({"type": "error", "error": {"type": err_type,
-                                                      "message": f"{name}: {message}"}})
+    return "error", error_body("anthropic", 500, f"{name}: {message}", err_type).decode("utf-8")
 
 
 def bedrock_error(status: int, error_type_header: str, body: bytes) -> Tuple[int, bytes]:
@@ -1326,2663 +4305,8 @@ def bedrock_error(status: int, error_type_header: str, body: bytes) -> Tuple[int
     return new_status, error_body("anthropic", new_status, text, err_type)
 
 
-# =============================================================================
-# 7. Translation
-# Strategy: one table keyed by (client format, upstream format) says how a
-# request, a response and a stream cross from one format to the other. Same
-# format on both sides is pass-through: the body is forwarded with only the
-# model rewritten and the stream relayed event by event, untouched.
-# Translators are pure dict -> dict functions and small stream classes.
-# =============================================================================
+# -- 9.2 The HTTP client ---------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Translator:
-    """How one (client format, upstream format) pair crosses; None fields: pass-through.
-    request(body) -> upstream body; response(body, model) -> client body;
-    stream(model, input_estimate) -> object with feed(event, data) and close(), both
-    returning [(event name, data)] in the client's format."""
-    request: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]]
-    response: Optional[Callable[[Dict[str, Any], str], Dict[str, Any]]]
-    stream: Optional[Callable[[str, int], Any]]
-
-
-PASS_THROUGH = Translator(None, None, None)
-
-TRANSLATORS: Dict[Tuple[str, str], Translator] = {
-    ("openai", "openai"): PASS_THROUGH,
-    ("anthropic", "anthropic"): PASS_THROUGH,
-    ("gemini", "gemini"): PASS_THROUGH,
-}
-
-
-def drop_unsigned_thinking(body: Dict[str, Any]) -> None:
-    """Thinking blocks without a signature (made from another provider's reasoning by a
-    translator) fail Anthropic's verification (H.4): they are dropped before an
-    Anthropic-format upstream sees them. Signed blocks pass untouched."""
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(_unsigned_thinking(b) for b in content):
-            message["content"] = [b for b in content if not _unsigned_thinking(b)]
-
-
-def _unsigned_thinking(block: Any) -> bool:
-    return isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature")
-
-
-def encode_event(fmt: str, event: str, data: str) -> bytes:
-    """One SSE event as the client's format writes it (PROTOCOLS.md section 0)."""
-    if fmt == "anthropic":
-        return f"event: {event}\ndata: {data}\n\n".encode("utf-8")
-    return f"data: {data}\n\n".encode("utf-8")
-
-
-def estimate_tokens(body: Dict[str, Any]) -> int:
-    """A heuristic, not a tokenizer: UTF-8 bytes of the JSON of the prompt parts
-    (system, messages, tools, Gemini contents) divided by 4, rounded up. English text
-    and JSON average close to 4 bytes a token for current models."""
-    parts = {k: body[k] for k in ("system", "messages", "tools", "contents", "systemInstruction",
-                                  "prompt", "input") if k in body}
-    return (len(dumps(parts)) + 3) // 4 if parts else 0
-
-
-def local_count(op: str, body: Dict[str, Any]) -> Dict[str, int]:
-    """count_tokens answered here for upstreams that cannot count (A.6): an estimate."""
-    if op == "gemini_count_tokens":
-        return {"totalTokens": estimate_tokens(body)}
-    return {"input_tokens": estimate_tokens(body)}
-
-
-class AnthropicEventRelay:
-    """Anthropic events relayed as they are (Bedrock's decoded frames), ending with an
-    error event if the upstream stopped before message_stop."""
-
-    def __init__(self, model: str, input_estimate: int = 0):
-        self.finished = False
-
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if event in ("message_stop", "error"):
-            self.finished = True
-        return [(event, data)] if event else []
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.finished:
-            return []
-        return [("error", dumps(error_object("anthropic", 502, "upstream ended the stream "
-                                                               "before message_stop")).decode())]
-
-
-# -- Anthropic Messages <-> OpenAI Chat Completions (PROTOCOLS.md C and D) -------
-
-ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens (A.2); an OpenAI client
-                                         # may omit it. 8192 is the largest cap every current
-                                         # Claude model (3.5 and newer) accepts; 4.x allow more,
-                                         # and the model entry's maxOutputTokens clamps anyway.
-ANTHROPIC_PLACEHOLDER_TEXT = "(continue)"   # Anthropic needs a first user turn, no empty text
-THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 24576,
-                    "xhigh": 32768}      # reasoning_effort -> budget_tokens (D.1 suggestions)
-BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"   # Claude Code attribution text (H.8)
-JSON_OBJECT_INSTRUCTION = "Respond with one JSON object and nothing else."
-
-STOP_REASON_FROM_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                           "function_call": "tool_use", "content_filter": "refusal"}   # C.4
-FINISH_FROM_STOP_REASON = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-                           "tool_use": "tool_calls", "refusal": "content_filter",
-                           "pause_turn": "stop", "model_context_window_exceeded": "length"}  # D.4
-
-_UNSAFE_TOOL_ID = re.compile(r"[^a-zA-Z0-9_-]")
-_DATA_URL = re.compile(r"^data:([^;,]+)?((?:;[^;,]*)*?);base64,(.*)$", re.S)
-
-
-def safe_tool_id(tool_id: Any, fallback: str) -> str:
-    """A tool id Anthropic accepts (^[a-zA-Z0-9_-]+$). Deterministic, so the id of a
-    tool_use and of its tool_result map alike without any state (H.20)."""
-    text = tool_id if isinstance(tool_id, str) else ""
-    return _UNSAFE_TOOL_ID.sub("_", text) or fallback
-
-
-def _sse_json(obj: Any) -> str:
-    return dumps(obj).decode("utf-8")
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _blocks(content: Any, where: str) -> List[Dict[str, Any]]:
-    """Anthropic content (a string or a block list) as a block list."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if content is None:
-        return []
-    if not isinstance(content, list):
-        raise ClientError(f"{where} must be a string or a list of blocks, got {_short(content)}")
-    return [b for b in content if isinstance(b, dict)]
-
-
-def _is_openai_usage(usage: Any) -> bool:
-    return isinstance(usage, dict) and any(k in usage for k in ("prompt_tokens", "completion_tokens"))
-
-
-def anthropic_usage_from_openai(usage: Dict[str, Any]) -> Dict[str, int]:
-    """C.5: OpenAI's prompt_tokens includes cached tokens; Anthropic's input_tokens does not."""
-    details = usage.get("prompt_tokens_details") or {}
-    cached = _count(details.get("cached_tokens"))
-    created = _count(usage.get("cache_creation_input_tokens") or details.get("cache_write_tokens")
-                     or details.get("cache_creation_input_tokens"))
-    return {"input_tokens": max(0, _count(usage.get("prompt_tokens")) - cached - created),
-            "output_tokens": _count(usage.get("completion_tokens")),
-            "cache_creation_input_tokens": created, "cache_read_input_tokens": cached}
-
-
-def openai_usage_from_anthropic(usage: Dict[str, Any]) -> Dict[str, Any]:
-    """D.5: prompt_tokens counts uncached, cache-written and cache-read input alike."""
-    read = _count(usage.get("cache_read_input_tokens"))
-    prompt = (_count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens"))
-              + read)
-    completion = _count(usage.get("output_tokens"))
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion, "prompt_tokens_details": {"cached_tokens": read}}
-
-
-def _tool_input(arguments: Any) -> Dict[str, Any]:
-    """OpenAI tool arguments (a JSON string, or an object from lax servers, H.13) as an
-    Anthropic tool input. Invalid JSON or a non-object becomes {} (CLIProxyAPI's choice):
-    Anthropic needs an object, and a half-parsed guess could run the wrong command."""
-    if isinstance(arguments, dict):
-        return arguments
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-# -- Anthropic client -> OpenAI-compatible upstream: request (C.1) -----------------
-
-def _openai_system_text(system: Any) -> str:
-    """One system string (H.14), Claude Code's billing header block dropped (H.8)."""
-    texts = [b.get("text") for b in _blocks(system, "system") if b.get("type") == "text"]
-    kept = [t for t in texts if isinstance(t, str) and t
-            and not t.startswith(BILLING_HEADER_PREFIX)]
-    return "\n".join(kept)
-
-
-def _openai_part(block: Dict[str, Any], where: str) -> Optional[Dict[str, Any]]:
-    """One Anthropic user block as an OpenAI content part; None for blocks with no
-    OpenAI meaning (thinking, cache-only, server tool results)."""
-    kind = block.get("type")
-    if kind == "text":
-        text = block.get("text")
-        return {"type": "text", "text": text} if isinstance(text, str) and text else None
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    origin = source.get("type")
-    if kind == "image" and origin == "base64":
-        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
-        return {"type": "image_url", "image_url": {"url": url}}
-    if kind == "image" and origin == "url":
-        return {"type": "image_url", "image_url": {"url": source.get("url", "")}}
-    if kind == "document" and origin == "base64":
-        data = f"data:{source.get('media_type', 'application/pdf')};base64,{source.get('data', '')}"
-        name = block.get("title") if isinstance(block.get("title"), str) else "document.pdf"
-        return {"type": "file", "file": {"filename": name, "file_data": data}}
-    if kind == "document" and origin == "text":
-        return {"type": "text", "text": str(source.get("data", ""))}
-    if kind == "document" and origin == "content":
-        texts = [b.get("text", "") for b in _blocks(source.get("content"), where)
-                 if b.get("type") == "text"]
-        return {"type": "text", "text": "\n".join(texts)} if any(texts) else None
-    if kind in ("image", "document"):
-        raise ClientError(f"{where}: a {kind} with source type {origin!r} cannot be sent to an "
-                          "OpenAI-compatible upstream; send it as base64 data instead")
-    return None
-
-
-def _openai_user_content(parts: List[Dict[str, Any]]) -> Any:
-    """A string when every part is text (servers that reject arrays still work), else parts."""
-    if all(p["type"] == "text" for p in parts):
-        return "\n".join(p["text"] for p in parts)
-    return parts
-
-
-def _openai_tool_message(block: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], list]:
-    """A tool_result as a `tool` message, plus the parts (images, files) it carried, which
-    go to a user message after it: most servers reject anything but text in `tool`."""
-    content = block.get("content")
-    texts, extra = [], []
-    for i, inner in enumerate(_blocks(content, f"{where}.content")):
-        part = _openai_part(inner, f"{where}.content[{i}]")
-        if part is None:
-            continue
-        if part["type"] == "text":
-            texts.append(part["text"])
-        else:
-            texts.append(f"[{inner.get('type')} {len(extra) + 1} follows in the next message]")
-            extra.append(part)
-    text = "\n\n".join(texts)
-    if block.get("is_error") is True:     # no OpenAI field: say it in the text (C.1 rule 2)
-        text = f"Error: {text}" if text else "Error"
-    call_id = safe_tool_id(block.get("tool_use_id"), "toolu_missing")
-    return {"role": "tool", "tool_call_id": call_id, "content": text}, extra
-
-
-def _openai_user_messages(blocks: List[Dict[str, Any]], where: str) -> List[Dict[str, Any]]:
-    """C.1: tool_results first (each its own `tool` message), then one user message."""
-    tools, parts = [], []
-    extra: List[Dict[str, Any]] = []
-    for i, block in enumerate(blocks):
-        if block.get("type") == "tool_result":
-            message, carried = _openai_tool_message(block, f"{where}[{i}]")
-            tools.append(message)
-            extra += carried
-        else:
-            part = _openai_part(block, f"{where}[{i}]")
-            if part is not None:
-                parts.append(part)
-    parts = extra + parts
-    return tools + ([{"role": "user", "content": _openai_user_content(parts)}] if parts else [])
-
-
-def _openai_assistant_message(blocks: List[Dict[str, Any]], where: str) -> List[Dict[str, Any]]:
-    """One assistant message; thinking and redacted_thinking dropped (their signatures
-    mean nothing to another provider), content "" rather than null (H.14)."""
-    texts, calls = [], []
-    for i, block in enumerate(blocks):
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif kind == "tool_use":
-            name = block.get("name")
-            if not isinstance(name, str) or not name:
-                raise ClientError(f"{where}[{i}]: a tool_use needs a \"name\"; add the tool's name")
-            arguments = block.get("input") if isinstance(block.get("input"), dict) else {}
-            calls.append({"id": safe_tool_id(block.get("id"), f"toolu_{i}"), "type": "function",
-                          "function": {"name": name, "arguments": _sse_json(arguments)}})
-    if not texts and not calls:
-        return []
-    message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
-    if calls:
-        message["tool_calls"] = calls
-    return [message]
-
-
-def _as_parts(content: Any) -> List[Dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    return content
-
-
-def _merge_openai_messages(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Adjacent user (or assistant) messages merged: chat templates of some servers
-    (vLLM, Ollama) require user and assistant to alternate."""
-    merged: List[Dict[str, Any]] = []
-    for message in messages:
-        last = merged[-1] if merged else None
-        if last is None or last["role"] != message["role"] or message["role"] not in (
-                "user", "assistant"):
-            merged.append(message)
-            continue
-        a, b = last["content"], message["content"]
-        if isinstance(a, str) and isinstance(b, str):
-            last["content"] = "\n".join(t for t in (a, b) if t)
-        else:
-            last["content"] = _as_parts(a) + _as_parts(b)
-        if message.get("tool_calls"):
-            last["tool_calls"] = last.get("tool_calls", []) + message["tool_calls"]
-    return merged
-
-
-def _openai_tools(tools: Any) -> List[Dict[str, Any]]:
-    """Client tools as functions; server tools (typed, no input_schema) skipped (C.1);
-    cache_control, strict, defer_loading and the like dropped (H.3)."""
-    out = []
-    for tool in tools if isinstance(tools, list) else []:
-        if not isinstance(tool, dict) or not isinstance(tool.get("input_schema"), dict):
-            continue
-        schema = dict(tool["input_schema"])
-        if schema.get("type") == "object" and "properties" not in schema:
-            schema["properties"] = {}
-        function = {"name": tool.get("name", "")}
-        if isinstance(tool.get("description"), str):
-            function["description"] = tool["description"]
-        function["parameters"] = schema
-        out.append({"type": "function", "function": function})
-    return out
-
-
-def _openai_tool_choice(choice: Any) -> Tuple[Any, Optional[bool]]:
-    """(tool_choice, parallel_tool_calls) for an Anthropic tool_choice (C.1 table)."""
-    if not isinstance(choice, dict):
-        return None, None
-    kind = choice.get("type")
-    mapped = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
-    if kind == "tool":
-        mapped = {"type": "function", "function": {"name": choice.get("name", "")}}
-    parallel = False if choice.get("disable_parallel_tool_use") is True else None
-    return mapped, parallel
-
-
-def _reasoning_effort(thinking: Any, output_config: Any) -> Optional[str]:
-    """C.1: budget_tokens <= 1024 low, <= 8192 medium, else high; adaptive thinking
-    carries its effort in output_config."""
-    if not isinstance(thinking, dict):
-        return None
-    if thinking.get("type") == "enabled":
-        budget = _count(thinking.get("budget_tokens"))
-        return "low" if budget <= 1024 else "medium" if budget <= 8192 else "high"
-    if thinking.get("type") == "adaptive":
-        effort = output_config.get("effort") if isinstance(output_config, dict) else None
-        return effort if effort in ("low", "medium", "high") else "medium"
-    return None
-
-
-def anthropic_to_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """An Anthropic Messages request as a Chat Completions request (PROTOCOLS.md C.1).
-    Dropped: cache_control, metadata, top_k, thinking blocks, server tools, beta fields."""
-    messages: List[Dict[str, Any]] = []
-    system = _openai_system_text(body.get("system"))
-    if system:
-        messages.append({"role": "system", "content": system})
-    given = body.get("messages")
-    if not isinstance(given, list):
-        raise ClientError(f'"messages" must be a list, got {_short(given)}')
-    for i, message in enumerate(given):
-        where = f"messages[{i}].content"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant"):
-            raise ClientError(f"messages[{i}].role is {_short(role)}; use \"user\" or \"assistant\" "
-                              "(the system prompt goes in the top-level \"system\")")
-        blocks = _blocks(message.get("content"), where)
-        messages += (_openai_user_messages(blocks, where) if role == "user"
-                     else _openai_assistant_message(blocks, where))
-    out: Dict[str, Any] = {"model": body.get("model"), "messages": _merge_openai_messages(messages)}
-    for key in ("max_tokens", "temperature", "top_p"):
-        if key in body:
-            out[key] = body[key]
-    stops = body.get("stop_sequences")
-    if isinstance(stops, list) and stops:
-        out["stop"] = stops
-    if "stream" in body:
-        out["stream"] = body["stream"]
-        if body["stream"] is True:
-            out["stream_options"] = {"include_usage": True}
-    tools = _openai_tools(body.get("tools"))
-    if tools:
-        out["tools"] = tools
-        choice, parallel = _openai_tool_choice(body.get("tool_choice"))
-        if choice is not None:
-            out["tool_choice"] = choice
-        if parallel is not None:
-            out["parallel_tool_calls"] = parallel
-    effort = _reasoning_effort(body.get("thinking"), body.get("output_config"))
-    if effort:
-        out["reasoning_effort"] = effort
-    return out
-
-
-# -- OpenAI-compatible upstream -> Anthropic client: response (C.2, C.4, C.5) -------
-
-def _anthropic_message_id(upstream_id: Any, fallback: Any) -> str:
-    """msg_<...> from the upstream's id (some clients expect the prefix), deterministic."""
-    if isinstance(upstream_id, str) and upstream_id:
-        safe = safe_tool_id(upstream_id, "x")
-        return safe if safe.startswith("msg_") else f"msg_{safe}"
-    return "msg_" + short_hash(_sse_json(fallback))
-
-
-def _stop_reason(finish_reason: Any, tool_used: bool) -> str:
-    """C.4, with rule 7: tool_use whenever a tool_use block was sent, never without one."""
-    if tool_used:
-        return "tool_use"
-    reason = STOP_REASON_FROM_FINISH.get(finish_reason, "end_turn")
-    return "end_turn" if reason == "tool_use" else reason
-
-
-def _text_of(content: Any) -> str:
-    """OpenAI message content as text: a string, or the text of its parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content
-                       if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def openai_to_anthropic_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """A Chat Completions answer as an Anthropic Message (C.2): blocks in the order
-    thinking, text, tool_use; the thinking block's signature is "" (no real one exists)."""
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        message, _ = upstream_message(dumps(body))
-        raise UpstreamError(f"answered without choices: {message}")
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content: List[Dict[str, Any]] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = _text_of(message.get("content")) or _text_of(message.get("refusal"))
-    if text:
-        content.append({"type": "text", "text": text})
-    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-    if isinstance(message.get("function_call"), dict):     # legacy single-function answer
-        calls = calls + [{"function": message["function_call"]}]
-    for i, call in enumerate(c for c in calls if isinstance(c, dict)):
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        content.append({"type": "tool_use",
-                        "id": safe_tool_id(call.get("id"), f"toolu_{i}"),
-                        "name": function.get("name") or "",
-                        "input": _tool_input(function.get("arguments"))})
-    tool_used = any(b["type"] == "tool_use" for b in content)
-    usage = body.get("usage") if _is_openai_usage(body.get("usage")) else {}
-    return {"id": _anthropic_message_id(body.get("id"), body), "type": "message",
-            "role": "assistant", "model": model, "content": content,
-            "stop_reason": _stop_reason(choice.get("finish_reason"), tool_used),
-            "stop_sequence": None, "usage": anthropic_usage_from_openai(usage)}
-
-
-# -- OpenAI-compatible upstream -> Anthropic client: stream (C.3) -----------------
-
-class _JsonDepth:
-    """Tells, a fragment at a time and in constant memory, when streamed JSON text has
-    closed its outermost brace: the sign that a tool call's arguments are complete."""
-
-    def __init__(self) -> None:
-        self.depth, self.in_string, self.escaped, self.seen = 0, False, False, False
-
-    def feed(self, text: str) -> None:
-        for ch in text:
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
-            elif ch == '"':
-                self.in_string = self.seen = True
-            elif ch in "{[":
-                self.depth += 1
-                self.seen = True
-            elif ch in "}]":
-                self.depth -= 1
-            elif not ch.isspace():
-                self.seen = True
-
-    @property
-    def complete(self) -> bool:
-        return self.seen and self.depth <= 0 and not self.in_string
-
-
-class _ToolCall:
-    """One OpenAI tool call on its way to an Anthropic tool_use block. `pending` until it
-    can start (name known, id known or arguments begun, no unfinished call open);
-    buffered arguments are bounded by that one call."""
-
-    def __init__(self) -> None:
-        self.id, self.name, self.state = "", "", "pending"    # pending -> open -> closed
-        self.index = -1
-        self.buffered: List[str] = []
-        self.depth = _JsonDepth()
-
-    @property
-    def startable(self) -> bool:
-        return bool(self.name and (self.id or self.buffered))
-
-
-class OpenAIToAnthropicStream:
-    """Chat Completions chunks in, Anthropic Messages events out (C.3).
-
-    Blocks never interleave: text and thinking open and close as the delta fields
-    change; a tool call streams its arguments live while it is the open block, and a
-    call that begins while another is still unfinished (true parallel interleaving) is
-    buffered and sent whole once the open one completes, or at finish_reason.
-    message_delta and message_stop wait for the usage chunk, [DONE] or the end; a stream
-    that ends without finish_reason ends with an error event, never a fake end_turn."""
-
-    def __init__(self, model: str, input_estimate: int = 0):
-        self.model, self.input_estimate = model, input_estimate
-        self.started = self.ended = self.tool_used = False
-        self.next_index = 0
-        self.open_kind = ""                       # "text", "thinking", "tool_use" or ""
-        self.open_call: Optional[_ToolCall] = None
-        self.calls: Dict[Any, _ToolCall] = {}     # OpenAI tool index -> its current call
-        self.order: List[_ToolCall] = []          # every call, in order of first sight
-        self.message_id = ""
-        self.finish_reason: Optional[str] = None
-        self.usage: Optional[Dict[str, Any]] = None
-
-    # -- input ----------------------------------------------------------------
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        data = data.strip()
-        if self.ended or not data:
-            return []
-        if data == "[DONE]":
-            return self._finish(self.finish_reason or "stop")
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return []                             # not a chunk (a stray keep-alive line)
-        if not isinstance(chunk, dict):
-            return []
-        if chunk.get("error") is not None:
-            message, code = upstream_message(dumps(chunk))
-            return self._fail(f"{code}: {message}" if code and not code.isdigit()
-                              and code not in message else message)
-        out: List[Tuple[str, str]] = []
-        choices = chunk.get("choices")
-        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-            if not self.started:
-                out += self._start(chunk)
-            out += self._choice(choices[0])
-        if _is_openai_usage(chunk.get("usage")):
-            self.usage = chunk["usage"]
-            if self.finish_reason is not None and not choices:
-                out += self._finish(self.finish_reason)
-        return out
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.ended:
-            return []
-        if self.finish_reason is not None:    # finished; only [DONE] (and maybe usage) missing
-            return self._finish(self.finish_reason)
-        return self._fail("upstream stream ended early, before a finish_reason")
-
-    def _choice(self, choice: Dict[str, Any]) -> List[Tuple[str, str]]:
-        if self.finish_reason is not None:
-            return []
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-        out: List[Tuple[str, str]] = []
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            out += self._text("thinking", reasoning)
-        text = delta.get("content") or delta.get("refusal")
-        if isinstance(text, str) and text:
-            out += self._text("text", text)
-        items = delta.get("tool_calls")
-        for position, item in enumerate(items if isinstance(items, list) else []):
-            if isinstance(item, dict):
-                out += self._tool_fragment(item, position)
-        reason = choice.get("finish_reason")
-        if reason == "error":
-            return out + self._fail("upstream finished with finish_reason \"error\"")
-        if reason:
-            out += self._close_open()
-            for call in self.order:
-                if call.state == "pending":
-                    out += self._start_call(call, whole=True)
-            self.finish_reason = reason
-        return out
-
-    # -- blocks ---------------------------------------------------------------
-    def _start(self, chunk: Dict[str, Any]) -> List[Tuple[str, str]]:
-        self.started = True
-        self.message_id = _anthropic_message_id(chunk.get("id"), chunk)
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "content": [],
-                   "model": self.model, "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.input_estimate, "output_tokens": 0}}
-        return [self._event({"type": "message_start", "message": message})]
-
-    @staticmethod
-    def _event(obj: Dict[str, Any]) -> Tuple[str, str]:
-        return obj["type"], _sse_json(obj)
-
-    def _open(self, kind: str, block: Dict[str, Any]) -> List[Tuple[str, str]]:
-        out = self._close_open()
-        self.open_kind, index = kind, self.next_index
-        self.next_index += 1
-        out.append(self._event({"type": "content_block_start", "index": index,
-                                "content_block": block}))
-        return out
-
-    def _delta(self, delta: Dict[str, Any]) -> Tuple[str, str]:
-        return self._event({"type": "content_block_delta", "index": self.next_index - 1,
-                            "delta": delta})
-
-    def _close_open(self) -> List[Tuple[str, str]]:
-        if not self.open_kind:
-            return []
-        if self.open_call is not None:
-            self.open_call.state, self.open_call = "closed", None
-        self.open_kind = ""
-        return [self._event({"type": "content_block_stop", "index": self.next_index - 1})]
-
-    def _text(self, kind: str, text: str) -> List[Tuple[str, str]]:
-        out: List[Tuple[str, str]] = []
-        if self.open_kind != kind:
-            block = ({"type": "text", "text": ""} if kind == "text"
-                     else {"type": "thinking", "thinking": "", "signature": ""})
-            out += self._open(kind, block)
-        # The hot path of every translated stream: the event is formatted directly, which
-        # is the same JSON _delta() would make at a third of the cost.
-        out.append(("content_block_delta", '{"type":"content_block_delta","index":%d,"delta":'
-                    '{"type":"%s_delta","%s":%s}}' % (self.next_index - 1, kind, kind,
-                                                       _JSON.encode(text))))
-        return out
-
-    # -- tool calls (B.4, H.13) -----------------------------------------------
-    def _tool_fragment(self, item: Dict[str, Any], position: int) -> List[Tuple[str, str]]:
-        index = item.get("index") if isinstance(item.get("index"), int) else position
-        function = item.get("function") if isinstance(item.get("function"), dict) else {}
-        new_id = item.get("id") if isinstance(item.get("id"), str) else ""
-        call = self.calls.get(index)
-        if call is None or (new_id and call.id and new_id != call.id):   # index reused for a new call
-            call = self.calls[index] = _ToolCall()
-            self.order.append(call)
-        call.id = call.id or new_id
-        name = function.get("name")
-        call.name = call.name or (name if isinstance(name, str) else "")   # a repeat is ignored
-        arguments = function.get("arguments")
-        if isinstance(arguments, (dict, list)):
-            arguments = _sse_json(arguments)
-        arguments = arguments if isinstance(arguments, str) else ""
-        if call.state == "closed":
-            return []          # a fragment after its block closed: nothing valid can follow
-        if call.state == "open":
-            if not arguments:
-                return []
-            call.depth.feed(arguments)
-            out = [self._delta({"type": "input_json_delta", "partial_json": arguments})]
-            return out + self._start_next() if call.depth.complete else out
-        if arguments:
-            call.buffered.append(arguments)
-        return self._start_call(call) if call.startable else []
-
-    def _start_next(self) -> List[Tuple[str, str]]:
-        """The open call just completed: a buffered parallel call may start now."""
-        for call in self.order:
-            if call.state == "pending" and call.startable:
-                return self._start_call(call)
-        return []
-
-    def _start_call(self, call: _ToolCall, whole: bool = False) -> List[Tuple[str, str]]:
-        """Open call's block and send what it buffered; `whole` sends and closes it
-        (at finish_reason, when no more fragments can come)."""
-        if not whole and self.open_call is not None and not self.open_call.depth.complete:
-            return []          # another call is mid-arguments: wait, blocks must not interleave
-        position = self.order.index(call)
-        call.id = call.id or f"toolu_{self.message_id[4:]}_{position}"
-        block = {"type": "tool_use", "id": safe_tool_id(call.id, f"toolu_{position}"),
-                 "name": call.name or f"tool_{position}", "input": {}}
-        out = self._open("tool_use", block)
-        call.state, self.open_call, self.tool_used = "open", call, True
-        arguments, call.buffered = "".join(call.buffered), []
-        if arguments:
-            call.depth.feed(arguments)
-            out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
-        if whole:
-            out += self._close_open()
-        return out
-
-    # -- the end --------------------------------------------------------------
-    def _finish(self, reason: str) -> List[Tuple[str, str]]:
-        out: List[Tuple[str, str]] = []
-        if not self.started:
-            out += self._start({})
-        if self.finish_reason is None:
-            out += self._choice({"finish_reason": reason})
-        usage = anthropic_usage_from_openai(self.usage) if self.usage else {"output_tokens": 0}
-        delta = {"stop_reason": _stop_reason(reason, self.tool_used), "stop_sequence": None}
-        out.append(self._event({"type": "message_delta", "delta": delta, "usage": usage}))
-        out.append(self._event({"type": "message_stop"}))
-        self.ended = True
-        return out
-
-    def _fail(self, message: str) -> List[Tuple[str, str]]:
-        out = self._close_open()
-        out.append(("error", _sse_json(error_object("anthropic", 500, message))))
-        self.ended = True
-        return out
-
-
-# -- OpenAI client -> Anthropic-format upstream: request (D.1) --------------------
-
-def _anthropic_part(part: Any, where: str) -> Optional[Dict[str, Any]]:
-    """One OpenAI content part as an Anthropic block; None for empty text."""
-    if isinstance(part, str):
-        part = {"type": "text", "text": part}
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind in ("text", "refusal", "input_text"):
-        text = part.get("text", part.get("refusal"))
-        return {"type": "text", "text": text} if isinstance(text, str) and text else None
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        return {"type": "image", "source": _anthropic_source(url, f"{where}.image_url.url")}
-    if kind == "file":
-        file = part.get("file") if isinstance(part.get("file"), dict) else {}
-        if isinstance(file.get("file_data"), str):
-            return {"type": "document", "source": _anthropic_source(
-                file["file_data"], f"{where}.file.file_data", urls=False)}
-        raise ClientError(f"{where}: a file part needs file_data (a data: URL); file ids of "
-                          "OpenAI's Files API cannot reach an Anthropic upstream")
-    raise ClientError(f"{where}: content part type {_short(kind)} cannot be translated to "
-                      "Anthropic; send text, image_url or file parts")
-
-
-def _anthropic_source(url: Any, where: str, urls: bool = True) -> Dict[str, Any]:
-    """An image_url/file_data URL as an Anthropic source: data: URLs split at the first
-    comma into media type and base64 data, http(s) URLs kept as url sources (D.1)."""
-    text = url if isinstance(url, str) else ""
-    match = _DATA_URL.match(text)
-    if match:
-        return {"type": "base64", "media_type": match.group(1) or "application/octet-stream",
-                "data": match.group(3)}
-    if urls and text.startswith(("http://", "https://")):
-        return {"type": "url", "url": text}
-    raise ClientError(f"{where} is {_short(text[:60])}; send a base64 data: URL"
-                      + (" or an http(s) URL" if urls else ""))
-
-
-def _anthropic_blocks(content: Any, where: str) -> List[Dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    if not isinstance(content, list):
-        raise ClientError(f"{where} must be a string or a list of parts, got {_short(content)}")
-    blocks = (_anthropic_part(p, f"{where}[{i}]") for i, p in enumerate(content))
-    return [b for b in blocks if b is not None]
-
-
-def _anthropic_tool_use(call: Any, where: str, fallback: str) -> Dict[str, Any]:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise ClientError(f"{where} needs function.name; send tool calls as "
-                          '{"id", "type": "function", "function": {"name", "arguments"}}')
-    return {"type": "tool_use", "id": safe_tool_id(call.get("id"), fallback),
-            "name": function["name"], "input": _tool_input(function.get("arguments"))}
-
-
-def _anthropic_turn(message: Dict[str, Any], i: int) -> Tuple[str, List[Dict[str, Any]]]:
-    """(role, blocks) of one non-system OpenAI message; reasoning_content and `name`
-    dropped (no signature exists to replay it with)."""
-    role, where = message.get("role"), f"messages[{i}]"
-    if role == "user":
-        return "user", _anthropic_blocks(message.get("content"), f"{where}.content")
-    if role == "assistant":
-        blocks = _anthropic_blocks(message.get("content"), f"{where}.content")
-        calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
-        blocks += [_anthropic_tool_use(c, f"{where}.tool_calls[{j}]", f"toolu_{i}_{j}")
-                   for j, c in enumerate(calls)]
-        return "assistant", blocks
-    if role == "tool":
-        result: Dict[str, Any] = {"type": "tool_result",
-                                  "tool_use_id": safe_tool_id(message.get("tool_call_id"),
-                                                              "toolu_missing")}
-        inner = _anthropic_blocks(message.get("content"), f"{where}.content")
-        if inner:
-            text_only = all(b["type"] == "text" for b in inner)
-            result["content"] = "".join(b["text"] for b in inner) if text_only else inner
-        return "user", [result]
-    raise ClientError(f"{where}.role is {_short(role)}; use system, developer, user, assistant, "
-                      "tool or function")
-
-
-def _anthropic_messages(turns: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
-    """D.1: empty turns dropped, same-role turns merged with tool_results first in each
-    user turn, and a placeholder user turn first when the talk starts otherwise."""
-    merged: List[Dict[str, Any]] = []
-    for role, blocks in turns:
-        if not blocks:
-            continue
-        if merged and merged[-1]["role"] == role:
-            merged[-1]["content"] += blocks
-        else:
-            merged.append({"role": role, "content": list(blocks)})
-    for message in merged:
-        if message["role"] == "user":
-            content = message["content"]
-            message["content"] = ([b for b in content if b["type"] == "tool_result"]
-                                  + [b for b in content if b["type"] != "tool_result"])
-    if not merged or merged[0]["role"] != "user":
-        merged.insert(0, {"role": "user",
-                          "content": [{"type": "text", "text": ANTHROPIC_PLACEHOLDER_TEXT}]})
-    return merged
-
-
-def _anthropic_tools(tools: Any) -> List[Dict[str, Any]]:
-    out = []
-    for i, tool in enumerate(tools if isinstance(tools, list) else []):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not (
-                isinstance(function, dict) and isinstance(function.get("name"), str)):
-            raise ClientError(f"tools[{i}] is not a function tool with a name; Anthropic "
-                              "upstreams take only {\"type\": \"function\", \"function\": {...}}")
-        schema = function.get("parameters")
-        schema = dict(schema) if isinstance(schema, dict) else {"type": "object", "properties": {}}
-        schema.setdefault("type", "object")
-        tool_out = {"name": function["name"]}
-        if isinstance(function.get("description"), str):
-            tool_out["description"] = function["description"]
-        tool_out["input_schema"] = schema
-        out.append(tool_out)
-    return out
-
-
-def _anthropic_tool_choice(choice: Any, parallel: Any) -> Optional[Dict[str, Any]]:
-    """D.1 tool_choice table; parallel_tool_calls false needs a choice object to ride on."""
-    if isinstance(choice, dict):
-        function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
-        out: Optional[Dict[str, Any]] = {"type": "tool", "name": function.get("name", "")}
-    else:
-        out = {"type": {"auto": "auto", "required": "any", "none": "none"}.get(choice, "auto")}
-        if choice is None and parallel is not False:
-            out = None
-    if out is not None and parallel is False and out["type"] != "none":
-        out["disable_parallel_tool_use"] = True
-    return out
-
-
-def _response_format_instruction(fmt: Any) -> str:
-    """No Anthropic field asks for JSON output: say it in the system prompt (D.1)."""
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "json_object":
-        return JSON_OBJECT_INSTRUCTION
-    if kind == "json_schema":
-        schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else {}
-        return (f"{JSON_OBJECT_INSTRUCTION} It must match this JSON Schema: "
-                f"{_sse_json(schema.get('schema', {}))}")
-    return ""
-
-
-def modern_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """OpenAI's legacy function calling (`functions`, `function_call`, assistant
-    `function_call`, role "function" messages) in its `tools` form, so one translator
-    serves both. Legacy calls have no ids: call_<n> is given in order, and each function
-    result takes the id of the earliest unanswered call of that name. Pure."""
-    messages = body.get("messages")
-    legacy = isinstance(messages, list) and any(
-        isinstance(m, dict) and (m.get("role") == "function" or "function_call" in m)
-        for m in messages)
-    if not legacy and "functions" not in body and "function_call" not in body:
-        return body
-    out = dict(body)
-    functions, choice = out.pop("functions", None), out.pop("function_call", None)
-    if isinstance(functions, list) and "tools" not in out:
-        out["tools"] = [{"type": "function", "function": f} for f in functions]
-    if choice is not None and "tool_choice" not in out:
-        named = isinstance(choice, dict) and isinstance(choice.get("name"), str)
-        out["tool_choice"] = ({"type": "function", "function": {"name": choice["name"]}}
-                              if named else choice)
-    if legacy:
-        out["messages"], open_calls = [], []
-        for message in messages:
-            if isinstance(message, dict) and isinstance(message.get("function_call"), dict):
-                call_id = f"call_{len(out['messages'])}"
-                open_calls.append((message["function_call"].get("name"), call_id))
-                message = dict(message, tool_calls=list(message.get("tool_calls") or []) + [
-                    {"id": call_id, "type": "function", "function": message["function_call"]}])
-                del message["function_call"]
-            elif isinstance(message, dict) and message.get("role") == "function":
-                match = next((c for c in open_calls if c[0] == message.get("name")), None)
-                if match:
-                    open_calls.remove(match)
-                message = {"role": "tool", "content": message.get("content") or "",
-                           "tool_call_id": match[1] if match else f"call_{len(out['messages'])}"}
-            out["messages"].append(message)
-    return out
-
-
-def openai_to_anthropic_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """A Chat Completions request as an Anthropic Messages request (PROTOCOLS.md D.1).
-    Dropped: stream_options, seed, logit_bias, logprobs, penalties, reasoning_content."""
-    body = modern_openai_request(body)
-    if _count(body.get("n")) > 1:
-        raise ClientError(f"\"n\" is {body['n']}: Anthropic upstreams return one choice; "
-                          "send n=1 or leave it out")
-    given = body.get("messages")
-    if not isinstance(given, list):
-        raise ClientError(f'"messages" must be a list, got {_short(given)}')
-    system: List[Dict[str, Any]] = []
-    turns = []
-    for i, message in enumerate(given):
-        if not isinstance(message, dict):
-            raise ClientError(f"messages[{i}] must be an object, got {_short(message)}")
-        if message.get("role") in ("system", "developer"):
-            system += _anthropic_blocks(message.get("content"), f"messages[{i}].content")
-        else:
-            turns.append(_anthropic_turn(message, i))
-    instruction = _response_format_instruction(body.get("response_format"))
-    if instruction:
-        system.append({"type": "text", "text": instruction})
-    out: Dict[str, Any] = {"model": body.get("model"), "messages": _anthropic_messages(turns)}
-    if system:
-        out["system"] = system
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    out["max_tokens"] = limit if _count(limit) else ANTHROPIC_DEFAULT_MAX_TOKENS
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
-    if stops:
-        out["stop_sequences"] = stops
-    if isinstance(body.get("stream"), bool):
-        out["stream"] = body["stream"]
-    if isinstance(body.get("user"), str) and body["user"]:
-        out["metadata"] = {"user_id": body["user"]}
-    tools = _anthropic_tools(body.get("tools"))
-    choice = _anthropic_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
-    if tools:
-        out["tools"] = tools
-        if choice is not None:
-            out["tool_choice"] = choice
-    _sampling_and_thinking(body, out)
-    return out
-
-
-def _sampling_and_thinking(body: Dict[str, Any], out: Dict[str, Any]) -> None:
-    """reasoning_effort -> thinking with max_tokens raised above the budget (D.1); with
-    thinking on, Anthropic takes no temperature, top_p or top_k, and no forced tool."""
-    budget = THINKING_BUDGETS.get(body.get("reasoning_effort"))
-    forced = out.get("tool_choice", {}).get("type") in ("any", "tool")
-    if budget and not forced:
-        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        if out["max_tokens"] <= budget:      # the client's cap becomes room after thinking
-            out["max_tokens"] += budget
-        return
-    if isinstance(body.get("temperature"), (int, float)):
-        out["temperature"] = min(body["temperature"], 1)    # OpenAI's range is 0-2
-    elif isinstance(body.get("top_p"), (int, float)):       # newer Claude reject both at once
-        out["top_p"] = body["top_p"]
-    if isinstance(body.get("top_k"), int):                  # vLLM/OpenRouter-style extension
-        out["top_k"] = body["top_k"]
-
-
-# -- Anthropic-format upstream -> OpenAI client: response (D.2, D.4, D.5) ----------
-
-def anthropic_to_openai_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """An Anthropic Message as a chat.completion (D.2): text blocks joined into content
-    (null when only tool calls), thinking as the non-standard reasoning_content."""
-    if body.get("type") == "error" or not isinstance(body.get("content"), list):
-        message, _ = upstream_message(dumps(body))
-        raise UpstreamError(f"answered without content: {message}")
-    blocks = [b for b in body["content"] if isinstance(b, dict)]
-    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
-    thinking = "".join(b.get("thinking", "") for b in blocks if b.get("type") == "thinking")
-    calls = [{"id": b.get("id", ""), "type": "function",
-              "function": {"name": b.get("name", ""), "arguments": _sse_json(b.get("input", {}))}}
-             for b in blocks if b.get("type") == "tool_use"]
-    message: Dict[str, Any] = {"role": "assistant", "content": None if calls and not text else text}
-    if thinking:
-        message["reasoning_content"] = thinking
-    if calls:
-        message["tool_calls"] = calls
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-    return {"id": body.get("id") or "chatcmpl-" + short_hash(_sse_json(body)),
-            "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": FINISH_FROM_STOP_REASON.get(body.get("stop_reason"),
-                                                                     "stop")}],
-            "usage": openai_usage_from_anthropic(usage)}
-
-
-# -- Anthropic-format upstream -> OpenAI client: stream (D.3) ---------------------
-
-_ANTHROPIC_STATUS = {kind: status for status, kind in ANTHROPIC_ERROR_TYPES.items()}
-
-
-class AnthropicToOpenAIStream:
-    """Anthropic Messages events in, chat.completion.chunk data out (D.3): role chunk,
-    content / reasoning_content / tool_calls deltas (tool indexes count tool calls from
-    0, not blocks), finish chunk, a usage chunk with `choices: []`, then [DONE]. A stream
-    that ends before message_stop ends with an error chunk."""
-
-    HANDLED = ("message_start", "content_block_start", "content_block_delta",
-               "message_delta", "message_stop")
-
-    def __init__(self, model: str, input_estimate: int = 0):
-        self.model, self.created = model, int(time.time())
-        self.id = ""
-        self.started = self.finished = self.ended = False
-        self.tool_index: Dict[Any, int] = {}      # Anthropic block index -> OpenAI tool index
-        self.whole: set = set()                   # blocks whose input came in their start
-        self.usage: Dict[str, Any] = {}
-        self._content_prefix: Optional[str] = None
-
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.ended:
-            return []
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return []
-        if not isinstance(obj, dict):
-            return []
-        kind = obj.get("type") or event
-        if kind == "error":
-            err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
-            return self._fail(str(err.get("message") or "upstream error"),
-                              str(err.get("type") or "api_error"))
-        handler = getattr(self, "_on_" + kind, None) if kind in self.HANDLED else None
-        if handler is None:
-            return []                              # ping and anything newer
-        out = [] if self.started or kind == "message_start" else self._role_chunk()
-        return out + handler(obj)
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.ended:
-            return []
-        return self._fail("upstream stream ended early, before message_stop", "api_error")
-
-    # -- events ---------------------------------------------------------------
-    def _on_message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
-        self.id = message.get("id") if isinstance(message.get("id"), str) else ""
-        self._content_prefix = None
-        self._merge_usage(message.get("usage"))
-        return self._role_chunk()
-
-    def _on_content_block_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        block = obj.get("content_block") if isinstance(obj.get("content_block"), dict) else {}
-        if block.get("type") != "tool_use":
-            return []
-        k = self.tool_index[obj.get("index")] = len(self.tool_index)
-        function = {"name": block.get("name", ""), "arguments": ""}
-        if isinstance(block.get("input"), dict) and block["input"]:
-            function["arguments"] = _sse_json(block["input"])   # complete already: no deltas
-            self.whole.add(obj.get("index"))
-        return [self._chunk({"tool_calls": [{"index": k, "id": block.get("id", ""),
-                                             "type": "function", "function": function}]})]
-
-    def _on_content_block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
-        kind, index = delta.get("type"), obj.get("index")
-        if kind == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
-            return [("", self._content_chunk(delta["text"]))]
-        if kind == "thinking_delta" and delta.get("thinking"):
-            return [self._chunk({"reasoning_content": delta["thinking"]})]
-        if (kind == "input_json_delta" and delta.get("partial_json")
-                and index in self.tool_index and index not in self.whole):
-            return [self._chunk({"tool_calls": [{"index": self.tool_index[index], "function": {
-                "arguments": delta["partial_json"]}}]})]
-        return []                                  # signature_delta, citations_delta, empty
-
-    def _on_message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        self._merge_usage(obj.get("usage"))
-        delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
-        if self.finished or not delta.get("stop_reason"):
-            return []
-        self.finished = True
-        return [self._chunk({}, FINISH_FROM_STOP_REASON.get(delta["stop_reason"], "stop"))]
-
-    def _on_message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        out = [] if self.finished else [self._chunk({}, "stop")]
-        usage = dict(self._base(), choices=[], usage=openai_usage_from_anthropic(self.usage))
-        self.ended = True
-        return out + [("", _sse_json(usage)), ("", "[DONE]")]
-
-    # -- chunks ---------------------------------------------------------------
-    def _merge_usage(self, usage: Any) -> None:
-        """Each usage field's last non-null value wins (D.5)."""
-        if isinstance(usage, dict):
-            self.usage.update((k, v) for k, v in usage.items() if v is not None)
-
-    def _role_chunk(self) -> List[Tuple[str, str]]:
-        self.started = True
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def _base(self) -> Dict[str, Any]:
-        return {"id": self.id or "chatcmpl-proxypal", "object": "chat.completion.chunk",
-                "created": self.created, "model": self.model}
-
-    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Tuple[str, str]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return "", _sse_json(dict(self._base(), choices=[choice]))
-
-    def _content_chunk(self, text: str) -> str:
-        """The hot path: a text chunk formatted directly, the same JSON _chunk() makes."""
-        if self._content_prefix is None:
-            base = _sse_json(self._base())
-            self._content_prefix = base[:-1] + ',"choices":[{"index":0,"delta":{"content":'
-        return self._content_prefix + _JSON.encode(text) + '},"finish_reason":null}]}'
-
-
-    def _fail(self, message: str, err_type: str) -> List[Tuple[str, str]]:
-        self.ended = True
-        status = _ANTHROPIC_STATUS.get(err_type, 502)
-        error = error_object("openai", status, message, err_type)
-        return [("", _sse_json(error)), ("", "[DONE]")]
-
-
-TRANSLATORS[("anthropic", "openai")] = Translator(
-    anthropic_to_openai_request, openai_to_anthropic_response, OpenAIToAnthropicStream)
-TRANSLATORS[("openai", "anthropic")] = Translator(
-    openai_to_anthropic_request, anthropic_to_openai_response, AnthropicToOpenAIStream)
-
-
-# -----------------------------------------------------------------------------
-# 7g. Gemini translators (PROTOCOLS.md E.6, E.7)
-# Strategy: OpenAI and Anthropic clients reach a Gemini upstream through one
-# contents builder (_gemini_append, _url_part, _function_response), one schema
-# cleaner (gemini_schema) and one Gemini-stream reader (_GeminiUpstreamStream)
-# that each client format renders. Gemini clients reach OpenAI and Anthropic
-# upstreams through one contents reader (_gemini_turns) and the reverse tables.
-# Gemini has no tool-call ids: they are derived from the response (never from a
-# clock or a counter kept between requests); nothing is remembered across calls.
-# -----------------------------------------------------------------------------
-
-# Keys a Gemini function `parameters` Schema accepts (E.7); any other is a 400.
-GEMINI_SCHEMA_KEYS = frozenset({
-    "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems",
-    "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
-    "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum"})
-GEMINI_SCHEMA_FORMATS = frozenset({"enum", "date-time", "float", "double", "int32", "int64"})
-GEMINI_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")     # H.21
-GEMINI_MAX_STOP_SEQUENCES = 5                                              # E.2
-# Google's documented stand-in for a thoughtSignature the proxy cannot give back (E.6 (b)).
-GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"
-ANTHROPIC_BILLING_PREFIX = "x-anthropic-billing-header:"                  # H.8: not for Gemini
-ANTHROPIC_MIN_THINKING_BUDGET = 1024                                       # A.2
-# reasoning_effort -> thinkingBudget (E.6 suggestion; 24576 is Gemini 2.5 Flash's ceiling).
-REASONING_BUDGETS = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576,
-                     "xhigh": 24576}
-# thinkingBudget -> reasoning_effort, first bound that holds (C.1's suggested cut points).
-BUDGET_EFFORTS = ((1024, "low"), (8192, "medium"), (None, "high"))
-
-# Client request field -> generationConfig field (E.6); the first present wins.
-OPENAI_TO_GEMINI_GENERATION = (
-    ("max_completion_tokens", "maxOutputTokens"), ("max_tokens", "maxOutputTokens"),
-    ("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"),
-    ("presence_penalty", "presencePenalty"), ("frequency_penalty", "frequencyPenalty"),
-    ("seed", "seed"))
-ANTHROPIC_TO_GEMINI_GENERATION = (
-    ("max_tokens", "maxOutputTokens"), ("temperature", "temperature"), ("top_p", "topP"),
-    ("top_k", "topK"))
-# The way back: max_tokens is what OpenAI-compatible servers know (C.1); top_k is left
-# out because OpenAI itself rejects it (H.9).
-GEMINI_TO_OPENAI_GENERATION = (
-    ("maxOutputTokens", "max_tokens"), ("temperature", "temperature"), ("topP", "top_p"),
-    ("presencePenalty", "presence_penalty"), ("frequencyPenalty", "frequency_penalty"),
-    ("seed", "seed"))
-GEMINI_TO_ANTHROPIC_GENERATION = tuple((g, a) for a, g in ANTHROPIC_TO_GEMINI_GENERATION)
-
-OPENAI_TOOL_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
-ANTHROPIC_TOOL_MODES = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
-
-GEMINI_SAFETY_FINISHES = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
-                          "IMAGE_SAFETY", "LANGUAGE")
-# Gemini finishReason -> client value; a reply holding a functionCall overrides both (E.6).
-GEMINI_FINISH_TO_ANTHROPIC = {"STOP": "end_turn", "MAX_TOKENS": "max_tokens",
-                              **{r: "refusal" for r in GEMINI_SAFETY_FINISHES}}
-GEMINI_FINISH_TO_OPENAI = {"STOP": "stop", "MAX_TOKENS": "length",
-                           **{r: "content_filter" for r in GEMINI_SAFETY_FINISHES}}
-OPENAI_FINISH_TO_GEMINI = {"stop": "STOP", "length": "MAX_TOKENS", "tool_calls": "STOP",
-                           "function_call": "STOP", "content_filter": "SAFETY"}
-ANTHROPIC_STOP_TO_GEMINI = {"end_turn": "STOP", "stop_sequence": "STOP", "tool_use": "STOP",
-                            "pause_turn": "STOP", "max_tokens": "MAX_TOKENS",
-                            "model_context_window_exceeded": "MAX_TOKENS", "refusal": "SAFETY"}
-# Anthropic error type -> HTTP status for a Gemini client's error (E.5: 503 is "overloaded").
-ANTHROPIC_ERROR_STATUS = {**{t: s for s, t in ANTHROPIC_ERROR_TYPES.items()},
-                          "overloaded_error": 503}
-
-STREAM_CUT_SHORT = "upstream stream ended before its finish: the answer is incomplete, retry"
-
-
-def _json_text(obj: Any) -> str:
-    return dumps(obj).decode("utf-8")
-
-
-def _as_list(value: Any, where: str) -> List[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ClientError(f"{where} must be an array, not {_json_type(value)}: send a list")
-    return value
-
-
-def _tool_id(prefix: str, response_id: str, n: int, call: Dict[str, Any]) -> str:
-    """A tool-call id for a Gemini functionCall: its own id when it has one (Vertex),
-    else derived from the response id, the call's position, name and args, so the same
-    answer always gets the same ids and two answers almost never share one."""
-    if call.get("id"):
-        return re.sub(r"[^A-Za-z0-9_-]", "_", str(call["id"]))
-    seed = f"{response_id}|{n}|{call.get('name')}|{_json_text(call.get('args') or {})}"
-    return prefix + short_hash(seed)
-
-
-# -- E.7: JSON Schema -> Gemini Schema ------------------------------------------
-
-def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
-                  seen: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """A JSON Schema cut down to the subset Gemini's `parameters` accepts (E.7): local
-    $refs inlined (a cycle becomes a bare object), allOf merged, oneOf read as anyOf,
-    null types folded into nullable, const/enum kept only as strings."""
-    if not isinstance(schema, dict):
-        return {}
-    if defs is None:
-        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
-    ref = schema.get("$ref")
-    if isinstance(ref, str):
-        name = ref.rsplit("/", 1)[-1]
-        if name in seen or name not in defs:
-            return {"type": "object"}
-        return gemini_schema({**defs[name], **{k: v for k, v in schema.items() if k != "$ref"}},
-                             defs, seen + (name,))
-    for branch in schema.get("allOf") or []:
-        schema = _merge_schema(schema, branch if isinstance(branch, dict) else {})
-    out = {k: v for k, v in schema.items() if k in GEMINI_SCHEMA_KEYS
-           and k not in ("type", "properties", "items", "anyOf", "enum", "format", "required")}
-    _schema_type(schema, out)
-    _schema_enum(schema, out)
-    if schema.get("format") in GEMINI_SCHEMA_FORMATS:
-        out["format"] = schema["format"]
-    if isinstance(schema.get("properties"), dict) and schema["properties"]:
-        out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
-                             for name, sub in schema["properties"].items()}
-        required = [r for r in schema.get("required") or [] if r in out["properties"]]
-        if required:
-            out["required"] = required
-    items = schema.get("items")
-    if isinstance(items, list):                                   # tuple form: first item
-        items = items[0] if items else None
-    if isinstance(items, dict):
-        out["items"] = gemini_schema(items, defs, seen)
-    branches = schema.get("anyOf") or schema.get("oneOf")
-    if isinstance(branches, list):
-        _schema_any_of(branches, out, defs, seen)
-    return out
-
-
-def _merge_schema(parent: Dict[str, Any], branch: Dict[str, Any]) -> Dict[str, Any]:
-    merged = {k: v for k, v in parent.items() if k != "allOf"}
-    for key, value in branch.items():
-        if key == "properties" and isinstance(value, dict):
-            merged["properties"] = {**(merged.get("properties") or {}), **value}
-        elif key == "required" and isinstance(value, list):
-            merged["required"] = list(merged.get("required") or []) + value
-        else:
-            merged.setdefault(key, value)
-    return merged
-
-
-def _schema_type(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        types = [t for t in kind if t != "null"]
-        if len(types) < len(kind):
-            out["nullable"] = True
-        if len(types) == 1:
-            out["type"] = types[0]
-        elif types:
-            out["anyOf"] = [{"type": t} for t in types]
-    elif isinstance(kind, str) and kind != "null":
-        out["type"] = kind
-    elif kind == "null":
-        out["nullable"] = True
-
-
-def _schema_enum(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
-    """Gemini enums are strings: keep const/enum only when every value is one (E.7
-    allows dropping; stringifying would make the model answer "1" for 1)."""
-    values = [schema["const"]] if "const" in schema else schema.get("enum")
-    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
-        out["enum"] = values
-        out.setdefault("type", "string")
-
-
-def _schema_any_of(branches: List[Any], out: Dict[str, Any], defs: Dict[str, Any],
-                   seen: Tuple[str, ...]) -> None:
-    kept = []
-    for branch in branches:
-        if isinstance(branch, dict) and branch.get("type") == "null":
-            out["nullable"] = True
-        else:
-            kept.append(gemini_schema(branch, defs, seen))
-    if len(kept) == 1:
-        for key, value in kept[0].items():
-            out.setdefault(key, value)
-    elif kept:
-        out["anyOf"] = kept
-
-
-def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
-    """A Gemini Schema as standard JSON Schema: lower-case types, nullable as a null type."""
-    if not isinstance(schema, dict):
-        return {}
-    out = dict(schema)
-    if isinstance(out.get("type"), str):
-        out["type"] = out["type"].lower()
-        if out.pop("nullable", False) is True:
-            out["type"] = [out["type"], "null"]
-    if isinstance(out.get("properties"), dict):
-        out["properties"] = {k: json_schema_from_gemini(v) for k, v in out["properties"].items()}
-    if isinstance(out.get("items"), dict):
-        out["items"] = json_schema_from_gemini(out["items"])
-    if isinstance(out.get("anyOf"), list):
-        out["anyOf"] = [json_schema_from_gemini(b) for b in out["anyOf"]]
-    return out
-
-
-# -- OpenAI and Anthropic requests -> Gemini (E.6) --------------------------------
-
-def _gemini_append(contents: List[Dict[str, Any]], role: str, parts: List[Dict[str, Any]]) -> None:
-    """Add parts as a turn; consecutive turns of one role become one (E.2), which also
-    puts parallel function responses in ONE user content, in order."""
-    if not parts:
-        return
-    if contents and contents[-1]["role"] == role:
-        contents[-1]["parts"].extend(parts)
-    else:
-        contents.append({"role": role, "parts": list(parts)})
-
-
-def _sign_function_calls(contents: List[Dict[str, Any]]) -> None:
-    """The first functionCall of each model turn gets Google's dummy signature (E.6 (b)):
-    a stateless proxy cannot give Gemini 3 back its own, and without one it answers 400."""
-    for content in contents:
-        if content["role"] == "model":
-            for part in content["parts"]:
-                if "functionCall" in part:
-                    part.setdefault("thoughtSignature", GEMINI_DUMMY_SIGNATURE)
-                    break
-
-
-_GEMINI_DATA_URL = re.compile(r"data:([^;,]+)[^,]*;base64,(.*)", re.S)
-
-
-def _url_part(url: Any, mime: str, where: str) -> Dict[str, Any]:
-    """A data: URL as inlineData, a gs:// URI as fileData; any other URL is refused,
-    because a pure translator cannot download it and Gemini fetches only its own URIs."""
-    url = url if isinstance(url, str) else ""
-    match = _GEMINI_DATA_URL.match(url)
-    if match:
-        return {"inlineData": {"mimeType": match.group(1), "data": match.group(2)}}
-    if url.startswith("gs://"):
-        return {"fileData": {"fileUri": url, **({"mimeType": mime} if mime else {})}}
-    raise ClientError(f"{where}: URL {printable(url, 80)!r} cannot be sent to a Gemini "
-                      "upstream: send the file inline (a data: URL or base64) or as a gs:// URI")
-
-
-def _function_response(name: str, result: Any, is_error: bool = False) -> Dict[str, Any]:
-    """E.6: `response` must be an object; results are wrapped as result or error."""
-    return {"functionResponse": {"name": name, "response": {"error" if is_error else "result": result}}}
-
-
-def _function_declaration(name: Any, description: Any, schema: Any, where: str) -> Dict[str, Any]:
-    if not isinstance(name, str) or not GEMINI_FUNCTION_NAME.match(name):
-        raise ClientError(f"{where}: tool name {name!r} is not a valid Gemini function name: "
-                          "use a letter or _ first, then up to 63 of A-Z a-z 0-9 _ . : -")
-    decl: Dict[str, Any] = {"name": name}
-    if description:
-        decl["description"] = description
-    params = gemini_schema(schema)
-    if params.get("properties"):            # E.7: no parameters at all for a no-argument tool
-        decl["parameters"] = params
-    return decl
-
-
-def _tool_config(mode: str, name: Any = None) -> Dict[str, Any]:
-    config: Dict[str, Any] = {"mode": mode}
-    if name:
-        config["allowedFunctionNames"] = [name]
-    return {"functionCallingConfig": config}
-
-
-def _generation_config(body: Dict[str, Any], table: Sequence[Tuple[str, str]],
-                       stop: Any) -> Dict[str, Any]:
-    config: Dict[str, Any] = {}
-    for source, target in table:
-        if body.get(source) is not None and target not in config:
-            config[target] = body[source]
-    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if isinstance(s, str)]
-    if stops:
-        config["stopSequences"] = stops[:GEMINI_MAX_STOP_SEQUENCES]
-    return config
-
-
-def _thinking_config(budget: int) -> Dict[str, Any]:
-    return {"thinkingBudget": budget, "includeThoughts": True} if budget else {"thinkingBudget": 0}
-
-
-def _gemini_body(system: List[str], contents: List[Dict[str, Any]],
-                 declarations: List[Dict[str, Any]], tool_config: Optional[Dict[str, Any]],
-                 generation: Dict[str, Any]) -> Dict[str, Any]:
-    _sign_function_calls(contents)
-    out: Dict[str, Any] = {"contents": contents}
-    if system:
-        out["systemInstruction"] = {"parts": [{"text": text} for text in system]}
-    if declarations:
-        out["tools"] = [{"functionDeclarations": declarations}]
-    if tool_config and declarations:
-        out["toolConfig"] = tool_config
-    if generation:
-        out["generationConfig"] = generation
-    return out
-
-
-def _openai_text(content: Any, where: str) -> str:
-    """Text of an OpenAI content (string or parts); non-text parts are refused."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    texts = []
-    for j, part in enumerate(_as_list(content, where)):
-        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
-            raise ClientError(f"{where}[{j}]: only text parts are allowed here, not "
-                              f"{_short(part)}: send text")
-        texts.append(part.get("text") or "")
-    return "".join(texts)
-
-
-def _openai_user_parts(content: Any, where: str) -> List[Dict[str, Any]]:
-    if content is None or isinstance(content, str):
-        return [{"text": content}] if content else []
-    parts = []
-    for j, part in enumerate(_as_list(content, where + ".content")):
-        at, kind = f"{where}.content[{j}]", part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            parts += [{"text": part["text"]}] if part.get("text") else []
-        elif kind == "image_url":
-            image = part.get("image_url")
-            parts.append(_url_part(image.get("url") if isinstance(image, dict) else image, "", at))
-        elif kind == "input_audio":
-            audio = part.get("input_audio") or {}
-            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}",
-                                         "data": audio.get("data") or ""}})
-        elif kind == "file" and isinstance(part.get("file"), dict) and part["file"].get("file_data"):
-            parts.append(_url_part(part["file"]["file_data"], "", at))
-        else:
-            raise ClientError(f"{at}: part {_short(part)} cannot be sent to a Gemini upstream: "
-                              "send text, image_url, input_audio or file with file_data")
-    return parts
-
-
-def _openai_assistant_parts(msg: Dict[str, Any], where: str,
-                            names: Dict[str, str]) -> List[Dict[str, Any]]:
-    text = _openai_text(msg.get("content"), where + ".content")
-    parts: List[Dict[str, Any]] = [{"text": text}] if text else []
-    for j, call in enumerate(_as_list(msg.get("tool_calls"), where + ".tool_calls")):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not function.get("name"):
-            raise ClientError(f"{where}.tool_calls[{j}] has no function name: send "
-                              '{"id","type":"function","function":{"name","arguments"}}')
-        names[str(call.get("id"))] = function["name"]
-        parts.append({"functionCall": {"name": function["name"],
-                                       "args": _tool_input(function.get("arguments"))}})
-    return parts
-
-
-def _answered_name(names: Dict[str, str], call_id: Any, where: str) -> str:
-    """The function name of the call a tool result answers, from the request's own
-    history (E.6, stateless recovery)."""
-    name = names.get(str(call_id))
-    if name is None:
-        raise ClientError(f"{where} answers tool call {call_id!r}, which no earlier assistant "
-                          "message holds: send the assistant tool call before its result")
-    return name
-
-
-def openai_to_gemini_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """OpenAI Chat Completions request -> Gemini generateContent body (E.6)."""
-    body = modern_openai_request(body)
-    if body.get("n") not in (None, 1):
-        raise ClientError(f"n={body['n']!r} is not supported for a Gemini upstream: send n=1")
-    system: List[str] = []
-    contents: List[Dict[str, Any]] = []
-    names: Dict[str, str] = {}
-    for i, msg in enumerate(_as_list(body.get("messages"), "messages")):
-        where = f"messages[{i}]"
-        role = msg.get("role") if isinstance(msg, dict) else None
-        if role in ("system", "developer"):
-            text = _openai_text(msg.get("content"), where + ".content")
-            system += [text] if text else []
-        elif role == "user":
-            _gemini_append(contents, "user", _openai_user_parts(msg.get("content"), where))
-        elif role == "assistant":
-            _gemini_append(contents, "model", _openai_assistant_parts(msg, where, names))
-        elif role in ("tool", "function"):
-            name = (_answered_name(names, msg.get("tool_call_id"), where) if role == "tool"
-                    else str(msg.get("name") or ""))
-            result = _openai_text(msg.get("content"), where + ".content")
-            _gemini_append(contents, "user", [_function_response(name, result)])
-        else:
-            raise ClientError(f"{where}: unknown role {role!r}: use system, developer, user, "
-                              "assistant or tool")
-    generation = _generation_config(body, OPENAI_TO_GEMINI_GENERATION, body.get("stop"))
-    generation.update(_openai_response_format(body.get("response_format")))
-    effort = body.get("reasoning_effort")
-    if effort is not None:
-        if effort not in REASONING_BUDGETS:
-            raise ClientError(f"reasoning_effort {effort!r} is unknown: use one of "
-                              + ", ".join(REASONING_BUDGETS))
-        generation["thinkingConfig"] = _thinking_config(REASONING_BUDGETS[effort])
-    declarations = [_function_declaration(t["function"].get("name"), t["function"].get("description"),
-                                          t["function"].get("parameters"), f"tools[{i}]")
-                    for i, t in enumerate(_as_list(body.get("tools"), "tools"))
-                    if isinstance(t, dict) and isinstance(t.get("function"), dict)]
-    return _gemini_body(system, contents, declarations,
-                        _openai_tool_config(body.get("tool_choice")), generation)
-
-
-def _openai_response_format(fmt: Any) -> Dict[str, Any]:
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "json_object":
-        return {"responseMimeType": "application/json"}
-    if kind == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        return {"responseMimeType": "application/json",
-                **({"responseJsonSchema": schema} if isinstance(schema, dict) else {})}
-    return {}
-
-
-def _openai_tool_config(choice: Any) -> Optional[Dict[str, Any]]:
-    if choice is None:
-        return None
-    if isinstance(choice, dict):
-        return _tool_config("ANY", (choice.get("function") or {}).get("name"))
-    if choice not in OPENAI_TOOL_MODES:
-        raise ClientError(f"tool_choice {choice!r} is unknown: use auto, required, none or "
-                          '{"type":"function","function":{"name":...}}')
-    return _tool_config(OPENAI_TOOL_MODES[choice])
-
-
-def _anthropic_block_list(content: Any, where: str) -> List[Dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    return [b for b in _as_list(content, where) if isinstance(b, dict)]
-
-
-def _anthropic_source_part(source: Any, where: str) -> Dict[str, Any]:
-    source = source if isinstance(source, dict) else {}
-    kind = source.get("type")
-    if kind == "base64":
-        return {"inlineData": {"mimeType": source.get("media_type") or "", "data": source.get("data") or ""}}
-    if kind == "url":
-        return _url_part(source.get("url"), "", where)
-    if kind == "text":
-        return {"text": source.get("data") or ""}
-    raise ClientError(f"{where}: a {kind!r} source cannot be sent to a Gemini upstream: "
-                      "send base64 data")
-
-
-def _anthropic_parts(block: Dict[str, Any], where: str, names: Dict[str, str]) -> List[Dict[str, Any]]:
-    """One Anthropic content block as Gemini parts. thinking and redacted_thinking are
-    dropped (their signatures are Anthropic's; E.6), as are server-tool blocks."""
-    kind = block.get("type")
-    if kind == "text":
-        return [{"text": block["text"]}] if block.get("text") else []
-    if kind in ("image", "document"):
-        return [_anthropic_source_part(block.get("source"), where)]
-    if kind == "tool_use":
-        names[str(block.get("id"))] = str(block.get("name"))
-        args = block.get("input")
-        return [{"functionCall": {"name": block.get("name"), "args": args if isinstance(args, dict) else {}}}]
-    if kind == "tool_result":
-        name = _answered_name(names, block.get("tool_use_id"), where)
-        texts, extra = [], []
-        for j, inner in enumerate(_anthropic_block_list(block.get("content") or "", where + ".content")):
-            if inner.get("type") == "text":
-                texts.append(inner.get("text") or "")
-            else:       # images inside a result follow the functionResponse (E.6, CLIProxyAPI)
-                extra += _anthropic_parts(inner, f"{where}.content[{j}]", names)
-        return [_function_response(name, "\n".join(texts), block.get("is_error") is True)] + extra
-    return []
-
-
-def _anthropic_system(system: Any) -> List[str]:
-    texts = [b.get("text") or "" for b in _anthropic_block_list(system or [], "system")]
-    return [t for t in texts if t and not t.startswith(ANTHROPIC_BILLING_PREFIX)]
-
-
-def _anthropic_thinking(thinking: Any) -> Optional[Dict[str, Any]]:
-    """enabled -> that budget; adaptive -> Gemini's dynamic budget (-1); disabled or
-    absent -> Gemini's default (a budget of 0 is refused by Pro models)."""
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if kind == "enabled":
-        return _thinking_config(int(thinking.get("budget_tokens") or ANTHROPIC_MIN_THINKING_BUDGET))
-    if kind == "adaptive":
-        return _thinking_config(-1)
-    return None
-
-
-def _anthropic_tool_config(choice: Any) -> Optional[Dict[str, Any]]:
-    if choice is None:
-        return None
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind not in ANTHROPIC_TOOL_MODES:
-        raise ClientError(f"tool_choice {_short(choice)} is unknown: use type auto, any, tool or none")
-    return _tool_config(ANTHROPIC_TOOL_MODES[kind], choice.get("name") if kind == "tool" else None)
-
-
-def anthropic_to_gemini_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """Anthropic Messages request -> Gemini generateContent body (E.6)."""
-    contents: List[Dict[str, Any]] = []
-    names: Dict[str, str] = {}
-    for i, msg in enumerate(_as_list(body.get("messages"), "messages")):
-        where = f"messages[{i}]"
-        role = msg.get("role") if isinstance(msg, dict) else None
-        if role not in ("user", "assistant"):
-            raise ClientError(f"{where}: role {role!r} is not user or assistant: put system "
-                              "text in the top-level system field")
-        parts: List[Dict[str, Any]] = []
-        for j, block in enumerate(_anthropic_block_list(msg.get("content"), where + ".content")):
-            parts += _anthropic_parts(block, f"{where}.content[{j}]", names)
-        _gemini_append(contents, "model" if role == "assistant" else "user", parts)
-    generation = _generation_config(body, ANTHROPIC_TO_GEMINI_GENERATION, body.get("stop_sequences"))
-    thinking = _anthropic_thinking(body.get("thinking"))
-    if thinking:
-        generation["thinkingConfig"] = thinking
-    declarations = [_function_declaration(t.get("name"), t.get("description"), t.get("input_schema"),
-                                          f"tools[{i}]")
-                    for i, t in enumerate(_as_list(body.get("tools"), "tools"))
-                    if isinstance(t, dict) and ("input_schema" in t or t.get("type") in (None, "custom"))]
-    return _gemini_body(_anthropic_system(body.get("system")), contents, declarations,
-                        _anthropic_tool_config(body.get("tool_choice")), generation)
-
-
-# -- Gemini responses -> OpenAI and Anthropic (E.6) --------------------------------
-
-def _gemini_candidate(body: Dict[str, Any]) -> Dict[str, Any]:
-    candidates = body.get("candidates")
-    return candidates[0] if isinstance(candidates, list) and candidates and \
-        isinstance(candidates[0], dict) else {}
-
-
-def _gemini_parts(candidate: Dict[str, Any]) -> List[Dict[str, Any]]:
-    parts = (candidate.get("content") or {}).get("parts")
-    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
-
-
-def _gemini_finish(body: Dict[str, Any]) -> Optional[str]:
-    """The chunk's finishReason; a prompt blocked before generation counts as SAFETY."""
-    reason = _gemini_candidate(body).get("finishReason")
-    if reason:
-        return reason
-    feedback = body.get("promptFeedback")
-    return "SAFETY" if isinstance(feedback, dict) and feedback.get("blockReason") else None
-
-
-def _gemini_counts(meta: Any) -> Tuple[int, int, int, int, int]:
-    """(prompt incl. cached, cached, candidates, thoughts, total) of a usageMetadata."""
-    meta = meta if isinstance(meta, dict) else {}
-    prompt, cached = meta.get("promptTokenCount") or 0, meta.get("cachedContentTokenCount") or 0
-    candidates, thoughts = meta.get("candidatesTokenCount") or 0, meta.get("thoughtsTokenCount") or 0
-    return prompt, cached, candidates, thoughts, meta.get("totalTokenCount") or prompt + candidates + thoughts
-
-
-def anthropic_usage_from_gemini(meta: Any) -> Dict[str, int]:
-    prompt, cached, candidates, thoughts, _ = _gemini_counts(meta)
-    return {"input_tokens": max(0, prompt - cached), "output_tokens": candidates + thoughts,
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
-
-
-def openai_usage_from_gemini(meta: Any) -> Dict[str, Any]:
-    prompt, cached, candidates, thoughts, total = _gemini_counts(meta)
-    return {"prompt_tokens": prompt, "completion_tokens": candidates + thoughts, "total_tokens": total,
-            "prompt_tokens_details": {"cached_tokens": cached},
-            "completion_tokens_details": {"reasoning_tokens": thoughts}}
-
-
-def gemini_to_anthropic_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """Gemini GenerateContentResponse -> Anthropic Message (E.6)."""
-    response_id = str(body.get("responseId") or "")
-    content: List[Dict[str, Any]] = []
-    calls = 0
-    for part in _gemini_parts(_gemini_candidate(body)):
-        last = content[-1] if content else {}
-        if "functionCall" in part:
-            call = part["functionCall"]
-            content.append({"type": "tool_use", "id": _tool_id("toolu_", response_id, calls, call),
-                            "name": call.get("name"), "input": call.get("args") or {}})
-            calls += 1
-        elif part.get("thought") is True:
-            if last.get("type") != "thinking":
-                last = {"type": "thinking", "thinking": "", "signature": ""}
-                content.append(last)
-            last["thinking"] += part.get("text") or ""
-            last["signature"] = part.get("thoughtSignature") or last["signature"]
-        elif part.get("text"):
-            if last.get("type") == "text":
-                last["text"] += part["text"]
-            else:
-                content.append({"type": "text", "text": part["text"]})
-    finish = _gemini_finish(body)
-    stop = "tool_use" if calls else GEMINI_FINISH_TO_ANTHROPIC.get(finish or "", "end_turn")
-    return {"id": "msg_" + (response_id or short_hash(_json_text(body))), "type": "message",
-            "role": "assistant", "model": model, "content": content, "stop_reason": stop,
-            "stop_sequence": None, "usage": anthropic_usage_from_gemini(body.get("usageMetadata"))}
-
-
-def gemini_to_openai_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """Gemini GenerateContentResponse -> OpenAI chat.completion (E.6)."""
-    response_id = str(body.get("responseId") or "")
-    texts, thoughts, calls = [], [], []
-    for part in _gemini_parts(_gemini_candidate(body)):
-        if "functionCall" in part:
-            calls.append(_openai_tool_call(response_id, len(calls), part["functionCall"]))
-        elif part.get("thought") is True:
-            thoughts.append(part.get("text") or "")
-        else:
-            texts.append(part.get("text") or "")
-    message: Dict[str, Any] = {"role": "assistant",
-                               "content": "".join(texts) if texts or not calls else None}
-    if thoughts:
-        message["reasoning_content"] = "".join(thoughts)
-    if calls:
-        message["tool_calls"] = calls
-    finish = "tool_calls" if calls else GEMINI_FINISH_TO_OPENAI.get(_gemini_finish(body) or "", "stop")
-    return {"id": "chatcmpl-" + (response_id or short_hash(_json_text(body))),
-            "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": openai_usage_from_gemini(body.get("usageMetadata"))}
-
-
-def _openai_tool_call(response_id: str, n: int, call: Dict[str, Any]) -> Dict[str, Any]:
-    return {"id": _tool_id("call_", response_id, n, call), "type": "function",
-            "function": {"name": call.get("name"), "arguments": _json_text(call.get("args") or {})}}
-
-
-def _upstream_error(obj: Dict[str, Any]) -> Tuple[int, str]:
-    """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
-    err = obj.get("error")
-    if not isinstance(err, dict):
-        return 502, str(err)
-    code = err.get("code")
-    status = code if isinstance(code, int) and 400 <= code <= 599 else (
-        ANTHROPIC_ERROR_STATUS.get(str(err.get("type")), 502))
-    return status, str(err.get("message") or _json_text(err))
-
-
-class _GeminiUpstreamStream:
-    """Reads Gemini alt=sse chunks (E.4) and calls the client format's hooks: _start,
-    _thinking, _text, _tool, _finish_blocks, _end, _error. Each chunk holds new parts
-    only; functionCall parts arrive whole; the last chunk(s) carry finishReason and
-    the full usageMetadata. The end is written when a chunk at or after the finish
-    carries usage, or at close()."""
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        self.model, self.input_estimate = model, input_estimate
-        self.response_id, self.calls = "", 0
-        self.usage: Dict[str, Any] = {}
-        self.finish: Optional[str] = None
-        self.state = "new"                          # new -> open -> done
-
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.state == "done":
-            return []
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
-            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
-                                   f"{printable(data, 80)!r}")
-        if "error" in obj:
-            return self._fail(*_upstream_error(obj))
-        out: List[Tuple[str, str]] = []
-        if self.state == "new":
-            self.response_id, self.state = str(obj.get("responseId") or ""), "open"
-            out += self._start(obj.get("usageMetadata") or {})
-        if isinstance(obj.get("usageMetadata"), dict):
-            self.usage = obj["usageMetadata"]
-        if self.finish is None:
-            out += self._parts(_gemini_parts(_gemini_candidate(obj)))
-            self.finish = _gemini_finish(obj)
-            out += self._finish_blocks() if self.finish else []
-        if self.finish and "usageMetadata" in obj:
-            self.state = "done"
-            out += self._end()
-        return out
-
-    def _parts(self, parts: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
-        out: List[Tuple[str, str]] = []
-        for part in parts:
-            if "functionCall" in part:
-                call = part["functionCall"]
-                out += self._tool(_tool_id(self.id_prefix, self.response_id, self.calls, call),
-                                  str(call.get("name")), call.get("args") or {})
-                self.calls += 1
-            elif part.get("thought") is True:
-                out += self._thinking(part.get("text") or "", part.get("thoughtSignature") or "")
-            elif part.get("text"):   # an empty text part carries only a signature (E.4)
-                out += self._text(part["text"])
-        return out
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.state == "done":
-            return []
-        if self.finish:
-            self.state = "done"
-            return self._end()
-        return self._fail(502, STREAM_CUT_SHORT)
-
-    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        self.state = "done"
-        return self._error(status, message)
-
-    id_prefix = ""
-
-    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _text(self, text: str) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _finish_blocks(self) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _end(self) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
-        raise NotImplementedError
-
-
-def _anthropic_event(kind: str, **fields: Any) -> Tuple[str, str]:
-    return kind, _json_text({"type": kind, **fields})
-
-
-class GeminiToAnthropicStream(_GeminiUpstreamStream):
-    """Gemini alt=sse -> Anthropic events in A.4 order (E.6 streaming): thoughts and text
-    as deltas of one open block; each functionCall a whole tool_use block."""
-    id_prefix = "toolu_"
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        super().__init__(model, input_estimate)
-        self.index, self.open, self.signature, self.tools = 0, "", "", False
-
-    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
-        counts = anthropic_usage_from_gemini(usage)
-        if "promptTokenCount" not in usage:
-            counts["input_tokens"] = self.input_estimate
-        message = {"id": "msg_" + (self.response_id or short_hash(self.model)), "type": "message",
-                   "role": "assistant", "content": [], "model": self.model, "stop_reason": None,
-                   "stop_sequence": None,
-                   "usage": {"input_tokens": counts["input_tokens"], "output_tokens": 0,
-                             "cache_read_input_tokens": counts["cache_read_input_tokens"]}}
-        return [_anthropic_event("message_start", message=message)]
-
-    def _open(self, kind: str) -> List[Tuple[str, str]]:
-        if self.open == kind:
-            return []
-        out = self._finish_blocks()
-        self.open = kind
-        block = {"type": kind, kind: ""}             # {"type":"text","text":""}, thinking alike
-        return out + [_anthropic_event("content_block_start", index=self.index, content_block=block)]
-
-    def _finish_blocks(self) -> List[Tuple[str, str]]:
-        if not self.open:
-            return []
-        out = []
-        if self.open == "thinking" and self.signature:   # only Gemini's own; never invented
-            out.append(_anthropic_event("content_block_delta", index=self.index,
-                                        delta={"type": "signature_delta", "signature": self.signature}))
-        out.append(_anthropic_event("content_block_stop", index=self.index))
-        self.index, self.open, self.signature = self.index + 1, "", ""
-        return out
-
-    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
-        if not text and self.open != "thinking":
-            return []
-        out = self._open("thinking")
-        if text:
-            out.append(_anthropic_event("content_block_delta", index=self.index,
-                                        delta={"type": "thinking_delta", "thinking": text}))
-        self.signature = signature or self.signature
-        return out
-
-    def _text(self, text: str) -> List[Tuple[str, str]]:
-        return self._open("text") + [_anthropic_event(
-            "content_block_delta", index=self.index, delta={"type": "text_delta", "text": text})]
-
-    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
-        out = self._finish_blocks()
-        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
-        out += [_anthropic_event("content_block_start", index=self.index, content_block=block),
-                _anthropic_event("content_block_delta", index=self.index,
-                                 delta={"type": "input_json_delta", "partial_json": _json_text(args)}),
-                _anthropic_event("content_block_stop", index=self.index)]
-        self.index, self.tools = self.index + 1, True
-        return out
-
-    def _end(self) -> List[Tuple[str, str]]:
-        stop = "tool_use" if self.tools else GEMINI_FINISH_TO_ANTHROPIC.get(self.finish or "", "end_turn")
-        usage = anthropic_usage_from_gemini(self.usage)
-        del usage["cache_creation_input_tokens"]
-        return [_anthropic_event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
-                                 usage=usage),
-                _anthropic_event("message_stop")]
-
-    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
-        err_type = "overloaded_error" if status == 503 else ""
-        out = self._finish_blocks()
-        return out + [("error", _json_text(error_object("anthropic", status, message, err_type)))]
-
-
-class GeminiToOpenAIStream(_GeminiUpstreamStream):
-    """Gemini alt=sse -> OpenAI chat.completion.chunk events (E.6 streaming): one chunk
-    per part, each tool call whole, then the finish chunk, the usage chunk and [DONE]."""
-    id_prefix = "call_"
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        super().__init__(model, input_estimate)
-        self.created = int(time.time())
-
-    def _chunk(self, delta: Optional[Dict[str, Any]], finish: Optional[str] = None,
-               **extra: Any) -> Tuple[str, str]:
-        choices = [{"index": 0, "delta": delta, "finish_reason": finish}] if delta is not None else []
-        return "", _json_text({
-            "id": "chatcmpl-" + (self.response_id or short_hash(self.model)),
-            "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-            "choices": choices, **extra})
-
-    def _start(self, usage: Dict[str, Any]) -> List[Tuple[str, str]]:
-        return [self._chunk({"role": "assistant", "content": ""})]
-
-    def _thinking(self, text: str, signature: str) -> List[Tuple[str, str]]:
-        return [self._chunk({"reasoning_content": text})] if text else []
-
-    def _text(self, text: str) -> List[Tuple[str, str]]:
-        return [self._chunk({"content": text})]
-
-    def _tool(self, call_id: str, name: str, args: Dict[str, Any]) -> List[Tuple[str, str]]:
-        call = {"index": self.calls, "id": call_id, "type": "function",
-                "function": {"name": name, "arguments": _json_text(args)}}
-        return [self._chunk({"tool_calls": [call]})]
-
-    def _finish_blocks(self) -> List[Tuple[str, str]]:
-        finish = "tool_calls" if self.calls else GEMINI_FINISH_TO_OPENAI.get(self.finish or "", "stop")
-        return [self._chunk({}, finish)]
-
-    def _end(self) -> List[Tuple[str, str]]:
-        return [self._chunk(None, usage=openai_usage_from_gemini(self.usage)), ("", "[DONE]")]
-
-    def _error(self, status: int, message: str) -> List[Tuple[str, str]]:
-        return [("", _json_text(error_object("openai", status, message)))]
-
-
-# -- Gemini clients -> OpenAI and Anthropic upstreams (E.6, reversed) ------------
-
-def _gemini_turns(body: Dict[str, Any]) -> List[Tuple[str, List[Tuple[Any, ...]]]]:
-    """Gemini contents as (role, items), role "user" or "assistant", items one of
-    ("text", text), ("thought", text, signature), ("inline", mime, data, where),
-    ("file", mime, uri, where), ("call", id, name, args), ("result", id, response).
-    A call's id is its own, else call_<n> (n counts calls in this request); a
-    functionResponse answers the earliest unanswered call with its id, else its name."""
-    turns: List[Tuple[str, List[Tuple[Any, ...]]]] = []
-    pending: List[Tuple[str, str]] = []
-    for i, content in enumerate(_as_list(body.get("contents"), "contents")):
-        role = content.get("role", "user") if isinstance(content, dict) else None
-        if role not in ("user", "model"):
-            raise ClientError(f"contents[{i}]: role {role!r} is not user or model: use one of them")
-        items = [_gemini_item(part, f"contents[{i}].parts[{j}]", pending)
-                 for j, part in enumerate(_as_list(content.get("parts"), f"contents[{i}].parts"))
-                 if isinstance(part, dict)]
-        turns.append(("assistant" if role == "model" else "user", [x for x in items if x]))
-    return turns
-
-
-def _gemini_item(part: Dict[str, Any], where: str,
-                 pending: List[Tuple[str, str]]) -> Optional[Tuple[Any, ...]]:
-    if isinstance(part.get("functionCall"), dict):
-        call = part["functionCall"]
-        call_id = _tool_id("", "", 0, call) if call.get("id") else f"call_{len(pending)}"
-        pending.append((call_id, str(call.get("name"))))
-        args = call.get("args")
-        return ("call", call_id, str(call.get("name")), args if isinstance(args, dict) else {})
-    if isinstance(part.get("functionResponse"), dict):
-        answer = part["functionResponse"]
-        return ("result", _answered_id(pending, answer, where), answer.get("response"))
-    if isinstance(part.get("inlineData"), dict):
-        data = part["inlineData"]
-        return ("inline", str(data.get("mimeType") or ""), str(data.get("data") or ""), where)
-    if isinstance(part.get("fileData"), dict):
-        data = part["fileData"]
-        return ("file", str(data.get("mimeType") or ""), str(data.get("fileUri") or ""), where)
-    if part.get("thought") is True:
-        return ("thought", part.get("text") or "", part.get("thoughtSignature") or "")
-    if isinstance(part.get("text"), str) and part["text"]:
-        return ("text", part["text"])
-    return None
-
-
-def _answered_id(pending: List[Tuple[str, str]], answer: Dict[str, Any], where: str) -> str:
-    wanted = _tool_id("", "", 0, answer) if answer.get("id") else ""
-    by_id = [n for n, (call_id, _) in enumerate(pending) if wanted and call_id == wanted]
-    by_name = [n for n, (call_id, name) in enumerate(pending) if call_id and name == answer.get("name")]
-    for n in by_id[:1] or by_name[:1]:        # a client-made id (Gemini CLI) falls back to the name
-        call_id, pending[n] = pending[n][0], ("", "")     # answered: never matched again
-        return call_id
-    raise ClientError(f"{where}: functionResponse {answer.get('name')!r} answers no earlier "
-                      "functionCall: send the model's functionCall before its response")
-
-
-def _result_text(response: Any) -> Tuple[str, bool]:
-    """(text, is_error) of a functionResponse.response: {"result"|"output": text} unwrapped,
-    {"error": x} flagged, any other object as JSON."""
-    if isinstance(response, dict) and len(response) == 1:
-        (key, value), = response.items()
-        if key in ("result", "output", "error"):
-            return (value if isinstance(value, str) else _json_text(value)), key == "error"
-    return _json_text(response if response is not None else {}), False
-
-
-def _gemini_system(body: Dict[str, Any]) -> str:
-    instruction = body.get("systemInstruction") or body.get("system_instruction")
-    parts = instruction.get("parts") if isinstance(instruction, dict) else None
-    return "\n".join(p.get("text") for p in parts or [] if isinstance(p, dict) and p.get("text"))
-
-
-def _gemini_declarations(body: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Function declarations with their parameters as standard JSON Schema; googleSearch,
-    codeExecution and other Gemini-only tools have no equivalent and are left out."""
-    out = []
-    for i, tool in enumerate(_as_list(body.get("tools"), "tools")):
-        for decl in _as_list(tool.get("functionDeclarations") if isinstance(tool, dict) else None,
-                             f"tools[{i}].functionDeclarations"):
-            schema = decl.get("parametersJsonSchema") or json_schema_from_gemini(decl.get("parameters"))
-            out.append({"name": decl.get("name"),
-                        **({"description": decl["description"]} if decl.get("description") else {}),
-                        "parameters": schema or {"type": "object", "properties": {}}})
-    return out
-
-
-def _gemini_calling(body: Dict[str, Any]) -> Tuple[str, Optional[str]]:
-    """(mode, the one allowed function name or None) of toolConfig."""
-    config = (body.get("toolConfig") or {}).get("functionCallingConfig") or {}
-    names = config.get("allowedFunctionNames") or []
-    return str(config.get("mode") or ""), (names[0] if len(names) == 1 else None)
-
-
-def _gemini_generation(body: Dict[str, Any], table: Sequence[Tuple[str, str]]) -> Dict[str, Any]:
-    config = body.get("generationConfig") or {}
-    if config.get("candidateCount") not in (None, 1):
-        raise ClientError(f"candidateCount={config['candidateCount']!r} is not supported for this "
-                          "upstream: send 1")
-    return {target: config[source] for source, target in table if config.get(source) is not None}
-
-
-def _thinking_budget(body: Dict[str, Any]) -> int:
-    """An explicit positive thinkingBudget, else 0: dynamic (-1) and includeThoughts alone
-    ask for nothing an OpenAI or Anthropic model must be told."""
-    thinking = (body.get("generationConfig") or {}).get("thinkingConfig") or {}
-    budget = thinking.get("thinkingBudget")
-    return budget if isinstance(budget, int) and budget > 0 else 0
-
-
-def _openai_media(item: Tuple[Any, ...]) -> Dict[str, Any]:
-    kind, mime, data, where = item
-    if kind == "inline":
-        url = f"data:{mime};base64,{data}"
-        if mime.startswith("image/"):
-            return {"type": "image_url", "image_url": {"url": url}}
-        if mime in ("audio/wav", "audio/mp3", "audio/mpeg"):
-            return {"type": "input_audio", "input_audio": {"data": data, "format": mime.split("/")[1][:3]}}
-        return {"type": "file", "file": {"filename": "file." + mime.split("/")[-1], "file_data": url}}
-    if data.startswith(("http://", "https://")):
-        return {"type": "image_url", "image_url": {"url": data}}
-    raise ClientError(f"{where}: fileData {printable(data, 80)!r} cannot be sent to an "
-                      "OpenAI-compatible upstream: send the file as inlineData")
-
-
-def gemini_to_openai_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """Gemini generateContent body -> OpenAI Chat Completions request (E.6 reversed).
-    The pipeline sets model and stream from the path."""
-    messages: List[Dict[str, Any]] = []
-    system = _gemini_system(body)
-    if system:
-        messages.append({"role": "system", "content": system})
-    for role, items in _gemini_turns(body):
-        messages += _openai_messages(role, items)
-    out: Dict[str, Any] = {"messages": messages, **_gemini_generation(body, GEMINI_TO_OPENAI_GENERATION)}
-    config = body.get("generationConfig") or {}
-    if config.get("stopSequences"):
-        out["stop"] = list(config["stopSequences"])
-    out.update(_openai_format_from_gemini(config))
-    budget = _thinking_budget(body)
-    if budget:
-        out["reasoning_effort"] = next(e for bound, e in BUDGET_EFFORTS if bound is None or budget <= bound)
-    elif config.get("thinkingConfig", {}).get("thinkingLevel") in ("low", "high"):
-        out["reasoning_effort"] = config["thinkingConfig"]["thinkingLevel"]
-    tools = [{"type": "function", "function": decl} for decl in _gemini_declarations(body)]
-    if tools:
-        out["tools"] = tools
-        mode, name = _gemini_calling(body)
-        choice = {"AUTO": "auto", "ANY": "required", "NONE": "none", "VALIDATED": "auto"}.get(mode)
-        if mode == "ANY" and name:
-            choice = {"type": "function", "function": {"name": name}}
-        if choice:
-            out["tool_choice"] = choice
-    if body.get("stream") is True:
-        out["stream_options"] = {"include_usage": True}
-    return out
-
-
-def _openai_format_from_gemini(config: Dict[str, Any]) -> Dict[str, Any]:
-    schema = config.get("responseJsonSchema") or config.get("responseSchema")
-    if isinstance(schema, dict):
-        return {"response_format": {"type": "json_schema", "json_schema": {
-            "name": "response", "schema": json_schema_from_gemini(schema)}}}
-    if config.get("responseMimeType") == "application/json":
-        return {"response_format": {"type": "json_object"}}
-    return {}
-
-
-def _openai_messages(role: str, items: List[Tuple[Any, ...]]) -> List[Dict[str, Any]]:
-    """One Gemini turn as OpenAI messages: tool messages first (they must follow the
-    assistant's tool_calls), then the user's other parts; thoughts are dropped."""
-    if role == "assistant":
-        calls = [{"id": x[1], "type": "function", "function": {"name": x[2], "arguments": _json_text(x[3])}}
-                 for x in items if x[0] == "call"]
-        text = "".join(x[1] for x in items if x[0] == "text")
-        if not text and not calls:
-            return []
-        return [{"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}]
-    out = []
-    for x in items:
-        if x[0] == "result":
-            result, is_error = _result_text(x[2])
-            out.append({"role": "tool", "tool_call_id": x[1],
-                        "content": ("Error: " if is_error else "") + result})   # C.1: flag kept
-    parts = [{"type": "text", "text": x[1]} if x[0] == "text" else _openai_media(x)
-             for x in items if x[0] in ("text", "inline", "file")]
-    if len(parts) == 1 and parts[0]["type"] == "text":
-        out.append({"role": "user", "content": parts[0]["text"]})
-    elif parts:
-        out.append({"role": "user", "content": parts})
-    return out
-
-
-def _anthropic_media(item: Tuple[Any, ...]) -> Dict[str, Any]:
-    kind, mime, data, where = item
-    block_type = "image" if mime.startswith("image/") else "document"
-    supported = block_type == "image" or mime == "application/pdf"
-    if kind == "inline" and supported:
-        return {"type": block_type, "source": {"type": "base64", "media_type": mime, "data": data}}
-    if kind == "file" and supported and data.startswith(("http://", "https://")):
-        return {"type": block_type, "source": {"type": "url", "url": data}}
-    raise ClientError(f"{where}: {mime or 'a file'} {'inlineData' if kind == 'inline' else repr(data)} "
-                      "cannot be sent to an Anthropic upstream: send images or PDF inline")
-
-
-def _anthropic_content(role: str, items: List[Tuple[Any, ...]]) -> List[Dict[str, Any]]:
-    """One Gemini turn as Anthropic blocks. Thoughts keep their place only with the
-    signature the client got from us (an Anthropic one); unsigned thoughts are dropped."""
-    blocks: List[Dict[str, Any]] = []
-    for x in items:
-        if x[0] == "text":
-            blocks.append({"type": "text", "text": x[1]})
-        elif x[0] == "thought" and role == "assistant":
-            if blocks and blocks[-1]["type"] == "thinking" and not blocks[-1]["signature"]:
-                blocks[-1]["thinking"] += x[1]
-                blocks[-1]["signature"] = x[2]
-            else:
-                blocks.append({"type": "thinking", "thinking": x[1], "signature": x[2]})
-        elif x[0] == "call" and role == "assistant":
-            blocks.append({"type": "tool_use", "id": x[1], "name": x[2], "input": x[3]})
-        elif x[0] == "result":
-            text, is_error = _result_text(x[2])
-            blocks.append({"type": "tool_result", "tool_use_id": x[1], "content": text,
-                           **({"is_error": True} if is_error else {})})
-        elif x[0] in ("inline", "file"):
-            blocks.append(_anthropic_media(x))
-    return [b for b in blocks if b["type"] != "thinking" or b["signature"]]
-
-
-def gemini_to_anthropic_request(body: Dict[str, Any]) -> Dict[str, Any]:
-    """Gemini generateContent body -> Anthropic Messages request (E.6 reversed).
-    The pipeline sets model and stream from the path."""
-    messages: List[Dict[str, Any]] = []
-    for role, items in _gemini_turns(body):
-        blocks = _anthropic_content(role, items)
-        if messages and messages[-1]["role"] == role:
-            blocks = messages.pop()["content"] + blocks
-        if blocks:     # tool_result blocks must lead a user message (A.2)
-            blocks.sort(key=lambda b: b["type"] != "tool_result")
-            messages.append({"role": role, "content": blocks})
-    out: Dict[str, Any] = {"messages": messages, **_gemini_generation(body, GEMINI_TO_ANTHROPIC_GENERATION)}
-    out.setdefault("max_tokens", ANTHROPIC_DEFAULT_MAX_TOKENS)   # A.2: required; defined above
-    if isinstance(out.get("temperature"), (int, float)):
-        out["temperature"] = min(out["temperature"], 1.0)   # Gemini 0-2, Anthropic 0-1
-    stops = (body.get("generationConfig") or {}).get("stopSequences")
-    if stops:
-        out["stop_sequences"] = list(stops)
-    system = _gemini_system(body)
-    if system:
-        out["system"] = system
-    budget = _thinking_budget(body)
-    if budget:
-        budget = max(budget, ANTHROPIC_MIN_THINKING_BUDGET)
-        out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        out.pop("temperature", None)          # A.2: not allowed together with thinking
-        out.pop("top_k", None)
-        if out["max_tokens"] <= budget:
-            out["max_tokens"] = budget + ANTHROPIC_DEFAULT_MAX_TOKENS
-    tools = [{**{k: v for k, v in d.items() if k != "parameters"}, "input_schema": d["parameters"]}
-             for d in _gemini_declarations(body)]
-    if tools:
-        out["tools"] = tools
-        mode, name = _gemini_calling(body)
-        choice = {"AUTO": {"type": "auto"}, "ANY": {"type": "any"}, "NONE": {"type": "none"},
-                  "VALIDATED": {"type": "auto"}}.get(mode)
-        if mode == "ANY" and name:
-            choice = {"type": "tool", "name": name}
-        if choice:
-            out["tool_choice"] = choice
-    return out
-
-
-def gemini_usage_from_openai(usage: Any) -> Dict[str, int]:
-    usage = usage if isinstance(usage, dict) else {}
-    prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    out = {"promptTokenCount": prompt, "candidatesTokenCount": max(0, completion - reasoning),
-           "totalTokenCount": usage.get("total_tokens") or prompt + completion}
-    if cached:
-        out["cachedContentTokenCount"] = cached
-    if reasoning:
-        out["thoughtsTokenCount"] = reasoning
-    return out
-
-
-def gemini_usage_from_anthropic(usage: Any) -> Dict[str, int]:
-    usage = usage if isinstance(usage, dict) else {}
-    cached = usage.get("cache_read_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + (usage.get("cache_creation_input_tokens") or 0) + cached
-    output = usage.get("output_tokens") or 0
-    out = {"promptTokenCount": prompt, "candidatesTokenCount": output, "totalTokenCount": prompt + output}
-    if cached:
-        out["cachedContentTokenCount"] = cached
-    return out
-
-
-def _gemini_answer(parts: List[Dict[str, Any]], finish: Optional[str], usage: Optional[Dict[str, Any]],
-                   model: str, response_id: str) -> Dict[str, Any]:
-    """A GenerateContentResponse (whole answer or stream chunk). A finishing answer with
-    no parts carries one empty text part, as Google's own final chunks do."""
-    parts = parts or ([{"text": ""}] if finish else [])
-    candidate: Dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
-    if finish:
-        candidate["finishReason"] = finish
-    out: Dict[str, Any] = {"candidates": [candidate]}
-    if usage is not None:
-        out["usageMetadata"] = usage
-    out.update({"modelVersion": model, "responseId": response_id})
-    return out
-
-
-def _function_call_part(call_id: str, name: str, args: Dict[str, Any]) -> Dict[str, Any]:
-    """The upstream's call id rides along as functionCall.id; Gemini clients send it back
-    on the functionResponse, which pairs them exactly (_answered_id)."""
-    return {"functionCall": {"id": call_id, "name": name, "args": args}} if call_id else \
-        {"functionCall": {"name": name, "args": args}}
-
-
-def openai_to_gemini_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """OpenAI chat.completion -> Gemini GenerateContentResponse."""
-    choices = body.get("choices") or [{}]
-    message = choices[0].get("message") or {}
-    parts: List[Dict[str, Any]] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        parts.append({"text": reasoning, "thought": True})
-    text = message.get("content")
-    if isinstance(text, list):
-        text = "".join(p.get("text") or "" for p in text if isinstance(p, dict))
-    if text:
-        parts.append({"text": text})
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        parts.append(_function_call_part(call.get("id") or "", str(function.get("name")),
-                                         _tool_input(function.get("arguments"))))
-    finish = OPENAI_FINISH_TO_GEMINI.get(choices[0].get("finish_reason") or "", "STOP")
-    return _gemini_answer(parts, finish, gemini_usage_from_openai(body.get("usage")), model,
-                          str(body.get("id") or ""))
-
-
-def anthropic_to_gemini_response(body: Dict[str, Any], model: str) -> Dict[str, Any]:
-    """Anthropic Message -> Gemini GenerateContentResponse. redacted_thinking has no
-    Gemini form and is dropped."""
-    parts: List[Dict[str, Any]] = []
-    for block in body.get("content") or []:
-        kind = block.get("type")
-        if kind == "thinking":
-            parts.append({"text": block.get("thinking") or "", "thought": True,
-                          **({"thoughtSignature": block["signature"]} if block.get("signature") else {})})
-        elif kind == "text" and block.get("text"):
-            parts.append({"text": block["text"]})
-        elif kind == "tool_use":
-            parts.append(_function_call_part(str(block.get("id") or ""), str(block.get("name")),
-                                             block.get("input") or {}))
-    finish = ANTHROPIC_STOP_TO_GEMINI.get(body.get("stop_reason") or "", "STOP")
-    return _gemini_answer(parts, finish, gemini_usage_from_anthropic(body.get("usage")), model,
-                          str(body.get("id") or ""))
-
-
-class _GeminiClientStream:
-    """Writes Gemini alt=sse chunks for a Gemini client: "" events, no [DONE] (section 0)."""
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        self.model, self.response_id, self.done = model, "", False
-
-    def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
-               usage: Optional[Dict[str, Any]] = None) -> Tuple[str, str]:
-        return "", _json_text(_gemini_answer(parts, finish, usage, self.model, self.response_id))
-
-    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        self.done = True
-        return [("", _json_text(error_object("gemini", status, message)))]
-
-    def _load(self, data: str) -> Any:
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            obj = None
-        return obj if isinstance(obj, dict) else None
-
-
-class OpenAIToGeminiStream(_GeminiClientStream):
-    """OpenAI chunks -> Gemini chunks: text and reasoning pass through as they come;
-    tool calls are gathered (Gemini sends each functionCall whole, E.4) and sent with
-    the finishReason and usage in the last chunk."""
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        super().__init__(model, input_estimate)
-        self.calls: Dict[int, Dict[str, str]] = {}
-        self.finish: Optional[str] = None
-        self.usage: Optional[Dict[str, Any]] = None
-
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        if data.strip() == "[DONE]":
-            self.finish = self.finish or "stop"
-            return self._end()
-        obj = self._load(data)
-        if obj is None:
-            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
-                                   f"{printable(data, 80)!r}")
-        if obj.get("error"):
-            return self._fail(*_upstream_error(obj))
-        self.response_id = self.response_id or str(obj.get("id") or "")
-        out = []
-        for choice in (obj.get("choices") or [])[:1]:
-            out += self._delta(choice.get("delta") or {})
-            self.finish = choice.get("finish_reason") or self.finish
-        if isinstance(obj.get("usage"), dict):
-            self.usage = obj["usage"]
-        return out + (self._end() if self.finish and self.usage else [])
-
-    def _delta(self, delta: Dict[str, Any]) -> List[Tuple[str, str]]:
-        parts = []
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            parts.append({"text": reasoning, "thought": True})
-        if isinstance(delta.get("content"), str) and delta["content"]:
-            parts.append({"text": delta["content"]})
-        for item in delta.get("tool_calls") or []:
-            call = self.calls.setdefault(item.get("index") or 0, {"id": "", "name": "", "arguments": ""})
-            function = item.get("function") or {}
-            call["id"] = call["id"] or str(item.get("id") or "")
-            call["name"] = call["name"] or str(function.get("name") or "")
-            arguments = function.get("arguments")
-            call["arguments"] += arguments if isinstance(arguments, str) else _json_text(arguments or {})
-        return [self._chunk(parts)] if parts else []
-
-    def _end(self) -> List[Tuple[str, str]]:
-        self.done = True
-        parts = [_function_call_part(c["id"], c["name"], _tool_input(c["arguments"]))
-                 for _, c in sorted(self.calls.items())]
-        usage = gemini_usage_from_openai(self.usage) if self.usage else None
-        return [self._chunk(parts, OPENAI_FINISH_TO_GEMINI.get(self.finish or "", "STOP"), usage)]
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        return self._end() if self.finish else self._fail(502, STREAM_CUT_SHORT)
-
-
-class AnthropicToGeminiStream(_GeminiClientStream):
-    """Anthropic events -> Gemini chunks: text and thinking deltas pass through, a
-    signature as an empty thought part carrying it, each tool_use whole at its
-    content_block_stop, finishReason and usage at message_stop."""
-
-    def __init__(self, model: str, input_estimate: int = 0) -> None:
-        super().__init__(model, input_estimate)
-        self.tools: Dict[int, Dict[str, str]] = {}
-        self.stop_reason = ""
-        self.usage: Dict[str, Any] = {}
-
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        obj = self._load(data)
-        if obj is None:
-            return self._fail(502, f"upstream sent a stream event that is not a JSON object: "
-                                   f"{printable(data, 80)!r}")
-        kind = obj.get("type") or event
-        handler = getattr(self, "_on_" + str(kind), None)
-        return handler(obj) if handler else []         # ping and unknown events: nothing
-
-    def _on_error(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        return self._fail(*_upstream_error(obj))
-
-    def _on_message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        message = obj.get("message") or {}
-        self.response_id = str(message.get("id") or "")
-        self.usage.update(message.get("usage") or {})
-        return []
-
-    def _on_content_block_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        block = obj.get("content_block") or {}
-        if block.get("type") == "tool_use":
-            self.tools[obj.get("index", 0)] = {"id": str(block.get("id") or ""),
-                                               "name": str(block.get("name")), "json": ""}
-        return []
-
-    def _on_content_block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        delta = obj.get("delta") or {}
-        kind = delta.get("type")
-        if kind == "input_json_delta" and obj.get("index", 0) in self.tools:
-            self.tools[obj.get("index", 0)]["json"] += delta.get("partial_json") or ""
-            return []
-        part = {"text_delta": lambda: {"text": delta.get("text") or ""},
-                "thinking_delta": lambda: {"text": delta.get("thinking") or "", "thought": True},
-                "signature_delta": lambda: {"text": "", "thought": True,
-                                            "thoughtSignature": delta.get("signature") or ""},
-                }.get(kind)
-        return [self._chunk([part()])] if part else []
-
-    def _on_content_block_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        tool = self.tools.pop(obj.get("index", 0), None)
-        if tool is None:
-            return []
-        return [self._chunk([_function_call_part(tool["id"], tool["name"], _tool_input(tool["json"]))])]
-
-    def _on_message_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        self.stop_reason = (obj.get("delta") or {}).get("stop_reason") or self.stop_reason
-        self.usage.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
-        return []
-
-    def _on_message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        self.done = True
-        finish = ANTHROPIC_STOP_TO_GEMINI.get(self.stop_reason, "STOP")
-        return [self._chunk([], finish, gemini_usage_from_anthropic(self.usage))]
-
-    def close(self) -> List[Tuple[str, str]]:
-        return [] if self.done else self._fail(502, STREAM_CUT_SHORT)
-
-
-TRANSLATORS[("openai", "gemini")] = Translator(
-    openai_to_gemini_request, gemini_to_openai_response, GeminiToOpenAIStream)
-TRANSLATORS[("anthropic", "gemini")] = Translator(
-    anthropic_to_gemini_request, gemini_to_anthropic_response, GeminiToAnthropicStream)
-TRANSLATORS[("gemini", "openai")] = Translator(
-    gemini_to_openai_request, openai_to_gemini_response, OpenAIToGeminiStream)
-TRANSLATORS[("gemini", "anthropic")] = Translator(
-    gemini_to_anthropic_request, anthropic_to_gemini_response, AnthropicToGeminiStream)
-
-
-# =============================================================================
-# 8. Routing
-# Strategy: Router turns a Config into a plain dict from every routable model
-# name to its targets, applies ampModelMappings, and answers lookups. Balancer
-# holds the only mutable routing state (round-robin counters, cooldowns) and
-# reads time from an injected clock. Neither does I/O.
-# =============================================================================
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    cred: Credential
-    model: str                             # the upstream's model name
-    max_output_tokens: Optional[int] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    requested: str
-    routed: str                            # after ampModelMappings
-    mapping: Optional[Mapping]
-    targets: Tuple[Target, ...]
-
-
-def _excluded(cred: Credential, *names: str) -> bool:
-    return any(fnmatch.fnmatchcase(n, pattern) for pattern in cred.excluded for n in names)
-
-
-class Router:
-    """Model name -> targets, built once per Config."""
-
-    def __init__(self, config: Config):
-        self.table: Dict[str, List[Target]] = {}
-        self.wildcard_creds: List[Credential] = []
-        for cred in config.credentials:
-            entries = cred.models or tuple(ModelEntry(m, m) for m in self._builtin(cred.kind))
-            for entry in entries:
-                if _excluded(cred, entry.name, entry.alias):
-                    continue
-                target = Target(cred, entry.name, entry.max_output_tokens)
-                self._add(entry.alias, target)
-                if cred.prefix:
-                    self._add(f"{cred.prefix}/{entry.alias}", target)
-            if not cred.models and cred.kind in KIND_PREFIX:
-                self.wildcard_creds.append(cred)
-        self.exact_maps = {m.source: m for m in config.mappings if "*" not in m.source}
-        self.wild_maps = [m for m in config.mappings if "*" in m.source]
-
-    @staticmethod
-    def _builtin(kind: str) -> Sequence[str]:
-        return {"claude": BUILTIN_CLAUDE_MODELS, "gemini": BUILTIN_GEMINI_MODELS}.get(kind, ())
-
-    def _add(self, name: str, target: Target) -> None:
-        targets = self.table.setdefault(name, [])
-        if target not in targets:
-            targets.append(target)
-
-    def lookup(self, name: str) -> List[Target]:
-        """Every target serving `name`: listed names first, then keys serving claude-*/gemini-*."""
-        found = list(self.table.get(name, ()))
-        for cred in self.wildcard_creds:
-            model = name
-            if cred.prefix and model.startswith(cred.prefix + "/"):
-                model = model[len(cred.prefix) + 1:]
-            if model.startswith(KIND_PREFIX[cred.kind]) and not _excluded(cred, model):
-                target = Target(cred, model)
-                if all(t.cred is not cred for t in found):
-                    found.append(target)
-        return found
-
-    def mapping_for(self, requested: str) -> Optional[Mapping]:
-        """An exact `from` wins over a wildcard one; among wildcards, the first listed."""
-        if requested in self.exact_maps:
-            return self.exact_maps[requested]
-        for mapping in self.wild_maps:
-            if fnmatch.fnmatchcase(requested, mapping.source):
-                return mapping
-        return None
-
-    def resolve(self, requested: str) -> Route:
-        mapping = self.mapping_for(requested)
-        if mapping and mapping.target != requested:
-            targets = self.lookup(mapping.target)
-            if targets:
-                return Route(requested, mapping.target, mapping, tuple(targets))
-        return Route(requested, requested, None, tuple(self.lookup(requested)))
-
-    def names(self) -> List[str]:
-        """Every routable name: listed models, prefixed forms and mapping sources."""
-        names = list(self.table)
-        names += [m.source for m in self.exact_maps.values()
-                  if m.source not in self.table and self.lookup(m.target)]
-        return names
-
-    def nearest(self, requested: str) -> List[str]:
-        return difflib.get_close_matches(requested, self.names(), n=3, cutoff=0.4)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cooldown:
-    until: float
-    status: int
-    reason: str
-
-
-class Balancer:
-    """Round-robin counters and cooldowns: the router's only mutable state."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self._turn: Dict[str, int] = {}
-        self.cooldowns: Dict[str, Cooldown] = {}
-
-    def plan(self, route: Route, strategy: str) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
-        """(targets to try in order, targets cooling down with why)."""
-        now = self.clock()
-        ready, cooling = [], []
-        for target in route.targets:
-            cool = self.cooldowns.get(target.cred.key)
-            if cool and cool.until > now:
-                cooling.append((target, cool))
-            else:
-                ready.append(target)
-        if strategy == "round-robin" and len(ready) > 1:
-            turn = self._turn.get(route.routed, 0)
-            self._turn[route.routed] = turn + 1
-            start = turn % len(ready)
-            ready = ready[start:] + ready[:start]
-        return ready, cooling
-
-    def cool(self, cred: Credential, status: int, retry_after: Optional[float]) -> Optional[Cooldown]:
-        """Rest a credential after 429 (Retry-After, capped) or 401/403 (5 minutes)."""
-        if status == 429:
-            seconds = min(COOLDOWN_RETRY_AFTER_CAP,
-                          retry_after if retry_after is not None else COOLDOWN_DEFAULT)
-            reason = "rate limited (429)"
-        elif status in (401, 403):
-            seconds, reason = COOLDOWN_AUTH, f"rejected the key ({status})"
-        else:
-            return None
-        cool = Cooldown(self.clock() + seconds, status, reason)
-        self.cooldowns[cred.key] = cool
-        return cool
-
-
-def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
-                     wall: Optional[float] = None) -> str:
-    """'every credential for this model is cooling down: ...' with which, why, until when."""
-    wall = time.time() if wall is None else wall
-    parts = []
-    for target, cool in cooling:
-        left = max(0.0, cool.until - now)
-        when = time.strftime("%H:%M:%S", time.localtime(wall + left))
-        parts.append(f"{target.cred.label} {cool.reason}, until {when} ({left:.0f}s)")
-    return "every credential serving this model is cooling down: " + "; ".join(parts)
-
-
-# =============================================================================
-# 9. Upstream client
-# Strategy: HTTP/1.1 to upstreams on the event loop itself, connections kept
-# alive and reused through a pool keyed by (scheme, host, port, proxy); bodies
-# framed by section 5's decoders. (http.client on worker threads cost ~700 us
-# of CPU and two thread handoffs a request, and could not meet the latency and
-# throughput targets.) Outbound proxies: http:// (CONNECT for https) and socks5://. Socket
-# errors become UpstreamError with the fix in the message. Nothing here blocks
-# the loop: proxy handshakes run on a worker thread.
-# =============================================================================
 
 @dataclasses.dataclass(frozen=True)
 class ProxySpec:
@@ -4458,59 +4782,268 @@ def connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseE
     return exc
 
 
-# =============================================================================
-# 10. Server
-# Strategy: the asyncio edge. A connection reads bytes into a buffer, hands
-# them to the wire functions, and writes what the request pipeline decides.
-# The pipeline authenticates, parses the body, routes, translates, calls the
-# upstream and relays the answer: whole, or event by event for streams.
-# Errors become answers in the client's format; nothing here stops the server.
-# =============================================================================
+# -- 9.3 Upstream adapters: one per dialect ------------------------------------------
 
-POST_ROUTES = {
-    "/v1/chat/completions": "chat", "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings", "/v1/messages": "messages",
-    "/v1/messages/count_tokens": "count_tokens",
+FORWARDED_HEADERS = {
+    "openai": ("accept", "user-agent", "http-referer", "x-title", "openai-beta"),
+    "anthropic": ("accept", "user-agent", "anthropic-beta"),
+    "gemini": ("accept", "user-agent"),
 }
-GEMINI_METHODS = {"generateContent": "generate", "streamGenerateContent": "stream_generate",
-                  "countTokens": "gemini_count_tokens"}
-# Which operations each upstream kind serves, and under which path.
-UPSTREAM_PATHS = {
-    "openai": {"chat": "/chat/completions", "completions": "/completions",
-               "embeddings": "/embeddings"},
-    "claude": {"messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens"},
-    "gemini": {"generate": "/v1beta/models/{model}:generateContent",
-               "stream_generate": "/v1beta/models/{model}:streamGenerateContent",
-               "gemini_count_tokens": "/v1beta/models/{model}:countTokens"},
-}
-LOCAL_COUNT_OPS = ("count_tokens", "gemini_count_tokens")
-GENERATE_OPS = ("chat", "messages", "generate", "stream_generate")
 
 
-def upstream_op(op: str, kind: str, stream: bool) -> str:
-    """The upstream operation serving a client operation; "" when the kind has none."""
-    if op in UPSTREAM_PATHS[kind]:
-        return op
-    if op in GENERATE_OPS:
-        return {"openai": "chat", "claude": "messages",
-                "gemini": "stream_generate" if stream else "generate"}[kind]
-    return ""
+def proxy_for(config: Config, cred: Credential, url: str,
+              environ: Dict[str, str]) -> Optional[ProxySpec]:
+    explicit = cred.proxy_url or config.proxy_url
+    if explicit:
+        return parse_proxy(explicit, config.proxy_username, config.proxy_password)
+    if config.use_system_proxy:
+        parts = urllib.parse.urlsplit(url)
+        return parse_proxy(system_proxy(parts.scheme, parts.hostname or "", environ))
+    return None
 
 
-class SSESource:
-    """Upstream SSE bytes -> (event type, data) pairs."""
+class Upstream:
+    """An OpenAI-compatible server (OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM...):
+    Bearer auth, {baseUrl}/chat/completions. Each dialect below says how it differs.
+    An adapter is built once per config, so per-request work is only the body and URL."""
+    api = "openai"
+    paths = {"generate": "/chat/completions", "completions": "/completions",
+             "embeddings": "/embeddings"}
+    listing = "/models"                    # what `check` asks for (answers for every model)
+    base_advice = ("baseUrl must include the version segment, e.g. https://openrouter.ai/api/v1 "
+                   "or http://localhost:11434/v1; the proxy appends /chat/completions")
 
-    def __init__(self) -> None:
-        self._splitter = SSESplitter()
+    def __init__(self, cred: Credential, config: Config, environ: Dict[str, str]) -> None:
+        self.cred, self.name = cred, cred.name
+        self.host = (urllib.parse.urlsplit(cred.base_url).hostname or "").lower()
+        self.proxy = proxy_for(config, cred, cred.base_url, environ)
+        self.timeouts = (config.connect_timeout, config.first_byte_timeout, config.read_timeout)
+        self.environ = environ
+        self.headers = {"content-type": "application/json", "accept": "application/json",
+                        "user-agent": f"proxypal/{__version__}"}
+        self.headers.update(self.auth_headers())
+        for name, value in cred.headers:
+            name = name.lower()
+            if name.startswith("x-amz-"):     # AWS signing material: used to sign, never sent
+                continue
+            if name == "authorization":       # a configured Authorization replaces the key
+                for key in ("x-api-key", "api-key"):
+                    self.headers.pop(key, None)
+            self.headers[name] = value
+        self.configured = {k.lower() for k, _ in cred.headers}
 
-    def feed(self, data: bytes) -> List[Tuple[str, str]]:
-        return [e for e in map(parse_sse_event, self._splitter.feed(data)) if e]
+    def auth_headers(self) -> Dict[str, str]:
+        return {"authorization": f"Bearer {self.cred.api_key}"} if self.cred.api_key else {}
 
-    def close(self) -> List[Tuple[str, str]]:
-        return [e for e in map(parse_sse_event, self._splitter.close()) if e]
+    def serves(self, op: str) -> bool:
+        return op in self.paths
+
+    def url(self, op: str, model: str, stream: bool, query: str) -> str:
+        return self.cred.base_url + self.paths[op]
+
+    def body(self, op: str, model: str, body: Dict[str, Any], stream: bool,
+             translated: bool) -> Dict[str, Any]:
+        """The upstream's body from the (translated or relayed) client body."""
+        body["model"] = model
+        if translated and self.host == "api.openai.com":
+            # OpenAI itself takes only max_completion_tokens from its reasoning models, and
+            # no reasoning_content in history; every other compatible server knows max_tokens.
+            if "max_tokens" in body:
+                body.setdefault("max_completion_tokens", body.pop("max_tokens"))
+            for message in body.get("messages") or ():
+                message.pop("reasoning_content", None)
+        return body
+
+    def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
+                client: Dict[str, str], query: str = "", translated: bool = True) -> UpstreamRequest:
+        payload = dumps(self.body(op, model, body, stream, translated))
+        headers = dict(self.headers)
+        for name in FORWARDED_HEADERS[self.api]:
+            if name in client and name not in self.configured:
+                headers[name] = client[name]
+        self.add_client_headers(headers, client)
+        return UpstreamRequest("POST", self.url(op, model, stream, query), headers, payload,
+                               self.name, self.proxy, *self.timeouts)
+
+    def add_client_headers(self, headers: Dict[str, str], client: Dict[str, str]) -> None:
+        pass
+
+    def error(self, status: int, resp_headers: List[Tuple[str, str]], body: bytes) -> Tuple[int, bytes]:
+        """An upstream error as (status, body) in the upstream's own API format."""
+        return status, body
+
+    def answer(self, op: str, body: bytes) -> bytes:
+        """A successful non-stream body in the upstream's API format."""
+        return body
+
+    def decoder(self, content_type: str) -> Any:
+        return SSEDecoder() if content_type == "text/event-stream" else None
+
+    def hint(self, status: int, url: str, body: bytes, model: str, requested: str) -> str:
+        """The troubleshooting advice for an upstream error status."""
+        if status in (401, 403):
+            return f"check the apiKey of provider {self.cred.label}"
+        if status != 404:
+            return ""
+        try:
+            json.loads(body)
+            api_answered = True
+        except ValueError:
+            api_answered = False
+        if api_answered and b"model" in body.lower():
+            return (f"the upstream does not know model '{model}': check the names in "
+                    f"{self.cred.path}.models (aliases map client names to upstream names)")
+        return f"check baseUrl in {self.cred.path} (tried {url}): {self.base_advice}"
+
+    def probes(self) -> List[Tuple[List[str], UpstreamRequest]]:
+        """What to ask to prove each configured model works: the models listing where the
+        API has one (it answers for all models), else the smallest possible request."""
+        names = [m.name for m in self.cred.models if not _excluded(self.cred, m.name, m.alias)]
+        if self.listing:
+            headers = dict(self.headers)
+            self.add_client_headers(headers, {})
+            return [(names or ["(any)"], UpstreamRequest(
+                "GET", self.cred.base_url + self.listing, headers, b"", self.name,
+                self.proxy, *self.timeouts))]
+        body = {"max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        return [([name], self.request("generate", name, dict(body), False, {}))
+                for name in names or ["claude-haiku-4-5"]]
 
 
-class BedrockSource:
+class AnthropicUpstream(Upstream):
+    """Anthropic's own API: x-api-key, anthropic-version (the client's, else the only
+    current one), the client's anthropic-beta as sent (never injected)."""
+    api = "anthropic"
+    paths = {"generate": "/v1/messages", "count": "/v1/messages/count_tokens"}
+    listing = "/v1/models?limit=1000"
+    base_advice = ("give baseUrl without /v1, e.g. https://<resource>.services.ai.azure.com/"
+                   "anthropic; the proxy appends /v1/messages")
+
+    def __init__(self, cred: Credential, config: Config, environ: Dict[str, str]) -> None:
+        super().__init__(cred, config, environ)
+        if self.host != "api.anthropic.com":
+            self.listing = ""              # not every Anthropic-format server lists models
+
+    def auth_headers(self) -> Dict[str, str]:
+        return {"x-api-key": self.cred.api_key} if self.cred.api_key else {}
+
+    def add_client_headers(self, headers: Dict[str, str], client: Dict[str, str]) -> None:
+        if "anthropic-version" not in self.configured:
+            headers["anthropic-version"] = client.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION
+
+    def hint(self, status: int, url: str, body: bytes, model: str, requested: str) -> str:
+        if status == 404 and b"DeploymentNotFound" in body:
+            return (f"deployment '{model}' does not exist there: add model aliasing, e.g. "
+                    f'"models": [{{"name": "<deployment name>", "alias": "{requested}"}}]')
+        return super().hint(status, url, body, model, requested)
+
+    def url(self, op: str, model: str, stream: bool, query: str) -> str:
+        url = self.cred.base_url + self.paths[op]
+        if "beta=true" in query.split("&"):
+            url += "?beta=true"                # the SDK's client.beta.messages
+        return url
+
+    def body(self, op: str, model: str, body: Dict[str, Any], stream: bool,
+             translated: bool) -> Dict[str, Any]:
+        body["model"] = model
+        return body
+
+
+class AzureUpstream(AnthropicUpstream):
+    """Azure AI Foundry's Anthropic endpoint: the key as x-api-key and api-key; an unknown
+    deployment is a plain 404 the user fixes with model aliasing
+    (https://platform.claude.com/docs/en/build-with-claude/claude-in-microsoft-foundry)."""
+
+    def auth_headers(self) -> Dict[str, str]:
+        key = self.cred.api_key
+        return {"x-api-key": key, "api-key": key} if key else {}
+
+    def hint(self, status: int, url: str, body: bytes, model: str, requested: str) -> str:
+        if status == 404 and b"type\":\"error" not in body.replace(b" ", b""):
+            body = b"DeploymentNotFound"   # Azure's plain 404 for an unknown deployment
+        return super().hint(status, url, body, model, requested)
+
+
+class BedrockUpstream(AnthropicUpstream):
+    """Amazon Bedrock's InvokeModel for Anthropic models: the model in the path, the body
+    without model and stream, signed with SigV4 from the x-amz-* headers (or the AWS_*
+    environment), or the apiKey as a Bedrock API key; answers streamed as
+    application/vnd.amazon.eventstream; errors named by x-amzn-ErrorType
+    (https://docs.aws.amazon.com/bedrock/latest/userguide/model-parameters-anthropic-claude-messages-request-response.html)."""
+    listing = ""
+
+    def auth_headers(self) -> Dict[str, str]:
+        return {}
+
+    def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
+                client: Dict[str, str], query: str = "", translated: bool = True) -> UpstreamRequest:
+        beta = client.get("anthropic-beta", "")
+        payload = dumps(bedrock_count_body(body, beta) if op == "count" else bedrock_body(body, beta))
+        url = self.cred.base_url + bedrock_path(model, op, stream)
+        accept = "x-amzn-bedrock-accept" if stream and op != "count" else "accept"
+        sent = {"content-type": "application/json", accept: "application/json",
+                "host": urllib.parse.urlsplit(url).netloc}
+        creds = aws_credentials(self.cred.headers, self.environ)
+        if creds:
+            sent.update(sigv4_sign("POST", url, sent, payload, creds, self.cred.bedrock_region,
+                                   amz_date()))
+        elif self.cred.api_key:
+            sent["authorization"] = f"Bearer {self.cred.api_key}"
+        sent["user-agent"] = client.get("user-agent", f"proxypal/{__version__}")
+        for name, value in self.cred.headers:   # e.g. X-Amzn-Bedrock-GuardrailIdentifier; unsigned
+            if not name.lower().startswith("x-amz-") and name.lower() not in sent:
+                sent[name.lower()] = value
+        return UpstreamRequest("POST", url, sent, payload, self.name, self.proxy, *self.timeouts)
+
+    def error(self, status: int, resp_headers: List[Tuple[str, str]], body: bytes) -> Tuple[int, bytes]:
+        error_type = next((v for k, v in resp_headers if k == "x-amzn-errortype"), "")
+        return bedrock_error(status, error_type, body)
+
+    def answer(self, op: str, body: bytes) -> bytes:
+        if op != "count":
+            return body
+        try:                               # CountTokens' {"inputTokens": N}
+            return dumps({"input_tokens": int(json.loads(body)["inputTokens"])})
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError("Bedrock CountTokens answered without inputTokens") from None
+
+    def decoder(self, content_type: str) -> Any:
+        if content_type == "application/vnd.amazon.eventstream":
+            return BedrockDecoder()
+        return super().decoder(content_type)
+
+
+class GeminiUpstream(Upstream):
+    """The Gemini API: x-goog-api-key, the model in the path, alt=sse for streams
+    (https://ai.google.dev/api/generate-content)."""
+    api = "gemini"
+    paths = {"generate": ":generateContent", "count": ":countTokens"}
+    listing = "/v1beta/models?pageSize=1000"
+    base_advice = "baseUrl should be https://generativelanguage.googleapis.com"
+
+    def auth_headers(self) -> Dict[str, str]:
+        return {"x-goog-api-key": self.cred.api_key}
+
+    def url(self, op: str, model: str, stream: bool, query: str) -> str:
+        method = ":streamGenerateContent?alt=sse" if stream and op == "generate" else self.paths[op]
+        return f"{self.cred.base_url}/v1beta/models/{urllib.parse.quote(model, safe='')}{method}"
+
+    def body(self, op: str, model: str, body: Dict[str, Any], stream: bool,
+             translated: bool) -> Dict[str, Any]:
+        return body
+
+
+ADAPTERS: Dict[str, Callable[..., Upstream]] = {
+    "openai": Upstream, "anthropic": AnthropicUpstream, "azure": AzureUpstream,
+    "bedrock": BedrockUpstream, "gemini": GeminiUpstream}
+
+
+def make_upstreams(config: Config, environ: Dict[str, str]) -> Dict[str, Upstream]:
+    """One adapter per credential, by the credential's key."""
+    return {cred.key: ADAPTERS[cred.dialect](cred, config, environ) for cred in config.credentials}
+
+
+class BedrockDecoder:
     """Bedrock event-stream bytes -> the Anthropic (event type, data) pairs they carry."""
 
     def __init__(self) -> None:
@@ -4525,342 +5058,101 @@ class BedrockSource:
         return []
 
 
-END_MARKER = {"anthropic": "message_stop", "openai": "a finish_reason", "gemini": "a finishReason"}
-_OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
-_GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^data:\s*\{\s*"error"', re.M)
+# =============================================================================
+# 10. Server
+# Strategy: the asyncio edge, as a pipeline of small parts. A Connection reads
+# heads and bodies under the wire limits and writes replies (10.1). ENDPOINTS
+# is the one table of routes: dispatch answers 404 and 405 (with Allow) from it
+# (10.2). Handlers return a Reply, or a StreamReply for the relay, instead of
+# writing (10.3). A ModelCall plans (pure), runs the attempts (failover and
+# cooldowns) and answers (10.4); relay() is the one loop for every stream
+# (10.5). Server holds the lifecycle, reload and the request records (10.6).
+# Errors become answers in the client's format; nothing here stops the server.
+# =============================================================================
 
+# -- 10.1 Replies and the connection ------------------------------------------------
 
-def stream_finished(fmt: str, recent: Sequence[bytes]) -> bool:
-    """Whether a relayed stream's last events include its format's proper end: Anthropic
-    message_stop or error; OpenAI a finish_reason, [DONE] or an error chunk; Gemini a
-    finishReason or an error. Decided on parsed fields, never on free text."""
-    if fmt == "anthropic":
-        last = parse_sse_event(recent[-1]) if recent else None
-        return bool(last) and last[0] in ("message_stop", "error")
-    pattern = _OPENAI_FINISHED if fmt == "openai" else _GEMINI_FINISHED
-    return any(pattern.search(event) for event in recent)
-
-
-def complete_json(data: str) -> bool:
-    if data.strip() == "[DONE]":
-        return True
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
-
-
-def with_provider(provider: str, event: str, data: str) -> str:
-    """An error event's message with the provider's name before it (SPEC: errors); any
-    other event unchanged. Cheap for the events that are not errors."""
-    if event != "error" and not data.startswith('{"error"'):
-        return data
-    try:
-        obj = json.loads(data)
-        err = obj["error"]
-        if isinstance(err, dict) and isinstance(err.get("message"), str) and provider \
-                and not err["message"].startswith(provider + ": "):
-            err["message"] = f"{provider}: {err['message']}"
-            return dumps(obj).decode("utf-8")
-    except (ValueError, KeyError, TypeError):
-        pass
-    return data
-
-
-def early_stream_error(data: str) -> UpstreamError:
-    """An Anthropic error event that arrived before anything else: an HTTP error instead."""
-    try:
-        err = json.loads(data).get("error") or {}
-    except (ValueError, AttributeError):
-        err = {}
-    kind = err.get("type", "api_error") if isinstance(err, dict) else "api_error"
-    status = {v: k for k, v in ANTHROPIC_ERROR_TYPES.items()}.get(kind, 502)
-    return UpstreamError(str(err.get("message") if isinstance(err, dict) else err) or kind,
-                         status, failover=status in FAILOVER_STATUSES)
-
-
-def bedrock_count_answer(body: bytes) -> bytes:
-    """CountTokens' {"inputTokens": N} as Anthropic's {"input_tokens": N}."""
-    try:
-        return dumps({"input_tokens": int(json.loads(body)["inputTokens"])})
-    except (ValueError, KeyError, TypeError):
-        raise UpstreamError("Bedrock CountTokens answered without inputTokens") from None
-
-
-FORWARDED_HEADERS = {
-    "openai": ("accept", "user-agent", "http-referer", "x-title", "openai-beta"),
-    "claude": ("accept", "user-agent", "anthropic-beta"),
-    "gemini": ("accept", "user-agent"),
-}
-
-
-def presented_key(req: Request) -> str:
-    """The local key a client sent: Bearer, x-api-key, x-goog-api-key or ?key=."""
-    auth = req.header("authorization")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    for name in ("x-api-key", "x-goog-api-key"):
-        if name in req.headers:
-            return req.headers[name].strip()
-    if "key=" in req.query:
-        return req.query_params().get("key", "")
-    return ""
-
-
-def key_matches(key: str, accepted: Sequence[str]) -> bool:
-    """Constant-time comparison against every accepted key."""
-    given = key.encode("utf-8")
-    found = False
-    for candidate in accepted:
-        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
-    return found
-
-
-def upstream_url(cred: Credential, op: str, model: str, stream: bool, query: str) -> str:
-    path = UPSTREAM_PATHS[cred.kind][op].replace("{model}", urllib.parse.quote(model, safe=""))
-    params = []
-    if cred.kind == "gemini" and stream:
-        params.append("alt=sse")
-    if cred.kind == "claude" and "beta=true" in query.split("&"):
-        params.append("beta=true")          # the SDK's client.beta.messages (A.1)
-    return cred.base_url + path + ("?" + "&".join(params) if params else "")
-
-
-def upstream_headers(cred: Credential, client: Dict[str, str]) -> Dict[str, str]:
-    """Headers for the upstream: its auth, the client's API-relevant headers, then the
-    credential's configured headers, which override. Client auth never passes."""
-    headers = {"content-type": "application/json"}
-    for name in FORWARDED_HEADERS[cred.kind]:
-        if name in client:
-            headers[name] = client[name]
-    headers.setdefault("accept", "application/json")
-    headers.setdefault("user-agent", f"proxypal/{__version__}")
-    if cred.kind == "claude":
-        headers["anthropic-version"] = client.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION
-        if cred.api_key:
-            headers["x-api-key"] = cred.api_key
-            if urllib.parse.urlsplit(cred.base_url).hostname.endswith(".services.ai.azure.com"):
-                headers["api-key"] = cred.api_key   # Foundry also reads api-key (G)
-    elif cred.kind == "gemini":
-        headers["x-goog-api-key"] = cred.api_key
-    elif cred.api_key:
-        headers["authorization"] = f"Bearer {cred.api_key}"
-    for name, value in cred.headers:
-        name = name.lower()
-        if name.startswith("x-amz-"):      # AWS signing material: used to sign, never sent
-            continue
-        if name == "authorization":
-            headers.pop("x-api-key", None)
-            headers.pop("api-key", None)
-        headers[name] = value
-    return headers
-
-
-def proxy_for(config: Config, cred: Credential, url: str,
-              environ: Dict[str, str]) -> Optional[ProxySpec]:
-    explicit = cred.proxy_url or config.proxy_url
-    if explicit:
-        return parse_proxy(explicit, config.proxy_username, config.proxy_password)
-    if config.use_system_proxy:
-        parts = urllib.parse.urlsplit(url)
-        return parse_proxy(system_proxy(parts.scheme, parts.hostname or "", environ))
-    return None
-
-
-def upstream_hint(cred: Credential, status: int, url: str, body: bytes, model: str,
-                  requested: str) -> str:
-    """The seed's troubleshooting advice for an upstream error status."""
-    if status in (401, 403):
-        return f"check the apiKey of provider {cred.label}"
-    if status != 404:
-        return ""
-    azure = (urllib.parse.urlsplit(cred.base_url).hostname or "").endswith(".azure.com")
-    if b"DeploymentNotFound" in body or (azure and b"type\":\"error" not in body.replace(b" ", b"")):
-        return (f"deployment '{model}' does not exist there: add model aliasing, e.g. "
-                f'"models": [{{"name": "<deployment name>", "alias": "{requested}"}}]')
-    try:
-        json.loads(body)
-        api_answered = True
-    except ValueError:
-        api_answered = False
-    if api_answered and (b"model" in body.lower()):
-        return (f"the upstream does not know model '{model}': check the names in "
-                f"{cred.path}.models (aliases map client names to upstream names)")
-    if cred.kind == "openai":
-        advice = ("baseUrl must include the version segment, e.g. https://openrouter.ai/api/v1 "
-                  "or http://localhost:11434/v1; the proxy appends /chat/completions")
-    elif cred.kind == "claude":
-        advice = ("give baseUrl without /v1, e.g. https://<resource>.services.ai.azure.com/"
-                  "anthropic; the proxy appends /v1/messages")
-    else:
-        advice = "baseUrl should be https://generativelanguage.googleapis.com"
-    return f"check baseUrl in {cred.path} (tried {url}): {advice}"
-
-
-def bedrock_request(config: Config, target: Target, op: str, body: Dict[str, Any], stream: bool,
-                    client: Dict[str, str], environ: Dict[str, str]) -> UpstreamRequest:
-    """Bedrock's URL and body, signed with SigV4 (F.4), or carrying the apiKey as a
-    Bedrock API key (F.3) when no AWS access key is configured."""
-    cred = target.cred
-    beta = client.get("anthropic-beta", "")
-    payload = dumps(bedrock_count_body(body, beta) if op == "count_tokens"
-                    else bedrock_body(body, beta))
-    url = cred.base_url + bedrock_path(target.model, op, stream)
-    accept = "x-amzn-bedrock-accept" if stream and op != "count_tokens" else "accept"
-    sent = {"content-type": "application/json", accept: "application/json",
-            "host": urllib.parse.urlsplit(url).netloc}
-    creds = aws_credentials(cred.headers, environ)
-    if creds:
-        sent.update(sigv4_sign("POST", url, sent, payload, creds, cred.bedrock_region, amz_date()))
-    elif cred.api_key:
-        sent["authorization"] = f"Bearer {cred.api_key}"
-    sent["user-agent"] = client.get("user-agent", f"proxypal/{__version__}")
-    for name, value in cred.headers:       # e.g. X-Amzn-Bedrock-GuardrailIdentifier; unsigned
-        if not name.lower().startswith("x-amz-") and name.lower() not in sent:
-            sent[name.lower()] = value
-    return UpstreamRequest("POST", url, sent, payload, cred.name,
-                           proxy_for(config, cred, url, environ), config.connect_timeout,
-                           config.first_byte_timeout, config.read_timeout)
-
-
-def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
-    """CORS for browser clients. With the public default key only loopback pages may
-    call the proxy, so a web page cannot spend the user's upstream keys."""
-    origin = req.header("origin")
-    if not origin or not origin_allowed(origin, config):
-        return []
-    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-            ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
-
-
-def origin_allowed(origin: str, config: Config) -> bool:
-    """Pages on loopback always; other sites only when the public default key is off."""
-    try:
-        host = urllib.parse.urlsplit(origin).hostname or ""
-    except ValueError:
-        return False
-    return is_loopback(host) or DEFAULT_LOCAL_KEY not in config.local_keys
-
-
-def models_payload(router: Router, created: int) -> Dict[str, Any]:
-    """/v1/models in a shape both the openai and the anthropic SDK parse."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
-    data = [model_item(router, name, created, stamp) for name in router.names()]
-    return {"object": "list", "data": data, "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None}
-
-
-def gemini_models_payload(router: Router) -> Dict[str, Any]:
-    """GET /v1beta/models in Gemini's shape, for Gemini CLI and the Google SDKs."""
-    return {"models": [{"name": f"models/{name}", "baseModelId": name, "displayName": name,
-                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
-                                                       "countTokens"]}
-                       for name in router.names()]}
-
-
-def model_item(router: Router, name: str, created: int, stamp: str) -> Dict[str, Any]:
-    route = router.resolve(name)
-    owner = route.targets[0].cred.name if route.targets else "proxypal"
-    return {"id": name, "object": "model", "created": created, "owned_by": owner,
-            "type": "model", "display_name": name, "created_at": stamp}
-
-
-def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-class UsageStats:
-    """Counters since start, per model and per provider: requests, errors by status,
-    tokens, and latency / time-to-first-byte percentiles over the last USAGE_SAMPLES."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
-
-    def record(self, model: str, provider: str, status: int, latency: float,
-               ttfb: Optional[float], tokens_in: Optional[int], tokens_out: Optional[int]) -> None:
-        for group, name in (("models", model), ("providers", provider)):
-            if not name:
-                continue
-            entry = self.groups[group].setdefault(name, {
-                "requests": 0, "errors": {}, "input_tokens": 0, "output_tokens": 0,
-                "latency": collections.deque(maxlen=USAGE_SAMPLES),
-                "ttfb": collections.deque(maxlen=USAGE_SAMPLES)})
-            entry["requests"] += 1
-            if status >= 400 or not status:
-                key = str(status or "aborted")
-                entry["errors"][key] = entry["errors"].get(key, 0) + 1
-            entry["input_tokens"] += tokens_in or 0
-            entry["output_tokens"] += tokens_out or 0
-            entry["latency"].append(latency)
-            if ttfb is not None:
-                entry["ttfb"].append(ttfb)
-
-    def snapshot(self) -> Dict[str, Any]:
-        """The counters as JSON-ready data, latencies in milliseconds."""
-        def ms(value: Optional[float]) -> Optional[float]:
-            return None if value is None else round(value * 1000, 1)
-        out: Dict[str, Any] = {"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
-        for group, entries in self.groups.items():
-            out[group] = {name: {
-                "requests": e["requests"], "errors": dict(e["errors"]),
-                "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"],
-                "latency_ms": {"p50": ms(percentile(e["latency"], 0.5)),
-                               "p95": ms(percentile(e["latency"], 0.95))},
-                "ttfb_ms": {"p50": ms(percentile(e["ttfb"], 0.5)),
-                            "p95": ms(percentile(e["ttfb"], 0.95))},
-            } for name, e in sorted(entries.items())}
-        return out
+@dataclasses.dataclass
+class Reply:
+    """A whole answer. Connection.write_reply alone decides the framing."""
+    status: int
+    body: bytes = b""
+    headers: Sequence[Tuple[str, str]] = ()
+    content_type: str = "application/json"
 
 
 @dataclasses.dataclass
-class Exchange:
-    """One request in flight: what the pipeline knows about it so far."""
+class StreamReply:
+    """An answer still arriving from an upstream: relay() writes it event by event."""
+    resp: "UpstreamResponse"
+    pipe: Any                              # RelayPipe or StreamPipe
+    headers: List[Tuple[str, str]]
+    content_type: str = "text/event-stream"
+    watcher: Any = None                    # the task watching the client, stopped after
+
+
+@dataclasses.dataclass
+class Record:
+    """What one request did, for the request log and the usage counters."""
+    id: str
+    fmt: str
+    method: str
+    path: str
+    t0: float
+    model: str = ""
+    routed: str = ""
+    upstream_model: str = ""
+    provider: str = ""
+    status: int = 0
+    upstream_status: Optional[int] = None
+    ttfb: Optional[float] = None
+    tokens_in: Optional[int] = None
+    tokens_out: Optional[int] = None
+    error: str = ""
+
+    def count(self, usage: Any) -> None:
+        """Keep the token counts an answer reported: a Usage, or an (input, output) pair."""
+        pair = (usage.input, usage.output) if isinstance(usage, Usage) else usage
+        if pair and pair[0] is not None:
+            self.tokens_in = pair[0]
+        if pair and pair[1] is not None:
+            self.tokens_out = pair[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a request runs on, swapped whole on reload: in-flight requests keep theirs."""
+    config: Config
+    router: "Router"
+    upstreams: Dict[str, "Upstream"]
+
+
+@dataclasses.dataclass
+class Call:
+    """One request in flight: the request, its client format, its setup and its record."""
     conn: "Connection"
     req: Request
     fmt: str
-    config: Config
-    router: Router
-    t0: float
-    op: str = ""
-    model: str = ""
-    routed: str = ""
-    provider: str = ""
-    status: int = 0
-    ttfb: Optional[float] = None
-    error: str = ""
-    started: bool = False                  # response headers already sent
+    setup: Setup
+    record: Record
+    keep_alive: bool = True
     has_body: bool = False
     body_read: bool = False
-    body: Dict[str, Any] = dataclasses.field(default_factory=dict)   # the parsed JSON request
-    keep_alive: bool = True
-    id: str = ""
-    upstream_status: Optional[int] = None
-    tokens_in: Optional[int] = None
-    tokens_out: Optional[int] = None
+    started: bool = False                  # response head sent
     client_gone: bool = False
     on_gone: Callable[[], Any] = lambda: None   # what the client leaving should stop
 
-    def count_tokens(self, found: Tuple[Optional[int], Optional[int]]) -> None:
-        """Keep the latest token counts an answer or stream event reported."""
-        if found[0] is not None:
-            self.tokens_in = found[0]
-        if found[1] is not None:
-            self.tokens_out = found[1]
+    @property
+    def config(self) -> Config:
+        return self.setup.config
 
 
 class Connection:
     """One client connection: buffered reads with the wire limits, and response writes."""
 
-    def __init__(self, server: "Server", reader: asyncio.StreamReader,
+    def __init__(self, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
-        self.server, self.reader, self.writer = server, reader, writer
+        self.reader, self.writer = reader, writer
         peer = writer.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "local"
         self.buf = b""
@@ -5012,20 +5304,712 @@ class Connection:
                 return
             self.buf += data               # a pipelined request: kept for later
 
-    def send(self, ex: Exchange, status: int, body: bytes,
-             headers: Sequence[Tuple[str, str]] = (), content_type: str = "application/json") -> None:
-        ex.status = status
-        if ex.has_body and not ex.body_read:
-            ex.keep_alive = False          # the unread body would pass for the next request
-        all_headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        all_headers += list(headers) + cors_headers(ex.req, ex.config)
-        head = response_head(status, all_headers, ex.keep_alive, ex.req.version)
-        self.writer.write(head if ex.req.method == "HEAD" else head + body)
-        ex.started = True
 
-    def send_error(self, ex: Exchange, exc: ProxypalError) -> None:
-        ex.error = exc.message
-        self.send(ex, exc.status, error_body(ex.fmt, exc.status, exc.message), exc.headers)
+    def write_reply(self, call: Call, reply: Reply) -> None:
+        """The one place a whole answer is framed: Content-Length, HEAD, keep-alive, CORS."""
+        call.record.status = reply.status
+        if call.has_body and not call.body_read:
+            call.keep_alive = False        # the unread body would pass for the next request
+        headers = [] if reply.status == 204 else [
+            ("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
+        headers += list(reply.headers) + cors_headers(call.req, call.config)
+        head = response_head(reply.status, headers, call.keep_alive, call.req.version)
+        self.writer.write(head if call.req.method == "HEAD" or reply.status == 204
+                          else head + reply.body)
+        call.started = True
+
+
+def error_reply(call: Call, exc: ProxypalError) -> Reply:
+    call.record.error = exc.message
+    return Reply(exc.status, error_body(call.fmt, exc.status, exc.message), exc.headers)
+
+
+# -- 10.2 Endpoints and dispatch ----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    method: str
+    pattern: str                           # a path; {name} matches a segment, {name+} the rest
+    handler: Callable[..., Any]            # async (server, call, params) -> Reply | StreamReply
+    gate: str = "local"                    # "": open; "local": the client keys; "management"
+    op: str = ""                           # the model operation, for model endpoints
+    fmt: str = ""                          # the client format the path speaks
+
+    @property
+    def regex(self) -> Any:
+        return _endpoint_regex(self.pattern)
+
+
+@functools.lru_cache(maxsize=None)
+def _endpoint_regex(pattern: str) -> Any:
+    regex = re.sub(r"\\\{(\w+)\\\+\\\}", r"(?P<\1>.+)", re.escape(pattern))
+    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
+    return re.compile(regex + r"\Z")
+
+
+def dispatch(endpoints: Sequence[Endpoint], method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
+    """The endpoint for a request, or the 404 or 405 (with Allow) the table implies."""
+    matched = []
+    for endpoint in endpoints:
+        match = endpoint.regex.match(path)
+        if match:
+            if endpoint.method == method or (method == "HEAD" and endpoint.method == "GET"):
+                return endpoint, match.groupdict()
+            matched.append(endpoint.method)
+    if matched:
+        allowed = ", ".join(dict.fromkeys(m for e in matched for m in (
+            (e, "HEAD") if e == "GET" else (e,))))
+        raise ClientError(f"method {method} is not allowed on {printable(path, 80)}; use {allowed}",
+                          405, [("Allow", allowed)])
+    raise no_route(method, path)
+
+
+def no_route(method: str, path: str) -> ClientError:
+    if path.rstrip("/") in ("/chat/completions", "/messages", "/models", "/embeddings",
+                            "/responses"):
+        return ClientError(f"no such route {method} {printable(path, 80)}: set your client's base "
+                           "URL to http://HOST:PORT/v1 for OpenAI clients, or http://HOST:PORT "
+                           "(no /v1) for Anthropic clients", 404)
+    return ClientError(f"no such route {method} {printable(path, 80)}; this proxy serves "
+                       "POST /v1/chat/completions, POST /v1/messages, GET /v1/models and the "
+                       "Gemini /v1beta routes", 404)
+
+
+def presented_key(req: Request) -> str:
+    """The local key a client sent: Bearer, x-api-key, x-goog-api-key or ?key=."""
+    auth = req.header("authorization")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    for name in ("x-api-key", "x-goog-api-key"):
+        if name in req.headers:
+            return req.headers[name].strip()
+    if "key=" in req.query:
+        return req.query_params().get("key", "")
+    return ""
+
+
+def key_matches(key: str, accepted: Sequence[str]) -> bool:
+    """Constant-time comparison against every accepted key."""
+    given = key.encode("utf-8")
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
+    return found
+
+
+def check_local_key(req: Request, config: Config) -> None:
+    """The gate of the model API: the proxy's own keys, and no foreign web page while the
+    public default key works."""
+    origin = req.header("origin")
+    if origin and not origin_allowed(origin, config):
+        # A web page the user visits must not spend their keys with the public local
+        # key, not even through a 'simple' request that skips the CORS preflight.
+        raise ProxypalError(f"requests from the web page {printable(origin, 80)!r} are "
+                            f"refused while the public key {DEFAULT_LOCAL_KEY!r} is "
+                            'accepted: set "proxyApiKey" to a secret to allow them', 403)
+    key = presented_key(req)
+    if not key:
+        raise ProxypalError("missing API key: send 'Authorization: Bearer <key>' or "
+                            "'x-api-key: <key>' with the proxy's key (proxyApiKey in "
+                            "config.json; default proxypal-local)", 401)
+    if not key_matches(key, config.local_keys):
+        raise ProxypalError("invalid API key: use the proxy's own key (proxyApiKey or "
+                            "apiKeys in config.json), not an upstream's", 401)
+
+
+def check_management_key(req: Request, config: Config) -> None:
+    if not (config.allow_remote_management or is_loopback(req.peer)):
+        raise ProxypalError("the management API answers only loopback clients; set "
+                            "allowRemoteManagement to true to allow others", 403)
+    if not config.management_key:
+        raise ProxypalError('the management API is off: set "managementKey" in config.json '
+                            "and send it as X-Management-Key", 403)
+    auth = req.header("authorization")
+    given = req.header("x-management-key") or (auth[7:].strip()
+                                               if auth[:7].lower() == "bearer " else "")
+    if not given or not key_matches(given, (config.management_key,)):
+        raise ProxypalError("missing or wrong management key (X-Management-Key)", 401)
+
+
+GATES = {"": lambda req, config: None, "local": check_local_key,
+         "management": check_management_key}
+
+
+def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
+    """CORS for browser clients. With the public default key only loopback pages may
+    call the proxy, so a web page cannot spend the user's upstream keys."""
+    origin = req.header("origin")
+    if not origin or not origin_allowed(origin, config):
+        return []
+    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+            ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
+
+
+def origin_allowed(origin: str, config: Config) -> bool:
+    """Pages on loopback always; other sites only when the public default key is off."""
+    try:
+        host = urllib.parse.urlsplit(origin).hostname or ""
+    except ValueError:
+        return False
+    return is_loopback(host) or DEFAULT_LOCAL_KEY not in config.local_keys
+
+
+def preflight(call: Call) -> Reply:
+    """The CORS preflight answer; write_reply adds the origin itself."""
+    headers = []
+    if cors_headers(call.req, call.config):
+        asked = call.req.header("access-control-request-headers")
+        headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                    ("Access-Control-Allow-Headers", asked or "authorization, content-type, "
+                     "x-api-key, anthropic-version, anthropic-beta"),
+                    ("Access-Control-Max-Age", "600")]
+    if call.has_body:                      # never read: it must not pass for a request
+        call.keep_alive = False
+    return Reply(204, headers=headers)
+
+
+# -- 10.3 Handlers ------------------------------------------------------------------
+
+async def handle_health(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return Reply(200, b'{"status":"ok"}')
+
+
+async def handle_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return Reply(200, dumps(models_payload(call.setup.router, server.started_at)))
+
+
+async def handle_model(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    name = urllib.parse.unquote(params["id"])
+    router = call.setup.router
+    if not router.resolve(name).targets:
+        raise unknown_model(call.setup, name)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(server.started_at))
+    return Reply(200, dumps(model_item(router, name, server.started_at, stamp)))
+
+
+async def handle_gemini_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return Reply(200, dumps(gemini_models_payload(call.setup.router)))
+
+
+async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return Reply(200, dumps(server.usage.snapshot()))
+
+
+async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]) -> Any:
+    endpoint_op = params.get("op", "")
+    if "method" in params:                 # Gemini: /v1beta/models/{model}:{method}
+        endpoint_op = FORMATS["gemini"].paths.get(params["method"], "")
+        if not endpoint_op:
+            raise no_route(call.req.method, call.req.path)
+    body = await call.conn.read_body(call.req, int(call.config.max_body_mb * 1024 * 1024))
+    call.body_read = True
+    model_call = ModelCall(server, call, endpoint_op, urllib.parse.unquote(params.get("model", "")))
+    local = model_call.plan(body)
+    if local is not None:
+        return local
+    return await server.watched(call, model_call.run(), model_call.stream)
+
+
+def model_endpoints() -> List[Endpoint]:
+    """The POST endpoint of every operation every client format has (FORMATS)."""
+    out = []
+    for fmt in FORMATS.values():
+        if fmt.name == "gemini":
+            out.append(Endpoint("POST", "/v1beta/models/{model+}:{method}", handle_model_call,
+                                fmt="gemini"))
+            continue
+        for path, op in fmt.paths.items():
+            out.append(Endpoint("POST", path, handle_model_call, op=op, fmt=fmt.name))
+    return out
+
+
+ENDPOINTS: List[Endpoint] = [
+    Endpoint("GET", "/health", handle_health, gate=""),
+    Endpoint("GET", "/v1/models", handle_models),
+    Endpoint("GET", "/v1/models/", handle_models),
+    Endpoint("GET", "/v1/models/{id+}", handle_model),
+    Endpoint("GET", "/v1beta/models", handle_gemini_models, fmt="gemini"),
+    Endpoint("GET", "/v1beta/models/", handle_gemini_models, fmt="gemini"),
+    Endpoint("GET", "/v0/management/usage", handle_usage, gate="management"),
+] + model_endpoints()
+
+
+def unknown_model(setup: Setup, name: str) -> ProxypalError:
+    config = setup.config
+    if not config.credentials:
+        where = config.path or default_config_path()
+        state = "" if config.loaded else " (the file does not exist)"
+        return ProxypalError(f"no auth available: no provider is configured; add one to "
+                             f"{where}{state} (claudeApiKeys, geminiApiKeys or "
+                             "ampOpenaiProviders); the proxy picks the change up within "
+                             "seconds", 503)
+    near = setup.router.nearest(name)
+    hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
+        "; GET /v1/models lists the names this proxy serves"
+    return ClientError(f"Invalid model {printable(name, 100)!r}: it is not in any provider's "
+                       f"models list{hint}", 404)
+
+
+def models_payload(router: "Router", created: int) -> Dict[str, Any]:
+    """/v1/models in a shape both the openai and the anthropic SDK parse."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))
+    data = [model_item(router, name, created, stamp) for name in router.names()]
+    return {"object": "list", "data": data, "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
+def gemini_models_payload(router: "Router") -> Dict[str, Any]:
+    """GET /v1beta/models in Gemini's shape, for Gemini CLI and the Google SDKs."""
+    return {"models": [{"name": f"models/{name}", "baseModelId": name, "displayName": name,
+                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
+                                                       "countTokens"]}
+                       for name in router.names()]}
+
+
+def model_item(router: "Router", name: str, created: int, stamp: str) -> Dict[str, Any]:
+    route = router.resolve(name)
+    owner = route.targets[0].cred.name if route.targets else "proxypal"
+    return {"id": name, "object": "model", "created": created, "owned_by": owner,
+            "type": "model", "display_name": name, "created_at": stamp}
+
+
+# -- 10.4 A model call: plan, run, answer ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    target: "Target"
+    upstream: "Upstream"
+    translator: Translator
+
+
+def parse_body(raw: bytes) -> Dict[str, Any]:
+    if not raw.strip():
+        raise ClientError("request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ClientError("request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise ClientError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                          f"column {exc.colno}") from None
+    if not isinstance(body, dict):
+        raise ClientError(f"request body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+class ModelCall:
+    """One request for a model. plan() is pure: the body, the route, the attempts in
+    order (each with its upstream adapter and translator). run() is the only code that
+    awaits an upstream: failover and cooldowns. answer() turns the upstream's answer into
+    the client's: a Reply, or a StreamReply for the relay. Anything but a ProxypalError
+    escaping them is a bug (Server.handle answers 500 and keeps serving)."""
+
+    def __init__(self, server: "Server", call: Call, op: str, path_model: str = "") -> None:
+        self.server, self.call, self.setup = server, call, call.setup
+        self.op, self.path_model = op, path_model
+        self.stream = op == "stream"
+        self.body: Dict[str, Any] = {}
+        self.chat: Optional[Chat] = None       # the client's request, read once if translated
+        self.requested = ""
+        self.attempts: List[Attempt] = []
+
+    def plan(self, raw: bytes) -> Optional[Reply]:
+        """The attempts to make; a Reply when the proxy answers alone (a local count)."""
+        body = self.body = parse_body(raw)
+        model = self.path_model or body.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ClientError('"model" is required and must be a non-empty string'
+                              + ("" if "model" not in body else f", got {_short(model)}"))
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise ClientError(f'"stream" must be true or false, got {_short(body["stream"])}')
+        self.stream = self.stream or body.get("stream") is True
+        self.op = "generate" if self.op == "stream" else self.op
+        route = self.setup.router.resolve(model)
+        if not route.targets:
+            raise unknown_model(self.setup, model)
+        record = self.call.record
+        record.model, record.routed, self.requested = model, route.routed, route.requested
+        usable = [t for t in route.targets if self._upstream(t).serves(self.op) or self.op == "count"]
+        if not usable:
+            first = route.targets[0].cred
+            raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
+                              f"{FORMATS[first.api].title} API; {self.call.req.path} cannot reach "
+                              "it: call that provider's endpoint instead")
+        if not self._upstream(usable[0]).serves(self.op):
+            record.provider = usable[0].cred.name    # an upstream that cannot count
+            return Reply(200, dumps(local_count(self.call.fmt, body)))
+        ready, cooling = self.server.balancer.plan(
+            dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy)
+        if not ready:
+            raise self.server.cooling_error(cooling)
+        retries = usable[0].cred.request_retry
+        retries = self.setup.config.request_retry if retries is None else retries
+        self.attempts = [Attempt(t, self._upstream(t), TRANSLATORS[(self.call.fmt, t.cred.api)])
+                         for t in ready[:1 + retries]]
+        log.debug("route %s -> %s via %s", printable(model), route.routed,
+                  ", ".join(f"{a.target.cred.label} as {a.target.model!r}" for a in self.attempts))
+        return None
+
+    def _upstream(self, target: "Target") -> "Upstream":
+        return self.setup.upstreams[target.cred.key]
+
+    def upstream_request(self, attempt: Attempt) -> UpstreamRequest:
+        """The request one attempt sends: the client's body relayed (same format) or
+        translated, with the upstream's model name and output cap."""
+        target, translator = attempt.target, attempt.translator
+        if translator.passthrough:
+            out = dict(self.body)
+            foreign_reasoning_dropped(self.call.fmt, out)
+        else:
+            if self.chat is None:
+                self.chat = translator.read(self.body)
+            out = translator.write(dataclasses.replace(self.chat, model=target.model,
+                                                       stream=self.stream))
+        clamp_output_tokens(out, target.max_output_tokens)
+        return attempt.upstream.request(self.op, target.model, out, self.stream,
+                                        self.call.req.headers, self.call.req.query,
+                                        translated=not translator.passthrough)
+
+    async def run(self) -> Any:
+        record, last_error = self.call.record, None
+        for i, attempt in enumerate(self.attempts):
+            more, cred = i + 1 < len(self.attempts), attempt.target.cred
+            ureq = self.upstream_request(attempt)
+            record.provider, record.upstream_model = cred.name, attempt.target.model
+            log.debug("upstream %s %s (%s)", ureq.method, ureq.url, cred.label)
+            try:
+                resp = await self.server.client.open(ureq)
+            except UpstreamError as exc:
+                last_error = exc
+                log.warning("%s: %s", cred.label, exc.message)
+                if more and exc.failover:
+                    continue
+                raise UpstreamError(f"provider {cred.label} {exc.message}", exc.status,
+                                    cred.name, ureq.url) from None
+            record.ttfb, record.upstream_status = time.monotonic() - record.t0, resp.status
+            if resp.status in FAILOVER_STATUSES:
+                self.server.balancer.cool(cred, resp.status,
+                                          retry_after_seconds(resp.header("retry-after")))
+                if more:
+                    log.warning("%s answered %d; trying the next credential", cred.label,
+                                resp.status)
+                    resp.abort()
+                    continue
+            try:
+                return await self.answer(attempt, resp)
+            except asyncio.CancelledError:
+                resp.abort()
+                raise
+            except UpstreamError as exc:
+                raise UpstreamError(f"{cred.name}: {exc.message}", exc.status, cred.name,
+                                    ureq.url) from None
+        raise last_error or UpstreamError("no credential could be tried")
+
+    async def answer(self, attempt: Attempt, resp: "UpstreamResponse") -> Any:
+        if resp.status >= 400:
+            body = await resp.read_all(MAX_UPSTREAM_ERROR_BODY, truncate=True)
+            return self.error_answer(attempt, resp, body)
+        content_type = resp.header("content-type").split(";")[0].strip().lower()
+        decoder = attempt.upstream.decoder(content_type)
+        if decoder is not None:
+            return StreamReply(resp, self.pipe(attempt, decoder), passed_headers(resp))
+        body = attempt.upstream.answer(self.op, await resp.read_all(MAX_UPSTREAM_BODY))
+        return self.json_answer(attempt, resp, body)
+
+    def pipe(self, attempt: Attempt, decoder: Any) -> Any:
+        fmt, provider = self.call.fmt, attempt.upstream.name
+        translator = attempt.translator
+        if translator.passthrough and isinstance(decoder, SSEDecoder):
+            return RelayPipe(fmt, provider)
+        reader = EventRelay(fmt) if translator.passthrough else translator.stream(
+            self.requested, estimate_tokens(self.body), self.chat)
+        pipe = StreamPipe(decoder, reader, fmt)
+        pipe.writer.provider = provider
+        return pipe
+
+    def json_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
+        """A whole answer for the client: relayed with the model name the client asked for,
+        or translated."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        translator = attempt.translator
+        if translator.passthrough:
+            if isinstance(obj, dict) and self.call.fmt != "gemini" and \
+                    isinstance(obj.get("model"), str) and obj["model"] != self.requested:
+                obj["model"] = self.requested
+                body = dumps(obj)
+            self.call.record.count(_usage_pair(obj))
+            return Reply(resp.status, body, passed_headers(resp),
+                         resp.header("content-type") or "application/json")
+        if not isinstance(obj, dict):
+            raise UpstreamError(f"answered with something that is not a JSON object: "
+                                f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
+        out = translator.response(obj, self.requested, self.chat)
+        self.call.record.count(_usage_pair(out))
+        return Reply(resp.status, dumps(out), passed_headers(resp))
+
+    def error_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
+        upstream = attempt.upstream
+        if self.op == "count" and isinstance(upstream, BedrockUpstream):
+            return Reply(200, dumps(local_count(self.call.fmt, self.body)))  # not every model counts
+        status, body = upstream.error(resp.status, resp.headers, body)
+        hint = upstream.hint(status, resp.req.url, body, attempt.target.model, self.requested)
+        secrets = self.setup.config.secrets
+        self.call.record.error = mask_secrets(f"{upstream.name}: {upstream_message(body)[0]}",
+                                              secrets)   # upstreams echo keys back
+        out = upstream_error_body(self.call.fmt, upstream.api, status, body, upstream.name, hint)
+        out = mask_secrets(out.decode("utf-8", "replace"), secrets, patterns=False).encode("utf-8")
+        return Reply(status, out, passed_headers(resp))
+
+
+def passed_headers(resp: "UpstreamResponse") -> List[Tuple[str, str]]:
+    """The upstream's own headers worth passing on (request ids, rate limits)."""
+    return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS]
+
+
+# -- 10.5 The relay -------------------------------------------------------------------
+
+def complete_json(data: str) -> bool:
+    if data.strip() == "[DONE]":
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+class RelayPipe:
+    """Same format on both sides: SSE bytes relayed event by event, untouched; each
+    complete event goes out as soon as it arrived. A stream that ends without its
+    format's last event gets an error event, not a quiet truncation."""
+
+    def __init__(self, fmt: str, provider: str) -> None:
+        self.fmt, self.provider = FORMATS[fmt], provider
+        self.splitter = SSESplitter()
+        self.recent: List[bytes] = []      # the last few events: where the end markers are
+        self.tokens: Tuple[Optional[int], Optional[int]] = (None, None)
+
+    @property
+    def usage(self) -> Tuple[Optional[int], Optional[int]]:
+        return self.tokens
+
+    def first(self, data: bytes) -> bytes:
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> bytes:
+        events = self.splitter.feed(data)
+        real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
+        if real:
+            self.recent = (self.recent + real)[-3:]
+        out = b"".join(events)
+        found = stream_usage(out)
+        if found != (None, None):
+            self.tokens = (found[0] if found[0] is not None else self.tokens[0],
+                           found[1] if found[1] is not None else self.tokens[1])
+        return out
+
+    def close(self) -> bytes:
+        out = b""
+        for tail in self.splitter.close():  # a last event left without its blank line
+            parsed = parse_sse_event(tail)
+            if parsed and complete_json(parsed[1]):
+                out, self.recent = tail + b"\n\n", (self.recent + [tail])[-3:]
+        if self.fmt.finished(self.recent):
+            return out
+        return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
+
+    def fail(self, status: int, message: str) -> bytes:
+        return self.fmt.stream_error(status, named(self.provider, message))
+
+
+async def relay(call: Call, reply: StreamReply) -> None:
+    """The one loop for every stream. The upstream's first bytes are awaited before the
+    head goes out, so an early failure is still an HTTP error; then each read's complete
+    events are written at once. A client that goes away aborts the upstream read."""
+    conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
+    call.on_gone = resp.abort              # the client leaving now ends the upstream read
+    chunked = call.req.version == "HTTP/1.1"
+    try:
+        data = await resp.read1()
+        if not data:
+            raise UpstreamError("upstream ended the stream before sending any event", 502)
+        out = pipe.first(data)
+        call.keep_alive = call.keep_alive and chunked
+        headers = [("Content-Type", reply.content_type), ("Cache-Control", "no-cache"),
+                   ("X-Accel-Buffering", "no")]
+        headers += [("Transfer-Encoding", "chunked")] if chunked else []
+        headers += reply.headers + cors_headers(call.req, call.config)
+        head = response_head(200, headers, call.keep_alive, call.req.version)
+        call.started, record.status = True, resp.status
+        keepalive = call.config.stream_keepalive_seconds
+        while data:
+            if out or head:                # the head goes out with the first event
+                conn.writer.write(head + (chunk(out) if chunked and out else out))
+                head = b""
+                await conn.drain()
+            data = await (read_or_ping(call, resp, keepalive, chunked) if keepalive
+                          else resp.read1())
+            out = pipe.feed(data) if data else pipe.close()
+        if out:
+            conn.writer.write(chunk(out) if chunked else out)
+        if chunked:
+            conn.writer.write(b"0\r\n\r\n")
+        resp.release()
+    except UpstreamError as exc:
+        resp.abort()
+        if not call.started:
+            raise
+        record.error, call.keep_alive = exc.message, False
+        if exc.status != 499:
+            end_stream(call, chunked, pipe.fail(exc.status, exc.message))
+    except ConnectionError:                # the client went away while we wrote
+        resp.abort()
+        record.error, call.keep_alive = "client disconnected", False
+    except asyncio.CancelledError:         # shutdown, or the client left: the upstream ends too
+        resp.abort()
+        raise
+    except Exception as exc:               # a bug (e.g. in a translator): end the stream cleanly
+        resp.abort()
+        log.exception("stream relay failed for %s %s", call.req.method, printable(call.req.path))
+        if not call.started:
+            raise
+        record.error, call.keep_alive = f"internal error ({type(exc).__name__})", False
+        end_stream(call, chunked, pipe.fail(500, f"internal error in proxypal "
+                                                 f"({type(exc).__name__}) while relaying the "
+                                                 "stream; see the proxy's log"))
+    finally:
+        record.count(pipe.usage)
+
+
+def end_stream(call: Call, chunked: bool, last: bytes) -> None:
+    """A stream's last event (an error) and the end of its body, if the client is there."""
+    writer = call.conn.writer
+    if writer.transport.is_closing():
+        return
+    writer.write((chunk(last) + b"0\r\n\r\n") if chunked else last)
+
+
+async def read_or_ping(call: Call, resp: "UpstreamResponse", seconds: float,
+                       chunked: bool) -> bytes:
+    """The next upstream bytes; while the upstream is silent, an SSE comment every
+    `seconds` keeps idle-cutting proxies between here and the client open."""
+    reading = asyncio.ensure_future(resp.read1())
+    try:
+        while True:
+            done, _ = await asyncio.wait([reading], timeout=seconds)
+            if done:
+                return reading.result()
+            ping = b": keep-alive\n\n"
+            call.conn.writer.write(chunk(ping) if chunked else ping)
+            await call.conn.drain()
+    finally:
+        if not reading.done():
+            reading.cancel()
+
+
+# -- 10.6 The server ------------------------------------------------------------------
+
+def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+class UsageStats:
+    """Counters since start, per model and per provider: requests, errors by status,
+    tokens, and latency / time-to-first-byte percentiles over the last USAGE_SAMPLES."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
+
+    def record(self, record: Record, latency: float) -> None:
+        for group, name in (("models", record.model), ("providers", record.provider)):
+            if not name:
+                continue
+            entry = self.groups[group].setdefault(name, {
+                "requests": 0, "errors": {}, "input_tokens": 0, "output_tokens": 0,
+                "latency": collections.deque(maxlen=USAGE_SAMPLES),
+                "ttfb": collections.deque(maxlen=USAGE_SAMPLES)})
+            entry["requests"] += 1
+            if record.status >= 400 or not record.status:
+                key = str(record.status or "aborted")
+                entry["errors"][key] = entry["errors"].get(key, 0) + 1
+            entry["input_tokens"] += record.tokens_in or 0
+            entry["output_tokens"] += record.tokens_out or 0
+            entry["latency"].append(latency)
+            if record.ttfb is not None:
+                entry["ttfb"].append(record.ttfb)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The counters as JSON-ready data, latencies in milliseconds."""
+        def ms(value: Optional[float]) -> Optional[float]:
+            return None if value is None else round(value * 1000, 1)
+        out: Dict[str, Any] = {"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
+        for group, entries in self.groups.items():
+            out[group] = {name: {
+                "requests": e["requests"], "errors": dict(e["errors"]),
+                "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"],
+                "latency_ms": {"p50": ms(percentile(e["latency"], 0.5)),
+                               "p95": ms(percentile(e["latency"], 0.95))},
+                "ttfb_ms": {"p50": ms(percentile(e["ttfb"], 0.5)),
+                            "p95": ms(percentile(e["ttfb"], 0.95))},
+            } for name, e in sorted(entries.items())}
+        return out
+
+
+def request_log_entry(record: Record, now: Optional[float] = None,
+                      wall: Optional[float] = None) -> Dict[str, Any]:
+    """The request log line, as a dict (pure given the two clocks)."""
+    now = time.monotonic() if now is None else now
+    wall = time.time() if wall is None else wall
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}",
+        "id": record.id, "format": record.fmt, "method": record.method,
+        "path": printable(record.path), "model": printable(record.model) or None,
+        "routed": record.routed or None, "upstream_model": record.upstream_model or None,
+        "provider": record.provider or None, "status": record.status,
+        "upstream_status": record.upstream_status,
+        "latency_ms": round((now - record.t0) * 1000, 1),
+        "ttfb_ms": round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
+        "input_tokens": record.tokens_in, "output_tokens": record.tokens_out,
+        "error": printable(record.error, 300) or None,
+    }
+
+
+def guess_path(buf: bytes) -> str:
+    """The path of a request whose head could not be parsed, to answer in its format."""
+    match = re.match(rb"[A-Z]{3,7} (/[^ ?\r\n]{0,200})", buf)
+    return match.group(1).decode("latin-1") if match else "/"
+
+
+def check_exposure(config: Config, host: str) -> None:
+    """Refuse to listen beyond loopback when the only key is the public default."""
+    if not is_loopback(host) and DEFAULT_LOCAL_KEY in config.local_keys:
+        raise ConfigError("host", f"{host!r} is reachable from other machines, but the public "
+                                  f"default key {DEFAULT_LOCAL_KEY!r} is accepted: "
+                                  'set "proxyApiKey" to a secret of your own')
+
+
+def check_target(req: Request, own_host: str) -> None:
+    """Origin-form only, or absolute-form naming this server: never an open proxy."""
+    if req.method == "CONNECT":
+        raise WireError("CONNECT is refused: proxypal is an API proxy, not a forward proxy", 405)
+    if req.target.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(req.target)
+        if not (is_loopback(parts.hostname or "") or parts.hostname == own_host):
+            raise WireError(f"absolute-form request for another host "
+                            f"{printable(parts.hostname or '', 60)!r} is refused: proxypal "
+                            "is not a forward proxy")
+        req.path, req.query = parts.path or "/", parts.query
+    elif not req.target.startswith("/") and not (req.method == "OPTIONS" and req.target == "*"):
+        raise WireError(f"invalid request target {printable(req.target, 60)!r}")
 
 
 class Server:
@@ -5034,11 +6018,10 @@ class Server:
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  environ: Optional[Dict[str, str]] = None):
         check_exposure(config, config.host)
-        self.config = config
-        self.router = Router(config)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.setup = Setup(config, Router(config), make_upstreams(config, self.environ))
         self.balancer = Balancer(clock)
         self.client = UpstreamClient()
-        self.environ = dict(os.environ if environ is None else environ)
         self.secret_filter = SecretFilter()
         self.secret_filter.secrets = config.secrets
         self.started_at = int(time.time())
@@ -5051,6 +6034,14 @@ class Server:
         self._watch: Optional[asyncio.Task] = None
         self._server: Optional[asyncio.AbstractServer] = None
         self._connections: Dict[asyncio.Task, Connection] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.setup.config
+
+    @property
+    def router(self) -> "Router":
+        return self.setup.router
 
     # -- lifecycle ---------------------------------------------------------------
     async def listen(self, host: str, port: int, reuse_port: bool = False,
@@ -5073,7 +6064,7 @@ class Server:
         """Switch to a new config: requests already running finish on the old one."""
         config = dataclasses.replace(config, **self.overrides)
         check_exposure(config, self.host)
-        self.config, self.router = config, Router(config)
+        self.setup = Setup(config, Router(config), make_upstreams(config, self.environ))
         self.secret_filter.secrets = config.secrets
         if log.handlers:                   # logging is main()'s: only adjust what it set up
             log.setLevel(logging.DEBUG if config.debug else logging.INFO)
@@ -5139,7 +6130,7 @@ class Server:
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        conn = Connection(self, reader, writer)
+        conn = Connection(reader, writer)
         self._connections[task] = conn
         try:
             await self._serve_connection(conn)
@@ -5153,7 +6144,7 @@ class Server:
             await self._linger_close(conn)
 
     @staticmethod
-    async def _linger_close(conn: Connection) -> None:
+    async def _linger_close(conn: "Connection") -> None:
         """Close after the answer is out. Unread request bytes left in the socket would make
         the kernel reset the connection and drop that answer, so read and discard them
         for a moment first (a 'lingering close', as Apache and nginx do)."""
@@ -5170,589 +6161,146 @@ class Server:
         finally:
             writer.close()
 
-    async def _serve_connection(self, conn: Connection) -> None:
+    def _call(self, conn: "Connection", req: Request) -> Call:
+        self._requests += 1
+        fmt = format_of_path(req.path)
+        record = Record(f"{self._id_prefix}{self._requests:x}", fmt, req.method, req.path,
+                        time.monotonic())
+        return Call(conn, req, fmt, self.setup, record, keep_alive=req.keep_alive)
+
+    async def _serve_connection(self, conn: "Connection") -> None:
         first = True
         while not self.closing:
-            config, router = self.config, self.router
-            ex = None
+            call = None
             try:
                 req = await conn.read_head(first)
                 if req is None:
                     return
                 conn.busy = True
-                self._requests += 1
-                ex = Exchange(conn, req, client_format(req.path, req.headers), config, router,
-                              time.monotonic(), id=f"{self._id_prefix}{self._requests:x}")
-                ex.keep_alive = req.keep_alive
+                call = self._call(conn, req)
                 req.framing = body_framing(req)      # refused before any route looks at it
-                ex.has_body = req.framing[0] != "none"
-                await self.handle(ex)
+                call.has_body = req.framing[0] != "none"
+                await self.handle(call)
             except WireError as exc:
-                if ex is None:
+                if call is None:
                     path = guess_path(conn.buf)
-                    ex = Exchange(conn, Request("GET", path, path, "", "HTTP/1.1", {}, [], False),
-                                  client_format(path), config, router, time.monotonic())
-                ex.keep_alive = False
-                if not ex.started:
-                    conn.send_error(ex, exc)
+                    call = self._call(conn, Request("GET", path, path, "", "HTTP/1.1", {}, [], False))
+                call.keep_alive = False
+                if not call.started:
+                    conn.write_reply(call, error_reply(call, exc))
             finally:
                 conn.busy = False
             try:
                 await conn.drain()
             except ConnectionError:
-                ex = ex and dataclasses.replace(ex, keep_alive=False)
+                if call is not None:
+                    call.keep_alive = False
                 conn.eof = True
-            if ex is not None:
-                self._log_request(ex)
-            if not ex or not ex.keep_alive or conn.eof:
+            if call is not None:
+                self._log(call)
+            if not call or not call.keep_alive or conn.eof:
                 return
             first = False
 
     # -- the request pipeline ----------------------------------------------------
-    async def handle(self, ex: Exchange) -> None:
-        req = ex.req
+    async def handle(self, call: Call) -> None:
+        req = call.req
         try:
-            self._check_target(req)
+            check_target(req, self.host)
             if self.closing:
-                ex.keep_alive = False
+                call.keep_alive = False
             if req.method == "OPTIONS":
-                return self._preflight(ex)
-            await self._route(ex)
+                return call.conn.write_reply(call, preflight(call))
+            endpoint, params = dispatch(ENDPOINTS, req.method, strip_amp_prefix(req.path))
+            GATES[endpoint.gate](req, call.config)
+            reply = await endpoint.handler(self, call, dict(params, op=endpoint.op))
+            if isinstance(reply, StreamReply):
+                await self._relay(call, reply)
+            elif reply is not None:
+                call.conn.write_reply(call, reply)
         except WireError:
             raise
         except ProxypalError as exc:
-            self._fail(ex, exc)
+            self._fail(call, exc)
         except Exception as exc:           # a bug: answer 500 and keep serving
             log.exception("unexpected error handling %s %s", req.method, printable(req.path))
-            self._fail(ex, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
-                                         "see the proxy's log", 500))
+            self._fail(call, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
+                                           "see the proxy's log", 500))
 
-    def _fail(self, ex: Exchange, exc: ProxypalError) -> None:
-        if not ex.started:
-            ex.conn.send_error(ex, exc)
+    def _fail(self, call: Call, exc: ProxypalError) -> None:
+        if not call.started:
+            call.conn.write_reply(call, error_reply(call, exc))
         else:
-            ex.error = exc.message
-            ex.keep_alive = False
+            call.record.error = exc.message
+            call.keep_alive = False
 
-    def _check_target(self, req: Request) -> None:
-        """Origin-form only, or absolute-form naming this server: never an open proxy."""
-        if req.method == "CONNECT":
-            raise WireError("CONNECT is refused: proxypal is an API proxy, not a forward proxy", 405)
-        if req.target.startswith(("http://", "https://")):
-            parts = urllib.parse.urlsplit(req.target)
-            if not (is_loopback(parts.hostname or "") or parts.hostname == self.host):
-                raise WireError(f"absolute-form request for another host "
-                                f"{printable(parts.hostname or '', 60)!r} is refused: proxypal "
-                                "is not a forward proxy")
-            req.path, req.query = parts.path or "/", parts.query
-        elif not req.target.startswith("/") and not (req.method == "OPTIONS" and req.target == "*"):
-            raise WireError(f"invalid request target {printable(req.target, 60)!r}")
+    async def watched(self, call: Call, coro: Awaitable[Any], stream: bool) -> Any:
+        """Run a model call while watching the client: one that leaves while the model is
+        still thinking (Claude Code's Esc) cancels the upstream request at once. A stream
+        keeps its watcher through the relay (StreamReply.watcher)."""
+        if not stream:
+            return await coro
+        task = asyncio.current_task()
 
-    def _preflight(self, ex: Exchange) -> None:
-        headers = cors_headers(ex.req, ex.config)
-        if headers:
-            asked = ex.req.header("access-control-request-headers")
-            headers += [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-                        ("Access-Control-Allow-Headers", asked or "authorization, content-type, "
-                         "x-api-key, anthropic-version, anthropic-beta"),
-                        ("Access-Control-Max-Age", "600")]
-        ex.status = 204
-        if ex.has_body:                    # never read: it must not pass for a request
-            ex.keep_alive = False
-        ex.conn.writer.write(response_head(204, headers, ex.keep_alive, ex.req.version))
-        ex.started = True
-
-    async def _route(self, ex: Exchange) -> None:
-        req = ex.req
-        path = strip_amp_prefix(req.path)
-        if path == "/health" and req.method in ("GET", "HEAD"):
-            return ex.conn.send(ex, 200, b'{"status":"ok"}')
-        if path.startswith("/v0/management"):
-            return await self._management(ex, path)
-        self._authenticate(ex)
-        if req.method in ("GET", "HEAD"):
-            if path.rstrip("/") == "/v1beta/models":
-                return ex.conn.send(ex, 200, dumps(gemini_models_payload(ex.router)))
-            if path in ("/v1/models", "/v1/models/"):
-                return ex.conn.send(ex, 200, dumps(models_payload(ex.router, self.started_at)))
-            if path.startswith("/v1/models/"):
-                return self._one_model(ex, urllib.parse.unquote(path[len("/v1/models/"):]))
-        if req.method == "POST":
-            op, model = self._operation(path)
-            if op:
-                ex.op = op
-                body = await ex.conn.read_body(req, int(ex.config.max_body_mb * 1024 * 1024))
-                ex.body_read = True
-                return await self._model_request(ex, op, body, model)
-        raise self._no_route(req, path)
-
-    @staticmethod
-    def _operation(path: str) -> Tuple[str, str]:
-        """(operation, model from the path or "") for a POST path; ("", "") if unknown."""
-        if path in POST_ROUTES:
-            return POST_ROUTES[path], ""
-        if path.startswith("/v1beta/models/") and ":" in path:
-            model, _, method = path[len("/v1beta/models/"):].rpartition(":")
-            if method in GEMINI_METHODS and model:
-                return GEMINI_METHODS[method], urllib.parse.unquote(model)
-        return "", ""
-
-    @staticmethod
-    def _no_route(req: Request, path: str) -> ProxypalError:
-        known = ["POST /v1/chat/completions", "POST /v1/messages", "GET /v1/models"]
-        if path.rstrip("/") in ("/chat/completions", "/messages", "/models", "/embeddings"):
-            return ClientError(f"no route {req.method} {printable(path, 80)}: set your client's "
-                               "base URL to http://HOST:PORT/v1 for OpenAI clients, or "
-                               "http://HOST:PORT (no /v1) for Anthropic clients", 404)
-        allowed = {"/v1/models": "GET, HEAD", "/health": "GET, HEAD"}
-        for p in list(POST_ROUTES):
-            allowed[p] = "POST"
-        if path in allowed:
-            return ClientError(f"method {req.method} is not allowed on {path}; use "
-                               f"{allowed[path]}", 405, [("Allow", allowed[path])])
-        return ClientError(f"no route {req.method} {printable(path, 80)}; this proxy serves "
-                           f"{', '.join(known)} and the Gemini /v1beta routes", 404)
-
-    def _authenticate(self, ex: Exchange) -> None:
-        origin = ex.req.header("origin")
-        if origin and not origin_allowed(origin, ex.config):
-            # A web page the user visits must not spend their keys with the public local
-            # key, not even through a 'simple' request that skips the CORS preflight.
-            raise ProxypalError(f"requests from the web page {printable(origin, 80)!r} are "
-                                f"refused while the public key {DEFAULT_LOCAL_KEY!r} is "
-                                'accepted: set "proxyApiKey" to a secret to allow them', 403)
-        key = presented_key(ex.req)
-        if not key:
-            raise ProxypalError("missing API key: send 'Authorization: Bearer <key>' or "
-                                "'x-api-key: <key>' with the proxy's key (proxyApiKey in "
-                                "config.json; default proxypal-local)", 401)
-        if not key_matches(key, ex.config.local_keys):
-            raise ProxypalError("invalid API key: use the proxy's own key (proxyApiKey or "
-                                "apiKeys in config.json), not an upstream's", 401)
-
-    def _one_model(self, ex: Exchange, name: str) -> None:
-        route = ex.router.resolve(name)
-        if not route.targets:
-            raise self._unknown_model(ex, name)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at))
-        ex.conn.send(ex, 200, dumps(model_item(ex.router, name, self.started_at, stamp)))
-
-    def _unknown_model(self, ex: Exchange, name: str) -> ProxypalError:
-        if not ex.config.credentials:
-            where = ex.config.path or default_config_path()
-            state = "" if ex.config.loaded else " (the file does not exist)"
-            return ProxypalError(f"no auth available: no provider is configured; add one to "
-                                 f"{where}{state} (claudeApiKeys, geminiApiKeys or "
-                                 "ampOpenaiProviders); the proxy picks the change up within "
-                                 "seconds", 503)
-        near = ex.router.nearest(name)
-        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
-            "; GET /v1/models lists the names this proxy serves"
-        return ClientError(f"Invalid model {printable(name, 100)!r}: it is not in any provider's "
-                           f"models list{hint}", 404)
-
-    # -- model requests ----------------------------------------------------------
-    async def _model_request(self, ex: Exchange, op: str, raw: bytes, path_model: str) -> None:
-        body = self._json_body(raw)
-        model = path_model or body.get("model")
-        if not isinstance(model, str) or not model.strip():
-            raise ClientError('"model" is required and must be a non-empty string'
-                              + ("" if "model" not in body else f", got {_short(model)}"))
-        if "stream" in body and not isinstance(body["stream"], bool):
-            raise ClientError(f'"stream" must be true or false, got {_short(body["stream"])}')
-        stream = body.get("stream") is True or op == "stream_generate"
-        ex.model, ex.body = model, body
-        route = ex.router.resolve(model)
-        if not route.targets:
-            raise self._unknown_model(ex, model)
-        ex.routed = route.routed
-        usable = tuple(t for t in route.targets if (ex.fmt, KIND_FORMAT[t.cred.kind]) in TRANSLATORS
-                       and (upstream_op(op, t.cred.kind, stream) or op in LOCAL_COUNT_OPS))
-        if usable and not upstream_op(op, usable[0].cred.kind, stream):
-            ex.provider = usable[0].cred.name      # an upstream that cannot count: estimate here
-            return ex.conn.send(ex, 200, dumps(local_count(op, body)))
-        if not usable:
-            first = route.targets[0].cred
-            raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
-                              f"{KIND_FORMAT[first.kind]} API; {ex.req.path} cannot reach it: "
-                              "call that provider's endpoint instead")
-        if usable != route.targets:
-            route = Route(route.requested, route.routed, route.mapping, usable)
-        ready, cooling = self.balancer.plan(route, ex.config.routing_strategy)
-        if not ready:
-            raise self._cooling_error(cooling)
-        retries = usable[0].cred.request_retry
-        attempts = ready[:1 + (ex.config.request_retry if retries is None else retries)]
-        log.debug("route %s -> %s via %s", printable(model), route.routed,
-                  ", ".join(t.cred.label for t in attempts))
-        await self._try_targets(ex, attempts, body, stream, route)
-
-    @staticmethod
-    def _json_body(raw: bytes) -> Dict[str, Any]:
-        if not raw.strip():
-            raise ClientError("request body is empty; send a JSON object")
+        def gone() -> None:
+            call.client_gone = True
+            call.on_gone()
+        call.on_gone = task.cancel
+        watcher = asyncio.get_running_loop().create_task(call.conn.watch_disconnect(gone))
         try:
-            body = json.loads(raw)
-        except UnicodeDecodeError:
-            raise ClientError("request body is not UTF-8 JSON") from None
-        except json.JSONDecodeError as exc:
-            raise ClientError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
-                              f"column {exc.colno}") from None
-        if not isinstance(body, dict):
-            raise ClientError(f"request body must be a JSON object, got {_json_type(body)}")
-        return body
+            reply = await coro
+        except asyncio.CancelledError:
+            await _stop(watcher)
+            if not call.client_gone:
+                raise                      # shutdown
+            call.record.error, call.keep_alive = "client disconnected", False
+            return None
+        except BaseException:
+            await _stop(watcher)
+            raise
+        if isinstance(reply, StreamReply):
+            reply.watcher = watcher
+        else:
+            await _stop(watcher)
+        return reply
 
-    def _cooling_error(self, cooling: Sequence[Tuple[Target, Cooldown]]) -> ProxypalError:
+    async def _relay(self, call: Call, reply: StreamReply) -> None:
+        try:
+            await relay(call, reply)
+        except asyncio.CancelledError:
+            if not call.client_gone:
+                raise
+            call.record.error, call.keep_alive = "client disconnected", False
+        except UpstreamError as exc:       # failed before the stream began: an HTTP error
+            raise UpstreamError(named(call.record.provider, exc.message), exc.status,
+                                call.record.provider, failover=exc.failover) from None
+        finally:
+            if reply.watcher is not None:
+                await _stop(reply.watcher)
+
+    def cooling_error(self, cooling: Sequence[Tuple["Target", "Cooldown"]]) -> ProxypalError:
         now = self.balancer.clock()
         soonest = min(c.until for _, c in cooling)
         status = 429 if all(c.status == 429 for _, c in cooling) else 503
         return ProxypalError(describe_cooling(cooling, now), status,
                              [("Retry-After", str(max(1, int(soonest - now + 0.999))))])
 
-    async def _try_targets(self, ex: Exchange, attempts: Sequence[Target], body: Dict[str, Any],
-                           stream: bool, route: Route) -> None:
-        """Streams watch the client from the start: a client that leaves while the model
-        is still thinking (Claude Code's Esc) cancels the upstream request at once."""
-        if not stream:
-            return await self._attempt(ex, attempts, body, stream, route)
-        task = asyncio.current_task()
-
-        def gone() -> None:
-            ex.client_gone = True
-            ex.on_gone()
-        ex.on_gone = task.cancel
-        watcher = asyncio.get_running_loop().create_task(ex.conn.watch_disconnect(gone))
-        try:
-            await self._attempt(ex, attempts, body, stream, route)
-        except asyncio.CancelledError:
-            if not ex.client_gone:
-                raise                      # shutdown
-            ex.error, ex.keep_alive = "client disconnected", False
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-
-    async def _attempt(self, ex: Exchange, attempts: Sequence[Target], body: Dict[str, Any],
-                       stream: bool, route: Route) -> None:
-        last_error: Optional[UpstreamError] = None
-        for i, target in enumerate(attempts):
-            more = i + 1 < len(attempts)
-            ureq = self._upstream_request(ex, target, body, stream)
-            ex.provider = target.cred.name
-            log.debug("upstream %s %s (%s)", ureq.method, ureq.url, target.cred.label)
-            try:
-                resp = await self.client.open(ureq)
-            except UpstreamError as exc:
-                last_error = exc
-                log.warning("%s: %s", target.cred.label, exc.message)
-                if more and exc.failover:
-                    continue
-                raise UpstreamError(f"provider {target.cred.label} {exc.message}", exc.status,
-                                    target.cred.name, ureq.url) from None
-            ex.ttfb, ex.upstream_status = time.monotonic() - ex.t0, resp.status
-            if resp.status in FAILOVER_STATUSES:
-                self.balancer.cool(target.cred, resp.status,
-                                   retry_after_seconds(resp.header("retry-after")))
-                if more:
-                    log.warning("%s answered %d; trying the next credential", target.cred.label,
-                                resp.status)
-                    resp.abort()
-                    continue
-            try:
-                return await self._deliver(ex, target, resp, stream, route)
-            except asyncio.CancelledError:
-                resp.abort()
-                raise
-            except UpstreamError as exc:
-                if ex.started:
-                    raise
-                raise UpstreamError(f"{target.cred.name}: {exc.message}", exc.status,
-                                    target.cred.name, ureq.url) from None
-        raise last_error or UpstreamError("no credential could be tried")
-
-    def _upstream_request(self, ex: Exchange, target: Target, body: Dict[str, Any],
-                          stream: bool) -> UpstreamRequest:
-        cred, config = target.cred, ex.config
-        translator = TRANSLATORS[(ex.fmt, KIND_FORMAT[cred.kind])]
-        op = upstream_op(ex.op, cred.kind, stream)
-        if ex.fmt == "gemini" and cred.kind != "gemini":
-            body = dict(body, stream=stream)   # Gemini clients choose streaming by path
-        out = translator.request(body) if translator.request else dict(body)
-        if ex.fmt == "anthropic" and cred.kind == "claude":
-            drop_unsigned_thinking(out)
-        if translator.request and cred.kind == "openai" and "max_tokens" in out and \
-                urllib.parse.urlsplit(cred.base_url).hostname == "api.openai.com":
-            # OpenAI itself takes only max_completion_tokens from its reasoning models
-            # (B.2); every other OpenAI-compatible server knows max_tokens.
-            out.setdefault("max_completion_tokens", out.pop("max_tokens"))
-        if cred.kind != "gemini":
-            out["model"] = target.model
-            if ex.fmt == "gemini":
-                out["stream"] = stream
-        clamp_output_tokens(out, target.max_output_tokens)
-        headers = upstream_headers(cred, ex.req.headers)
-        if cred.bedrock_region:
-            return bedrock_request(config, target, op, out, stream, ex.req.headers, self.environ)
-        url = upstream_url(cred, op, target.model, stream, ex.req.query)
-        return UpstreamRequest(
-            "POST", url, headers, dumps(out), cred.name,
-            proxy_for(config, cred, url, self.environ), config.connect_timeout,
-            config.first_byte_timeout, config.read_timeout)
-
-    async def _deliver(self, ex: Exchange, target: Target, resp: UpstreamResponse,
-                       stream: bool, route: Route) -> None:
-        cred = target.cred
-        upstream_fmt = KIND_FORMAT[cred.kind]
-        translator = TRANSLATORS[(ex.fmt, upstream_fmt)]
-        if resp.status >= 400:
-            body = await resp.read_all(MAX_UPSTREAM_ERROR_BODY, truncate=True)
-            status = resp.status
-            if cred.bedrock_region:
-                if ex.op == "count_tokens":     # CountTokens is missing for some models
-                    return ex.conn.send(ex, 200, dumps(local_count(ex.op, ex.body)))
-                status, body = bedrock_error(status, resp.header("x-amzn-errortype"), body)
-            hint = upstream_hint(cred, status, resp.req.url, body, target.model, route.requested)
-            ex.error = f"{cred.name}: {upstream_message(body)[0]}"
-            out = upstream_error_body(ex.fmt, upstream_fmt, status, body, cred.name, hint)
-            out = mask_secrets(out.decode("utf-8", "replace"), ex.config.secrets,
-                               patterns=False).encode("utf-8")
-            ex.error = mask_secrets(ex.error, ex.config.secrets)   # upstreams echo keys back
-            return ex.conn.send(ex, status, out, self._passed_headers(resp))
-        content_type = resp.header("content-type").split(";")[0].strip().lower()
-        if content_type == "application/vnd.amazon.eventstream":
-            return await self._relay_events(ex, resp, BedrockSource(), translator, route)
-        if resp.is_event_stream:
-            if translator.stream is None:
-                return await self._relay_stream(ex, resp)
-            return await self._relay_events(ex, resp, SSESource(), translator, route)
-        body = await resp.read_all(MAX_UPSTREAM_BODY)
-        if cred.bedrock_region and ex.op == "count_tokens":
-            body = bedrock_count_answer(body)
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
-        if translator.response is not None:
-            if not isinstance(obj, dict):
-                raise UpstreamError(f"answered with something that is not a JSON object: "
-                                    f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
-            obj = translator.response(obj, route.requested)
-            body = dumps(obj)
-        elif isinstance(obj, dict) and ex.fmt != "gemini" and \
-                isinstance(obj.get("model"), str) and obj["model"] != route.requested:
-            obj["model"] = route.requested     # the name the client asked for
-            body = dumps(obj)
-        ex.count_tokens(usage_tokens(obj))
-        ex.conn.send(ex, resp.status, body, self._passed_headers(resp),
-                     "application/json" if translator.response else
-                     resp.header("content-type") or "application/json")
-
-    @staticmethod
-    def _passed_headers(resp: UpstreamResponse) -> List[Tuple[str, str]]:
-        """The upstream's own headers worth passing on (request ids, rate limits)."""
-        return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS]
-
-    async def _relay_stream(self, ex: Exchange, resp: UpstreamResponse) -> None:
-        """Same format on both sides: relay the SSE bytes event by event, untouched; each
-        complete event is written as soon as it arrived. A stream that ends without its
-        format's last event gets an error event, not a quiet truncation."""
-        splitter = SSESplitter()
-        recent: List[bytes] = []            # the last few events: where the end markers are
-
-        def relay(data: bytes) -> bytes:
-            nonlocal recent
-            events = splitter.feed(data)
-            real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
-            if real:
-                recent = (recent + real)[-3:]
-            return b"".join(events)
-
-        def finish() -> bytes:
-            out = b""
-            for tail in splitter.close():  # a last event left without its blank line
-                parsed = parse_sse_event(tail)
-                if parsed and complete_json(parsed[1]):
-                    out, recent[:] = tail + b"\n\n", (recent + [tail])[-3:]
-            if stream_finished(ex.fmt, recent):
-                return out
-            ex.error = "upstream ended the stream before its end"
-            return out + stream_error_event(ex.fmt, 502, f"{ex.provider}: upstream ended the "
-                                                         f"stream before {END_MARKER[ex.fmt]}")
-        await self._stream(ex, resp, resp.header("content-type"), relay, finish)
-
-    async def _relay_events(self, ex: Exchange, resp: UpstreamResponse, source: Any,
-                            translator: Translator, route: Route) -> None:
-        """A stream that must be decoded (Bedrock frames) or translated: upstream bytes ->
-        upstream events -> client events, each written as soon as it exists."""
-        factory = translator.stream or AnthropicEventRelay
-        events = factory(route.requested, estimate_tokens(ex.body))
-
-        def encode(incoming: List[Tuple[str, str]], closing: bool) -> bytes:
-            out: List[Tuple[str, str]] = []
-            for event, text in incoming:
-                out += events.feed(event, text)
-            if closing:
-                out += events.close()
-            return b"".join(encode_event(ex.fmt, e, with_provider(ex.provider, e, d))
-                            for e, d in out)
-
-        def early(data: bytes) -> bytes:
-            incoming = source.feed(data)
-            if incoming and incoming[0][0] == "error":   # failed before the stream began
-                raise early_stream_error(incoming[0][1])
-            return encode(incoming, False)
-        await self._stream(ex, resp, "text/event-stream", lambda d: encode(source.feed(d), False),
-                           lambda: encode(source.close(), True), early)
-
-    async def _stream(self, ex: Exchange, resp: UpstreamResponse, content_type: str,
-                      relay: Callable[[bytes], bytes], finish: Callable[[], bytes],
-                      first: Optional[Callable[[bytes], bytes]] = None) -> None:
-        """The streaming skeleton: await the upstream's first bytes (so an early failure is
-        still an HTTP error), send the head, then write what relay() makes of each read
-        and what finish() adds at the end. A client that goes away aborts the upstream."""
-        conn = ex.conn
-        ex.on_gone = resp.abort            # the client leaving now ends the upstream read
-        chunked = ex.req.version == "HTTP/1.1"
-        try:
-            data = await resp.read1()
-            if not data:
-                raise UpstreamError("upstream ended the stream before sending any event", 502)
-            out = (first or relay)(data)
-            ex.keep_alive = ex.keep_alive and chunked
-            headers = [("Content-Type", content_type), ("Cache-Control", "no-cache"),
-                       ("X-Accel-Buffering", "no")]
-            headers += [("Transfer-Encoding", "chunked")] if chunked else []
-            headers += self._passed_headers(resp) + cors_headers(ex.req, ex.config)
-            head = response_head(200, headers, ex.keep_alive, ex.req.version)
-            ex.started, ex.status = True, resp.status
-            keepalive = ex.config.stream_keepalive_seconds or None
-            while data:
-                if out or head:            # the head goes out with the first event
-                    conn.writer.write(head + (chunk(out) if chunked and out else out))
-                    head = b""
-                    ex.count_tokens(stream_usage(out))
-                    await conn.drain()
-                if keepalive:
-                    data = await self._read_or_ping(ex, resp, keepalive, chunked)
-                else:
-                    data = await resp.read1()
-                out = relay(data) if data else finish()
-            if out:
-                self._write_event(conn, chunked, out)
-                ex.count_tokens(stream_usage(out))
-            if chunked:
-                conn.writer.write(b"0\r\n\r\n")
-            resp.release()
-        except UpstreamError as exc:
-            resp.abort()
-            if not ex.started:
-                raise
-            ex.error, ex.keep_alive = exc.message, False
-            if exc.status != 499 and not conn.writer.transport.is_closing():
-                self._write_event(conn, chunked, stream_error_event(
-                    ex.fmt, exc.status, f"{ex.provider}: {exc.message}"))
-                if chunked:
-                    conn.writer.write(b"0\r\n\r\n")
-        except ConnectionError:            # the client went away while we wrote
-            resp.abort()
-            ex.error, ex.keep_alive = "client disconnected", False
-        except asyncio.CancelledError:     # shutdown, or the client left: the upstream ends too
-            resp.abort()
-            raise
-        except Exception as exc:           # a bug (e.g. in a translator): end the stream cleanly
-            resp.abort()
-            log.exception("stream relay failed for %s %s", ex.req.method, printable(ex.req.path))
-            if not ex.started:
-                raise
-            ex.error, ex.keep_alive = f"internal error ({type(exc).__name__})", False
-            if not conn.writer.transport.is_closing():
-                self._write_event(conn, chunked, stream_error_event(
-                    ex.fmt, 500, f"internal error in proxypal ({type(exc).__name__}) while "
-                                 "relaying the stream; see the proxy's log"))
-                if chunked:
-                    conn.writer.write(b"0\r\n\r\n")
-
-    async def _read_or_ping(self, ex: Exchange, resp: UpstreamResponse, seconds: float,
-                            chunked: bool) -> bytes:
-        """The next upstream bytes; while the upstream is silent, an SSE comment every
-        `seconds` keeps idle-cutting proxies between here and the client open."""
-        reading = asyncio.ensure_future(resp.read1())
-        try:
-            while True:
-                done, _ = await asyncio.wait([reading], timeout=seconds)
-                if done:
-                    return reading.result()
-                self._write_event(ex.conn, chunked, b": keep-alive\n\n")
-                await ex.conn.drain()
-        finally:
-            if not reading.done():
-                reading.cancel()
-
-    @staticmethod
-    def _write_event(conn: Connection, chunked: bool, data: bytes) -> None:
-        conn.writer.write(chunk(data) if chunked else data)
-
-    # -- management --------------------------------------------------------------
-    async def _management(self, ex: Exchange, path: str) -> None:
-        config = ex.config
-        if not (config.allow_remote_management or is_loopback(ex.req.peer)):
-            raise ProxypalError("the management API answers only loopback clients; set "
-                                "allowRemoteManagement to true to allow others", 403)
-        if not config.management_key:
-            raise ProxypalError('the management API is off: set "managementKey" in config.json '
-                                "and send it as X-Management-Key", 403)
-        auth = ex.req.header("authorization")
-        given = ex.req.header("x-management-key") or (auth[7:].strip()
-                                                      if auth[:7].lower() == "bearer " else "")
-        if not given or not key_matches(given, (config.management_key,)):
-            raise ProxypalError("missing or wrong management key (X-Management-Key)", 401)
-        if path.rstrip("/") == "/v0/management/usage" and ex.req.method in ("GET", "HEAD"):
-            return ex.conn.send(ex, 200, dumps(self.usage.snapshot()))
-        raise ClientError(f"no management route {printable(ex.req.method)} {printable(path, 80)}; "
-                          "try GET /v0/management/usage", 404)
-
-    # -- logging -----------------------------------------------------------------
-    def _log_request(self, ex: Exchange) -> None:
-        if ex.model:
-            self.usage.record(ex.model, ex.provider, ex.status, time.monotonic() - ex.t0,
-                              ex.ttfb, ex.tokens_in, ex.tokens_out)
-        if ex.config.request_logging:
-            log.info("%s", json.dumps(request_log_entry(ex), ensure_ascii=False))
+    # -- records -----------------------------------------------------------------
+    def _log(self, call: Call) -> None:
+        record = call.record
+        latency = time.monotonic() - record.t0
+        if record.model:
+            self.usage.record(record, latency)
+        if call.config.request_logging:
+            log.info("%s", json.dumps(request_log_entry(record), ensure_ascii=False))
         elif log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s -> %d %s in %.1f ms", ex.req.method, printable(ex.req.path),
-                      ex.status, ex.provider or "-", (time.monotonic() - ex.t0) * 1000)
+            log.debug("%s %s -> %d %s in %.1f ms", record.method, printable(record.path),
+                      record.status, record.provider or "-", latency * 1000)
 
 
-def guess_path(buf: bytes) -> str:
-    """The path of a request whose head could not be parsed, to answer in its format."""
-    match = re.match(rb"[A-Z]{3,7} (/[^ ?\r\n]{0,200})", buf)
-    return match.group(1).decode("latin-1") if match else "/"
-
-
-def request_log_entry(ex: Exchange, now: Optional[float] = None,
-                      wall: Optional[float] = None) -> Dict[str, Any]:
-    """The request log line, as a dict (pure given the two clocks)."""
-    now = time.monotonic() if now is None else now
-    wall = time.time() if wall is None else wall
-    return {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wall)) + f".{int(wall % 1 * 1000):03d}",
-        "id": ex.id, "format": ex.fmt, "method": ex.req.method, "path": printable(ex.req.path),
-        "model": printable(ex.model) or None, "routed": ex.routed or None,
-        "provider": ex.provider or None, "status": ex.status,
-        "upstream_status": ex.upstream_status,
-        "latency_ms": round((now - ex.t0) * 1000, 1),
-        "ttfb_ms": round(ex.ttfb * 1000, 1) if ex.ttfb is not None else None,
-        "input_tokens": ex.tokens_in, "output_tokens": ex.tokens_out,
-        "error": printable(ex.error, 300) or None,
-    }
-
-
-def check_exposure(config: Config, host: str) -> None:
-    """Refuse to listen beyond loopback when the only key is the public default."""
-    if not is_loopback(host) and DEFAULT_LOCAL_KEY in config.local_keys:
-        raise ConfigError("host", f"{host!r} is reachable from other machines, but the public "
-                                  f"default key {DEFAULT_LOCAL_KEY!r} is accepted: "
-                                  'set "proxyApiKey" to a secret of your own')
+async def _stop(task: "asyncio.Task[Any]") -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 # =============================================================================
@@ -5860,13 +6408,13 @@ def model_routes(config: Config) -> List[Dict[str, Any]]:
         route = router.resolve(name)
         for target in route.targets:
             rows.append({"model": name, "provider": target.cred.name, "entry": target.cred.path,
-                         "upstream_model": target.model, "format": KIND_FORMAT[target.cred.kind],
+                         "upstream_model": target.model, "format": target.cred.api,
                          "mapping": f"{route.mapping.source} -> {route.mapping.target}"
                          if route.mapping else None, "credentials": len(route.targets)})
     for cred in router.wildcard_creds:
-        rows.append({"model": f"{KIND_PREFIX[cred.kind]}*", "provider": cred.name,
+        rows.append({"model": f"{MODEL_PREFIX[cred.api]}*", "provider": cred.name,
                      "entry": cred.path, "upstream_model": "(the name asked for)",
-                     "format": KIND_FORMAT[cred.kind], "mapping": None, "credentials": 1})
+                     "format": cred.api, "mapping": None, "credentials": 1})
     return rows
 
 
@@ -5927,64 +6475,15 @@ STARTER_CONFIG: Dict[str, Any] = {
 
 
 def init_config(path: str) -> int:
-    """Write STARTER_CONFIG at `path`; an existing file is never touched. The file
-    appears whole or not at all (written aside, then linked into place)."""
-    if os.path.exists(path):
+    """Write STARTER_CONFIG at `path` through ConfigStore; an existing file is never
+    touched, and the file appears whole or not at all."""
+    if not ConfigStore(path).create(STARTER_CONFIG):
         print(f"proxypal: {path} already exists; init never overwrites a config. Edit it, or "
               "pass --config with a new path.", file=sys.stderr)
         return 1
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with open(temp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(STARTER_CONFIG, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(temp, path)                # fails if the path appeared meanwhile
-    except FileExistsError:
-        print(f"proxypal: {path} already exists; not overwritten", file=sys.stderr)
-        return 1
-    except OSError:                        # no hard links here (some filesystems)
-        try:
-            with open(path, "x", encoding="utf-8") as f, open(temp, encoding="utf-8") as src:
-                f.write(src.read())
-        except FileExistsError:
-            print(f"proxypal: {path} already exists; not overwritten", file=sys.stderr)
-            return 1
-    finally:
-        os.unlink(temp)
     print(f"wrote {path}\nnext: copy a provider from \"_templates\" into its list, add your "
           "key, then run: python proxypal.py")
     return 0
-
-
-def probe_requests(config: Config, cred: Credential,
-                   environ: Dict[str, str]) -> List[Tuple[List[str], UpstreamRequest]]:
-    """What to ask an upstream to prove each configured model works: a models listing where
-    the API has one (answers for all its models), else the smallest possible request."""
-    names = [m.name for m in cred.models if not _excluded(cred, m.name, m.alias)]
-    headers = upstream_headers(cred, {})
-    listing = {"openai": "/models", "gemini": "/v1beta/models?pageSize=1000"}.get(cred.kind)
-    if cred.kind == "claude" and urllib.parse.urlsplit(cred.base_url).hostname == "api.anthropic.com":
-        listing = "/v1/models?limit=1000"
-    if listing:
-        url = cred.base_url + listing
-        return [(names or ["(any)"], UpstreamRequest(
-            "GET", url, headers, b"", cred.name, proxy_for(config, cred, url, environ),
-            config.connect_timeout, config.first_byte_timeout, config.read_timeout))]
-    probes = []
-    for name in names or ["claude-haiku-4-5"]:
-        body = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
-        if cred.bedrock_region:
-            probes.append(([name], bedrock_request(config, Target(cred, name), "messages", body,
-                                                   False, {}, environ)))
-        else:
-            url = upstream_url(cred, "messages", name, False, "")
-            probes.append(([name], UpstreamRequest(
-                "POST", url, headers, dumps(body), cred.name, proxy_for(config, cred, url, environ),
-                config.connect_timeout, config.first_byte_timeout, config.read_timeout)))
-    return probes
 
 
 def listed_models(body: bytes) -> Optional[set]:
@@ -6005,8 +6504,10 @@ def listed_models(body: bytes) -> Optional[set]:
     return ids
 
 
-async def probe(client: UpstreamClient, cred: Credential, names: List[str],
+async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
                 req: UpstreamRequest, timeout: float) -> List[Dict[str, Any]]:
+    """Ask one probe (Upstream.probes) and judge each model it stands for."""
+    cred = upstream.cred
     t0 = time.monotonic()
     status, body, detail = 0, b"", ""
     try:
@@ -6026,7 +6527,7 @@ async def probe(client: UpstreamClient, cred: Credential, names: List[str],
         if status and not ok:
             why = (f"{name!r} is not in the provider's models listing" if 200 <= status < 300
                    else f"HTTP {status}: {upstream_message(body)[0]}")
-            hint = upstream_hint(cred, status, req.url, body, name, name)
+            hint = upstream.hint(status, req.url, body, name, name)
             why += f" ({hint})" if hint else ""
         rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
                      "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
@@ -6038,8 +6539,9 @@ def run_check(config: Config, timeout: float, as_json: bool, environ: Dict[str, 
     """Probe every provider and model in parallel; exit 0 when all pass, 1 otherwise."""
     async def everything() -> List[Dict[str, Any]]:
         client = UpstreamClient()
-        jobs = [probe(client, cred, names, req, timeout) for cred in config.credentials
-                for names, req in probe_requests(config, cred, environ)]
+        jobs = [probe(client, upstream, names, req, timeout)
+                for upstream in make_upstreams(config, environ).values()
+                for names, req in upstream.probes()]
         results = await asyncio.gather(*jobs)
         client.close()
         return [row for rows in results for row in rows]

@@ -156,6 +156,11 @@ def openai_completion(model: str = "gpt-x", text: str = "Hello") -> Dict[str, An
             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
 
 
+def mock_provider(url: str, **extra: Any) -> Dict[str, Any]:
+    """An ampOpenaiProviders entry for a mock upstream serving model "m"."""
+    return dict({"name": "Mock", "baseUrl": url + "/v1", "apiKey": "k", "models": ["m"]}, **extra)
+
+
 def anthropic_message(model: str = "claude-x", text: str = "Hello") -> Dict[str, Any]:
     return {"id": "msg_1", "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",

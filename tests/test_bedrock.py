@@ -61,7 +61,7 @@ def test_bedrock_path_encodes_model_as_one_segment():
         "/model/us.anthropic.claude-sonnet-4-20250514-v1:0/invoke-with-response-stream"
     assert proxypal.bedrock_path("arn:aws:bedrock:us-east-1:1:inference-profile/x", "messages", False) == \
         "/model/arn:aws:bedrock:us-east-1:1:inference-profile%2Fx/invoke"
-    assert proxypal.bedrock_path("m", "count_tokens", False) == "/model/m/count-tokens"
+    assert proxypal.bedrock_path("m", "count", False) == "/model/m/count-tokens"
 
 
 def test_bedrock_body():

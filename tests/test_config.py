@@ -15,8 +15,10 @@ ConfigError = proxypal.ConfigError
 
 def test_seed_section_6_loads():
     config = proxypal.parse_config(seed.SECTION_6)
-    kinds = [c.kind for c in config.credentials]
-    assert kinds == ["claude", "claude", "gemini", "openai", "openai", "openai"]
+    assert [c.api for c in config.credentials] == [
+        "anthropic", "anthropic", "gemini", "openai", "openai", "openai"]
+    assert [c.dialect for c in config.credentials] == [
+        "azure", "anthropic", "gemini", "openai", "openai", "openai"]
     azure = config.credentials[0]
     assert azure.base_url == "https://foundry-resource.services.ai.azure.com/anthropic"
     assert azure.name == "Azure AI Foundry (foundry-resource)"
@@ -156,3 +158,10 @@ def test_example_config_loads():
     config = proxypal.load_config(os.path.join(root, "config.example.json"))
     assert config.loaded and len(config.credentials) >= 8
     assert config.unknown_keys == ()
+
+
+def test_api_key_with_line_break_is_a_config_error():
+    with pytest.raises(proxypal.ConfigError) as info:
+        proxypal.parse_config({"ampOpenaiProviders": [{"name": "x", "baseUrl": "http://h/v1",
+                                                        "apiKey": "sk-one\nsk-two", "models": []}]})
+    assert 'ampOpenaiProviders[0]: "apiKey" must not contain line breaks' in str(info.value)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ import urllib.request
 import pytest
 
 from helpers import (OPENAI_STREAM, TIMEOUT, json_answer, openai_completion, proxypal, request,
-                     send, sse_answer)
+                     send, sse_answer, mock_provider)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "proxypal.py")
@@ -93,15 +94,14 @@ def test_in_flight_stream_finishes_on_its_config(upstream, proxy, tmp_path):
 # -- request log, usage -------------------------------------------------------------------
 
 def test_request_log_entry_is_exact():
-    req = proxypal.parse_request_head(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n")
-    config = proxypal.Config()
-    ex = proxypal.Exchange(None, req, "anthropic", config, proxypal.Router(config), t0=10.0, id="ab-1",
-                           model="claude-x", routed="claude-y", provider="Azure", status=200,
-                           upstream_status=200, ttfb=0.25, tokens_in=12, tokens_out=34)
-    entry = proxypal.request_log_entry(ex, now=10.5, wall=0.0)
+    record = proxypal.Record("ab-1", "anthropic", "POST", "/v1/messages", t0=10.0, model="claude-x",
+                             routed="claude-y", upstream_model="claude-y-azure", provider="Azure",
+                             status=200, upstream_status=200, ttfb=0.25, tokens_in=12, tokens_out=34)
+    entry = proxypal.request_log_entry(record, now=10.5, wall=0.0)
     entry.pop("time")
     assert entry == {"id": "ab-1", "format": "anthropic", "method": "POST", "path": "/v1/messages",
-                     "model": "claude-x", "routed": "claude-y", "provider": "Azure", "status": 200,
+                     "model": "claude-x", "routed": "claude-y", "upstream_model": "claude-y-azure",
+                     "provider": "Azure", "status": 200,
                      "upstream_status": 200, "latency_ms": 500.0, "ttfb_ms": 250.0,
                      "input_tokens": 12, "output_tokens": 34, "error": None}
 
@@ -334,3 +334,30 @@ def test_log_files_rotate_under_the_cap(tmp_path):
     files = list((tmp_path / "logs").iterdir())
     total = sum(f.stat().st_size for f in files)
     assert len(files) == proxypal.LOG_FILE_BACKUPS + 1 and total <= 1024 * 1024
+
+
+def test_aborted_stream_is_logged_in_usage(upstream, proxy):
+    release = threading.Event()
+
+    def gate(i):
+        if i == 1:
+            release.wait(TIMEOUT)
+    up = upstream(sse_answer(OPENAI_STREAM, gate=gate))
+    p = proxy({"managementKey": "mk-123456", "ampOpenaiProviders": [mock_provider(up.url)]})
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer proxypal-local\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = b""
+    while b"chat.completion.chunk" not in got:
+        got += sock.recv(65536)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()                                  # RST
+    release.set()
+    for _ in range(100):
+        usage = json.loads(request(p, "GET", "/v0/management/usage", headers={"X-Management-Key": "mk-123456"},
+                                   key=None)[2])
+        if usage["models"].get("m", {}).get("requests"):
+            break
+        threading.Event().wait(0.05)
+    assert usage["models"]["m"]["requests"] == 1

@@ -11,7 +11,7 @@ import pytest
 
 import seed
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, json_answer,
-                     openai_completion, proxypal, request, send, sse_answer)
+                     openai_completion, proxypal, request, send, sse_answer, mock_provider)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 
@@ -619,3 +619,72 @@ def test_openai_stream_with_finish_but_no_done_is_complete(upstream, proxy):
     p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
     _, _, out = request(p, "POST", "/v1/chat/completions", chat(stream=True))
     assert out == b"".join(OPENAI_STREAM[:-1])
+
+
+def test_non_latin1_header_value_is_sent_as_utf8(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [mock_provider(up.url, headers={"X-Title": "Trợ lý"})]})
+    assert request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": []})[0] == 200
+    assert up.last().headers["x-title"].encode("latin-1").decode("utf-8") == "Trợ lý"
+
+
+def test_client_leaving_before_first_byte_cancels_upstream(upstream, proxy):
+    closed, answered = threading.Event(), threading.Event()
+
+    def respond(handler, rec):
+        handler.connection.settimeout(TIMEOUT)
+        try:                                      # a model thinking: nothing sent yet
+            if handler.connection.recv(1) == b"":
+                closed.set()
+        except OSError:
+            closed.set()
+        answered.set()
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [mock_provider(up.url)]})
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer proxypal-local\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    up.last()                                     # the upstream has the request
+    sock.close()
+    assert closed.wait(TIMEOUT)
+    assert request(p, "GET", "/health", key=None)[0] == 200
+
+
+def test_translator_bug_ends_stream_with_error_and_closes_upstream(upstream, proxy, monkeypatch):
+    """A bug in a stream writer (injected here) ends the client's stream with an error
+    event and closes the upstream connection; the server keeps serving."""
+    def broken(self, *args):
+        raise RuntimeError("injected fault")
+    monkeypatch.setattr(proxypal.GeminiStreamWriter, "tool_start", broken)
+    closed = threading.Event()
+
+    def respond(handler, rec):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        events = (ANTHROPIC_STREAM[:1] + [
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n',
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+            b'event: content_block_start\ndata: {"type":"content_block_start","index":1,"content_block":{"type":"tool_use","id":"t","name":"f","input":{}}}\n\n'])
+        for event in events:
+            handler.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            handler.wfile.flush()
+        handler.connection.settimeout(TIMEOUT)
+        try:
+            if handler.connection.recv(1) == b"":
+                closed.set()
+        except OSError:
+            closed.set()
+        handler.close_connection = True
+    up = upstream(respond)
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    status, _, body = request(p, "POST", "/v1beta/models/claude-x:streamGenerateContent?alt=sse",
+                              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+                              {"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status in (200, 500)            # failed in the first read, or after the head
+    events = [e for e in body.split(b"\n\n") if e.strip()]
+    assert b"internal error in proxypal (RuntimeError)" in events[-1]
+    assert closed.wait(TIMEOUT)
+    assert request(p, "GET", "/health", key=None)[0] == 200

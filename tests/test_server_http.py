@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any, Dict, Sequence, Tuple
 
 import pytest
 
-from helpers import TIMEOUT, MockUpstream, anthropic_message, openai_completion, send
+from helpers import (TIMEOUT, MockUpstream, anthropic_message, mock_provider, openai_completion,
+                     raw_exchange, request, send, status_of)
 import proxypal
 
 KEY = "proxypal-local"
@@ -981,12 +983,69 @@ def test_missing_or_wrong_key_is_401_in_the_clients_format(env, headers, query, 
     assert_upstream_untouched(env)
 
 
-def test_401_on_models_follows_the_anthropic_version_header(env):
-    resp = exchange(env.port, build("GET", "/v1/models", [("anthropic-version", "2023-06-01")]))
-    assert_error(resp, 401, "anthropic")
+def test_the_path_alone_decides_the_error_format(env):
+    """Some gateways add anthropic-version to every request: an OpenAI route still
+    answers in OpenAI's shape, and an Anthropic route in Anthropic's."""
+    for path, fmt in (("/v1/models", "openai"), ("/v1/chat/completions", "openai"),
+                      ("/v1/messages", "anthropic")):
+        method = "GET" if path == "/v1/models" else "POST"
+        resp = exchange(env.port, build(method, path, [("anthropic-version", "2023-06-01")]))
+        assert_error(resp, 401, fmt)
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_health_needs_no_key(env, method):
     resp = exchange(env.port, build(method, "/health"), head_request=method == "HEAD")
     assert resp.status == 200
+
+
+def test_options_body_never_becomes_a_request(proxy):
+    p = proxy({})
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer proxypal-local\r\n\r\n"
+    raw = raw_exchange(p.port, b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                       b"Origin: http://localhost:3000\r\nContent-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled))
+    assert status_of(raw) == 204 and raw.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in raw
+    assert b"Content-Length" not in raw.split(b"\r\n\r\n")[0]
+
+
+def test_stray_crlf_after_a_body_does_not_break_the_next_request(upstream, proxy):
+    def respond(handler, rec):
+        body = json.dumps(openai_completion()).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body + b"\r\n")      # one CRLF too many
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [mock_provider(up.url)]})
+    for _ in range(3):
+        assert request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": []})[0] == 200
+
+
+def test_client_that_stops_reading_is_dropped(upstream, proxy, monkeypatch):
+    monkeypatch.setattr(proxypal, "CLIENT_WRITE_TIMEOUT", 0.3)
+    upstream_done = threading.Event()
+    big = b'data: {"x":"' + b"y" * 60000 + b'"}\n\n'
+
+    def respond(handler, rec):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        try:
+            for _ in range(400):            # ~24 MB: far more than socket buffers hold
+                handler.wfile.write(big)
+        except OSError:
+            pass
+        upstream_done.set()
+        handler.close_connection = True
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [mock_provider(up.url)]})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", p.port))
+    body = json.dumps({"model": "m", "stream": True, "messages": []}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer proxypal-local\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert upstream_done.wait(TIMEOUT)           # the proxy gave up: upstream writes failed
+    sock.close()

@@ -411,10 +411,17 @@ AN_REQUEST_CASES = [
      gem([user({"text": "Hi"})], generationConfig={
          "maxOutputTokens": 1024, "temperature": 0.5, "topP": 0.9, "topK": 20,
          "stopSequences": ["a", "b", "c", "d", "e"]})),
-    ("tools-cleaned-server-tools-skipped",
+    ("tools-cleaned-web-search-becomes-google-search",
      an(AN_HI, tools=[AN_TOOL, {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
                       {"type": "custom", "name": "noop", "input_schema": {"type": "object"}}]),
-     gem([user({"text": "Hi"})], tools=[{"functionDeclarations": [WEATHER_DECL, {"name": "noop"}]}],
+     gem([user({"text": "Hi"})], tools=[{"functionDeclarations": [WEATHER_DECL, {"name": "noop"}]},
+                                        {"googleSearch": {}}],
+         generationConfig=GEN_1024)),
+    ("mid-conversation-system-message-to-systemInstruction",
+     an(AN_HI + [{"role": "assistant", "content": "Yo"}, {"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "Again"}], system="Base."),
+     gem([user({"text": "Hi"}), model({"text": "Yo"}), user({"text": "Again"})],
+         systemInstruction={"parts": [{"text": "Base."}, {"text": "Be brief."}]},
          generationConfig=GEN_1024)),
     ("tool-choice-auto", an(AN_HI, tools=[AN_TOOL], tool_choice={"type": "auto"}),
      gem([user({"text": "Hi"})], tools=[{"functionDeclarations": [WEATHER_DECL]}],
@@ -445,16 +452,18 @@ def test_anthropic_to_gemini_request(body, expected):
 REQUEST_ERRORS = [
     ("openai-https-image", OA_GEM, oa([{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://x.test/cat.png"}}]}]),
-     "messages[0].content[0]: URL 'https://x.test/cat.png' cannot be sent to a Gemini upstream"),
+     "messages[0].content[0].image_url.url: URL 'https://x.test/cat.png' cannot be sent to a Gemini "
+     "upstream"),
     ("openai-unknown-tool-call-id", OA_GEM, oa(HI + [{"role": "tool", "tool_call_id": "ghost", "content": "1"}]),
      "messages[1] answers tool call 'ghost', which no earlier assistant message holds"),
     ("openai-tool-name-starts-with-digit", OA_GEM,
      oa(HI, tools=[{"type": "function", "function": {"name": "1st", "parameters": WEATHER_SCHEMA}}]),
      "tools[0]: tool name '1st' is not a valid Gemini function name"),
-    ("openai-n-above-1", OA_GEM, oa(HI, n=2), "n=2 is not supported for a Gemini upstream"),
-    ("openai-unknown-role", OA_GEM, oa([{"role": "robot", "content": "x"}]), "messages[0]: unknown role 'robot'"),
-    ("openai-unknown-reasoning-effort", OA_GEM, oa(HI, reasoning_effort="max"),
-     "reasoning_effort 'max' is unknown"),
+    ("openai-n-above-1", OA_GEM, oa(HI, n=2), '"n" is 2: Gemini upstreams return one choice'),
+    ("openai-unknown-role", OA_GEM, oa([{"role": "robot", "content": "x"}]),
+     'messages[0].role is "robot"'),
+    ("openai-unknown-reasoning-effort", OA_GEM, oa(HI, reasoning_effort="extreme"),
+     "reasoning_effort 'extreme' is unknown"),
     ("openai-unknown-tool-choice", OA_GEM, oa(HI, tool_choice="sometimes"), "tool_choice 'sometimes' is unknown"),
     ("openai-image-in-system", OA_GEM, oa([{"role": "system", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}}]}]),
@@ -465,12 +474,12 @@ REQUEST_ERRORS = [
      "messages[0].content[0]: URL 'https://x.test/c.png' cannot be sent"),
     ("anthropic-file-source", AN_GEM, an([{"role": "user", "content": [
         {"type": "document", "source": {"type": "file", "file_id": "f1"}}]}]),
-     "messages[0].content[0]: a 'file' source cannot be sent to a Gemini upstream"),
+     "messages[0].content[0]: a document with source type 'file' cannot be translated"),
     ("anthropic-unknown-tool-use-id", AN_GEM, an([{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "toolu_X", "content": "1"}]}]),
      "messages[0].content[0] answers tool call 'toolu_X'"),
-    ("anthropic-system-role", AN_GEM, an([{"role": "system", "content": "x"}]),
-     "messages[0]: role 'system' is not user or assistant"),
+    ("anthropic-unknown-role", AN_GEM, an([{"role": "critic", "content": "x"}]),
+     'messages[0].role is "critic"'),
     ("anthropic-unknown-tool-choice", AN_GEM, an(AN_HI, tool_choice={"type": "some"}),
      'tool_choice {"type": "some"} is unknown'),
 ]
@@ -499,8 +508,8 @@ OA_USAGE_CACHED = {"prompt_tokens": 100, "completion_tokens": 25, "total_tokens"
                    "prompt_tokens_details": {"cached_tokens": 60},
                    "completion_tokens_details": {"reasoning_tokens": 20}}
 # Derived, deterministic tool ids (the same answer always gets the same ids).
-TOOLU_PARIS, CALL_PARIS = "toolu_f1cc4d6ed759", "call_f1cc4d6ed759"
-TOOLU_TIME, CALL_TIME = "toolu_39d2784282cb", "call_39d2784282cb"
+TOOLU_PARIS = CALL_PARIS = "call_f1cc4d6ed759"
+TOOLU_TIME = CALL_TIME = "call_39d2784282cb"
 PARIS = {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "CiQB"}
 TIME = {"functionCall": {"name": "get_time", "args": {"tz": "CET"}}}
 
@@ -514,7 +523,8 @@ def an_msg(content: List[Dict[str, Any]], stop: str, usage: Dict[str, Any] = AN_
 def oa_msg(message: Dict[str, Any], finish: str, usage: Dict[str, Any] = OA_USAGE,
            rid: str = "r1") -> Dict[str, Any]:
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "logprobs": None,
+                         "finish_reason": finish}],
             "usage": usage}
 
 
@@ -526,7 +536,8 @@ RESPONSE_CASES = [
     ("thoughts-first-then-text-cached-usage",
      chunk([{"text": "Think", "thought": True}, {"text": "ing", "thought": True, "thoughtSignature": "Ts"},
             {"text": "Answer"}, {"text": "", "thoughtSignature": "Zz"}], "STOP", USAGE_CACHED),
-     an_msg([{"type": "thinking", "thinking": "Thinking", "signature": "Ts"}, {"type": "text", "text": "Answer"}],
+     an_msg([{"type": "thinking", "thinking": "Thinking", "signature": "pp1:gemini:Ts"},
+             {"type": "text", "text": "Answer"}],
             "end_turn", AN_USAGE_CACHED),
      oa_msg({"content": "Answer", "reasoning_content": "Thinking"}, "stop", OA_USAGE_CACHED)),
     ("thought-without-signature-gets-empty-signature",
@@ -612,6 +623,8 @@ def start(input_tokens: int, cached: int = 0, rid: str = "r1") -> Tuple[str, Dic
 
 def block(index: int, kind: str, **extra: Any) -> Tuple[str, Dict[str, Any]]:
     content = {"type": kind, kind: ""} if kind in ("text", "thinking") else {"type": kind, **extra}
+    if kind == "thinking":
+        content["signature"] = ""
     return ev("content_block_start", index=index, content_block=content)
 
 
@@ -633,7 +646,6 @@ def tool(index: int, call_id: str, name: str, args: str) -> List[Tuple[str, Dict
 
 
 def end(reason: str, usage: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
-    usage = {k: v for k, v in usage.items() if k != "cache_creation_input_tokens"}
     return [ev("message_delta", delta={"stop_reason": reason, "stop_sequence": None}, usage=usage),
             ev("message_stop")]
 
@@ -657,7 +669,7 @@ def oc_error(message: str, kind: str = "api_error", code: str = None) -> Tuple[s
 
 
 ROLE = oc({"role": "assistant", "content": ""})
-CUT = proxypal.STREAM_CUT_SHORT
+CUT = proxypal.STREAM_CUT.format(end="a finishReason")
 PROMPT_ONLY = {"promptTokenCount": 40, "totalTokenCount": 40}
 USAGE_ZERO = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
               "prompt_tokens_details": {"cached_tokens": 0}, "completion_tokens_details": {"reasoning_tokens": 0}}
@@ -674,7 +686,8 @@ STREAM_CASES = [
       chunk([{"text": " think", "thought": True, "thoughtSignature": "Ts"}, {"text": "Answer"}]),
       chunk([{"text": "", "thoughtSignature": "Zz"}], "STOP", USAGE_CACHED)],
      [start(40, 60), block(0, "thinking"), delta(0, "thinking_delta", "thinking", "Let me"),
-      delta(0, "thinking_delta", "thinking", " think"), delta(0, "signature_delta", "signature", "Ts"), stop(0),
+      delta(0, "thinking_delta", "thinking", " think"),
+      delta(0, "signature_delta", "signature", "pp1:gemini:Ts"), stop(0),
       block(1, "text"), text(1, "Answer"), stop(1), *end("end_turn", AN_USAGE_CACHED)],
      [ROLE, oc({"reasoning_content": "Let me"}), oc({"reasoning_content": " think"}), oc({"content": "Answer"}),
       oc({}, "stop"), *oc_end(OA_USAGE_CACHED)]),
@@ -700,7 +713,7 @@ STREAM_CASES = [
       oc({}, "tool_calls", rid="r3"), *oc_end(OA_USAGE, rid="r3")]),
     ("call-without-args-gets-{}",
      [chunk([{"functionCall": {"name": "ls"}}], "STOP", USAGE, rid="r9")],
-     [start(40, rid="r9"), *tool(0, "toolu_688e2e753723", "ls", "{}"), *end("tool_use", AN_USAGE)],
+     [start(40, rid="r9"), *tool(0, "call_688e2e753723", "ls", "{}"), *end("tool_use", AN_USAGE)],
      [oc({"role": "assistant", "content": ""}, rid="r9"),
       oc({"tool_calls": [{"index": 0, "id": "call_688e2e753723", "type": "function",
                           "function": {"name": "ls", "arguments": "{}"}}]}, rid="r9"),
@@ -715,7 +728,8 @@ STREAM_CASES = [
      [ROLE, oc({"content": "I"}), oc({}, "content_filter"), *oc_end(OA_USAGE)]),
     ("prompt-blocked",
      [{"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": PROMPT_ONLY, "responseId": "r1"}],
-     [start(40), *end("refusal", {"input_tokens": 40, "output_tokens": 0, "cache_read_input_tokens": 0})],
+     [start(40), *end("refusal", {"input_tokens": 40, "output_tokens": 0, "cache_read_input_tokens": 0,
+                                   "cache_creation_input_tokens": 0})],
      [ROLE, oc({}, "content_filter"),
       *oc_end({**USAGE_ZERO, "prompt_tokens": 40, "total_tokens": 40})]),
     ("usage-after-finish-chunk",
@@ -724,7 +738,7 @@ STREAM_CASES = [
      [ROLE, oc({"content": "Hi"}), oc({}, "stop"), *oc_end(OA_USAGE)]),
     ("finish-without-any-usage-ends-at-close",
      [chunk([{"text": "Hi"}], "STOP")],
-     [start(7), block(0, "text"), text(0, "Hi"), stop(0), *end("end_turn", AN_USAGE_ZERO)],
+     [start(7), block(0, "text"), text(0, "Hi"), stop(0), *end("end_turn", {"output_tokens": 0})],
      [ROLE, oc({"content": "Hi"}), oc({}, "stop"), *oc_end(USAGE_ZERO)]),
     ("ends-without-finishReason-is-an-error",
      [chunk([{"text": "Hel"}], usage=PROMPT_ONLY)],
@@ -742,11 +756,14 @@ STREAM_CASES = [
      [{"error": {"code": 429, "message": "Quota exceeded.", "status": "RESOURCE_EXHAUSTED"}}],
      [an_error("rate_limit_error", "Quota exceeded.")],
      [oc_error("Quota exceeded.", "rate_limit_error", "rate_limit_exceeded")]),
-    ("not-json-is-an-error",
+    ("not-json-is-skipped-and-the-cut-still-reported",
      [chunk([{"text": "A"}], usage=PROMPT_ONLY), "<html>oops"],
-     [start(40), block(0, "text"), text(0, "A"), stop(0),
-      an_error("api_error", "upstream sent a stream event that is not a JSON object: '<html>oops'")],
-     [ROLE, oc({"content": "A"}), oc_error("upstream sent a stream event that is not a JSON object: '<html>oops'")]),
+     [start(40), block(0, "text"), text(0, "A"), stop(0), an_error("api_error", CUT)],
+     [ROLE, oc({"content": "A"}), oc_error(CUT)]),
+    ("not-json-line-between-chunks-is-skipped",
+     [chunk([{"text": "A"}], usage=PROMPT_ONLY), "keep-alive", chunk([{"text": "B"}], "STOP", USAGE)],
+     [start(40), block(0, "text"), text(0, "A"), text(0, "B"), stop(0), *end("end_turn", AN_USAGE)],
+     [ROLE, oc({"content": "A"}), oc({"content": "B"}), oc({}, "stop"), *oc_end(OA_USAGE)]),
 ]
 
 
@@ -793,14 +810,14 @@ USAGE_ROWS = [("cached-and-thoughts", USAGE_CACHED, OA_USAGE_CACHED),
 
 @pytest.mark.parametrize("gemini, openai", [r[1:] for r in USAGE_ROWS], ids=[r[0] for r in USAGE_ROWS])
 def test_usage_gemini_openai_both_ways(gemini, openai):
-    assert proxypal.openai_usage_from_gemini(gemini) == openai
-    assert proxypal.gemini_usage_from_openai(openai) == gemini
+    assert proxypal.write_openai_usage(proxypal.read_gemini_usage(gemini)) == openai
+    assert proxypal.write_gemini_usage(proxypal.read_openai_usage(openai)) == gemini
 
 
 def test_usage_anthropic_to_gemini_counts_cache_in_the_prompt():
     usage = {"input_tokens": 30, "cache_creation_input_tokens": 10, "cache_read_input_tokens": 60,
              "output_tokens": 25}
-    assert proxypal.gemini_usage_from_anthropic(usage) == {
+    assert proxypal.write_gemini_usage(proxypal.read_anthropic_usage(usage)) == {
         "promptTokenCount": 100, "cachedContentTokenCount": 60, "candidatesTokenCount": 25,
         "totalTokenCount": 125}
 
@@ -812,7 +829,7 @@ GEM_AN = proxypal.TRANSLATORS[("gemini", "anthropic")]
 G_HI = [user({"text": "Hi"})]
 G_TOOLS = [{"functionDeclarations": [{"name": "get_weather", "description": "Weather", "parameters": {
     "type": "OBJECT", "properties": {"city": {"type": "STRING", "nullable": True}}, "required": ["city"]}},
-    {"name": "now"}]}, {"googleSearch": {}}]
+    {"name": "now"}]}]
 JS_WEATHER = {"type": "object", "properties": {"city": {"type": ["string", "null"]}}, "required": ["city"]}
 NO_ARGS = {"type": "object", "properties": {}}
 OA_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
@@ -857,11 +874,12 @@ GEMINI_CLIENT_REQUEST_CASES = [
     ("text-and-system",
      gem(G_HI, systemInstruction={"parts": [{"text": "Be terse."}, {"text": "No emoji."}]}),
      {"messages": [{"role": "system", "content": "Be terse.\nNo emoji."}, {"role": "user", "content": "Hi"}]},
-     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX, "system": "Be terse.\nNo emoji."}),
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX,
+      "system": [a_text("Be terse."), a_text("No emoji.")]}),
     ("model-role-to-assistant-and-same-role-merged",
      gem(G_HI + [model({"text": "Hello."}), user({"text": "A"}), user({"text": "B"})]),
      {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                   {"role": "user", "content": "A"}, {"role": "user", "content": "B"}]},
+                   {"role": "user", "content": "A\nB"}]},
      {"messages": [a_user(a_text("Hi")), a_asst(a_text("Hello.")), a_user(a_text("A"), a_text("B"))],
       "max_tokens": MAX}),
     ("calls-get-ids-responses-matched-by-name",
@@ -890,7 +908,7 @@ GEMINI_CLIENT_REQUEST_CASES = [
     ("tool-results-lead-the-merged-user-message",
      gem(G_HI + [model(call("now", {})), user({"text": "note"}), user(result("now", "9"))]),
      {"messages": [{"role": "user", "content": "Hi"}, o_calls(("call_0", "now", "{}")),
-                   {"role": "user", "content": "note"}, {"role": "tool", "tool_call_id": "call_0", "content": "9"}]},
+                   {"role": "tool", "tool_call_id": "call_0", "content": "9"}, {"role": "user", "content": "note"}]},
      {"messages": [a_user(a_text("Hi")), a_asst(a_use("call_0", "now", {})),
                    a_user(a_result("call_0", "9"), a_text("note"))], "max_tokens": MAX}),
     ("images-and-pdf-inline",
@@ -908,11 +926,13 @@ GEMINI_CLIENT_REQUEST_CASES = [
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.jpg"}}]}]},
      {"messages": [a_user({"type": "image", "source": {"type": "url", "url": "https://x.test/a.jpg"}})],
       "max_tokens": MAX}),
-    ("thoughts-signed-kept-for-anthropic-unsigned-dropped",
+    ("thoughts-anthropic-signed-kept-for-anthropic-others-dropped-text-to-openai",
      gem(G_HI + [model({"text": "Let me", "thought": True}, {"text": " see", "thought": True},
-                       {"text": "", "thought": True, "thoughtSignature": "EqQB"},
+                       {"text": "", "thought": True, "thoughtSignature": "pp1:anthropic:EqQB"},
+                       {"text": "mine", "thought": True, "thoughtSignature": "CiQB"},
                        {"text": "idle", "thought": True}, {"text": "Yes."})]),
-     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]},
+     {"messages": [{"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Yes.", "reasoning_content": "Let me see\nmine\nidle"}]},
      {"messages": [a_user(a_text("Hi")), a_asst({"type": "thinking", "thinking": "Let me see", "signature": "EqQB"},
                                                 a_text("Yes."))], "max_tokens": MAX}),
     ("generation-config",
@@ -922,14 +942,14 @@ GEMINI_CLIENT_REQUEST_CASES = [
          safetySettings=[{"category": "HARM_CATEGORY_HATE_SPEECH", "threshold": "OFF"}]),
      {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 300, "temperature": 1.5, "top_p": 0.9,
       "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 3, "stop": ["END"]},
-     {"messages": [a_user(a_text("Hi"))], "max_tokens": 300, "temperature": 1.0, "top_p": 0.9, "top_k": 40,
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": 300, "temperature": 1.0, "top_k": 40,
       "stop_sequences": ["END"]}),
     ("thinking-budget-to-effort-and-thinking",
      gem(G_HI, generationConfig={"maxOutputTokens": 2000, "temperature": 0.5, "topK": 5,
                                  "thinkingConfig": {"thinkingBudget": 4096, "includeThoughts": True}}),
      {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2000, "temperature": 0.5,
       "reasoning_effort": "medium"},
-     {"messages": [a_user(a_text("Hi"))], "max_tokens": 4096 + MAX,
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": 2000 + 4096,
       "thinking": {"type": "enabled", "budget_tokens": 4096}}),
     ("small-budget-raised-to-anthropic-minimum",
      gem(G_HI, generationConfig={"thinkingConfig": {"thinkingBudget": 500}}),
@@ -961,19 +981,42 @@ GEMINI_CLIENT_REQUEST_CASES = [
                                  "responseSchema": {"type": "OBJECT", "properties": {"a": {"type": "STRING"}}}}),
      {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_schema", "json_schema": {
          "name": "response", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}},
-     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX}),
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX, "output_config": {"format": {
+         "type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}}),
+    ("json-mime-type-without-schema",
+     gem(G_HI, generationConfig={"responseMimeType": "application/json"}),
+     {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX,
+      "system": [a_text("Respond with one JSON object and nothing else.")]}),
+    ("thinking-level-any-case-is-an-effort",
+     gem(G_HI, generationConfig={"thinkingConfig": {"thinkingLevel": "HIGH"}}),
+     {"messages": [{"role": "user", "content": "Hi"}], "reasoning_effort": "high"},
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": 24576 + MAX,
+      "thinking": {"type": "enabled", "budget_tokens": 24576}}),
+    ("google-search-becomes-anthropic-web-search",
+     gem(G_HI, tools=[{"googleSearch": {}}]), None,
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX,
+      "tools": [{"type": "web_search_20250305", "name": "web_search"}]}),
     ("stream-flag-asks-openai-for-usage",
      {**gem(G_HI), "stream": True},
-     {"messages": [{"role": "user", "content": "Hi"}], "stream_options": {"include_usage": True}},
-     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX}),
+     {"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+      "stream_options": {"include_usage": True}},
+     {"messages": [a_user(a_text("Hi"))], "max_tokens": MAX, "stream": True}),
 ]
 
 
 @pytest.mark.parametrize("body, openai, anthropic", [c[1:] for c in GEMINI_CLIENT_REQUEST_CASES],
                          ids=[c[0] for c in GEMINI_CLIENT_REQUEST_CASES])
 def test_gemini_client_request(body, openai, anthropic):
-    assert GEM_OA.request(body) == openai
+    if openai is not None:
+        assert GEM_OA.request(body) == openai
     assert GEM_AN.request(body) == anthropic
+
+
+def test_google_search_toward_openai_is_refused_by_name():
+    with pytest.raises(proxypal.ClientError) as info:
+        GEM_OA.request(gem(G_HI, tools=[{"googleSearch": {}}]))
+    assert "tool 'googleSearch' is a web search tool" in info.value.message
 
 
 GEMINI_CLIENT_ERRORS = [
@@ -1036,7 +1079,8 @@ GEMINI_CLIENT_RESPONSE_CASES = [
      GEM_AN, an_message([{"type": "thinking", "thinking": "Hm", "signature": "EqQB"},
                          {"type": "redacted_thinking", "data": "xx"}, a_text("Checking."),
                          a_use("toolu_1", "get_weather", {"city": "Paris"})], "tool_use"),
-     g_answer([{"text": "Hm", "thought": True, "thoughtSignature": "EqQB"}, {"text": "Checking."},
+     g_answer([{"text": "Hm", "thought": True, "thoughtSignature": "pp1:anthropic:EqQB"},
+               {"text": "", "thought": True, "thoughtSignature": "pp1:anthropic!:xx"}, {"text": "Checking."},
                {"functionCall": {"id": "toolu_1", "name": "get_weather", "args": {"city": "Paris"}}}],
               "STOP", AN_AS_GEMINI_USAGE, "msg_9")),
     ("anthropic-max-tokens", GEM_AN, an_message([a_text("Cu")], "max_tokens"),
@@ -1108,12 +1152,15 @@ OPENAI_UPSTREAM_STREAM_CASES = [
       ochunk({"content": "Yes"}, "stop"), ochunk(None, usage=OA_USAGE_CACHED), "[DONE]"],
      [gc([{"text": "Hm", "thought": True}]), gc([{"text": "m", "thought": True}]), gc([{"text": "Yes"}]),
       gc([], "STOP", USAGE_CACHED)]),
-    ("parallel-tool-calls-gathered-whole",
+    ("parallel-tool-calls-each-whole-once-complete",
      [ochunk({"role": "assistant", "content": None}), otool(0, "", "call_a", "get_weather"),
       otool(0, '{"city":'), otool(1, "", "call_b", "now"), otool(0, '"Paris"}'), otool(1, "{}"),
       ochunk({}, "tool_calls"), ochunk(None, usage=OA_USAGE_CACHED), "[DONE]"],
-     [gc([{"functionCall": {"id": "call_a", "name": "get_weather", "args": {"city": "Paris"}}},
-          {"functionCall": {"id": "call_b", "name": "now", "args": {}}}], "STOP", USAGE_CACHED)]),
+     [gc([{"functionCall": {"id": "call_a", "name": "get_weather", "args": {"city": "Paris"}}}]),
+      gc([{"functionCall": {"id": "call_b", "name": "now", "args": {}}}]), gc([], "STOP", USAGE_CACHED)]),
+    ("unfinished-tool-call-sent-at-the-finish",
+     [otool(0, '{"a":', "call_a", "f"), ochunk({}, "tool_calls"), "[DONE]"],
+     [gc([{"functionCall": {"id": "call_a", "name": "f", "args": {}}}]), gc([], "STOP")]),
     ("usage-on-the-finish-chunk-ends-at-once",
      [ochunk({"content": "Hi"}, "length", usage=OA_USAGE_CACHED), ochunk({"content": "late"})],
      [gc([{"text": "Hi"}]), gc([], "MAX_TOKENS", USAGE_CACHED)]),
@@ -1125,7 +1172,7 @@ OPENAI_UPSTREAM_STREAM_CASES = [
      [gc([{"text": "Hi"}]), gc([], "STOP")]),
     ("eof-without-finish-is-an-error",
      [ochunk({"content": "Hi"})],
-     [gc([{"text": "Hi"}]), gerr(502, CUT, "UNAVAILABLE")]),
+     [gc([{"text": "Hi"}]), gerr(502, proxypal.STREAM_CUT.format(end="a finish_reason"), "UNAVAILABLE")]),
     ("upstream-error-chunk",
      [ochunk({"content": "Hi"}), {"error": {"message": "Rate limited", "code": 429}}, ochunk({}, "stop")],
      [gc([{"text": "Hi"}]), gerr(429, "Rate limited", "RESOURCE_EXHAUSTED")]),
@@ -1162,7 +1209,8 @@ ANTHROPIC_UPSTREAM_STREAM_CASES = [
       aev("content_block_start", index=1, content_block={"type": "text", "text": ""}),
       aev("content_block_delta", index=1, delta={"type": "text_delta", "text": "Yes"}),
       aev("content_block_stop", index=1), *a_end("end_turn")],
-     [gc([{"text": "Hm", "thought": True}]), gc([{"text": "", "thought": True, "thoughtSignature": "EqQB"}]),
+     [gc([{"text": "Hm", "thought": True}]),
+      gc([{"text": "", "thought": True, "thoughtSignature": "pp1:anthropic:EqQB"}]),
       gc([{"text": "Yes"}]), gc([], "STOP", AN_AS_GEMINI_USAGE)]),
     ("tool-use-whole-at-block-stop",
      [A_START, aev("content_block_start", index=0, content_block={"type": "tool_use", "id": "toolu_1",
@@ -1184,7 +1232,7 @@ ANTHROPIC_UPSTREAM_STREAM_CASES = [
     ("ends-without-message-stop-is-an-error",
      [A_START, aev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
       aev("content_block_delta", index=0, delta={"type": "text_delta", "text": "Cu"}), a_end("end_turn")[0]],
-     [gc([{"text": "Cu"}]), gerr(502, CUT, "UNAVAILABLE")]),
+     [gc([{"text": "Cu"}]), gerr(502, proxypal.STREAM_CUT.format(end="message_stop"), "UNAVAILABLE")]),
     ("overloaded-error-event",
      [A_START, ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
       aev("message_stop")],
