@@ -4,8 +4,9 @@
 Local clients (Claude Code, Amp, Cursor, Codex, the OpenAI and Anthropic SDKs,
 curl) speak the OpenAI, Anthropic or Gemini API to this proxy; it forwards each
 request, by model name, to the upstreams configured in config.json: Anthropic-
-format keys (api.anthropic.com, Azure AI Foundry), Gemini keys and any
-OpenAI-compatible server (OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM).
+format keys (api.anthropic.com, Azure AI Foundry, Amazon Bedrock), Gemini keys and
+any OpenAI-compatible server (OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM),
+translating requests, answers and streams when the two formats differ.
 
 Run it:
     python proxypal.py --port 8317 [--config PATH] [--debug]
@@ -17,6 +18,30 @@ Embed it (no side effects on import):
     print(server.port); await server.close()
 
 Python 3.8 or newer; nothing outside the standard library.
+
+Map of the file (each section uses only those above it):
+     1 constants and limits     every number the proxy enforces, with its reason
+     2 errors                   ProxypalError and kin: each carries its HTTP status
+     3 helpers                  JSON, secret masking, small pure functions
+     4 config                   SETTINGS, parse_config, load_config, ConfigStore
+     5 HTTP/1.1 wire            head parser, body framing, chunked and SSE decoders
+     6 API formats              FORMATS: paths, error bodies, framing, stream ends
+     7 translation              the internal form; a reader and a writer per format;
+                                TRANSLATORS composes them; StreamPipe
+     8 routing                  Router (model name -> targets), Balancer (cooldowns)
+     9 upstreams                Bedrock's wire, the HTTP client, one adapter per dialect
+    10 server                   Connection, ENDPOINTS, ModelCall, relay, Server
+    11 public API               start(), serve()
+    12 operations commands      check, models, init
+    13 CLI                      main()
+
+A request's path through it:
+    Server._serve_connection -> Connection.read_head -> parse_request_head ->
+    Server.handle -> dispatch(ENDPOINTS) -> gate (client key) -> handler ->
+    ModelCall.plan (Router, Balancer, TRANSLATORS) -> ModelCall.run ->
+    Upstream.request -> UpstreamClient.open -> ModelCall.answer ->
+    Reply (Connection.write_reply) or StreamReply (relay: StreamPipe or RelayPipe)
+    -> Record -> UsageStats and the request log.
 """
 from __future__ import annotations
 
@@ -72,7 +97,7 @@ MAX_HEADER_BLOCK = 64 * 1024             # 431 beyond; asyncio's default stream 
 MAX_HEADERS = 100                        # 431 beyond; CPython http.client's _MAXHEADERS
 MAX_CHUNK_LINE = 4 * 1024                # chunk-size line incl. extensions; h11 uses 4 KiB
 MAX_TRAILER_BLOCK = 16 * 1024            # trailers are parsed and dropped
-DEFAULT_MAX_BODY_MB = 32                 # Anthropic's own request size limit (A.5, 413)
+DEFAULT_MAX_BODY_MB = 32                 # Anthropic's own request size limit (its 413)
 
 HEAD_TIMEOUT = 10.0                      # slowloris: the whole head must arrive in 10 s
 BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is abandoned (408)
@@ -92,8 +117,8 @@ MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than thi
 MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
 POOL_IDLE_PER_HOST = 32                  # idle keep-alive connections kept per upstream
 
-COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes (SPEC)
-COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes (SPEC)
+COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes
+COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes
 COOLDOWN_DEFAULT = 30.0                  # a 429 without Retry-After
 
 OWN_HEADERS = frozenset({"content-type", "cache-control", "x-accel-buffering"})   # set here
@@ -103,7 +128,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "upgrade", "content-length", "content-encoding", "set-cookie", "date",
                         "server", "alt-svc", "strict-transport-security"})
 
-# Models served by a key that lists none (SPEC): current ids, plus any claude-*/gemini-*.
+# Models served by a key that lists none: current ids, plus any claude-*/gemini-*.
 BUILTIN_CLAUDE_MODELS = (
     "claude-opus-4-5-20251101", "claude-opus-4-5", "claude-sonnet-4-5-20250929",
     "claude-sonnet-4-5", "claude-haiku-4-5-20251001", "claude-haiku-4-5",
@@ -2305,7 +2330,7 @@ class OpenAIStreamReader:
 
 
 class OpenAIStreamWriter:
-    """The writer's calls in, chat.completion.chunk data out (B.4): a role chunk first,
+    """The writer's calls in, chat.completion.chunk data out: a role chunk first,
     content, reasoning_content and tool_calls deltas (tool indexes count tool calls from
     0), the finish chunk, the usage chunk (choices: []) when the client asked for it
     with stream_options.include_usage, then [DONE]. A failure is one error chunk and no
@@ -2536,6 +2561,8 @@ def _anthropic_settings(body: Dict[str, Any], chat: Chat) -> None:
         if isinstance(body.get("stop_sequences"), list) else []
     if isinstance(body.get("stream"), bool):
         chat.stream = body["stream"]
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    chat.user = metadata["user_id"] if isinstance(metadata.get("user_id"), str) else ""
     config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
     chat.think = _anthropic_think(body.get("thinking"), config.get("effort"))
     fmt = config.get("format") or body.get("output_format")
@@ -2879,7 +2906,7 @@ class _PendingCall:
 
 
 class AnthropicStreamWriter:
-    """The writer's calls in, Messages events out in A.4 order. Blocks never interleave:
+    """The writer's calls in, Messages events out in the documented order. Blocks never interleave:
     text and thinking open and close as the kind of content changes; a tool call that
     starts while another is still receiving arguments (OpenAI's parallel calls) is held
     and sent whole once the open one is complete. message_delta carries the stop reason
@@ -3145,8 +3172,8 @@ def _schema_type(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
 
 
 def _schema_enum(schema: Dict[str, Any], out: Dict[str, Any]) -> None:
-    """Gemini enums are strings: keep const/enum only when every value is one (E.7
-    allows dropping; stringifying would make the model answer "1" for 1)."""
+    """Gemini enums are strings: keep const/enum only when every value is one (dropping
+    is allowed; stringifying would make the model answer "1" for 1)."""
     values = [schema["const"]] if "const" in schema else schema.get("enum")
     if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
         out["enum"] = values
@@ -4094,10 +4121,10 @@ def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
 # -- 9.1 Amazon Bedrock's wire ---------------------------------------------------------
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
-# Betas Bedrock accepts in the body; others make it answer 400 ValidationException (F.2).
+# Betas Bedrock accepts in the body; others make it answer 400 ValidationException.
 BEDROCK_BETA_PREFIXES = ("interleaved-thinking-", "context-1m-", "computer-use-",
                          "token-efficient-tools-", "fine-grained-tool-streaming-")
-BEDROCK_ERRORS = {   # x-amzn-ErrorType -> (HTTP status for the client, Anthropic error type), F.7
+BEDROCK_ERRORS = {   # x-amzn-ErrorType -> (HTTP status for the client, Anthropic error type)
     "ValidationException": (400, "invalid_request_error"),
     "ServiceQuotaExceededException": (429, "rate_limit_error"),
     "AccessDeniedException": (403, "permission_error"),
@@ -4118,14 +4145,14 @@ MAX_EVENT_STREAM_FRAME = 16 * 1024 * 1024   # one Bedrock frame; real ones are a
 
 def bedrock_path(model: str, op: str, stream: bool) -> str:
     """/model/{id}/invoke[-with-response-stream] or /count-tokens; the id is one path
-    segment, ':' kept raw as the AWS SDKs send it (F.1)."""
+    segment, ':' kept raw as the AWS SDKs send it."""
     action = "count-tokens" if op == "count" else (
         "invoke-with-response-stream" if stream else "invoke")
     return f"/model/{urllib.parse.quote(model, safe=':')}/{action}"
 
 
 def bedrock_body(body: Dict[str, Any], beta_header: str) -> Dict[str, Any]:
-    """An Anthropic Messages body as Bedrock's InvokeModel takes it (F.2)."""
+    """An Anthropic Messages body as Bedrock's InvokeModel takes it."""
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
     betas = [b.strip() for b in beta_header.split(",") if b.strip().startswith(BEDROCK_BETA_PREFIXES)]
@@ -4135,7 +4162,7 @@ def bedrock_body(body: Dict[str, Any], beta_header: str) -> Dict[str, Any]:
 
 
 def bedrock_count_body(body: Dict[str, Any], beta_header: str) -> Dict[str, Any]:
-    """CountTokens wraps the InvokeModel body, base64-encoded (F.2)."""
+    """CountTokens wraps the InvokeModel body, base64-encoded."""
     import base64
     inner = bedrock_body(dict(body, max_tokens=body.get("max_tokens") or 1), beta_header)
     return {"input": {"invokeModel": {"body": base64.b64encode(dumps(inner)).decode("ascii")}}}
@@ -4169,7 +4196,8 @@ def _hmac(key: bytes, msg: str) -> bytes:
 def sigv4_sign(method: str, url: str, headers: Dict[str, str], body: bytes,
                creds: AwsCredentials, region: str, amz_date: str,
                service: str = "bedrock") -> Dict[str, str]:
-    """AWS Signature Version 4 (F.4): the headers to add (X-Amz-Date, X-Amz-Security-Token,
+    """AWS Signature Version 4
+    (https://docs.aws.amazon.com/IAM/latest/UserGuide/create-signed-request.html): the headers to add (X-Amz-Date, X-Amz-Security-Token,
     Authorization). Every header in `headers` is signed, plus host; send them unchanged."""
     parts = urllib.parse.urlsplit(url)
     added = {"x-amz-date": amz_date}
@@ -4206,7 +4234,7 @@ def amz_date(now: Optional[float] = None) -> str:
 
 
 class EventStreamDecoder:
-    """Incremental decoder of application/vnd.amazon.eventstream (F.5): feed(bytes) ->
+    """Incremental decoder of application/vnd.amazon.eventstream: feed(bytes) ->
     [(headers, payload)] for each complete message, both CRC32s verified."""
 
     def __init__(self) -> None:
@@ -4290,7 +4318,7 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
 
 
 def bedrock_error(status: int, error_type_header: str, body: bytes) -> Tuple[int, bytes]:
-    """A Bedrock HTTP error as (status, Anthropic error body) per F.7."""
+    """A Bedrock HTTP error as (status, Anthropic error body), by its x-amzn-ErrorType."""
     name = (error_type_header or "").split(":")[0]
     try:
         obj = json.loads(body)

@@ -2,8 +2,13 @@
 its key path."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -165,3 +170,149 @@ def test_api_key_with_line_break_is_a_config_error():
         proxypal.parse_config({"ampOpenaiProviders": [{"name": "x", "baseUrl": "http://h/v1",
                                                         "apiKey": "sk-one\nsk-two", "models": []}]})
     assert 'ampOpenaiProviders[0]: "apiKey" must not contain line breaks' in str(info.value)
+
+
+# -- SETTINGS: one table feeds parsing, known keys and the README ----------------------
+
+def test_settings_table_matches_config_fields_and_defaults():
+    fields = {f.name: f.default for f in dataclasses.fields(proxypal.Config)}
+    for setting in proxypal.SETTINGS:
+        assert setting.attr in fields, setting.key
+        default = tuple(setting.default) if setting.kind is list else setting.default
+        assert fields[setting.attr] == default, setting.key
+        assert setting.help and setting.key in proxypal.KNOWN_KEYS
+    parsed = proxypal.parse_config({})
+    assert all(getattr(parsed, s.attr) == getattr(proxypal.Config(), s.attr) for s in proxypal.SETTINGS)
+
+
+def test_readme_config_reference_lists_every_setting():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    rows = {m.group(1) for m in re.finditer(r"^\| `(\w+)`", readme, re.M)}
+    rows |= {k.strip("` ") for line in readme.splitlines() if line.startswith("| `proxyUsername`")
+             for k in line.split("|")[1].split(",")}
+    missing = [s.key for s in proxypal.SETTINGS if s.key not in rows]
+    assert not missing, f"README's config reference lacks {missing}"
+
+
+# -- ConfigStore: the only writer of the config file ------------------------------------
+
+APP_KEYS = {"theme": "dark", "autoStart": True, "oauthAccounts": [{"id": 1}]}
+
+
+def store_with(tmp_path, doc):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return proxypal.ConfigStore(str(path)), path
+
+
+def test_save_keeps_unknown_keys_over_ten_saves_and_keeps_a_bak(tmp_path):
+    doc = dict(APP_KEYS, port=8317, ampOpenaiProviders=[
+        {"name": "o", "baseUrl": "http://h/v1", "models": ["m"], "appColor": "#fff"}])
+    store, path = store_with(tmp_path, doc)
+    for n in range(10):
+        raw, version = store.read()
+        raw["port"] = 9000 + n
+        config, new_version = store.save(raw, version)
+        assert config.port == 9000 + n and new_version != version
+    saved = json.loads(path.read_text())
+    assert {k: saved[k] for k in APP_KEYS} == APP_KEYS
+    assert saved["ampOpenaiProviders"][0]["appColor"] == "#fff" and saved["port"] == 9009
+    assert json.loads((tmp_path / "config.json.bak").read_text())["port"] == 9008
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "config.json.bak"]
+    assert proxypal.parse_config(saved).unknown_keys == tuple(sorted(APP_KEYS))
+
+
+def test_invalid_config_is_refused_before_anything_is_written(tmp_path):
+    store, path = store_with(tmp_path, {"port": 1})
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as info:
+        store.save({"port": "eighty"})
+    assert info.value.path == "port"
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_intact_and_says_why(tmp_path, monkeypatch):
+    store, path = store_with(tmp_path, {"port": 1})
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(proxypal.os, "fsync", disk_full)
+    with pytest.raises(ConfigError) as info:
+        store.save({"port": 2})
+    assert "cannot write" in info.value.message and "No space left" in info.value.message
+    assert "not changed" in info.value.message
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".bak")] == ["config.json"]
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_folder_leaves_the_old_file_intact(tmp_path):
+    store, path = store_with(tmp_path, {"port": 1})
+    os.chmod(tmp_path, 0o500)
+    try:
+        with pytest.raises(ConfigError) as info:
+            store.save({"port": 2})
+        assert "cannot write" in info.value.message and "Permission denied" in info.value.message
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert json.loads(path.read_text()) == {"port": 1}
+
+
+def test_a_save_over_a_newer_file_is_refused(tmp_path):
+    store, path = store_with(tmp_path, {"port": 1})
+    _, version = store.read()
+    path.write_text('{"port": 2, "edited": "by hand"}')
+    with pytest.raises(proxypal.ConfigConflict) as info:
+        store.save({"port": 3}, version)
+    assert info.value.status == 409 and "changed since it was read" in info.value.message
+    assert json.loads(path.read_text()) == {"port": 2, "edited": "by hand"}
+
+
+def test_concurrent_saves_never_interleave(tmp_path):
+    """Threads doing read-modify-write: each round exactly one wins, the others are told
+    to reload; the file is always one whole document."""
+    store, path = store_with(tmp_path, {"port": 1, "writers": []})
+    barrier = threading.Barrier(4)
+    outcomes = []
+
+    def writer(name):
+        raw, version = store.read()
+        barrier.wait()
+        raw["writers"] = raw["writers"] + [name]
+        try:
+            store.save(raw, version)
+            outcomes.append(("saved", name))
+        except proxypal.ConfigConflict:
+            outcomes.append(("conflict", name))
+    threads = [threading.Thread(target=writer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    saved = [n for what, n in outcomes if what == "saved"]
+    assert len(saved) == 1 and len(outcomes) == 4
+    assert json.loads(path.read_text())["writers"] == saved
+
+
+def test_concurrent_saves_from_processes_leave_one_whole_document(tmp_path):
+    store, path = store_with(tmp_path, {"port": 1})
+    script = ("import json, sys; sys.path.insert(0, sys.argv[1]); import proxypal\n"
+              "store = proxypal.ConfigStore(sys.argv[2])\n"
+              "for i in range(20): store.save({'port': int(sys.argv[3]), 'pad': 'x' * 20000, 'i': i})\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", script, root, str(path), str(1000 + n)])
+             for n in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    final, bak = json.loads(path.read_text()), json.loads((tmp_path / "config.json.bak").read_text())
+    assert final["port"] in (1000, 1001, 1002) and len(final["pad"]) == 20000
+    assert bak["port"] in (1, 1000, 1001, 1002)
+
+
+def test_create_never_overwrites(tmp_path):
+    path = tmp_path / "sub" / "config.json"
+    store = proxypal.ConfigStore(str(path))
+    assert store.create({"port": 1}) is True
+    assert store.create({"port": 2}) is False
+    assert json.loads(path.read_text()) == {"port": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["config.json"]

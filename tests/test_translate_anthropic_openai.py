@@ -57,9 +57,9 @@ C1_CASES = [
                   {"type": "text", "text": "You are Claude Code."}]),
      oai(messages=[{"role": "system", "content": "You are Claude Code."},
                    {"role": "user", "content": "Hi"}])),
-    ("temperature-top-p-kept-top-k-metadata-dropped",
+    ("temperature-top-p-kept-top-k-dropped-user-id-to-user",
      anth(temperature=0.5, top_p=0.9, top_k=40, metadata={"user_id": "u1"}),
-     oai(temperature=0.5, top_p=0.9)),
+     oai(temperature=0.5, top_p=0.9, user="u1")),
     ("stop-sequences-to-stop", anth(stop_sequences=["END", "STOP"]), oai(stop=["END", "STOP"])),
     ("stream-true-asks-for-usage", anth(stream=True),
      oai(stream=True, stream_options={"include_usage": True})),
@@ -213,6 +213,7 @@ CLAUDE_CODE_REQUEST = {
 CLAUDE_CODE_EXPECTED = {
     "model": "claude-sonnet-4-5-20250929", "max_tokens": 32000, "stream": True,
     "stream_options": {"include_usage": True}, "reasoning_effort": "high",
+    "user": "user_abc_account__session_123",
     "tools": [{"type": "function", "function": {
         "name": "Bash", "description": "Run a command",
         "parameters": {"type": "object", "properties": {"command": {"type": "string"}},

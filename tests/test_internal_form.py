@@ -1,0 +1,281 @@
+"""The internal form of section 7: each format's reader and writer are inverses for
+everything that format can express (requests, whole answers, streams), and opaque values
+only ever go back to the format that made them."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from helpers import proxypal
+
+CODECS = proxypal.CODECS
+PNG = "iVBORw0KGgo="
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+# Requests each format's writer produces exactly as its reader reads them.
+REQUESTS = {
+    "anthropic": {
+        "model": "claude-x",
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather?", "cache_control": {"type": "ephemeral"}},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+                {"type": "document", "source": {"type": "url", "url": "https://x.test/a.pdf"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Paris.", "signature": "EqQB"},
+                {"type": "redacted_thinking", "data": "Rk9P"},
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18C"},
+                {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": [
+                    {"type": "text", "text": "late"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": PNG}}],
+                 "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "Thanks"}]}],
+        "system": [{"type": "text", "text": "Be terse.", "cache_control": {"type": "ephemeral"}}],
+        "stop_sequences": ["END"], "stream": True, "metadata": {"user_id": "u1"},
+        "tools": [{"name": "get_weather", "description": "Weather", "input_schema": SCHEMA,
+                   "cache_control": {"type": "ephemeral"}},
+                  {"type": "web_search_20250305", "name": "web_search"}],
+        "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+        "max_tokens": 1000, "temperature": 0.5, "top_k": 40,
+        "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
+    },
+    "openai": {
+        "model": "gpt-x",
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {"type": "input_audio", "input_audio": {"data": "UklG", "format": "wav"}},
+                {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBE"}}]},
+            {"role": "assistant", "content": "Checking.", "reasoning_content": "Paris.", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+            {"role": "user", "content": "Thanks"},
+            {"role": "system", "content": "Now in French."}],
+        "max_tokens": 300, "temperature": 0.5, "top_p": 0.9, "seed": 7, "presence_penalty": 0.1,
+        "frequency_penalty": 0.2, "stop": ["END"], "stream": True,
+        "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                                    "parameters": SCHEMA}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False, "reasoning_effort": "high",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA,
+                                                                   "strict": True}},
+        "user": "u1",
+    },
+    "gemini": {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Weather?"},
+                                       {"inlineData": {"mimeType": "image/png", "data": PNG}},
+                                       {"fileData": {"fileUri": "gs://b/a.pdf", "mimeType": "application/pdf"}}]},
+            {"role": "model", "parts": [{"text": "Paris.", "thought": True, "thoughtSignature": "CiQB"},
+                                        {"text": "Checking."},
+                                        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                                         "thoughtSignature": "Zz"}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "get_weather",
+                                                             "response": {"result": "18C"}}},
+                                       {"text": "Thanks"}]}],
+        "systemInstruction": {"parts": [{"text": "Be terse."}]},
+        "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "Weather",
+                                             "parameters": SCHEMA}]},
+                  {"googleSearch": {}}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["get_weather"]}},
+        "generationConfig": {"maxOutputTokens": 300, "temperature": 0.5, "topP": 0.9, "topK": 40,
+                             "seed": 7, "presencePenalty": 0.1, "frequencyPenalty": 0.2,
+                             "stopSequences": ["END"], "responseMimeType": "application/json",
+                             "responseJsonSchema": SCHEMA,
+                             "thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": True}},
+    },
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(REQUESTS))
+def test_request_round_trips_through_the_internal_form(fmt):
+    codec = CODECS[fmt]
+    assert codec.write_request(codec.read_request(REQUESTS[fmt])) == REQUESTS[fmt]
+
+
+ANSWERS = {
+    "anthropic": {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+                  "content": [{"type": "thinking", "thinking": "Hm", "signature": "EqQB"},
+                              {"type": "redacted_thinking", "data": "Rk9P"},
+                              {"type": "text", "text": "Checking."},
+                              {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1]}}],
+                  "stop_reason": "tool_use", "stop_sequence": None,
+                  "usage": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 20,
+                            "cache_read_input_tokens": 70}},
+    "openai": {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+               "choices": [{"index": 0, "message": {
+                   "role": "assistant", "content": "Checking.", "reasoning_content": "Hm",
+                   "tool_calls": [{"id": "call_1", "type": "function",
+                                   "function": {"name": "f", "arguments": '{"a":[1]}'}}]},
+                   "logprobs": None, "finish_reason": "tool_calls"}],
+               "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+                         "prompt_tokens_details": {"cached_tokens": 70},
+                         "completion_tokens_details": {"reasoning_tokens": 30}}},
+    "gemini": {"candidates": [{"content": {"role": "model", "parts": [
+        {"text": "Hm", "thought": True, "thoughtSignature": "CiQB"}, {"text": "Checking."},
+        {"functionCall": {"id": "call_1", "name": "f", "args": {"a": [1]}}, "thoughtSignature": "Zz"}]},
+        "index": 0, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 20, "totalTokenCount": 150,
+                          "cachedContentTokenCount": 70, "thoughtsTokenCount": 30},
+        "modelVersion": "m", "responseId": "r1"},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWERS))
+def test_answer_round_trips_through_the_internal_form(fmt):
+    codec = CODECS[fmt]
+    got = codec.write_response(codec.read_response(ANSWERS[fmt]), "m", None)
+    if fmt == "openai":
+        assert isinstance(got.pop("created"), int)
+        got["created"] = 0
+    assert got == ANSWERS[fmt]
+
+
+def events(fmt: str, items: List[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    return [(item["type"] if fmt == "anthropic" else "", item if isinstance(item, str)
+             else json.dumps(item, separators=(",", ":"))) for item in items]
+
+
+STREAMS = {
+    "anthropic": [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                              "content": [], "model": "m", "stop_reason": None,
+                                              "stop_sequence": None,
+                                              "usage": {"input_tokens": 10, "output_tokens": 0,
+                                                        "cache_read_input_tokens": 70}}},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": "", "signature": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "Hm"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "EqQB"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "Rk9P"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "Check"}},
+        {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "ing."}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "content_block_start", "index": 3,
+         "content_block": {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}},
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "input_json_delta", "partial_json": '{"a":'}},
+        {"type": "content_block_delta", "index": 3, "delta": {"type": "input_json_delta", "partial_json": "[1]}"}},
+        {"type": "content_block_stop", "index": 3},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 20,
+                   "cache_read_input_tokens": 70}},
+        {"type": "message_stop"}],
+    "openai": [
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {"reasoning_content": "Hm"}, "finish_reason": None}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "Checking."}, "finish_reason": None}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                            "function": {"name": "f", "arguments": ""}}]},
+                      "finish_reason": None}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"a":[1]}'}}]},
+                      "finish_reason": None}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+         "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [],
+         "usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+                   "prompt_tokens_details": {"cached_tokens": 70},
+                   "completion_tokens_details": {"reasoning_tokens": 30}}},
+        "[DONE]"],
+    "gemini": [
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": "Hm", "thought": True}]}, "index": 0}],
+         "modelVersion": "m", "responseId": "r1"},
+        {"candidates": [{"content": {"role": "model", "parts": [
+            {"text": "", "thought": True, "thoughtSignature": "CiQB"}]}, "index": 0}],
+         "modelVersion": "m", "responseId": "r1"},
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": "Checking."}]}, "index": 0}],
+         "modelVersion": "m", "responseId": "r1"},
+        {"candidates": [{"content": {"role": "model", "parts": [
+            {"functionCall": {"id": "call_1", "name": "f", "args": {"a": [1]}}, "thoughtSignature": "Zz"}]},
+            "index": 0}], "modelVersion": "m", "responseId": "r1"},
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": ""}]}, "index": 0,
+                         "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 100, "candidatesTokenCount": 20, "totalTokenCount": 150,
+                           "cachedContentTokenCount": 70, "thoughtsTokenCount": 30},
+         "modelVersion": "m", "responseId": "r1"}],
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(STREAMS))
+def test_stream_round_trips_through_the_internal_form(fmt):
+    codec = CODECS[fmt]
+    reader = codec.stream_reader(codec.stream_writer("m", 0, None))
+    given = events(fmt, STREAMS[fmt])
+    out: List[Tuple[str, str]] = []
+    for event, data in given:
+        out += reader.feed(event or "message", data)
+    out += reader.close()
+    normalize = (lambda d: d if d == "[DONE]" else dict(json.loads(d), created=0)
+                 if fmt == "openai" else json.loads(d))
+    assert [(e, normalize(d)) for e, d in out] == [(e, normalize(d)) for e, d in given]
+
+
+# -- opaque values go back only to the format that made them ---------------------------
+
+def anthropic_answer_with(signature: str) -> Dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": [{"type": "thinking", "thinking": "Hm", "signature": signature},
+                        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}],
+            "stop_reason": "tool_use", "stop_sequence": None, "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+
+def test_anthropic_signature_crosses_a_gemini_client_and_comes_back_whole():
+    to_client = proxypal.TRANSLATORS[("gemini", "anthropic")].response(anthropic_answer_with("EqQB"), "m")
+    parts = to_client["candidates"][0]["content"]["parts"]
+    assert parts[0] == {"text": "Hm", "thought": True, "thoughtSignature": "pp1:anthropic:EqQB"}
+    replayed = {"contents": [{"role": "user", "parts": [{"text": "go"}]},
+                             {"role": "model", "parts": parts},
+                             {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"result": "ok"}}}]}]}
+    to_anthropic = proxypal.TRANSLATORS[("gemini", "anthropic")].request(replayed)
+    assert to_anthropic["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Hm", "signature": "EqQB"}
+    to_openai = proxypal.TRANSLATORS[("gemini", "openai")].request(replayed)
+    assert "pp1:" not in json.dumps(to_openai) and "EqQB" not in json.dumps(to_openai)
+
+
+def test_gemini_signature_never_reaches_anthropic_and_returns_to_gemini():
+    gemini = proxypal.TRANSLATORS[("anthropic", "gemini")].response(ANSWERS["gemini"], "m")
+    thinking = gemini["content"][0]
+    assert thinking == {"type": "thinking", "thinking": "Hm", "signature": "pp1:gemini:CiQB"}
+    history = {"model": "claude-x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "go"}, {"role": "assistant", "content": gemini["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": gemini["content"][2]["id"],
+                                      "content": "ok"}]}]}
+    to_gemini = proxypal.TRANSLATORS[("anthropic", "gemini")].request(history)
+    assert to_gemini["contents"][1]["parts"][0] == {"text": "Hm", "thought": True, "thoughtSignature": "CiQB"}
+    relayed = json.loads(json.dumps(history))
+    assert proxypal.foreign_reasoning_dropped("anthropic", relayed)
+    assert all(b["type"] != "thinking" for b in relayed["messages"][1]["content"])
+
+
+def test_unsigned_thinking_is_dropped_before_an_anthropic_relay():
+    body = {"messages": [{"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "from elsewhere", "signature": ""},
+        {"type": "thinking", "thinking": "own", "signature": "EqQB"}, {"type": "text", "text": "x"}]}]}
+    assert proxypal.foreign_reasoning_dropped("anthropic", body)
+    assert [b.get("thinking") for b in body["messages"][0]["content"]] == ["own", None]
+    assert not proxypal.foreign_reasoning_dropped("anthropic", body)
+
+
+def test_carry_and_uncarry_are_inverses():
+    for value, origin, redacted in (("EqQB", "anthropic", False), ("Rk9P", "anthropic", True),
+                                    ("CiQB", "gemini", False), ("gAAAA:x", "responses", False)):
+        for client in ("anthropic", "gemini", "openai"):
+            carried = proxypal.carry(value, origin, client, redacted)
+            assert proxypal.uncarry(carried, client) == (origin, value, redacted)
