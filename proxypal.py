@@ -71,7 +71,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __version__ = "0.1.0"
 __all__ = ["serve", "start", "load_config", "parse_config", "Config", "ProxypalError",
@@ -121,7 +121,12 @@ COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minut
 COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes
 COOLDOWN_DEFAULT = 30.0                  # a 429 without Retry-After
 
-OWN_HEADERS = frozenset({"content-type", "cache-control", "x-accel-buffering"})   # set here
+OWN_HEADERS = frozenset({"content-type", "cache-control", "x-accel-buffering",   # set here
+                         "x-proxypal-provider", "x-proxypal-hint"})
+DEFAULT_FIRST_BYTE_COMMIT = 30.0         # a stream silent this long gets its head and keep-
+                                         # alives: Claude Code resends a request after ~300 s
+COMMIT_PING_SECONDS = 15.0               # keep-alives while committed: well inside the idle
+                                         # watchdogs of Claude Code and Codex (300 s)
 FAILOVER_STATUSES = frozenset({401, 403, 429, 500, 502, 503, 504, 529})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
@@ -327,6 +332,9 @@ SETTINGS: Tuple[Setting, ...] = (
             help="largest request body accepted"),
     Setting("streamKeepaliveSeconds", "stream_keepalive_seconds", float, 0.0, 0, 3600,
             help="while a stream is silent this long, send a keep-alive (0: off)"),
+    Setting("firstByteCommitSeconds", "first_byte_commit", float, DEFAULT_FIRST_BYTE_COMMIT, 0,
+            3600, help="a streaming upstream silent this long: answer 200 and the stream's "
+                       "opening event, then keep-alives until it speaks (0: wait)"),
     Setting("connectTimeoutSeconds", "connect_timeout", float, DEFAULT_CONNECT_TIMEOUT, 0.1, 600,
             help="TCP and TLS connect to an upstream"),
     Setting("firstByteTimeoutSeconds", "first_byte_timeout", float, DEFAULT_FIRST_BYTE_TIMEOUT,
@@ -397,6 +405,7 @@ class Config:
     use_system_proxy: bool = False
     max_body_mb: float = float(DEFAULT_MAX_BODY_MB)
     stream_keepalive_seconds: float = 0.0
+    first_byte_commit: float = DEFAULT_FIRST_BYTE_COMMIT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
@@ -1239,7 +1248,10 @@ class Format:
     encode: Callable[[str, str], bytes]    # one stream event, framed
     end_marker: str                        # what a complete stream ends with, for messages
     finished: Callable[[Sequence[bytes]], bool]   # do these last events end the stream?
-    opaque: str = ""                       # the field that carries opaque reasoning
+    opening: str = ""                      # the event that opens a stream, if it has one
+    ping: bytes = b": keep-alive\n\n"     # what keeps a silent stream alive
+    abort_on_error: bool = False           # end a failed stream without the chunked body's
+                                           # last chunk, so the client's HTTP layer raises
 
     def error_body(self, status: int, message: str, err_type: str = "") -> bytes:
         return dumps(self.error(status, message, err_type))
@@ -1257,12 +1269,15 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent)),
     Format("anthropic", "Anthropic Messages",
            {"/v1/messages": "generate", "/v1/messages/count_tokens": "count"},
-           _anthropic_error, _named_event, "message_stop", _anthropic_finished, "signature"),
+           _anthropic_error, _named_event, "message_stop", _anthropic_finished, "message_start",
+           b'event: ping\ndata: {"type":"ping"}\n\n'),
     Format("gemini", "Gemini",
            {"generateContent": "generate", "streamGenerateContent": "stream",
             "countTokens": "count"},
            _gemini_error, _data_event, "a finishReason",
-           lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent), "thoughtSignature"),
+           lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent),
+           # google-genai reads a bare error object as a normal end: only a broken body raises
+           abort_on_error=True),
 )}
 
 
@@ -1315,29 +1330,26 @@ def upstream_message(body: bytes) -> Tuple[str, str]:
 
 
 def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: bytes,
-                        provider: str, hint: str = "") -> bytes:
-    """An upstream's error for the client: its own body kept (status, type, code, ids)
-    when formats match and the shape is the client's, with the provider's name before
-    the message and the hint after it; otherwise rebuilt in the client's format."""
-    prefix, suffix = f"{provider}: ", (f" ({hint})" if hint else "")
+                        provider: str, hint: str = "") -> Tuple[bytes, bool]:
+    """An upstream's error for the client, and whether it went as it came. Same format
+    and the client's shape: the body byte for byte (Claude Code's recovery reads the
+    upstream's own wording; the provider is named in a header). Otherwise rebuilt with the
+    client format's own types: the provider, the upstream's message and the hint."""
     if client_fmt == upstream_fmt:
         try:
             obj = json.loads(body)
         except ValueError:
             obj = None
         err = obj.get("error") if isinstance(obj, dict) else None
-        shaped = isinstance(err, dict) and isinstance(err.get("message"), str) and (
-            client_fmt != "anthropic" or obj.get("type") == "error")
-        if shaped:
-            err["message"] = f"{prefix}{err['message']}{suffix}"
-            return dumps(obj)
+        if isinstance(err, dict) and isinstance(err.get("message"), str) and (
+                client_fmt != "anthropic" or obj.get("type") == "error"):
+            return body, True
     message, code = upstream_message(body)
     if code and code not in message and not code.isdigit():
         message = f"{code}: {message}"
-    err_type = ""
-    if client_fmt == "anthropic" and code == "DeploymentNotFound":
-        err_type = "not_found_error"
-    return error_body(client_fmt, status, f"{prefix}{message}{suffix}", err_type)
+    err_type = "not_found_error" if client_fmt == "anthropic" and code == "DeploymentNotFound" else ""
+    message = f"{provider}: {message}" + (f" ({hint})" if hint else "")
+    return error_body(client_fmt, status, message, err_type), False
 
 
 def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[float]:
@@ -2336,6 +2348,7 @@ class OpenAIStreamWriter:
     with stream_options.include_usage, then [DONE]. A failure is one error chunk and no
     [DONE], so that no client can take a cut answer for a finished one."""
 
+    failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
@@ -2415,10 +2428,10 @@ class OpenAIStreamWriter:
         return out + [("", "[DONE]")]
 
     def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        message = named(self.provider, message)
         if self.done:
             return []
-        self.done = True
+        self.done = self.failed = True
+        message = named(self.provider, message)
         return [("", json_text(_openai_error(status, message)))]
 
 
@@ -2452,8 +2465,10 @@ def read_anthropic_request(body: Dict[str, Any]) -> Chat:
         role = message.get("role") if isinstance(message, dict) else None
         where = f"messages[{i}]"
         if role not in ("user", "assistant", "system"):
-            raise ClientError(f"{where}.role is {_short(role)}; use \"user\" or \"assistant\" "
-                              "(the system prompt goes in the top-level \"system\")")
+            # Anthropic's own wording: clients (Claude Code) recognise it and recover.
+            raise ClientError(f"{where}: Unexpected role {json_text(role)}. The Messages API "
+                              "accepts a top-level `system` parameter and \"user\" or "
+                              "\"assistant\" as an input message role")
         blocks = _anthropic_blocks(message.get("content"), where + ".content")
         chat.turns.append(Turn(role, [p for j, b in enumerate(blocks) for p in _anthropic_part(
             b, f"{where}.content[{j}]", role, names, j)]))
@@ -2912,6 +2927,7 @@ class AnthropicStreamWriter:
     and sent whole once the open one is complete. message_delta carries the stop reason
     (tool_use whenever a tool_use block went out, never otherwise) and the usage."""
 
+    failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
@@ -3055,10 +3071,10 @@ class AnthropicStreamWriter:
                       self._event("message_stop")]
 
     def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        message = named(self.provider, message)
         if self.done:
             return []
-        self.done = True
+        self.done = self.failed = True
+        message = named(self.provider, message)
         return self._close() + [("error", json_text(_anthropic_error(status, message)))]
 
 
@@ -3673,6 +3689,7 @@ class GeminiStreamWriter:
     thoughts go out as they come; each tool call whole once its arguments are complete;
     the finishReason and usage in the last chunk."""
 
+    failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
@@ -3734,10 +3751,10 @@ class GeminiStreamWriter:
         return out + [self._chunk([], GEMINI_STOP_OUT.get(self.stopped, "STOP"), self.usage)]
 
     def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        message = named(self.provider, message)
         if self.done:
             return []
-        self.done = True
+        self.done = self.failed = True
+        message = named(self.provider, message)
         return [("", json_text(_gemini_error(status, message)))]
 
 
@@ -3885,16 +3902,21 @@ class EventRelay:
     """Decoded events of the client's own format relayed as they are (Bedrock's frames to
     an Anthropic client), ending with an error event if they stop before the end."""
 
+    failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
 
     def __init__(self, fmt: str) -> None:
         self.fmt = FORMATS[fmt]
         self.done = self.started = False
+        self.skip = ""
         self.recent: List[bytes] = []
         self.usage: Optional[Usage] = None
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         if self.done or not event:
+            return []
+        if self.skip and event == self.skip:   # the commit sent its own opening event
+            self.skip = ""
             return []
         self.started = True
         self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
@@ -3908,9 +3930,8 @@ class EventRelay:
         return [] if self.done else self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        message = named(self.provider, message)
-        self.done = True
-        return [("error", json_text(self.fmt.error(status, message, "")))]
+        self.done = self.failed = True
+        return [("error", json_text(self.fmt.error(status, named(self.provider, message), "")))]
 
 
 class StreamPipe:
@@ -3947,6 +3968,16 @@ class StreamPipe:
     @property
     def usage(self) -> Optional[Usage]:
         return self.writer.usage
+
+    @property
+    def failed(self) -> bool:
+        return self.writer.failed
+
+    def committed(self) -> None:
+        """The client's stream was opened before the upstream answered: a relayed
+        upstream's own opening event must not come twice."""
+        if isinstance(self.reader, EventRelay):
+            self.reader.skip = FORMATS[self.reader.fmt.name].opening
 
     def _out(self, events: List[Tuple[str, str]], closing: bool = False) -> bytes:
         out: List[Tuple[str, str]] = []
@@ -4058,8 +4089,14 @@ class Balancer:
         self._turn: Dict[str, int] = {}
         self.cooldowns: Dict[str, Cooldown] = {}
 
-    def plan(self, route: Route, strategy: str) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
-        """(targets to try in order, targets cooling down with why)."""
+    def plan(self, route: Route, strategy: str, session: str = ""
+             ) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
+        """(targets to try in order, targets cooling down with why). Cooldowns divert
+        traffic, never block it: when every target is cooling down, the one whose
+        cooldown ends first is tried anyway, so the client gets the upstream's own answer
+        (and its Retry-After) rather than the proxy's refusal. Under round-robin a
+        session key (one conversation) always starts at the same credential, so the
+        upstream's prompt cache stays warm."""
         now = self.clock()
         ready, cooling = [], []
         for target in route.targets:
@@ -4068,10 +4105,15 @@ class Balancer:
                 cooling.append((target, cool))
             else:
                 ready.append(target)
+        if not ready:
+            ready = [min(cooling, key=lambda pair: pair[1].until)[0]]
         if strategy == "round-robin" and len(ready) > 1:
-            turn = self._turn.get(route.routed, 0)
-            self._turn[route.routed] = turn + 1
-            start = turn % len(ready)
+            if session:
+                start = int(short_hash(session), 16) % len(ready)
+            else:
+                start = self._turn.get(route.routed, 0)
+                self._turn[route.routed] = start + 1
+            start %= len(ready)
             ready = ready[start:] + ready[:start]
         return ready, cooling
 
@@ -5115,8 +5157,8 @@ class StreamReply:
     resp: "UpstreamResponse"
     pipe: Any                              # RelayPipe or StreamPipe
     headers: List[Tuple[str, str]]
+    first: bytes = b""                     # the client's bytes made of the first read
     content_type: str = "text/event-stream"
-    watcher: Any = None                    # the task watching the client, stopped after
 
 
 @dataclasses.dataclass
@@ -5535,7 +5577,9 @@ async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]
     local = model_call.plan(body)
     if local is not None:
         return local
-    return await server.watched(call, model_call.run(), model_call.stream)
+    if not model_call.stream:
+        return await model_call.run()
+    return await server.run_stream_call(call, model_call)
 
 
 def model_endpoints() -> List[Endpoint]:
@@ -5611,6 +5655,20 @@ class Attempt:
     translator: Translator
 
 
+SESSION_HEADERS = ("x-claude-code-session-id", "session_id", "conversation_id")
+
+
+def session_key(req: Request, body: Dict[str, Any]) -> str:
+    """What ties requests of one conversation together, for credential affinity: Claude
+    Code's session header, Codex's prompt_cache_key or session_id, Gemini CLI's
+    session_id, else nothing."""
+    for name in SESSION_HEADERS:
+        if req.headers.get(name):
+            return req.headers[name]
+    value = body.get("prompt_cache_key") or body.get("session_id")
+    return value if isinstance(value, str) else ""
+
+
 def parse_body(raw: bytes) -> Dict[str, Any]:
     if not raw.strip():
         raise ClientError("request body is empty; send a JSON object")
@@ -5641,6 +5699,8 @@ class ModelCall:
         self.chat: Optional[Chat] = None       # the client's request, read once if translated
         self.requested = ""
         self.attempts: List[Attempt] = []
+        self.writer: Any = None                # the client's stream writer, once committed
+        self.pipe_made: Any = None
 
     def plan(self, raw: bytes) -> Optional[Reply]:
         """The attempts to make; a Reply when the proxy answers alone (a local count)."""
@@ -5668,9 +5728,11 @@ class ModelCall:
             record.provider = usable[0].cred.name    # an upstream that cannot count
             return Reply(200, dumps(local_count(self.call.fmt, body)))
         ready, cooling = self.server.balancer.plan(
-            dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy)
-        if not ready:
-            raise self.server.cooling_error(cooling)
+            dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy,
+            session_key(self.call.req, body))
+        if len(cooling) == len(usable):
+            log.warning("%s; trying %s anyway", describe_cooling(cooling, self.server.balancer.clock()),
+                        ready[0].cred.label)
         retries = usable[0].cred.request_retry
         retries = self.setup.config.request_retry if retries is None else retries
         self.attempts = [Attempt(t, self._upstream(t), TRANSLATORS[(self.call.fmt, t.cred.api)])
@@ -5740,20 +5802,63 @@ class ModelCall:
             return self.error_answer(attempt, resp, body)
         content_type = resp.header("content-type").split(";")[0].strip().lower()
         decoder = attempt.upstream.decoder(content_type)
+        headers = passed_headers(resp, attempt.upstream.name)
         if decoder is not None:
-            return StreamReply(resp, self.pipe(attempt, decoder), passed_headers(resp))
+            pipe = self.pipe_made = self.pipe(attempt, decoder)
+            data = await resp.read1()
+            if not data:
+                raise UpstreamError("upstream ended the stream before sending any event", 502)
+            return StreamReply(resp, pipe, headers, pipe.first(data))
         body = attempt.upstream.answer(self.op, await resp.read_all(MAX_UPSTREAM_BODY))
+        if self.stream and self.op == "generate":
+            return self.replayed_answer(attempt, resp.status, headers, body)
         return self.json_answer(attempt, resp, body)
+
+    def commit(self) -> bytes:
+        """The opening of the client's stream, sent before the upstream answered (a long
+        silence): from now on the writer that made it writes the rest."""
+        fmt = self.call.fmt
+        self.writer = TRANSLATORS[(fmt, fmt)].writer(self.requested or "proxypal",
+                                                    estimate_tokens(self.body), self.chat)
+        if self.pipe_made is not None:
+            self.pipe_made.committed()
+        return b"".join(FORMATS[fmt].encode(e, d) for e, d in self.writer.start(
+            "msg_" + safe_id(self.call.record.id, "x"), None))
+
+    def replayed_answer(self, attempt: Attempt, status: int, headers: List[Tuple[str, str]],
+                        body: bytes) -> Reply:
+        """A whole answer to a streaming request (an upstream that ignored stream: true)
+        as the client's stream."""
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise UpstreamError(f"answered with something that is not a JSON object: "
+                                f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
+        chat = self.chat or TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.body)
+        writer = self.writer or attempt.translator.writer(self.requested, estimate_tokens(self.body),
+                                                          chat)
+        events = replay(CODECS[attempt.translator.upstream].read_response(obj), writer)
+        self.call.record.count(writer.usage)
+        encode = FORMATS[self.call.fmt].encode
+        return Reply(status, b"".join(encode(e, d) for e, d in events), headers,
+                     "text/event-stream")
 
     def pipe(self, attempt: Attempt, decoder: Any) -> Any:
         fmt, provider = self.call.fmt, attempt.upstream.name
         translator = attempt.translator
         if translator.passthrough and isinstance(decoder, SSEDecoder):
-            return RelayPipe(fmt, provider)
-        reader = EventRelay(fmt) if translator.passthrough else translator.stream(
-            self.requested, estimate_tokens(self.body), self.chat)
-        pipe = StreamPipe(decoder, reader, fmt)
-        pipe.writer.provider = provider
+            pipe: Any = RelayPipe(fmt, provider)
+        else:
+            writer = self.writer or translator.writer(self.requested, estimate_tokens(self.body),
+                                                      self.chat)
+            reader = EventRelay(fmt) if translator.passthrough else \
+                CODECS[translator.upstream].stream_reader(writer)
+            pipe = StreamPipe(decoder, reader, fmt)
+            pipe.writer.provider = provider
+        if self.writer is not None:
+            pipe.committed()
         return pipe
 
     def json_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
@@ -5770,14 +5875,14 @@ class ModelCall:
                 obj["model"] = self.requested
                 body = dumps(obj)
             self.call.record.count(_usage_pair(obj))
-            return Reply(resp.status, body, passed_headers(resp),
+            return Reply(resp.status, body, passed_headers(resp, attempt.upstream.name),
                          resp.header("content-type") or "application/json")
         if not isinstance(obj, dict):
             raise UpstreamError(f"answered with something that is not a JSON object: "
                                 f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
         out = translator.response(obj, self.requested, self.chat)
         self.call.record.count(_usage_pair(out))
-        return Reply(resp.status, dumps(out), passed_headers(resp))
+        return Reply(resp.status, dumps(out), passed_headers(resp, attempt.upstream.name))
 
     def error_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
         upstream = attempt.upstream
@@ -5786,16 +5891,24 @@ class ModelCall:
         status, body = upstream.error(resp.status, resp.headers, body)
         hint = upstream.hint(status, resp.req.url, body, attempt.target.model, self.requested)
         secrets = self.setup.config.secrets
-        self.call.record.error = mask_secrets(f"{upstream.name}: {upstream_message(body)[0]}",
-                                              secrets)   # upstreams echo keys back
-        out = upstream_error_body(self.call.fmt, upstream.api, status, body, upstream.name, hint)
-        out = mask_secrets(out.decode("utf-8", "replace"), secrets, patterns=False).encode("utf-8")
-        return Reply(status, out, passed_headers(resp))
+        message = upstream_message(body)[0] + (f" ({hint})" if hint else "")
+        self.call.record.error = mask_secrets(f"{upstream.name}: {message}", secrets)
+        log.warning("%s answered %d: %s", attempt.target.cred.label, status, self.call.record.error)
+        out, relayed = upstream_error_body(self.call.fmt, upstream.api, status, body,
+                                           upstream.name, hint)
+        out = mask_secrets(out.decode("utf-8", "replace"), secrets,     # upstreams echo keys back
+                           patterns=False).encode("utf-8")
+        headers = passed_headers(resp, upstream.name)
+        if relayed and hint:
+            headers.append(("x-proxypal-hint", printable(mask_secrets(hint, secrets), 300)))
+        return Reply(status, out, headers)
 
 
-def passed_headers(resp: "UpstreamResponse") -> List[Tuple[str, str]]:
-    """The upstream's own headers worth passing on (request ids, rate limits)."""
-    return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS]
+def passed_headers(resp: "UpstreamResponse", provider: str) -> List[Tuple[str, str]]:
+    """The upstream's own headers worth passing on (request ids, rate limits), and the
+    name of the provider that answered."""
+    return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS] + [
+        ("x-proxypal-provider", printable(provider, 100))]
 
 
 # -- 10.5 The relay -------------------------------------------------------------------
@@ -5820,16 +5933,28 @@ class RelayPipe:
         self.splitter = SSESplitter()
         self.recent: List[bytes] = []      # the last few events: where the end markers are
         self.tokens: Tuple[Optional[int], Optional[int]] = (None, None)
+        self.failed = False
+        self.skip = b""                    # an opening event the commit already sent
 
     @property
     def usage(self) -> Tuple[Optional[int], Optional[int]]:
         return self.tokens
+
+    def committed(self) -> None:
+        if self.fmt.opening:
+            self.skip = f"event: {self.fmt.opening}".encode("ascii")
 
     def first(self, data: bytes) -> bytes:
         return self.feed(data)
 
     def feed(self, data: bytes) -> bytes:
         events = self.splitter.feed(data)
+        if self.skip and events:
+            for i, event in enumerate(events):
+                if event.startswith(self.skip):
+                    del events[i]
+                    self.skip = b""
+                    break
         real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
         if real:
             self.recent = (self.recent + real)[-3:]
@@ -5851,49 +5976,40 @@ class RelayPipe:
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def fail(self, status: int, message: str) -> bytes:
+        self.failed = True
         return self.fmt.stream_error(status, named(self.provider, message))
 
 
 async def relay(call: Call, reply: StreamReply) -> None:
-    """The one loop for every stream. The upstream's first bytes are awaited before the
-    head goes out, so an early failure is still an HTTP error; then each read's complete
-    events are written at once. A client that goes away aborts the upstream read."""
+    """The one loop for every stream. ModelCall.answer read the upstream's first bytes
+    before any head went out (an early failure is still an HTTP error); the head goes out
+    with them, unless a long wait committed it already; then each read's complete events
+    are written at once. A client that goes away aborts the upstream read."""
     conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
     call.on_gone = resp.abort              # the client leaving now ends the upstream read
     chunked = call.req.version == "HTTP/1.1"
     try:
-        data = await resp.read1()
-        if not data:
-            raise UpstreamError("upstream ended the stream before sending any event", 502)
-        out = pipe.first(data)
-        call.keep_alive = call.keep_alive and chunked
-        headers = [("Content-Type", reply.content_type), ("Cache-Control", "no-cache"),
-                   ("X-Accel-Buffering", "no")]
-        headers += [("Transfer-Encoding", "chunked")] if chunked else []
-        headers += reply.headers + cors_headers(call.req, call.config)
-        head = response_head(200, headers, call.keep_alive, call.req.version)
-        call.started, record.status = True, resp.status
+        out = reply.first
+        head = b"" if call.started else stream_head(call, reply.headers, reply.content_type)
+        record.status = resp.status
         keepalive = call.config.stream_keepalive_seconds
-        while data:
-            if out or head:                # the head goes out with the first event
+        while True:
+            if out or head:
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()
             data = await (read_or_ping(call, resp, keepalive, chunked) if keepalive
                           else resp.read1())
-            out = pipe.feed(data) if data else pipe.close()
-        if out:
-            conn.writer.write(chunk(out) if chunked else out)
-        if chunked:
-            conn.writer.write(b"0\r\n\r\n")
+            if not data:
+                break
+            out = pipe.feed(data)
+        finish_stream(call, pipe.close(), pipe.failed)
         resp.release()
     except UpstreamError as exc:
         resp.abort()
-        if not call.started:
-            raise
         record.error, call.keep_alive = exc.message, False
         if exc.status != 499:
-            end_stream(call, chunked, pipe.fail(exc.status, exc.message))
+            finish_stream(call, pipe.fail(exc.status, exc.message), True)
     except ConnectionError:                # the client went away while we wrote
         resp.abort()
         record.error, call.keep_alive = "client disconnected", False
@@ -5903,22 +6019,41 @@ async def relay(call: Call, reply: StreamReply) -> None:
     except Exception as exc:               # a bug (e.g. in a translator): end the stream cleanly
         resp.abort()
         log.exception("stream relay failed for %s %s", call.req.method, printable(call.req.path))
-        if not call.started:
-            raise
         record.error, call.keep_alive = f"internal error ({type(exc).__name__})", False
-        end_stream(call, chunked, pipe.fail(500, f"internal error in proxypal "
-                                                 f"({type(exc).__name__}) while relaying the "
-                                                 "stream; see the proxy's log"))
+        finish_stream(call, pipe.fail(500, f"internal error in proxypal ({type(exc).__name__}) "
+                                           "while relaying the stream; see the proxy's log"), True)
     finally:
         record.count(pipe.usage)
 
 
-def end_stream(call: Call, chunked: bool, last: bytes) -> None:
-    """A stream's last event (an error) and the end of its body, if the client is there."""
+def stream_head(call: Call, headers: Sequence[Tuple[str, str]], content_type: str) -> bytes:
+    """The head of a streamed answer; it marks the answer started."""
+    chunked = call.req.version == "HTTP/1.1"
+    call.keep_alive = call.keep_alive and chunked
+    head = [("Content-Type", content_type), ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no")]
+    head += [("Transfer-Encoding", "chunked")] if chunked else []
+    head += list(headers) + cors_headers(call.req, call.config)
+    call.started = True
+    return response_head(200, head, call.keep_alive, call.req.version)
+
+
+def finish_stream(call: Call, last: bytes, failed: bool) -> None:
+    """A stream's last events and the end of its body. A failed stream of a format whose
+    clients read a bare error as a normal end (Gemini) loses its last chunk instead, so
+    that the client's HTTP layer raises; every failure is a WARNING line."""
     writer = call.conn.writer
+    abort = failed and FORMATS[call.fmt].abort_on_error
+    if failed:
+        call.keep_alive = False
+        call.record.error = call.record.error or printable(last.decode("utf-8", "replace"), 300)
+        log.warning("stream %s %s failed: %s", call.record.id, printable(call.req.path),
+                    call.record.error)
     if writer.transport.is_closing():
         return
-    writer.write((chunk(last) + b"0\r\n\r\n") if chunked else last)
+    chunked = call.req.version == "HTTP/1.1"
+    ending = b"0\r\n\r\n" if chunked and not abort else b""
+    writer.write((chunk(last) if chunked and last else last) + ending)
 
 
 async def read_or_ping(call: Call, resp: "UpstreamResponse", seconds: float,
@@ -6242,9 +6377,7 @@ class Server:
             endpoint, params = dispatch(ENDPOINTS, req.method, strip_amp_prefix(req.path))
             GATES[endpoint.gate](req, call.config)
             reply = await endpoint.handler(self, call, dict(params, op=endpoint.op))
-            if isinstance(reply, StreamReply):
-                await self._relay(call, reply)
-            elif reply is not None:
+            if reply is not None:
                 call.conn.write_reply(call, reply)
         except WireError:
             raise
@@ -6258,60 +6391,58 @@ class Server:
     def _fail(self, call: Call, exc: ProxypalError) -> None:
         if not call.started:
             call.conn.write_reply(call, error_reply(call, exc))
-        else:
-            call.record.error = exc.message
-            call.keep_alive = False
+            return
+        call.record.error = exc.message
+        call.keep_alive = False
+        if call.record.status == 0:       # committed, relay never began: end the stream here
+            finish_stream(call, FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
 
-    async def watched(self, call: Call, coro: Awaitable[Any], stream: bool) -> Any:
-        """Run a model call while watching the client: one that leaves while the model is
-        still thinking (Claude Code's Esc) cancels the upstream request at once. A stream
-        keeps its watcher through the relay (StreamReply.watcher)."""
-        if not stream:
-            return await coro
-        task = asyncio.current_task()
+    async def run_stream_call(self, call: Call, model_call: "ModelCall") -> Any:
+        """Run a streaming model call while watching the client, so that one that leaves
+        while the model is still thinking (Claude Code's Esc) cancels the upstream request
+        at once, and while timing the upstream: silent for firstByteCommitSeconds, the
+        client gets 200 and its stream's opening event, then keep-alives, rather than a
+        bare wait (Claude Code resends a request after ~300 s of silence). Before that
+        bound, an upstream error keeps its real status."""
+        loop = asyncio.get_running_loop()
+        run = loop.create_task(model_call.run())
 
         def gone() -> None:
             call.client_gone = True
             call.on_gone()
-        call.on_gone = task.cancel
-        watcher = asyncio.get_running_loop().create_task(call.conn.watch_disconnect(gone))
+        call.on_gone = run.cancel
+        watcher = loop.create_task(call.conn.watch_disconnect(gone))
         try:
-            reply = await coro
+            reply = await self._await_committing(call, model_call, run)
+            if isinstance(reply, StreamReply):
+                await relay(call, reply)
+            elif call.started:             # committed: the answer goes in the stream
+                self._fail(call, ProxypalError(upstream_message(reply.body)[0], reply.status))
+            else:
+                return reply
         except asyncio.CancelledError:
-            await _stop(watcher)
             if not call.client_gone:
                 raise                      # shutdown
             call.record.error, call.keep_alive = "client disconnected", False
-            return None
-        except BaseException:
-            await _stop(watcher)
-            raise
-        if isinstance(reply, StreamReply):
-            reply.watcher = watcher
-        else:
-            await _stop(watcher)
-        return reply
-
-    async def _relay(self, call: Call, reply: StreamReply) -> None:
-        try:
-            await relay(call, reply)
-        except asyncio.CancelledError:
-            if not call.client_gone:
-                raise
-            call.record.error, call.keep_alive = "client disconnected", False
-        except UpstreamError as exc:       # failed before the stream began: an HTTP error
-            raise UpstreamError(named(call.record.provider, exc.message), exc.status,
-                                call.record.provider, failover=exc.failover) from None
         finally:
-            if reply.watcher is not None:
-                await _stop(reply.watcher)
+            run.cancel()
+            await _stop(watcher)
+        return None
 
-    def cooling_error(self, cooling: Sequence[Tuple["Target", "Cooldown"]]) -> ProxypalError:
-        now = self.balancer.clock()
-        soonest = min(c.until for _, c in cooling)
-        status = 429 if all(c.status == 429 for _, c in cooling) else 503
-        return ProxypalError(describe_cooling(cooling, now), status,
-                             [("Retry-After", str(max(1, int(soonest - now + 0.999))))])
+    async def _await_committing(self, call: Call, model_call: "ModelCall",
+                                run: "asyncio.Task[Any]") -> Any:
+        wait = call.config.first_byte_commit or None
+        done, _ = await asyncio.wait([run], timeout=wait)
+        while not done:
+            ping = FORMATS[call.fmt].ping
+            if not call.started:
+                ping = stream_head(call, [], "text/event-stream") + model_call.commit()
+                log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
+                         call.record.id, wait)
+            call.conn.writer.write(chunk(ping) if call.req.version == "HTTP/1.1" else ping)
+            await call.conn.drain()
+            done, _ = await asyncio.wait([run], timeout=COMMIT_PING_SECONDS)
+        return run.result()
 
     # -- records -----------------------------------------------------------------
     def _log(self, call: Call) -> None:

@@ -694,6 +694,8 @@ def chat_call(api: str, model: str, stream: bool, **extra: object) -> Call:
         payload["max_tokens"] = 256
     if stream:
         payload["stream"] = True
+        if api == "openai":                # the usage chunk comes only when asked for
+            payload["stream_options"] = {"include_usage": True}
     return Call(api, dict(payload, **extra))
 
 

@@ -247,6 +247,33 @@ def request(proxy: RunningProxy, method: str, path: str, body: Any = None,
     return out
 
 
+def request_stream(proxy: RunningProxy, method: str, path: str, body: Any = None,
+                   headers: Optional[Dict[str, str]] = None, key: Optional[str] = "proxypal-local"
+                   ) -> Tuple[int, Dict[str, str], bytes, bool]:
+    """Like request(), for a streamed answer that may end without its chunked body's last
+    chunk (how a failed Gemini stream ends): (status, headers, body, complete)."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=TIMEOUT)
+    hdrs = {"Content-Type": "application/json"}
+    if key:
+        hdrs["Authorization"] = f"Bearer {key}"
+    hdrs.update(headers or {})
+    conn.request(method, path, body=json.dumps(body).encode(), headers=hdrs)
+    resp = conn.getresponse()
+    parts, complete = [], True
+    while True:
+        try:
+            piece = resp.read1(65536)
+        except http.client.IncompleteRead as exc:
+            parts.append(exc.partial)
+            complete = False
+            break
+        if not piece:
+            break
+        parts.append(piece)
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, b"".join(parts), complete
+
+
 def raw_exchange(port: int, data: bytes, read_until_close: bool = True) -> bytes:
     """Send raw bytes, return everything the proxy answers until it closes (or times out)."""
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:

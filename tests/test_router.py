@@ -119,7 +119,8 @@ def test_cooldowns():
     assert balancer.cool(creds[2], 429, 100000).until == 1000 + proxypal.COOLDOWN_RETRY_AFTER_CAP
     assert balancer.cool(creds[2], 500, None) is None            # 5xx: fail over, no rest
     ready, cooling = balancer.plan(route, "fill-first")
-    assert ready == [] and [t.cred.api_key for t, _ in cooling] == ["k1", "k2", "k3"]
+    assert [t.cred.api_key for t, _ in cooling] == ["k1", "k2", "k3"]
+    assert keys(ready) == ["k1"]            # all cooling: the one that ends first, not a refusal
     text = proxypal.describe_cooling(cooling, clock.now, wall=0)
     assert "claudeApiKeys[0]) rate limited (429)" in text and "(30s)" in text
     assert "claudeApiKeys[1]) rejected the key (401)" in text and "(300s)" in text
@@ -141,3 +142,14 @@ def test_clamp_output_tokens():
     proxypal.clamp_output_tokens(body, 8192)
     assert body == {"max_tokens": 8192, "max_completion_tokens": 100,
                     "generationConfig": {"maxOutputTokens": 8192}}
+
+
+def test_a_session_sticks_to_one_credential_under_round_robin():
+    route = router(TWO).resolve("c")
+    balancer = proxypal.Balancer(Clock())
+    firsts = {keys(balancer.plan(route, "round-robin", "session-a")[0])[0] for _ in range(6)}
+    assert len(firsts) == 1
+    others = {keys(balancer.plan(route, "round-robin", f"s{n}")[0])[0] for n in range(40)}
+    assert len(others) == 3                  # different sessions spread over every key
+    plain = [keys(balancer.plan(route, "round-robin")[0])[0] for _ in range(3)]
+    assert sorted(plain) == ["k1", "k2", "k3"]

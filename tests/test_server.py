@@ -11,7 +11,7 @@ import pytest
 
 import seed
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, json_answer,
-                     openai_completion, proxypal, request, send, sse_answer, mock_provider)
+                     openai_completion, proxypal, request, send, sse_answer, mock_provider, request_stream)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 
@@ -327,24 +327,28 @@ def test_no_failover_on_request_errors(upstream, proxy):
     p = proxy({"requestRetry": 3, "routingStrategy": "fill-first", "ampOpenaiProviders": [
         openai_provider(bad.url), openai_provider(other.url)]})
     status, _, body = request(p, "POST", "/v1/chat/completions", chat())
-    assert status == 400 and json.loads(body)["error"]["message"] == "Mock: bad messages"
+    assert status == 400 and json.loads(body)["error"]["message"] == "bad messages"
     assert len(other.all) == 0
 
 
-def test_every_credential_cooling_says_which_why_until(upstream, proxy):
+def test_cooldowns_divert_but_never_block(upstream, proxy, caplog):
+    """The only key answered 401 and cools down; the next request still goes to it (the
+    client sees the upstream's own answer at once), and the log says which key is cooling,
+    why and until when."""
     up = upstream(json_answer(401, {"type": "error", "error": {"type": "authentication_error",
                                                                "message": "invalid x-api-key"}}))
     p = proxy({"claudeApiKeys": [{"apiKey": "bad-key", "baseUrl": up.url}]})
-    status, _, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
-    err = json.loads(body)
-    assert status == 401 and err["error"]["type"] == "authentication_error"
-    assert "Mock" not in err["error"]["message"] and "check the apiKey" in err["error"]["message"]
-    status, headers, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS, key=None)
-    message_text = json.loads(body)["error"]["message"]
-    assert status == 503 and "cooling down" in message_text and "rejected the key (401)" in message_text
-    assert "until" in message_text and int(headers["retry-after"]) > 0
-    assert "bad-key" not in message_text
-    assert len(up.all) == 1
+    status, headers, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS,
+                                    key=None)
+    assert status == 401 and json.loads(body)["error"]["message"] == "invalid x-api-key"
+    assert "check the apiKey" in headers["x-proxypal-hint"]
+    with caplog.at_level("WARNING", logger="proxypal"):
+        status, _, body = request(p, "POST", "/v1/messages", message("claude-x"), ANTHROPIC_HEADERS,
+                                  key=None)
+    assert status == 401 and len(up.all) == 2
+    cooling = [r.getMessage() for r in caplog.records if "cooling down" in r.getMessage()]
+    assert cooling and "rejected the key (401)" in cooling[0] and "until" in cooling[0]
+    assert "bad-key" not in " ".join(r.getMessage() for r in caplog.records)
 
 
 def test_round_robin_spreads_requests(upstream, proxy):
@@ -419,9 +423,10 @@ def test_upstream_errors_pass_through_with_hints(upstream, proxy):
     status, _, body = request(p, "POST", "/v1/chat/completions", chat("m404"))
     msg = json.loads(body)["error"]["message"]
     assert status == 404 and msg.startswith("Groq: ") and "baseUrl" in msg and "/v1/chat/completions" in msg
-    status, _, body = request(p, "POST", "/v1/chat/completions", chat("m500"))
-    err = json.loads(body)["error"]
-    assert status == 500 and err["message"] == "Groq: boom" and err["type"] == "server_error"
+    status, headers, body = request(p, "POST", "/v1/chat/completions", chat("m500"))
+    assert status == 500 and body == json.dumps({"error": {"message": "boom", "type": "server_error",
+                                                           "code": None, "param": None}}).encode()
+    assert headers["x-proxypal-provider"] == "Groq"             # same format: byte for byte
     status, _, body = request(p, "POST", "/v1/messages", message(), ANTHROPIC_HEADERS, key=None)
     err = json.loads(body)
     assert status == 404 and err["type"] == "error" and err["error"]["type"] == "not_found_error"
@@ -607,10 +612,12 @@ def test_stream_ended_cleanly_but_early_gets_error_event(upstream, proxy, kind, 
     p = proxy(config)
     body = {"claude": message("claude-x", stream=True), "openai": chat(stream=True),
             "gemini": {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}}[kind]
-    status, _, out = request(p, "POST", path, body, ANTHROPIC_HEADERS if kind == "claude" else None,
-                             key=None if kind == "claude" else "proxypal-local")
+    status, _, out, complete = request_stream(p, "POST", path, body,
+                                              ANTHROPIC_HEADERS if kind == "claude" else None,
+                                              key=None if kind == "claude" else "proxypal-local")
     last = out.split(b"\n\n")[-2]
     assert status == 200 and last.startswith(marker) and words in last
+    assert complete == (kind != "gemini")   # a failed Gemini stream loses its last chunk
     assert b"text_del\n" not in out and not out.endswith(b'"text_del')   # no partial event passed on
 
 
@@ -680,9 +687,9 @@ def test_translator_bug_ends_stream_with_error_and_closes_upstream(upstream, pro
         handler.close_connection = True
     up = upstream(respond)
     p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
-    status, _, body = request(p, "POST", "/v1beta/models/claude-x:streamGenerateContent?alt=sse",
-                              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
-                              {"x-goog-api-key": "proxypal-local"}, key=None)
+    status, _, body, _ = request_stream(p, "POST", "/v1beta/models/claude-x:streamGenerateContent?alt=sse",
+                                        {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+                                        {"x-goog-api-key": "proxypal-local"}, key=None)
     assert status in (200, 500)            # failed in the first read, or after the head
     events = [e for e in body.split(b"\n\n") if e.strip()]
     assert b"internal error in proxypal (RuntimeError)" in events[-1]

@@ -239,7 +239,7 @@ def test_claude_code_request_to_openai():
 C1_ERRORS = [
     ("messages-not-a-list", anth(messages="hi"), "messages must be an array, not a string"),
     ("unknown-role-in-messages", anth(messages=[{"role": "critic", "content": "x"}]),
-     "messages[0].role is \"critic\""),
+     'messages[0]: Unexpected role "critic". The Messages API accepts a top-level `system`'),
     ("server-tool-toward-openai", anth(tools=[{"type": "web_search_20250305", "name": "web_search",
                                                "max_uses": 5}]),
      "tool 'web_search' is a web search tool that the provider runs itself, and OpenAI Chat "

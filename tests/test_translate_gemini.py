@@ -479,7 +479,7 @@ REQUEST_ERRORS = [
         {"type": "tool_result", "tool_use_id": "toolu_X", "content": "1"}]}]),
      "messages[0].content[0] answers tool call 'toolu_X'"),
     ("anthropic-unknown-role", AN_GEM, an([{"role": "critic", "content": "x"}]),
-     'messages[0].role is "critic"'),
+     'messages[0]: Unexpected role "critic"'),
     ("anthropic-unknown-tool-choice", AN_GEM, an(AN_HI, tool_choice={"type": "some"}),
      'tool_choice {"type": "some"} is unknown'),
 ]
