@@ -5,7 +5,7 @@ PYTHON ?= python3
 
 test:
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
-	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark tests
+	PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -q -p no:cacheprovider -p no:benchmark --ignore=tests/e2e tests
 
 bench:
 	$(PYTHON) tests/bench.py
@@ -24,3 +24,12 @@ lint:
 
 clean:
 	rm -rf .pytest_cache tests/__pycache__ __pycache__
+
+# make e2e: the real clients (agent CLIs from npm, the official SDKs, headless Chromium)
+# against the proxy and scripted upstreams. Installs into a cache outside the repository.
+.PHONY: e2e
+E2E_CACHE ?= $(or $(PROXYPAL_E2E_CACHE),$(HOME)/.cache/proxypal-e2e)
+e2e:
+	$(PYTHON) tests/e2e/setup_tools.py --cache "$(E2E_CACHE)"
+	PYTHONDONTWRITEBYTECODE=1 PROXYPAL_E2E_CACHE="$(E2E_CACHE)" "$(E2E_CACHE)/venv/bin/python" \
+		-m pytest -q -p no:cacheprovider --tb=line -rs tests/e2e $(E2E_ARGS)
