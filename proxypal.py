@@ -352,6 +352,7 @@ class ModelEntry:
     name: str                              # what the upstream receives
     alias: str                             # what clients ask for
     max_output_tokens: Optional[int] = None
+    context_window: Optional[int] = None   # shown in /v1/models for clients' context meters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,10 +556,11 @@ def _parse_models(reader: _Reader, required: bool) -> Tuple[ModelEntry, ...]:
         model = _Reader(item, path)
         name = model.get("name", str, required=True).strip()
         alias = (model.get("alias", str, "") or name).strip()
-        limit = model.get("maxOutputTokens", int)
-        if limit is not None and limit < 1:
-            raise ConfigError(path, f'"maxOutputTokens" must be at least 1, got {limit}')
-        entries.append(ModelEntry(name, alias, limit))
+        limits = [model.get(key, int) for key in ("maxOutputTokens", "contextWindow")]
+        for key, limit in zip(("maxOutputTokens", "contextWindow"), limits):
+            if limit is not None and limit < 1:
+                raise ConfigError(path, f'"{key}" must be at least 1, got {limit}')
+        entries.append(ModelEntry(name, alias, *limits))
     return tuple(entries)
 
 
@@ -1276,7 +1278,8 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
             "countTokens": "count"},
            _gemini_error, _data_event, "a finishReason",
            lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent),
-           # google-genai reads a bare error object as a normal end: only a broken body raises
+           # google-genai 3.x raises on an error object, but older SDKs and plain HTTP
+           # clients read it as a normal end: a broken chunked body makes every one raise
            abort_on_error=True),
 )}
 
@@ -1286,7 +1289,7 @@ def format_of_path(path: str) -> str:
     path = strip_amp_prefix(path)
     if path.startswith("/v1/messages"):
         return "anthropic"
-    if path.startswith("/v1beta/"):
+    if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
         return "gemini"
     if path.startswith("/v1/responses"):
         return "responses" if "responses" in FORMATS else "openai"
@@ -3092,6 +3095,7 @@ GEMINI_SCHEMA_KEYS = frozenset({
 GEMINI_SCHEMA_FORMATS = frozenset({"enum", "date-time", "float", "double", "int32", "int64"})
 GEMINI_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 GEMINI_MAX_STOP_SEQUENCES = 5
+GEMINI_MIN_THINKING_BUDGET = 128         # Gemini 2.5 Pro's smallest budget
 # Google's documented stand-in for a thoughtSignature a proxy cannot give back: without
 # one on the first functionCall of a turn, Gemini 3 answers 400.
 GEMINI_DUMMY_SIGNATURE = "skip_thought_signature_validator"
@@ -3479,20 +3483,24 @@ def _gemini_generation_out(chat: Chat) -> Dict[str, Any]:
         if chat.output["type"] == "json_schema":
             config["responseJsonSchema"] = chat.output.get("schema") or {}
     if chat.think:
-        config["thinkingConfig"] = _gemini_thinking_out(chat.think, chat.model)
+        config["thinkingConfig"] = _gemini_thinking_out(chat)
     return config
 
 
-def _gemini_thinking_out(think: Think, model: str) -> Dict[str, Any]:
-    """Gemini 3 takes a level, Gemini 2.5 a budget (https://ai.google.dev/gemini-api/docs/thinking)."""
+def _gemini_thinking_out(chat: Chat) -> Dict[str, Any]:
+    """Gemini 3 takes a level, Gemini 2.5 a budget (https://ai.google.dev/gemini-api/docs/thinking);
+    a budget stays under a client's cap that pays for reasoning too."""
+    think, model = chat.think or Think(), chat.model
     if think.dynamic and not think.effort:
         return {"thinkingBudget": -1, "includeThoughts": True}
     if think.effort == "none":
         return {"thinkingBudget": 0}
     if think.effort and think.budget is None and model.startswith("gemini-3"):
         return {"thinkingLevel": GEMINI_LEVELS.get(think.effort, "high"), "includeThoughts": True}
-    return {"thinkingBudget": budget_of(think) or ANTHROPIC_MIN_THINKING_BUDGET,
-            "includeThoughts": True}
+    budget = budget_of(think) or ANTHROPIC_MIN_THINKING_BUDGET
+    if chat.cap_includes_reasoning and chat.max_tokens and budget >= chat.max_tokens:
+        budget = max(chat.max_tokens // 2, GEMINI_MIN_THINKING_BUDGET)
+    return {"thinkingBudget": budget, "includeThoughts": True}
 
 
 def read_gemini_usage(meta: Any) -> Optional[Usage]:
@@ -3994,6 +4002,7 @@ class Target:
     cred: Credential
     model: str                             # the upstream's model name
     max_output_tokens: Optional[int] = None
+    context_window: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4019,7 +4028,7 @@ class Router:
             for entry in entries:
                 if _excluded(cred, entry.name, entry.alias):
                     continue
-                target = Target(cred, entry.name, entry.max_output_tokens)
+                target = Target(cred, entry.name, entry.max_output_tokens, entry.context_window)
                 self._add(entry.alias, target)
                 if cred.prefix:
                     self._add(f"{cred.prefix}/{entry.alias}", target)
@@ -4591,7 +4600,7 @@ class UpstreamResponse:
                  status: int, headers: List[Tuple[str, str]], req: UpstreamRequest):
         self._client, self._key, self._link, self.req = client, key, link, req
         self.status, self.headers = status, headers
-        self.aborted = False
+        self.aborted = self.released = False
         self.done = False
         te = self.header("transfer-encoding").lower()
         length = self.header("content-length").strip()
@@ -4682,6 +4691,9 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Back to the pool when the body was read to its end; closed otherwise."""
+        if self.released:
+            return
+        self.released = True
         if self.done and not self.will_close and not self.aborted:
             self._link.disarm()
             self._client._release(self._key, self._link)
@@ -4690,9 +4702,10 @@ class UpstreamResponse:
 
     def abort(self) -> None:
         """Close the upstream connection now (the client went away, or the body is
-        not wanted): the model stops spending tokens."""
-        self.aborted = True
-        self._link.close()
+        not wanted): the model stops spending tokens. Nothing, once released."""
+        if not self.released:
+            self.aborted = self.released = True
+            self._link.close()
 
 
 class UpstreamClient:
@@ -5016,6 +5029,14 @@ class AnthropicUpstream(Upstream):
     def body(self, op: str, model: str, body: Dict[str, Any], stream: bool,
              translated: bool) -> Dict[str, Any]:
         body["model"] = model
+        return self.sampling(body)
+
+    def sampling(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        """Current Claude models refuse temperature and top_p together: temperature stays."""
+        if "temperature" in body and "top_p" in body:
+            log.debug("%s: top_p %s left out: temperature and top_p together are refused",
+                      self.name, printable(str(body["top_p"]), 20))
+            del body["top_p"]
         return body
 
 
@@ -5048,6 +5069,7 @@ class BedrockUpstream(AnthropicUpstream):
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
                 client: Dict[str, str], query: str = "", translated: bool = True) -> UpstreamRequest:
         beta = client.get("anthropic-beta", "")
+        body = self.sampling(body)
         payload = dumps(bedrock_count_body(body, beta) if op == "count" else bedrock_body(body, beta))
         url = self.cred.base_url + bedrock_path(model, op, stream)
         accept = "x-amzn-bedrock-accept" if stream and op != "count" else "accept"
@@ -5586,9 +5608,9 @@ def model_endpoints() -> List[Endpoint]:
     """The POST endpoint of every operation every client format has (FORMATS)."""
     out = []
     for fmt in FORMATS.values():
-        if fmt.name == "gemini":
-            out.append(Endpoint("POST", "/v1beta/models/{model+}:{method}", handle_model_call,
-                                fmt="gemini"))
+        if fmt.name == "gemini":           # google-genai uses /v1 unless told /v1beta
+            out += [Endpoint("POST", f"/{version}/models/{{model+}}:{{method}}", handle_model_call,
+                             fmt="gemini") for version in ("v1beta", "v1")]
             continue
         for path, op in fmt.paths.items():
             out.append(Endpoint("POST", path, handle_model_call, op=op, fmt=fmt.name))
@@ -5597,6 +5619,7 @@ def model_endpoints() -> List[Endpoint]:
 
 ENDPOINTS: List[Endpoint] = [
     Endpoint("GET", "/health", handle_health, gate=""),
+    Endpoint("HEAD", "/", handle_health, gate=""),
     Endpoint("GET", "/v1/models", handle_models),
     Endpoint("GET", "/v1/models/", handle_models),
     Endpoint("GET", "/v1/models/{id+}", handle_model),
@@ -5642,8 +5665,14 @@ def gemini_models_payload(router: "Router") -> Dict[str, Any]:
 def model_item(router: "Router", name: str, created: int, stamp: str) -> Dict[str, Any]:
     route = router.resolve(name)
     owner = route.targets[0].cred.name if route.targets else "proxypal"
-    return {"id": name, "object": "model", "created": created, "owned_by": owner,
+    item = {"id": name, "object": "model", "created": created, "owned_by": owner,
             "type": "model", "display_name": name, "created_at": stamp}
+    target = route.targets[0] if route.targets else None
+    if target and target.context_window:   # Anthropic's Models API fields (context meters)
+        item["max_input_tokens"] = target.context_window
+    if target and target.max_output_tokens:
+        item["max_tokens"] = target.max_output_tokens
+    return item
 
 
 # -- 10.4 A model call: plan, run, answer ---------------------------------------------
@@ -5754,8 +5783,12 @@ class ModelCall:
         else:
             if self.chat is None:
                 self.chat = translator.read(self.body)
-            out = translator.write(dataclasses.replace(self.chat, model=target.model,
-                                                       stream=self.stream))
+            try:
+                out = translator.write(dataclasses.replace(self.chat, model=target.model,
+                                                           stream=self.stream))
+            except ClientError as exc:
+                raise ClientError(f"model {self.requested!r} goes to {target.cred.label} "
+                                  f"as {target.model!r}: {exc.message}") from None
         clamp_output_tokens(out, target.max_output_tokens)
         return attempt.upstream.request(self.op, target.model, out, self.stream,
                                         self.call.req.headers, self.call.req.query,
@@ -5788,12 +5821,13 @@ class ModelCall:
                     continue
             try:
                 return await self.answer(attempt, resp)
-            except asyncio.CancelledError:
-                resp.abort()
-                raise
             except UpstreamError as exc:
+                resp.abort()
                 raise UpstreamError(f"{cred.name}: {exc.message}", exc.status, cred.name,
                                     ureq.url) from None
+            except BaseException:          # cancelled, or a bug: the upstream stops too
+                resp.abort()
+                raise
         raise last_error or UpstreamError("no credential could be tried")
 
     async def answer(self, attempt: Attempt, resp: "UpstreamResponse") -> Any:
@@ -6434,12 +6468,12 @@ class Server:
         wait = call.config.first_byte_commit or None
         done, _ = await asyncio.wait([run], timeout=wait)
         while not done:
-            ping = FORMATS[call.fmt].ping
+            head, out = b"", FORMATS[call.fmt].ping
             if not call.started:
-                ping = stream_head(call, [], "text/event-stream") + model_call.commit()
+                head, out = stream_head(call, [], "text/event-stream"), model_call.commit() or out
                 log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
                          call.record.id, wait)
-            call.conn.writer.write(chunk(ping) if call.req.version == "HTTP/1.1" else ping)
+            call.conn.writer.write(head + (chunk(out) if call.req.version == "HTTP/1.1" else out))
             await call.conn.drain()
             done, _ = await asyncio.wait([run], timeout=COMMIT_PING_SECONDS)
         return run.result()
@@ -6570,6 +6604,13 @@ def model_routes(config: Config) -> List[Dict[str, Any]]:
                          "upstream_model": target.model, "format": target.cred.api,
                          "mapping": f"{route.mapping.source} -> {route.mapping.target}"
                          if route.mapping else None, "credentials": len(route.targets)})
+    for mapping in router.wild_maps:       # claude-haiku-* -> a model the user has
+        targets = router.lookup(mapping.target)
+        for target in targets:
+            rows.append({"model": mapping.source, "provider": target.cred.name,
+                         "entry": target.cred.path, "upstream_model": target.model,
+                         "format": target.cred.api, "credentials": len(targets),
+                         "mapping": f"{mapping.source} -> {mapping.target}"})
     for cred in router.wildcard_creds:
         rows.append({"model": f"{MODEL_PREFIX[cred.api]}*", "provider": cred.name,
                      "entry": cred.path, "upstream_model": "(the name asked for)",

@@ -1,0 +1,274 @@
+"""What the real agent clients need of every route, end to end through the real server:
+Claude Code's mid-conversation system messages, structured output, reasoning history,
+streams answered as streams, first-byte commits with keep-alives, provider headers,
+session affinity, the unauthenticated probes and the models list's limits."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, json_answer,
+                     openai_completion, proxypal, request, sse_answer)
+
+ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
+
+
+def openai_provider(url, models=("m",), **extra):
+    return dict({"name": "Mock", "baseUrl": url + "/v1", "apiKey": "k", "models": list(models)}, **extra)
+
+
+def events(body: bytes):
+    out = []
+    for block in body.split(b"\n\n"):
+        lines = [line for line in block.decode().split("\n") if line and not line.startswith(":")]
+        if lines:
+            fields = dict(line.split(": ", 1) for line in lines)
+            out.append((fields.get("event", ""), fields["data"]))
+    return out
+
+
+def test_claude_code_default_model_system_messages_reach_an_openai_upstream(upstream, proxy):
+    """Claude Code's default model sends role "system" entries inside messages."""
+    up = upstream(json_answer(200, openai_completion("gpt-x", "ok")))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["claude-opus-4-5"])]})
+    body = {"model": "claude-opus-4-5", "max_tokens": 100, "system": "Base.",
+            "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                         {"role": "system", "content": "The user switched to plan mode."},
+                         {"role": "user", "content": "Plan it"}]}
+    status, _, out = request(p, "POST", "/v1/messages", body, ANTHROPIC_HEADERS, key=None)
+    assert status == 200 and json.loads(out)["content"] == [{"type": "text", "text": "ok"}]
+    assert [m["role"] for m in up.last().json()["messages"]] == ["system", "user", "assistant",
+                                                                 "system", "user"]
+
+
+def test_structured_output_crosses_to_anthropic_and_gemini(upstream, proxy):
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]}
+    anthropic = upstream(json_answer(200, anthropic_message("claude-x", '{"title":"t"}')))
+    gemini = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [
+        {"text": '{"isProblem": false}'}]}, "finishReason": "STOP"}], "responseId": "r"}))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": anthropic.url, "models": ["claude-x"]}],
+               "geminiApiKeys": [{"apiKey": "g", "baseUrl": gemini.url, "models": ["gemini-x"]}]})
+    status, _, _ = request(p, "POST", "/v1beta/models/claude-x:generateContent", {
+        "contents": [{"role": "user", "parts": [{"text": "classify"}]}],
+        "generationConfig": {"responseMimeType": "application/json", "responseJsonSchema": schema}},
+        {"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 200
+    assert anthropic.last().json()["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    status, _, _ = request(p, "POST", "/v1/chat/completions", {
+        "model": "gemini-x", "messages": [{"role": "user", "content": "t"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}})
+    assert status == 200
+    config = gemini.last().json()["generationConfig"]
+    assert config["responseMimeType"] == "application/json" and config["responseJsonSchema"] == schema
+
+
+def test_thinking_history_reaches_deepseek_as_reasoning_content(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion("deepseek-reasoner")))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["deepseek-reasoner"])]})
+    body = {"model": "deepseek-reasoner", "max_tokens": 100, "messages": [
+        {"role": "user", "content": "ls"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Run ls.", "signature": ""},
+                                          {"type": "tool_use", "id": "t1", "name": "Bash",
+                                           "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "a.txt"}]}],
+            "tools": [{"name": "Bash", "input_schema": {"type": "object", "properties": {}}}]}
+    assert request(p, "POST", "/v1/messages", body, ANTHROPIC_HEADERS, key=None)[0] == 200
+    assistant = up.last().json()["messages"][1]
+    assert assistant["reasoning_content"] == "Run ls." and assistant["tool_calls"][0]["id"] == "t1"
+
+
+def test_server_tool_toward_openai_is_a_400_naming_tool_and_route(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m"], name="Groq")]})
+    body = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "news?"}],
+            "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]}
+    status, _, out = request(p, "POST", "/v1/messages", body, ANTHROPIC_HEADERS, key=None)
+    message = json.loads(out)["error"]["message"]
+    assert status == 400 and "'web_search'" in message and "'Groq'" in message and "'m'" in message
+    assert up.all == []
+
+
+def test_top_p_left_out_beside_temperature_for_anthropic(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message()))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    body = {"model": "claude-x", "max_tokens": 5, "temperature": 0.3, "top_p": 0.9,
+            "messages": [{"role": "user", "content": "Hi"}]}
+    assert request(p, "POST", "/v1/messages", body, ANTHROPIC_HEADERS, key=None)[0] == 200
+    sent = up.last().json()
+    assert sent["temperature"] == 0.3 and "top_p" not in sent
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_stream_request_answered_as_a_stream_when_the_upstream_answers_json(upstream, proxy, client):
+    up = upstream(json_answer(200, openai_completion("gpt-x", "Hello")))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m"])]})
+    if client == "anthropic":
+        status, headers, out = request(p, "POST", "/v1/messages", {
+            "model": "m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+            ANTHROPIC_HEADERS, key=None)
+        names = [e for e, _ in events(out)]
+        assert names[0] == "message_start" and names[-1] == "message_stop"
+        assert '"text":"Hello"' in out.decode()
+    else:
+        status, headers, out = request(p, "POST", "/v1/chat/completions", {
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
+        got = events(out)
+        assert got[-1] == ("", "[DONE]") and '"content":"Hello"' in out.decode()
+        assert all(json.loads(d).get("choices") for _, d in got[:-1])   # no usage chunk: not asked
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_openai_usage_chunk_only_when_asked(upstream, proxy, asked):
+    up = upstream(sse_answer(ANTHROPIC_STREAM))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    body = {"model": "claude-x", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    status, _, out = request(p, "POST", "/v1/chat/completions", body)
+    usage = [json.loads(d) for _, d in events(out) if d != "[DONE]" and json.loads(d).get("choices") == []]
+    assert status == 200 and len(usage) == (1 if asked else 0)
+    assert up.last().json()["stream"] is True
+
+
+def test_provider_named_in_a_header(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m"], name="OpenRouter")]})
+    status, headers, _ = request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": []})
+    assert status == 200 and headers["x-proxypal-provider"] == "OpenRouter"
+
+
+def test_a_claude_code_session_sticks_to_one_credential(upstream, proxy):
+    ups = [upstream(json_answer(200, anthropic_message())) for _ in range(3)]
+    p = proxy({"claudeApiKeys": [{"apiKey": f"k{i}", "baseUrl": u.url} for i, u in enumerate(ups)]})
+    for session in ("s-1", "s-2"):
+        for _ in range(4):
+            request(p, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5,
+                                                "messages": [{"role": "user", "content": "Hi"}]},
+                    dict(ANTHROPIC_HEADERS, **{"x-claude-code-session-id": session}), key=None)
+        assert sorted(len(u.all) for u in ups).count(0) >= 1   # not spread round-robin
+    hits = [len(u.all) for u in ups]
+    assert sum(hits) == 8 and all(h in (0, 4, 8) for h in hits)
+
+
+@pytest.mark.parametrize("method,path", [("HEAD", "/"), ("GET", "/health"), ("HEAD", "/health")])
+def test_probes_answer_without_a_key(proxy, method, path):
+    p = proxy({})
+    status, _, _ = request(p, method, path, key=None)
+    assert status == 200
+
+
+def test_models_list_carries_context_window_and_output_cap(proxy):
+    p = proxy({"ampOpenaiProviders": [{"name": "DeepSeek", "baseUrl": "http://127.0.0.1:9/v1", "models": [
+        {"name": "deepseek-chat", "alias": "claude-sonnet-4-5", "contextWindow": 128000,
+         "maxOutputTokens": 8192}, "plain"]}]})
+    items = {m["id"]: m for m in json.loads(request(p, "GET", "/v1/models")[2])["data"]}
+    assert items["claude-sonnet-4-5"]["max_input_tokens"] == 128000
+    assert items["claude-sonnet-4-5"]["max_tokens"] == 8192
+    assert "max_input_tokens" not in items["plain"]
+
+
+def test_models_command_lists_wildcard_mappings():
+    config = proxypal.parse_config({"ampOpenaiProviders": [{"name": "Ollama", "baseUrl": "http://h/v1",
+                                                            "models": ["llama3"]}],
+                                    "ampModelMappings": [{"from": "claude-haiku-*", "to": "llama3"}]})
+    rows = [r for r in proxypal.model_routes(config) if r["model"] == "claude-haiku-*"]
+    assert rows and rows[0]["upstream_model"] == "llama3" and rows[0]["mapping"] == "claude-haiku-* -> llama3"
+
+
+# -- the first byte: commit after firstByteCommitSeconds, keep-alives until the upstream speaks
+
+def slow_upstream(upstream, respond_after, events_or_status):
+    release = threading.Event()
+
+    def respond(handler, rec):
+        release.wait(TIMEOUT)
+        if isinstance(events_or_status, int):
+            body = json.dumps({"type": "error", "error": {"type": "overloaded_error",
+                                                          "message": "Overloaded"}}).encode()
+            handler.send_response(events_or_status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        sse_answer(events_or_status)(handler, rec)
+    return upstream(respond), release
+
+
+def read_until(sock, marker: bytes, got: bytes = b"") -> bytes:
+    while marker not in got:
+        more = sock.recv(65536)
+        assert more, got
+        got += more
+    return got
+
+
+def start_stream(port: int, body: dict, headers: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST /v1/messages HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {len(data)}\r\n\r\n"
+                 .encode() + data)
+    return sock
+
+
+@pytest.mark.parametrize("kind", ["passthrough", "translated"])
+def test_a_silent_upstream_gets_the_stream_committed_then_relayed_once(upstream, proxy, monkeypatch, kind):
+    monkeypatch.setattr(proxypal, "COMMIT_PING_SECONDS", 0.05)
+    up, release = slow_upstream(upstream, 0, ANTHROPIC_STREAM if kind == "passthrough" else OPENAI_STREAM)
+    config = {"firstByteCommitSeconds": 0.1}
+    config.update({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]} if kind == "passthrough"
+                  else {"ampOpenaiProviders": [openai_provider(up.url, ["claude-x"])]})
+    p = proxy(config)
+    sock = start_stream(p.port, {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        "x-api-key: proxypal-local\r\nanthropic-version: 2023-06-01\r\n")
+    got = read_until(sock, b"event: ping", read_until(sock, b"event: message_start"))
+    assert got.startswith(b"HTTP/1.1 200 ")                    # before the upstream said anything
+    release.set()
+    got = read_until(sock, b"0\r\n\r\n", got)
+    sock.close()
+    assert got.count(b"event: message_start") == 1 and b"event: message_stop" in got
+    assert b'"text":"Hel"' in got or b'"text":"Hello"' in got
+
+
+def test_an_upstream_error_after_the_commit_arrives_as_the_streams_error_event(upstream, proxy, monkeypatch):
+    monkeypatch.setattr(proxypal, "COMMIT_PING_SECONDS", 0.05)
+    up, release = slow_upstream(upstream, 0, 529)
+    p = proxy({"firstByteCommitSeconds": 0.1, "claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    sock = start_stream(p.port, {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        "x-api-key: proxypal-local\r\nanthropic-version: 2023-06-01\r\n")
+    got = read_until(sock, b"event: message_start")
+    release.set()
+    got = read_until(sock, b"0\r\n\r\n", got)
+    sock.close()
+    assert b"event: error" in got and b"Overloaded" in got and b"overloaded_error" in got
+
+
+def test_an_error_before_the_commit_keeps_its_status(upstream, proxy):
+    up, release = slow_upstream(upstream, 0, 529)
+    release.set()
+    p = proxy({"firstByteCommitSeconds": 5, "claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url}]})
+    status, _, _ = request(p, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                                        "messages": [{"role": "user", "content": "Hi"}]},
+                           ANTHROPIC_HEADERS, key=None)
+    assert status == 529
+
+
+def test_gemini_v1_paths_as_google_genai_sends_them(upstream, proxy):
+    """google-genai posts to /v1/models/{model}:generateContent unless told v1beta."""
+    up = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]},
+                                                    "finishReason": "STOP"}], "responseId": "r"}))
+    p = proxy({"geminiApiKeys": [{"apiKey": "g", "baseUrl": up.url, "models": ["gemini-x"]}]})
+    status, _, out = request(p, "POST", "/v1/models/gemini-x:generateContent",
+                             {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+                             {"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 200 and json.loads(out)["candidates"][0]["content"]["parts"] == [{"text": "hi"}]
+    assert up.last().path == "/v1beta/models/gemini-x:generateContent"
+    status, _, out = request(p, "POST", "/v1/models/nope:generateContent", {"contents": []},
+                             {"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 404 and json.loads(out)["error"]["status"] == "NOT_FOUND"
