@@ -19,7 +19,8 @@ PINNED_MODEL = {"direct": "gpt-e2e", "anthropic": "claude-sonnet-4-5", "openai":
 KINDS = ["anthropic", "openai", "gemini", "bedrock"]
 
 CELLS = [("direct", "default", "shell", ""), ("direct", "pinned", "shell", ""),
-         ("direct", "default", "parallel", ""), ("direct", "default", "shell", "cut")]
+         ("direct", "default", "parallel", ""), ("direct", "default", "shell", "cut"),
+         ("direct", "default", "shell", "429")]
 for _kind in KINDS:
     CELLS += [(_kind, "default", "shell", ""), (_kind, "pinned", "shell", ""),
               (_kind, "pinned", "parallel", ""), (_kind, "pinned", "shell", "cut"),
@@ -54,7 +55,7 @@ def test_claude_code(tools, cell, route, model, mode, fault):
     pinned = PINNED_MODEL.get(route, "") if model == "pinned" else ""
     timeout = 150 if fault == "429" else 120
     outcome = run_agent_cell("claude", exe, route, scenario, f"claude-{cell.name}", pinned, timeout)
-    if route == "direct":
+    if route == "direct" and not fault:     # captures of the normal calls only
         harness.save_captures("claude-code", outcome.upstream, capture_name, pinned)
     if fault:
         check_fault(outcome, scenario)

@@ -15,7 +15,7 @@ from conftest import tool_path
 from scripted_upstreams import Scenario
 
 MODES = [("shell", ""), ("patch", ""), ("parallel", ""), ("shell", "cut"), ("shell", "429")]
-CELLS = [("direct", mode, fault) for mode, fault in MODES[:4]]
+CELLS = [("direct", mode, fault) for mode, fault in MODES]
 CELLS += [(kind, mode, fault) for kind in ("responses", "openai", "anthropic", "gemini", "bedrock")
           for mode, fault in MODES]
 
@@ -45,7 +45,7 @@ def test_codex(tools, cell, route, mode, fault):
     scenario = Scenario(secrets.token_hex(4), mode, fault)
     timeout = 150 if fault == "429" else 120
     outcome = run_agent_cell("codex", exe, route, scenario, f"codex-{cell.name}", "", timeout)
-    if route == "direct":
+    if route == "direct" and not fault:     # captures of the normal calls only
         harness.save_captures("codex", outcome.upstream, capture_name)
     if fault:
         check_fault(outcome, scenario)

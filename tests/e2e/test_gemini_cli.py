@@ -17,7 +17,8 @@ PINNED_MODEL = {"direct": "gemini-2.5-flash", "gemini": "gemini-2.5-flash", "ope
                 "anthropic": "claude-sonnet-4-5"}
 
 CELLS = [("direct", "auto", "shell", ""), ("direct", "pinned", "shell", ""),
-         ("direct", "pinned", "parallel", ""), ("direct", "pinned", "shell", "cut")]
+         ("direct", "pinned", "parallel", ""), ("direct", "pinned", "shell", "cut"),
+         ("direct", "pinned", "shell", "429")]
 for _kind in ("gemini", "openai", "anthropic"):
     CELLS += [(_kind, "auto", "shell", ""), (_kind, "pinned", "shell", ""),
               (_kind, "pinned", "parallel", ""), (_kind, "pinned", "shell", "cut"),
@@ -51,7 +52,7 @@ def test_gemini_cli(tools, cell, route, model, mode, fault):
     pinned = PINNED_MODEL[route] if model == "pinned" else ""
     timeout = 150 if fault == "429" else 120
     outcome = run_agent_cell("gemini", exe, route, scenario, f"gemini-{cell.name}", pinned, timeout)
-    if route == "direct":
+    if route == "direct" and not fault:     # captures of the normal calls only
         harness.save_captures("gemini-cli", outcome.upstream, capture_name, pinned)
     if fault:
         check_fault(outcome, scenario)
