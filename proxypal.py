@@ -371,6 +371,8 @@ class Credential:
     request_retry: Optional[int]
     key: str                               # identity for cooldowns, survives reloads
     bedrock_region: str = ""               # set for Amazon Bedrock claudeApiKeys entries
+    wire_api: str = ""                     # OpenAI-compatible: "chat", or "responses" when
+                                           # Responses clients are relayed to it as they are
 
     @property
     def label(self) -> str:
@@ -611,12 +613,17 @@ def _parse_credential(api: str, obj: Any, path: str) -> Credential:
     prefix = (r.get("prefix", str, "") or "").strip().strip("/")
     headers = _parse_headers(r)
     region = bedrock_region(base, headers) if api == "anthropic" else ""
+    wire = (r.get("wireApi", str, "") or "").strip().lower() if is_openai else ""
+    if wire not in ("", "chat", "responses"):
+        raise ConfigError(path, f'"wireApi" must be "chat" or "responses", got {wire!r}')
+    if not wire and is_openai:             # OpenAI itself speaks Responses to Responses clients
+        wire = "responses" if urllib.parse.urlsplit(base).hostname == "api.openai.com" else "chat"
     return Credential(
         api=api, dialect=_dialect(api, base, region), path=path, name=name,
         api_key=api_key.strip(), base_url=base, headers=headers, proxy_url=proxy_url,
         models=_parse_models(r, is_openai), excluded=r.strings("excludedModels"), prefix=prefix,
         request_retry=retry, key=f"{api}|{base}|{short_hash(api_key)}|{short_hash(repr(headers))}",
-        bedrock_region=region)
+        bedrock_region=region, wire_api=wire)
 
 
 def _dialect(api: str, base_url: str, region: str) -> str:
@@ -1207,8 +1214,23 @@ def _data_event(event: str, data: str) -> bytes:
 _OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
 _GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^data:\s*\{\s*"error"', re.M)
 _RESPONSES_FINISHED = re.compile(
-    rb'^event:\s*(?:response\.(?:completed|incomplete|failed)|error)\s*$'
-    rb'|^data:\s*\{\s*"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"', re.M)
+    rb'^event:\s*response\.(?:completed|incomplete|failed)\s*$'
+    rb'|^data:\s*\{\s*"type"\s*:\s*"response\.(?:completed|incomplete|failed)"', re.M)
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+
+
+def _responses_failure(status: int, message: str, last: bytes = b"") -> bytes:
+    """A relayed Responses stream that failed: error, then response.failed (what Codex
+    acts on), numbered after the last event relayed."""
+    found = _SEQUENCE.findall(last)
+    seq = int(found[-1]) + 1 if found else 0
+    code = "rate_limit_exceeded" if status == 429 else "server_error"
+    error = {"type": "error", "sequence_number": seq, "code": code, "message": message, "param": None}
+    failed = {"type": "response.failed", "sequence_number": seq + 1, "response": {
+        "id": "resp_proxypal", "object": "response", "status": "failed",
+        "error": {"code": code, "message": message}, "output": [], "usage": None}}
+    return _named_event("error", dumps(error).decode()) + \
+        _named_event("response.failed", dumps(failed).decode())
 
 
 def _anthropic_finished(recent: Sequence[bytes]) -> bool:
@@ -1250,7 +1272,7 @@ class Format:
     encode: Callable[[str, str], bytes]    # one stream event, framed
     end_marker: str                        # what a complete stream ends with, for messages
     finished: Callable[[Sequence[bytes]], bool]   # do these last events end the stream?
-    opening: str = ""                      # the event that opens a stream, if it has one
+    opening: Tuple[str, ...] = ()          # the events that open a stream, if it has any
     ping: bytes = b": keep-alive\n\n"     # what keeps a silent stream alive
     abort_on_error: bool = False           # end a failed stream without the chunked body's
                                            # last chunk, so the client's HTTP layer raises
@@ -1258,8 +1280,13 @@ class Format:
     def error_body(self, status: int, message: str, err_type: str = "") -> bytes:
         return dumps(self.error(status, message, err_type))
 
-    def stream_error(self, status: int, message: str) -> bytes:
-        """An error as the last event of a stream that had already begun."""
+    failure: Optional[Callable[..., bytes]] = None   # its own way to end a failed stream
+
+    def stream_error(self, status: int, message: str, last: bytes = b"") -> bytes:
+        """An error as the last event of a stream that had already begun (`last`: the last
+        event relayed, for formats that number their events)."""
+        if self.failure is not None:
+            return self.failure(status, message, last)
         return self.encode("error", dumps(self.error(status, message, "")).decode("utf-8"))
 
 
@@ -1271,7 +1298,7 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent)),
     Format("anthropic", "Anthropic Messages",
            {"/v1/messages": "generate", "/v1/messages/count_tokens": "count"},
-           _anthropic_error, _named_event, "message_stop", _anthropic_finished, "message_start",
+           _anthropic_error, _named_event, "message_stop", _anthropic_finished, ("message_start",),
            b'event: ping\ndata: {"type":"ping"}\n\n'),
     Format("gemini", "Gemini",
            {"generateContent": "generate", "streamGenerateContent": "stream",
@@ -1281,6 +1308,11 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            # google-genai 3.x raises on an error object, but older SDKs and plain HTTP
            # clients read it as a normal end: a broken chunked body makes every one raise
            abort_on_error=True),
+    Format("responses", "OpenAI Responses",
+           {"/v1/responses": "generate", "/v1/responses/input_tokens": "count"},
+           _openai_error, _named_event, "response.completed",
+           lambda recent: any(_RESPONSES_FINISHED.search(e) for e in recent),
+           ("response.created", "response.in_progress"), failure=_responses_failure),
 )}
 
 
@@ -1292,7 +1324,7 @@ def format_of_path(path: str) -> str:
     if path.startswith("/v1beta/") or (path.startswith("/v1/models/") and ":" in path):
         return "gemini"
     if path.startswith("/v1/responses"):
-        return "responses" if "responses" in FORMATS else "openai"
+        return "responses"
     return "openai"
 
 
@@ -3766,17 +3798,513 @@ class GeminiStreamWriter:
         return [("", json_text(_gemini_error(status, message)))]
 
 
+# -- 7.5 OpenAI Responses ----------------------------------------------------------
+# https://platform.openai.com/docs/api-reference/responses and .../responses-streaming.
+# A client format (Codex CLI speaks nothing else), and an upstream one only for a relay
+# to a server that speaks it natively: the proxy keeps no conversation state.
+
+NAMESPACE_JOIN = "__"                     # a namespace's tools as flat function names
+RESPONSES_INCOMPLETE = {"length": "max_output_tokens", "context": "max_output_tokens",
+                        "refusal": "content_filter"}
+RESPONSES_ECHO = ("instructions", "max_output_tokens", "parallel_tool_calls", "reasoning",
+                  "store", "temperature", "text", "tool_choice", "tools", "top_p", "metadata")
+RESPONSES_HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "code_interpreter",
+                          "image_generation", "mcp", "computer_use_preview", "local_shell",
+                          "shell", "apply_patch")
+
+
+def read_responses_request(body: Dict[str, Any]) -> Chat:
+    """A Responses request in the internal form. previous_response_id and store: true
+    need state this proxy does not keep, so they are refused here: a relay to an upstream
+    that speaks Responses never reads the request."""
+    if body.get("previous_response_id") or body.get("conversation"):
+        raise ClientError('"previous_response_id" refers to a response this proxy does not keep; '
+                          'send the whole conversation in "input" with "store": false (as Codex '
+                          "does), or route the model to an upstream that speaks the Responses API")
+    if body.get("store") is True:
+        raise ClientError('"store": true asks to keep the response, and this upstream cannot: '
+                          'send "store": false, or route the model to an upstream that speaks '
+                          "the Responses API")
+    chat = Chat(model=body["model"] if isinstance(body.get("model"), str) else "")
+    if isinstance(body.get("instructions"), str) and body["instructions"]:
+        chat.system = [Text(body["instructions"])]
+    _responses_tools(as_list(body.get("tools"), "tools"), chat)
+    given = body.get("input")
+    if isinstance(given, str):
+        chat.turns = [Turn("user", [Text(given)] if given else [])]
+    else:
+        names: Dict[str, str] = {}
+        for i, item in enumerate(as_list(given, "input")):
+            if not isinstance(item, dict):
+                raise ClientError(f"input[{i}] must be an object, got {_short(item)}")
+            chat.turns += _responses_item(item, f"input[{i}]", names, chat)
+    _responses_settings(body, chat)
+    return chat
+
+
+def _responses_item(item: Dict[str, Any], where: str, names: Dict[str, str], chat: Chat) -> List[Turn]:
+    kind = item.get("type") or ("message" if "role" in item else None)
+    if kind == "message":
+        return [_responses_message(item, where)]
+    if kind in ("function_call", "custom_tool_call"):
+        call_id = safe_id(item.get("call_id"), f"call_{len(names)}")
+        name = str(item.get("name") or "")
+        if item.get("namespace"):
+            name = f"{item['namespace']}{NAMESPACE_JOIN}{name}"
+        names[call_id] = name
+        custom = kind == "custom_tool_call"
+        args = str(item.get("input") or "") if custom else tool_args(item.get("arguments"))
+        return [Turn("assistant", [ToolCall(call_id, name, args, custom=custom)])]
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        call_id = safe_id(item.get("call_id"), "call_missing")
+        output = item.get("output")
+        parts = [Text(output)] if isinstance(output, str) and output else \
+            _responses_parts(output, where + ".output") if isinstance(output, list) else []
+        return [Turn("user", [ToolResult(call_id, names.get(call_id, ""), parts, where=where)])]
+    if kind == "reasoning":
+        texts = [p.get("text") for p in (item.get("summary") or []) + (item.get("content") or [])
+                 if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        origin, value, redacted = uncarry(item.get("encrypted_content"), "responses")
+        return [Turn("assistant", [Reasoning("\n".join(texts), value, origin, redacted)])]
+    if kind == "item_reference":
+        raise ClientError(f"{where}: an item_reference needs the response this proxy does not "
+                          "keep; send the item itself")
+    log.debug("%s: %s items have no meaning for this upstream; left out", where, printable(str(kind)))
+    return []
+
+
+def _responses_message(item: Dict[str, Any], where: str) -> Turn:
+    role = item.get("role")
+    content = item.get("content")
+    parts = ([Text(content)] if content else []) if isinstance(content, str) else \
+        _responses_parts(content, where + ".content")
+    if role in ("system", "developer"):
+        return Turn("system", [p for p in parts if isinstance(p, Text)])
+    if role not in ("user", "assistant"):
+        raise ClientError(f"{where}.role is {_short(role)}; use user, assistant, system or developer")
+    return Turn(role, parts)
+
+
+def _responses_parts(content: Any, where: str) -> List[Any]:
+    parts: List[Any] = []
+    for j, part in enumerate(as_list(content, where)):
+        at, kind = f"{where}[{j}]", part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            text = part.get("text", part.get("refusal"))
+            parts += [Text(text)] if isinstance(text, str) and text else []
+        elif kind == "input_image" and part.get("image_url"):
+            parts.append(media_from_url(part["image_url"], f"{at}.image_url"))
+        elif kind == "input_file" and (part.get("file_data") or part.get("file_url")):
+            parts.append(media_from_url(part.get("file_data") or part.get("file_url"),
+                                        f"{at}.file_data", name=str(part.get("filename") or ""),
+                                        mime="application/pdf"))
+        elif kind == "input_audio" and isinstance(part.get("input_audio"), dict):
+            audio = part["input_audio"]
+            parts.append(Media(f"audio/{audio.get('format') or 'wav'}", data=str(audio.get("data") or ""),
+                               where=at))
+        else:
+            raise ClientError(f"{at}: content part {_short(part)} cannot be translated: send "
+                              "input_text, input_image or input_file with data or a URL")
+    return parts
+
+
+def _responses_tools(tools: List[Any], chat: Chat) -> None:
+    """Function tools as they are; freeform `custom` tools (Codex's apply_patch) as one
+    string parameter; a namespace's tools flattened to <namespace>__<name>; tools the
+    upstream must run itself (web search and the like) as server tools."""
+    namespaces: Dict[str, Tuple[str, str]] = {}
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "namespace":
+            for child in as_list(tool.get("tools"), f"tools[{i}].tools"):
+                flat = f"{tool.get('name')}{NAMESPACE_JOIN}{child.get('name')}"
+                namespaces[flat] = (str(tool.get("name")), str(child.get("name")))
+                chat.tools.append(_responses_tool(dict(child, name=flat), f"tools[{i}]"))
+        else:
+            chat.tools.append(_responses_tool(tool, f"tools[{i}]"))
+    chat.extra["namespaces"] = namespaces
+    chat.extra["custom"] = {t.name for t in chat.tools if t.custom}
+
+
+def _responses_tool(tool: Any, where: str) -> Tool:
+    kind = tool.get("type", "function") if isinstance(tool, dict) else None
+    if kind == "function" and isinstance(tool.get("name"), str):
+        schema = tool.get("parameters")
+        return Tool(tool["name"], str(tool.get("description") or ""),
+                    schema if isinstance(schema, dict) else None)
+    if kind == "custom" and isinstance(tool.get("name"), str):
+        description = str(tool.get("description") or "")
+        fmt = tool.get("format") if isinstance(tool.get("format"), dict) else {}
+        if fmt.get("type") == "grammar" and fmt.get("definition"):
+            description += (f"\n\nThe input is raw text in this {fmt.get('syntax', '')} grammar, "
+                            f"not JSON:\n{fmt['definition']}")
+        return Tool(tool["name"], description, custom=True)
+    if kind in RESPONSES_HOSTED_TOOLS:
+        return Tool(str(kind), server="web_search" if kind.startswith("web_search") else str(kind))
+    raise ClientError(f"{where}: tool {_short(tool)} cannot be translated: send function or "
+                      "custom tools")
+
+
+def _responses_settings(body: Dict[str, Any], chat: Chat) -> None:
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind in ("function", "custom") and choice.get("name"):
+            chat.tool_choice, chat.tool_name = "tool", str(choice["name"])
+        elif kind == "allowed_tools":
+            chat.tool_choice = {"required": "any"}.get(choice.get("mode"), "auto")
+        else:
+            chat.tool_choice = "auto"
+    elif choice in OPENAI_TOOL_CHOICES:
+        chat.tool_choice = OPENAI_TOOL_CHOICES[choice]
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        chat.parallel = body["parallel_tool_calls"]
+    chat.max_tokens = count(body.get("max_output_tokens")) or None
+    for key in ("temperature", "top_p"):
+        if _is_number(body.get(key)):
+            setattr(chat, key, body[key])
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    if reasoning.get("effort") in EFFORTS:
+        chat.think = Think(effort=reasoning["effort"], summary=str(reasoning.get("summary") or ""))
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    fmt = text.get("format") if isinstance(text.get("format"), dict) else {}
+    if fmt.get("type") == "json_schema":
+        chat.output = {"type": "json_schema", "schema": fmt.get("schema") or {"type": "object"},
+                       "name": fmt.get("name") or "response", "strict": fmt.get("strict")}
+    elif fmt.get("type") == "json_object":
+        chat.output = {"type": "json_object"}
+    if isinstance(body.get("stream"), bool):
+        chat.stream = body["stream"]
+    user = body.get("user") or body.get("safety_identifier")
+    chat.user = user if isinstance(user, str) else ""
+    chat.extra["echo"] = {k: body[k] for k in RESPONSES_ECHO if k in body}
+
+
+def read_responses_response(body: Dict[str, Any]) -> Answer:
+    """A Responses answer (from an upstream that answered a stream request whole)."""
+    if not isinstance(body.get("output"), list):
+        message, _ = upstream_message(dumps(body))
+        raise UpstreamError(f"answered without output: {message}")
+    parts: List[Any] = []
+    for item in body["output"]:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "message":
+            parts += [p for p in _responses_parts(item.get("content") or [], "output")
+                      if isinstance(p, Text)]
+        elif kind in ("function_call", "custom_tool_call", "reasoning"):
+            parts += [p for turn in _responses_item(item, "output", {}, Chat()) for p in turn.parts]
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    details = usage.get("input_tokens_details") or {}
+    reasoning = (usage.get("output_tokens_details") or {}).get("reasoning_tokens")
+    incomplete = (body.get("incomplete_details") or {}).get("reason")
+    stop = "tool" if any(isinstance(p, ToolCall) for p in parts) else \
+        {"max_output_tokens": "length", "content_filter": "refusal"}.get(incomplete, "end")
+    return Answer(str(body.get("id") or short_hash(json_text(body))), parts, stop,
+                  Usage(count(usage.get("input_tokens")), count(details.get("cached_tokens")), 0,
+                        count(usage.get("output_tokens")), count(reasoning),
+                        count(usage.get("total_tokens"))))
+
+
+def write_responses_usage(usage: Optional[Usage]) -> Optional[Dict[str, Any]]:
+    if usage is None:
+        return None
+    return {"input_tokens": usage.input, "input_tokens_details": {"cached_tokens": usage.cached},
+            "output_tokens": usage.output,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning},
+            "total_tokens": usage.sum()}
+
+
+def responses_object(resp_id: str, model: str, ask: Optional[Chat], status: str,
+                     output: List[Dict[str, Any]], usage: Optional[Usage], created: int,
+                     **extra: Any) -> Dict[str, Any]:
+    """The response object: what was asked for echoed, as OpenAI does."""
+    echo = ask.extra.get("echo", {}) if ask is not None else {}
+    out = {"id": resp_id, "object": "response", "created_at": created, "status": status,
+           "background": False, "error": None, "incomplete_details": None,
+           "instructions": echo.get("instructions"), "max_output_tokens": echo.get("max_output_tokens"),
+           "model": model, "output": output,
+           "parallel_tool_calls": echo.get("parallel_tool_calls", True),
+           "previous_response_id": None,
+           "reasoning": echo.get("reasoning") or {"effort": None, "summary": None},
+           "store": echo.get("store", False), "temperature": echo.get("temperature", 1.0),
+           "text": echo.get("text") or {"format": {"type": "text"}},
+           "tool_choice": echo.get("tool_choice", "auto"), "tools": echo.get("tools", []),
+           "top_p": echo.get("top_p", 1.0), "truncation": "disabled",
+           "usage": write_responses_usage(usage), "user": None,
+           "metadata": echo.get("metadata") or {}}
+    out.update(extra)
+    return out
+
+
+def _responses_call_item(call_id: str, name: str, arguments: Any, ask: Optional[Chat],
+                         status: str = "completed") -> Dict[str, Any]:
+    """A tool call as its output item: a freeform tool's call as custom_tool_call with its
+    raw input unwrapped, a namespaced one split back into name and namespace."""
+    custom = ask.extra.get("custom", set()) if ask is not None else set()
+    namespaces = ask.extra.get("namespaces", {}) if ask is not None else {}
+    if name in custom:
+        args = arguments if isinstance(arguments, dict) else tool_args(arguments)
+        raw = arguments if isinstance(arguments, str) and not args else args.get("input", "")
+        item: Dict[str, Any] = {"id": f"ctc_{call_id}", "type": "custom_tool_call",
+                                "status": status, "call_id": call_id, "name": name,
+                                "input": raw if isinstance(raw, str) else json_text(raw)}
+    else:
+        item = {"id": f"fc_{call_id}", "type": "function_call", "status": status,
+                "call_id": call_id, "name": name,
+                "arguments": arguments if isinstance(arguments, str) else json_text(arguments)}
+    if name in namespaces:
+        item["namespace"], item["name"] = namespaces[name]
+    return item
+
+
+def _responses_reasoning_item(item_id: str, text: str, signature: str, origin: str,
+                              redacted: bool) -> Dict[str, Any]:
+    item: Dict[str, Any] = {"id": item_id, "type": "reasoning",
+                            "summary": [{"type": "summary_text", "text": text}] if text else []}
+    if signature:
+        item["encrypted_content"] = carry(signature, origin, "responses", redacted)
+    return item
+
+
+def _responses_message_item(item_id: str, text: str, status: str = "completed") -> Dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}]}
+
+
+def write_responses_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
+    resp_id = _prefixed(answer.id, "resp_")
+    output: List[Dict[str, Any]] = []
+    for n, part in enumerate(answer.parts):
+        if isinstance(part, Reasoning):
+            output.append(_responses_reasoning_item(f"rs_{resp_id[5:]}_{n}", part.text,
+                                                    part.signature, part.origin, part.redacted))
+        elif isinstance(part, Text):
+            if output and output[-1]["type"] == "message":
+                output[-1]["content"][0]["text"] += part.text
+            else:
+                output.append(_responses_message_item(f"msg_{resp_id[5:]}_{n}", part.text))
+        elif isinstance(part, ToolCall):
+            output.append(_responses_call_item(part.id, part.name, part.args if part.custom
+                                               else call_arguments(part), ask))
+    reason = RESPONSES_INCOMPLETE.get(answer.stop)
+    return responses_object(resp_id, model, ask, "incomplete" if reason else "completed", output,
+                            answer.usage, int(time.time()),
+                            incomplete_details={"reason": reason} if reason else None)
+
+
+def responses_error_code(status: int, message: str) -> str:
+    """The code Codex acts on: rate limits retried with their delay, a context overflow
+    not retried (it compacts), everything else retried."""
+    lowered = message.lower()
+    if status == 429:
+        return "rate_limit_exceeded"
+    if "prompt is too long" in lowered or "context length" in lowered or \
+            "context_length" in lowered or "too many tokens" in lowered:
+        return "context_length_exceeded"
+    return "server_error"
+
+
+class ResponsesStreamWriter:
+    """The writer's calls in, Responses events out, in the grammar the SDK's stream helper
+    checks: response.created first; each item added, its deltas, its done, with dense
+    output_index and content_index; a terminal response.completed (or .incomplete) with
+    the full output and usage; a failure as error then response.failed. Every event
+    carries its type and sequence_number; the response is nested under "response"."""
+    failed = False                         # ended by fail()
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
+        self.model, self.ask = model, ask
+        self.seq, self.created, self.id = 0, int(time.time()), ""
+        self.started = self.done = False
+        self.stopped = ""
+        self.output: List[Optional[Dict[str, Any]]] = []     # finished items by output_index
+        self.message: Optional[Dict[str, Any]] = None        # the open message item
+        self.thought: Optional[Dict[str, Any]] = None        # the open reasoning item
+        self.calls: Dict[Any, Dict[str, Any]] = {}           # open tool items by key
+        self.usage: Optional[Usage] = None
+
+    def _event(self, kind: str, **fields: Any) -> Tuple[str, str]:
+        self.seq += 1
+        return kind, json_text({"type": kind, "sequence_number": self.seq - 1, **fields})
+
+    def _response(self, status: str, **extra: Any) -> Dict[str, Any]:
+        return responses_object(self.id, self.model, self.ask, status,
+                                [i for i in self.output if i is not None], self.usage,
+                                self.created, **extra)
+
+    def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.started:
+            return []
+        self.started, self.id = True, _prefixed(resp_id, "resp_")
+        response = self._response("in_progress")
+        return [self._event("response.created", response=response),
+                self._event("response.in_progress", response=response)]
+
+    def _begin(self) -> List[Tuple[str, str]]:
+        return [] if self.started else self.start(short_hash(self.model), None)
+
+    def _add(self, item: Dict[str, Any]) -> Tuple[int, List[Tuple[str, str]]]:
+        index = len(self.output)
+        self.output.append(None)
+        return index, [self._event("response.output_item.added", output_index=index, item=item)]
+
+    def text(self, text: str) -> List[Tuple[str, str]]:
+        out = self._begin()
+        if self.message is None:
+            out += self._close_thought("completed")
+            item_id = f"msg_{self.id[5:]}_{len(self.output)}"
+            index, added = self._add({"id": item_id, "type": "message", "status": "in_progress",
+                                      "role": "assistant", "content": []})
+            self.message = {"index": index, "id": item_id, "text": []}
+            out += added + [self._event("response.content_part.added", item_id=item_id,
+                                        output_index=index, content_index=0, part={
+                                            "type": "output_text", "annotations": [],
+                                            "logprobs": [], "text": ""})]
+        self.message["text"].append(text)
+        return out + [self._event("response.output_text.delta", item_id=self.message["id"],
+                                  output_index=self.message["index"], content_index=0,
+                                  delta=text, logprobs=[])]
+
+    def _close_message(self, status: str) -> List[Tuple[str, str]]:
+        if self.message is None:
+            return []
+        m, self.message = self.message, None
+        text = "".join(m["text"])
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        item = _responses_message_item(m["id"], text, status)
+        self.output[m["index"]] = item
+        common = {"item_id": m["id"], "output_index": m["index"], "content_index": 0}
+        return [self._event("response.output_text.done", text=text, logprobs=[], **common),
+                self._event("response.content_part.done", part=part, **common),
+                self._event("response.output_item.done", output_index=m["index"], item=item)]
+
+    def _open_thought(self) -> List[Tuple[str, str]]:
+        if self.thought is not None:
+            return []
+        out = self._begin() + self._close_message("completed")
+        item_id = f"rs_{self.id[5:]}_{len(self.output)}"
+        index, added = self._add({"id": item_id, "type": "reasoning", "summary": []})
+        self.thought = {"index": index, "id": item_id, "text": [], "signature": ("", "", False)}
+        return out + added
+
+    def reasoning(self, text: str) -> List[Tuple[str, str]]:
+        if not text:
+            return []
+        out = self._open_thought()
+        t = self.thought
+        if not t["text"]:
+            out.append(self._event("response.reasoning_summary_part.added", item_id=t["id"],
+                                   output_index=t["index"], summary_index=0,
+                                   part={"type": "summary_text", "text": ""}))
+        t["text"].append(text)
+        return out + [self._event("response.reasoning_summary_text.delta", item_id=t["id"],
+                                  output_index=t["index"], summary_index=0, delta=text)]
+
+    def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
+        out = self._open_thought()
+        self.thought["signature"] = (value, origin, redacted)
+        return out + (self._close_thought("completed") if redacted else [])
+
+    def _close_thought(self, status: str) -> List[Tuple[str, str]]:
+        if self.thought is None:
+            return []
+        t, self.thought = self.thought, None
+        text = "".join(t["text"])
+        out = []
+        if t["text"]:
+            common = {"item_id": t["id"], "output_index": t["index"], "summary_index": 0}
+            out += [self._event("response.reasoning_summary_text.done", text=text, **common),
+                    self._event("response.reasoning_summary_part.done",
+                                part={"type": "summary_text", "text": text}, **common)]
+        item = _responses_reasoning_item(t["id"], text, *t["signature"])
+        self.output[t["index"]] = item
+        return out + [self._event("response.output_item.done", output_index=t["index"], item=item)]
+
+    def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
+        out = self._begin() + self._close_message("completed") + self._close_thought("completed")
+        item = _responses_call_item(call_id, name, "", self.ask, "in_progress")
+        index, added = self._add(item)
+        self.calls[key] = {"index": index, "item": item, "name": name, "args": []}
+        return out + added
+
+    def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
+        call = self.calls.get(key)
+        if call is None or not fragment:
+            return []
+        call["args"].append(fragment)
+        if call["item"]["type"] == "custom_tool_call":
+            return []                      # the raw input comes unwrapped at the end
+        return [self._event("response.function_call_arguments.delta", item_id=call["item"]["id"],
+                            output_index=call["index"], delta=fragment)]
+
+    def tool_end(self, key: Any, status: str = "completed") -> List[Tuple[str, str]]:
+        call = self.calls.pop(key, None)
+        if call is None:
+            return []
+        arguments = "".join(call["args"]) or "{}"
+        item = _responses_call_item(call["item"]["call_id"], call["name"], arguments, self.ask, status)
+        self.output[call["index"]] = item
+        common = {"item_id": item["id"], "output_index": call["index"]}
+        if item["type"] == "custom_tool_call":
+            out = [self._event("response.custom_tool_call_input.delta", delta=item["input"], **common),
+                   self._event("response.custom_tool_call_input.done", input=item["input"], **common)]
+        else:
+            out = [self._event("response.function_call_arguments.done", arguments=arguments,
+                               name=item["name"], **common)]
+        return out + [self._event("response.output_item.done", output_index=call["index"], item=item)]
+
+    def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
+                  origin: str = "") -> List[Tuple[str, str]]:
+        key = object()
+        return self.tool_start(key, call_id, name) + self.tool_args(key, arguments) + \
+            self.tool_end(key)
+
+    def stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped or self.done:
+            return []
+        self.stopped = reason
+        status = "incomplete" if reason in RESPONSES_INCOMPLETE else "completed"
+        out = self._begin() + self._close_thought(status) + self._close_message(status)
+        for key in list(self.calls):
+            out += self.tool_end(key, status)
+        return out
+
+    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        out = self.stop("end")
+        self.done, self.usage = True, usage or self.usage or Usage()
+        reason = RESPONSES_INCOMPLETE.get(self.stopped)
+        if reason:
+            return out + [self._event("response.incomplete", response=self._response(
+                "incomplete", incomplete_details={"reason": reason}))]
+        return out + [self._event("response.completed", response=self._response("completed"))]
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        self.done = self.failed = True
+        message = named(self.provider, message)
+        code = responses_error_code(status, message)
+        out = self._begin()
+        return out + [self._event("error", code=code, message=message, param=None),
+                      self._event("response.failed", response=self._response(
+                          "failed", error={"code": code, "message": message}))]
+
+
 # -- 7.6 Composition: TRANSLATORS, whole answers replayed as streams, StreamPipe ----
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-    """One format's readers and writers."""
+    """One format's readers and writers; a format no upstream is translated to (OpenAI
+    Responses) has no request writer and no stream reader."""
     read_request: Callable[[Dict[str, Any]], Chat]
-    write_request: Callable[[Chat], Dict[str, Any]]
+    write_request: Optional[Callable[[Chat], Dict[str, Any]]]
     read_response: Callable[[Dict[str, Any]], Answer]
     write_response: Callable[[Answer, str, Optional[Chat]], Dict[str, Any]]
-    stream_reader: Callable[[Any], Any]        # writer -> reader of this format's stream
-    stream_writer: Callable[..., Any]          # (model, input_estimate, ask) -> writer
+    stream_reader: Optional[Callable[[Any], Any]]    # writer -> reader of this format's stream
+    stream_writer: Callable[..., Any]                # (model, input_estimate, ask) -> writer
 
 
 CODECS: Dict[str, Codec] = {
@@ -3786,6 +4314,8 @@ CODECS: Dict[str, Codec] = {
                        write_anthropic_response, AnthropicStreamReader, AnthropicStreamWriter),
     "gemini": Codec(read_gemini_request, write_gemini_request, read_gemini_response,
                     write_gemini_response, GeminiStreamReader, GeminiStreamWriter),
+    "responses": Codec(read_responses_request, None, read_responses_response,
+                       write_responses_response, None, ResponsesStreamWriter),
 }
 
 
@@ -3829,7 +4359,8 @@ class Translator:
 
 
 TRANSLATORS: Dict[Tuple[str, str], Translator] = {
-    (client, upstream): Translator(client, upstream) for client in CODECS for upstream in CODECS}
+    (client, upstream): Translator(client, upstream) for client in CODECS for upstream in CODECS
+    if CODECS[upstream].write_request is not None or client == upstream}
 
 
 def replay(answer: Answer, writer: Any) -> List[Tuple[str, str]]:
@@ -3857,10 +4388,12 @@ def estimate_tokens(body: Dict[str, Any]) -> int:
     return (len(dumps(parts)) + 3) // 4 if parts else 0
 
 
-def local_count(fmt: str, body: Dict[str, Any]) -> Dict[str, int]:
+def local_count(fmt: str, body: Dict[str, Any]) -> Dict[str, Any]:
     """A token count answered here for an upstream that cannot count: an estimate."""
     if fmt == "gemini":
         return {"totalTokens": estimate_tokens(body)}
+    if fmt == "responses":
+        return {"object": "response.input_tokens", "input_tokens": estimate_tokens(body)}
     return {"input_tokens": estimate_tokens(body)}
 
 
@@ -3916,15 +4449,15 @@ class EventRelay:
     def __init__(self, fmt: str) -> None:
         self.fmt = FORMATS[fmt]
         self.done = self.started = False
-        self.skip = ""
+        self.skip: List[str] = []
         self.recent: List[bytes] = []
         self.usage: Optional[Usage] = None
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         if self.done or not event:
             return []
-        if self.skip and event == self.skip:   # the commit sent its own opening event
-            self.skip = ""
+        if event in self.skip:             # the commit sent its own opening events
+            self.skip.remove(event)
             return []
         self.started = True
         self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
@@ -3985,7 +4518,7 @@ class StreamPipe:
         """The client's stream was opened before the upstream answered: a relayed
         upstream's own opening event must not come twice."""
         if isinstance(self.reader, EventRelay):
-            self.reader.skip = FORMATS[self.reader.fmt.name].opening
+            self.reader.skip = list(self.reader.fmt.opening)
 
     def _out(self, events: List[Tuple[str, str]], closing: bool = False) -> bytes:
         out: List[Tuple[str, str]] = []
@@ -4867,6 +5400,7 @@ def connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseE
 
 # -- 9.3 Upstream adapters: one per dialect ------------------------------------------
 
+RESPONSES_PATHS = {"generate": "/responses", "count": "/responses/input_tokens"}
 FORWARDED_HEADERS = {
     "openai": ("accept", "user-agent", "http-referer", "x-title", "openai-beta"),
     "anthropic": ("accept", "user-agent", "anthropic-beta"),
@@ -4918,11 +5452,17 @@ class Upstream:
     def auth_headers(self) -> Dict[str, str]:
         return {"authorization": f"Bearer {self.cred.api_key}"} if self.cred.api_key else {}
 
-    def serves(self, op: str) -> bool:
-        return op in self.paths
+    def api_for(self, client: str) -> str:
+        """The format this upstream is spoken to in, for a client of format `client`: its
+        own, or the Responses API relayed as it is when it speaks that natively."""
+        return "responses" if client == "responses" and self.cred.wire_api == "responses" \
+            else self.api
 
-    def url(self, op: str, model: str, stream: bool, query: str) -> str:
-        return self.cred.base_url + self.paths[op]
+    def serves(self, op: str, api: str = "") -> bool:
+        return op in (RESPONSES_PATHS if api == "responses" else self.paths)
+
+    def url(self, op: str, model: str, stream: bool, query: str, api: str = "") -> str:
+        return self.cred.base_url + (RESPONSES_PATHS if api == "responses" else self.paths)[op]
 
     def body(self, op: str, model: str, body: Dict[str, Any], stream: bool,
              translated: bool) -> Dict[str, Any]:
@@ -4938,14 +5478,15 @@ class Upstream:
         return body
 
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
-                client: Dict[str, str], query: str = "", translated: bool = True) -> UpstreamRequest:
+                client: Dict[str, str], query: str = "", translated: bool = True,
+                api: str = "") -> UpstreamRequest:
         payload = dumps(self.body(op, model, body, stream, translated))
         headers = dict(self.headers)
         for name in FORWARDED_HEADERS[self.api]:
             if name in client and name not in self.configured:
                 headers[name] = client[name]
         self.add_client_headers(headers, client)
-        return UpstreamRequest("POST", self.url(op, model, stream, query), headers, payload,
+        return UpstreamRequest("POST", self.url(op, model, stream, query, api), headers, payload,
                                self.name, self.proxy, *self.timeouts)
 
     def add_client_headers(self, headers: Dict[str, str], client: Dict[str, str]) -> None:
@@ -5020,7 +5561,7 @@ class AnthropicUpstream(Upstream):
                     f'"models": [{{"name": "<deployment name>", "alias": "{requested}"}}]')
         return super().hint(status, url, body, model, requested)
 
-    def url(self, op: str, model: str, stream: bool, query: str) -> str:
+    def url(self, op: str, model: str, stream: bool, query: str, api: str = "") -> str:
         url = self.cred.base_url + self.paths[op]
         if "beta=true" in query.split("&"):
             url += "?beta=true"                # the SDK's client.beta.messages
@@ -5067,7 +5608,8 @@ class BedrockUpstream(AnthropicUpstream):
         return {}
 
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
-                client: Dict[str, str], query: str = "", translated: bool = True) -> UpstreamRequest:
+                client: Dict[str, str], query: str = "", translated: bool = True,
+                api: str = "") -> UpstreamRequest:
         beta = client.get("anthropic-beta", "")
         body = self.sampling(body)
         payload = dumps(bedrock_count_body(body, beta) if op == "count" else bedrock_body(body, beta))
@@ -5116,7 +5658,7 @@ class GeminiUpstream(Upstream):
     def auth_headers(self) -> Dict[str, str]:
         return {"x-goog-api-key": self.cred.api_key}
 
-    def url(self, op: str, model: str, stream: bool, query: str) -> str:
+    def url(self, op: str, model: str, stream: bool, query: str, api: str = "") -> str:
         method = ":streamGenerateContent?alt=sse" if stream and op == "generate" else self.paths[op]
         return f"{self.cred.base_url}/v1beta/models/{urllib.parse.quote(model, safe='')}{method}"
 
@@ -5747,14 +6289,17 @@ class ModelCall:
             raise unknown_model(self.setup, model)
         record = self.call.record
         record.model, record.routed, self.requested = model, route.routed, route.requested
-        usable = [t for t in route.targets if self._upstream(t).serves(self.op) or self.op == "count"]
+        fmt = self.call.fmt
+        usable = [t for t in route.targets
+                  if self._upstream(t).serves(self.op, self._upstream(t).api_for(fmt)) or self.op == "count"]
         if not usable:
             first = route.targets[0].cred
             raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
                               f"{FORMATS[first.api].title} API; {self.call.req.path} cannot reach "
                               "it: call that provider's endpoint instead")
-        if not self._upstream(usable[0]).serves(self.op):
-            record.provider = usable[0].cred.name    # an upstream that cannot count
+        first = self._upstream(usable[0])
+        if self.op == "count" and (first.api_for(fmt) != fmt or not first.serves("count", fmt)):
+            record.provider = usable[0].cred.name    # counted here: an estimate
             return Reply(200, dumps(local_count(self.call.fmt, body)))
         ready, cooling = self.server.balancer.plan(
             dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy,
@@ -5764,7 +6309,8 @@ class ModelCall:
                         ready[0].cred.label)
         retries = usable[0].cred.request_retry
         retries = self.setup.config.request_retry if retries is None else retries
-        self.attempts = [Attempt(t, self._upstream(t), TRANSLATORS[(self.call.fmt, t.cred.api)])
+        self.attempts = [Attempt(t, self._upstream(t),
+                                 TRANSLATORS[(fmt, self._upstream(t).api_for(fmt))])
                          for t in ready[:1 + retries]]
         log.debug("route %s -> %s via %s", printable(model), route.routed,
                   ", ".join(f"{a.target.cred.label} as {a.target.model!r}" for a in self.attempts))
@@ -5792,7 +6338,7 @@ class ModelCall:
         clamp_output_tokens(out, target.max_output_tokens)
         return attempt.upstream.request(self.op, target.model, out, self.stream,
                                         self.call.req.headers, self.call.req.query,
-                                        translated=not translator.passthrough)
+                                        not translator.passthrough, translator.upstream)
 
     async def run(self) -> Any:
         record, last_error = self.call.record, None
@@ -5968,15 +6514,14 @@ class RelayPipe:
         self.recent: List[bytes] = []      # the last few events: where the end markers are
         self.tokens: Tuple[Optional[int], Optional[int]] = (None, None)
         self.failed = False
-        self.skip = b""                    # an opening event the commit already sent
+        self.skip: List[bytes] = []        # opening events the commit already sent
 
     @property
     def usage(self) -> Tuple[Optional[int], Optional[int]]:
         return self.tokens
 
     def committed(self) -> None:
-        if self.fmt.opening:
-            self.skip = f"event: {self.fmt.opening}".encode("ascii")
+        self.skip = [f"event: {name}\n".encode("ascii") for name in self.fmt.opening]
 
     def first(self, data: bytes) -> bytes:
         return self.feed(data)
@@ -5984,11 +6529,7 @@ class RelayPipe:
     def feed(self, data: bytes) -> bytes:
         events = self.splitter.feed(data)
         if self.skip and events:
-            for i, event in enumerate(events):
-                if event.startswith(self.skip):
-                    del events[i]
-                    self.skip = b""
-                    break
+            events = [e for e in events if not self._skipped(e)]
         real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
         if real:
             self.recent = (self.recent + real)[-3:]
@@ -6009,9 +6550,17 @@ class RelayPipe:
             return out
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
+    def _skipped(self, event: bytes) -> bool:
+        for marker in self.skip:
+            if event.startswith(marker):
+                self.skip.remove(marker)
+                return True
+        return False
+
     def fail(self, status: int, message: str) -> bytes:
         self.failed = True
-        return self.fmt.stream_error(status, named(self.provider, message))
+        return self.fmt.stream_error(status, named(self.provider, message),
+                                     self.recent[-1] if self.recent else b"")
 
 
 async def relay(call: Call, reply: StreamReply) -> None:

@@ -1,0 +1,348 @@
+"""OpenAI Responses clients (Codex CLI) on every upstream format: requests, whole answers
+and stream transcripts as named cases; every stream fed whole, byte by byte and cut at
+every byte, and checked against the event grammar the openai SDK's stream helper relies on."""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Tuple
+
+import pytest
+
+from helpers import feed_all_ways, proxypal
+
+R_OA = proxypal.TRANSLATORS[("responses", "openai")]
+R_AN = proxypal.TRANSLATORS[("responses", "anthropic")]
+R_GE = proxypal.TRANSLATORS[("responses", "gemini")]
+SHELL = {"type": "function", "name": "shell", "description": "Run", "strict": False,
+         "parameters": {"type": "object", "properties": {"command": {"type": "array",
+                                                                     "items": {"type": "string"}}}}}
+PATCH = {"type": "custom", "name": "apply_patch", "description": "Edit files",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: patch"}}
+PATCH_TEXT = "*** Begin Patch\n*** Update File: a.txt\n-old\n+new\n*** End Patch"
+
+
+def codex(**extra: Any) -> Dict[str, Any]:
+    """A Codex-shaped request: instructions, developer and user messages, store false."""
+    body = {"model": "m", "instructions": "You are Codex.", "store": False, "stream": True,
+            "input": [{"type": "message", "role": "developer",
+                       "content": [{"type": "input_text", "text": "Sandbox: none."}]},
+                      {"type": "message", "role": "user",
+                       "content": [{"type": "input_text", "text": "Fix a.txt"}]}]}
+    body.update(extra)
+    return body
+
+
+TOOL_HISTORY = [
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Fix a.txt"}]},
+    {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Look first."}],
+     "encrypted_content": "gAAAA-openai-blob"},
+    {"type": "function_call", "call_id": "call_1", "name": "shell", "arguments": '{"command":["cat","a.txt"]}'},
+    {"type": "function_call_output", "call_id": "call_1", "output": "old"},
+    {"type": "custom_tool_call", "call_id": "call_2", "name": "apply_patch", "input": PATCH_TEXT},
+    {"type": "custom_tool_call_output", "call_id": "call_2", "output": "Done!"},
+]
+
+
+def test_codex_turn_to_openai_chat():
+    body = codex(input=TOOL_HISTORY, tools=[SHELL, PATCH], tool_choice="auto", parallel_tool_calls=False,
+                 reasoning={"effort": "medium", "summary": "auto"}, prompt_cache_key="conv-1",
+                 include=["reasoning.encrypted_content"])
+    out = R_OA.request(body)
+    assert out["messages"] == [
+        {"role": "system", "content": "You are Codex."},
+        {"role": "user", "content": "Fix a.txt"},
+        {"role": "assistant", "content": "", "reasoning_content": "Look first.", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "shell",
+                                                             "arguments": '{"command":["cat","a.txt"]}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "old"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_2", "type": "function", "function": {
+                "name": "apply_patch", "arguments": json.dumps({"input": PATCH_TEXT}, separators=(",", ":"))}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "Done!"}]
+    patch = out["tools"][1]["function"]
+    assert patch["parameters"] == {"type": "object", "properties": {"input": {"type": "string"}},
+                                   "required": ["input"]}
+    assert "start: patch" in patch["description"] and "not JSON" in patch["description"]
+    assert out["tool_choice"] == "auto" and out["parallel_tool_calls"] is False
+    assert out["reasoning_effort"] == "medium" and out["stream_options"] == {"include_usage": True}
+    assert "gAAAA" not in json.dumps(out)                  # a foreign blob never travels
+
+
+def test_codex_turn_to_anthropic_keeps_only_anthropic_signatures():
+    history = [dict(TOOL_HISTORY[1], encrypted_content="pp1:anthropic:EqQB")] + TOOL_HISTORY[2:4]
+    out = R_AN.request(codex(input=[TOOL_HISTORY[0]] + history, tools=[SHELL, PATCH],
+                             max_output_tokens=4000))
+    assert out["system"] == [{"type": "text", "text": "You are Codex."},
+                             {"type": "text", "text": "Sandbox: none."}] or \
+        out["system"][0]["text"] == "You are Codex."
+    assistant = out["messages"][1]
+    assert assistant["content"][0] == {"type": "thinking", "thinking": "Look first.", "signature": "EqQB"}
+    assert assistant["content"][1]["type"] == "tool_use" and assistant["content"][1]["id"] == "call_1"
+    assert out["messages"][2]["content"][0] == {"type": "tool_result", "tool_use_id": "call_1", "content": "old"}
+    assert out["max_tokens"] == 4000
+    foreign = R_AN.request(codex(input=TOOL_HISTORY[:4]))
+    assert all(b["type"] != "thinking" for m in foreign["messages"] for b in m["content"])
+
+
+def test_codex_turn_to_gemini():
+    out = R_GE.request(codex(input=TOOL_HISTORY[:4], tools=[SHELL, {"type": "web_search"}],
+                             text={"format": {"type": "json_schema", "name": "o", "strict": True,
+                                              "schema": {"type": "object", "properties": {}}}}))
+    assert out["systemInstruction"] == {"parts": [{"text": "You are Codex."}]}
+    call = out["contents"][1]["parts"][0]
+    assert call == {"functionCall": {"name": "shell", "args": {"command": ["cat", "a.txt"]}},
+                    "thoughtSignature": "skip_thought_signature_validator"}
+    assert out["contents"][2]["parts"][0] == {"functionResponse": {"name": "shell", "response": {"result": "old"}}}
+    assert {"googleSearch": {}} in out["tools"]
+    assert out["generationConfig"]["responseMimeType"] == "application/json"
+
+
+def test_namespace_tools_are_flattened_and_requalified():
+    body = codex(tools=[{"type": "namespace", "name": "mcp_github", "tools": [
+        {"type": "function", "name": "search", "parameters": {"type": "object", "properties": {}}}]}])
+    assert R_OA.request(body)["tools"][0]["function"]["name"] == "mcp_github__search"
+    chat = R_OA.read(body)
+    answer = {"id": "c1", "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_9", "type": "function", "function": {"name": "mcp_github__search", "arguments": "{}"}}]},
+        "finish_reason": "tool_calls"}]}
+    item = R_OA.response(answer, "m", chat)["output"][0]
+    assert item["name"] == "search" and item["namespace"] == "mcp_github" and item["call_id"] == "call_9"
+
+
+@pytest.mark.parametrize("body,message", [
+    (codex(previous_response_id="resp_1"), '"previous_response_id" refers to a response'),
+    (codex(store=True), '"store": true asks to keep the response'),
+    (codex(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0]: an item_reference needs"),
+    (codex(tools=[{"type": "file_search", "vector_store_ids": ["v"]}]), "tool 'file_search'"),
+], ids=["previous-response-id", "store-true", "item-reference", "hosted-tool-to-openai"])
+def test_state_the_proxy_does_not_keep_is_refused(body, message):
+    with pytest.raises(proxypal.ClientError) as info:
+        R_OA.request(body)
+    assert message in info.value.message and info.value.status == 400
+
+
+def test_web_search_goes_to_anthropic_as_its_server_tool():
+    out = R_AN.request(codex(tools=[{"type": "web_search"}]))
+    assert out["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+
+
+# -- whole answers ----------------------------------------------------------------------
+
+def openai_answer(finish: str = "tool_calls") -> Dict[str, Any]:
+    return {"id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "up", "choices": [{
+        "index": 0, "finish_reason": finish, "message": {
+            "role": "assistant", "content": "Patching.", "reasoning_content": "Plan it.", "tool_calls": [
+                {"id": "call_2", "type": "function",
+                 "function": {"name": "apply_patch", "arguments": json.dumps({"input": PATCH_TEXT})}}]}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                  "prompt_tokens_details": {"cached_tokens": 60},
+                  "completion_tokens_details": {"reasoning_tokens": 5}}}
+
+
+def test_openai_answer_as_a_response_object():
+    chat = R_OA.read(codex(tools=[SHELL, PATCH], metadata={"k": "v"}))
+    out = R_OA.response(openai_answer(), "m", chat)
+    assert out["id"] == "resp_chatcmpl-9" and out["object"] == "response" and out["status"] == "completed"
+    assert out["model"] == "m" and out["metadata"] == {"k": "v"} and out["instructions"] == "You are Codex."
+    kinds = [i["type"] for i in out["output"]]
+    assert kinds == ["reasoning", "message", "custom_tool_call"]
+    assert out["output"][0]["summary"] == [{"type": "summary_text", "text": "Plan it."}]
+    assert out["output"][2] == {"id": "ctc_call_2", "type": "custom_tool_call", "status": "completed",
+                                "call_id": "call_2", "name": "apply_patch", "input": PATCH_TEXT}
+    assert out["usage"] == {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 60},
+                            "output_tokens": 20, "output_tokens_details": {"reasoning_tokens": 5},
+                            "total_tokens": 120}
+
+
+def test_length_is_incomplete():
+    out = R_OA.response(openai_answer("length"), "m", None)
+    assert out["status"] == "incomplete" and out["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_anthropic_answer_carries_its_signature_as_encrypted_content():
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c",
+              "content": [{"type": "thinking", "thinking": "Hm", "signature": "EqQB"},
+                          {"type": "tool_use", "id": "toolu_1", "name": "shell", "input": {"command": ["ls"]}}],
+              "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 3}}
+    out = R_AN.response(answer, "m", R_AN.read(codex(tools=[SHELL])))
+    assert out["output"][0]["encrypted_content"] == "pp1:anthropic:EqQB"
+    assert out["output"][1] == {"id": "fc_toolu_1", "type": "function_call", "status": "completed",
+                                "call_id": "toolu_1", "name": "shell", "arguments": '{"command":["ls"]}'}
+
+
+# -- streams ----------------------------------------------------------------------------
+
+def sse(events: List[Tuple[str, Any]]) -> bytes:
+    out = b""
+    for name, data in events:
+        text = data if isinstance(data, str) else json.dumps(data)
+        out += (f"event: {name}\n" if name else "").encode() + f"data: {text}\n\n".encode()
+    return out
+
+
+def decoded(events: List[Tuple[str, str]]) -> List[Tuple[str, Any]]:
+    out = []
+    for name, data in events:
+        obj = json.loads(data)
+        if "response" in obj:
+            obj["response"]["created_at"] = 0
+        out.append((name, obj))
+    return out
+
+
+class Pipe:
+    def __init__(self, translator: Any, ask: Any) -> None:
+        self.splitter, self.reader = proxypal.SSESplitter(), translator.stream("m", 0, ask)
+
+    def feed(self, data: bytes) -> list:
+        return [e for b in self.splitter.feed(data) for e in self.reader.feed(*(proxypal.parse_sse_event(b) or ("", "")))]
+
+    def finish(self) -> list:
+        return [e for b in self.splitter.close() for e in self.reader.feed(*proxypal.parse_sse_event(b))] \
+            + self.reader.close()
+
+
+def run_stream(translator: Any, upstream: List[Tuple[str, Any]], ask: Any = None) -> List[Tuple[str, Any]]:
+    whole = translator.stream("m", 0, ask)
+    out = []
+    for name, data in upstream:
+        out += whole.feed(name or "message", data if isinstance(data, str) else json.dumps(data))
+    out = decoded(out + whole.close())
+    assert feed_all_ways(lambda: Pipe(translator, ask), sse(upstream), lambda p: p.finish(), decoded) == out
+    assert_responses_grammar(out)
+    return out
+
+
+def assert_responses_grammar(events: List[Tuple[str, Any]]) -> None:
+    """What openai-python's stream helper and Codex rely on: created first, every event
+    typed and numbered 0, 1, 2...; items added with output_index 0, 1, 2... before anything
+    names them, each done once; one terminal event, whose output holds every done item."""
+    assert events and events[0][0] == "response.created"
+    assert [obj["sequence_number"] for _, obj in events] == list(range(len(events)))
+    assert all(name == obj["type"] for name, obj in events)
+    added, done, parts = [], {}, set()
+    for name, obj in events:
+        if name == "response.output_item.added":
+            assert obj["output_index"] == len(added)
+            added.append(obj["item"]["id"])
+        elif name == "response.content_part.added":
+            parts.add((obj["output_index"], obj["content_index"]))
+        elif name in ("response.output_text.delta",):
+            assert (obj["output_index"], obj["content_index"]) in parts
+        elif name == "response.output_item.done":
+            assert obj["item"]["id"] == added[obj["output_index"]] and obj["output_index"] not in done
+            done[obj["output_index"]] = obj["item"]
+        elif "output_index" in obj:
+            assert obj["output_index"] < len(added) and obj["output_index"] not in done
+    terminal = [n for n, _ in events if n in ("response.completed", "response.incomplete", "response.failed")]
+    assert len(terminal) == 1 and events[-1][0] == terminal[0]
+    final = events[-1][1]["response"]
+    assert isinstance(final["id"], str) and final["id"].startswith("resp_")
+    if terminal[0] != "response.failed":
+        assert final["output"] == [done[i] for i in range(len(added))]
+        assert all(isinstance(final["usage"][k], int) for k in ("input_tokens", "output_tokens", "total_tokens"))
+
+
+def chunk(delta: Dict[str, Any] = None, finish: str = None, usage: Dict[str, Any] = None) -> Tuple[str, Any]:
+    body = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "up",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}] if usage is None else []}
+    if usage is not None:
+        body["usage"] = usage
+    return "", body
+
+
+USAGE = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+OPENAI_TOOL_STREAM = [
+    chunk({"role": "assistant", "reasoning_content": "Plan"}), chunk({"content": "Edit"}),
+    chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                           "function": {"name": "shell", "arguments": '{"command":'}}]}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": '["ls"]}'}}]}),
+    chunk({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                           "function": {"name": "apply_patch", "arguments": json.dumps({"input": PATCH_TEXT})}}]}),
+    chunk(finish="tool_calls"), chunk(usage=USAGE), ("", "[DONE]")]
+
+
+def test_openai_stream_as_the_full_responses_sequence():
+    ask = R_OA.read(codex(tools=[SHELL, PATCH]))
+    out = run_stream(R_OA, OPENAI_TOOL_STREAM, ask)
+    names = [n for n, _ in out]
+    assert names == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done",
+        "response.reasoning_summary_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added", "response.custom_tool_call_input.delta",
+        "response.custom_tool_call_input.done", "response.output_item.done", "response.completed"]
+    final = out[-1][1]["response"]
+    assert [i["type"] for i in final["output"]] == ["reasoning", "message", "function_call", "custom_tool_call"]
+    assert final["output"][2]["arguments"] == '{"command":["ls"]}'
+    assert final["output"][3]["input"] == PATCH_TEXT
+    assert final["usage"]["input_tokens"] == 10 and final["usage"]["output_tokens"] == 4
+
+
+def test_cut_stream_ends_with_error_and_response_failed():
+    out = run_stream(R_OA, OPENAI_TOOL_STREAM[:3])
+    assert [n for n, _ in out][-2:] == ["error", "response.failed"]
+    failed = out[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "ended the stream before" in failed["error"]["message"]
+
+
+def test_rate_limit_error_mid_stream_tells_codex_to_wait():
+    out = run_stream(R_OA, OPENAI_TOOL_STREAM[:2] + [("", {"error": {"code": 429, "message": "Slow down"}})])
+    assert out[-1][1]["response"]["error"] == {"code": "rate_limit_exceeded", "message": "Slow down"}
+
+
+def test_length_ends_with_response_incomplete():
+    out = run_stream(R_OA, [chunk({"content": "Cut"}), chunk(finish="length"), chunk(usage=USAGE)])
+    assert out[-1][0] == "response.incomplete"
+    assert out[-1][1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert out[-1][1]["response"]["output"][0]["status"] == "incomplete"
+
+
+def anthropic(kind: str, **fields: Any) -> Tuple[str, Any]:
+    return kind, {"type": kind, **fields}
+
+
+ANTHROPIC_STREAM = [
+    anthropic("message_start", message={"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                                        "model": "c", "usage": {"input_tokens": 7, "output_tokens": 1}}),
+    anthropic("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+    anthropic("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "Hm"}),
+    anthropic("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "EqQB"}),
+    anthropic("content_block_stop", index=0),
+    anthropic("content_block_start", index=1, content_block={"type": "tool_use", "id": "toolu_1",
+                                                              "name": "shell", "input": {}}),
+    anthropic("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": '{"command":["ls"]}'}),
+    anthropic("content_block_stop", index=1),
+    anthropic("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 9}),
+    anthropic("message_stop")]
+
+
+def test_anthropic_stream_keeps_the_signature_in_the_reasoning_item():
+    out = run_stream(R_AN, ANTHROPIC_STREAM, R_AN.read(codex(tools=[SHELL])))
+    final = out[-1][1]["response"]
+    assert final["output"][0]["encrypted_content"] == "pp1:anthropic:EqQB"
+    assert final["output"][1]["type"] == "function_call" and final["output"][1]["call_id"] == "toolu_1"
+    assert final["usage"]["output_tokens"] == 9
+
+
+def test_gemini_stream_whole_calls():
+    parts = [{"text": "Run it."}, {"functionCall": {"name": "shell", "args": {"command": ["ls"]}}}]
+    upstream = [("", {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP"}],
+                      "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 3, "totalTokenCount": 8},
+                      "responseId": "g1"})]
+    out = run_stream(R_GE, upstream, R_GE.read(codex(tools=[SHELL])))
+    final = out[-1][1]["response"]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call"]
+    assert final["output"][1]["arguments"] == '{"command":["ls"]}'
+
+
+def test_replayed_whole_answer_obeys_the_grammar():
+    events = R_OA.replay(openai_answer(), "m", 0, R_OA.read(codex(tools=[SHELL, PATCH])))
+    assert_responses_grammar(decoded(events))
