@@ -371,8 +371,8 @@ class Credential:
     request_retry: Optional[int]
     key: str                               # identity for cooldowns, survives reloads
     bedrock_region: str = ""               # set for Amazon Bedrock claudeApiKeys entries
-    wire_api: str = ""                     # OpenAI-compatible: "chat", or "responses" when
-                                           # Responses clients are relayed to it as they are
+    wire_api: str = ""                     # OpenAI-compatible: "chat", "responses" (every
+                                           # client reaches it in Responses), "" (default)
 
     @property
     def label(self) -> str:
@@ -616,8 +616,6 @@ def _parse_credential(api: str, obj: Any, path: str) -> Credential:
     wire = (r.get("wireApi", str, "") or "").strip().lower() if is_openai else ""
     if wire not in ("", "chat", "responses"):
         raise ConfigError(path, f'"wireApi" must be "chat" or "responses", got {wire!r}')
-    if not wire and is_openai:             # OpenAI itself speaks Responses to Responses clients
-        wire = "responses" if urllib.parse.urlsplit(base).hostname == "api.openai.com" else "chat"
     return Credential(
         api=api, dialect=_dialect(api, base, region), path=path, name=name,
         api_key=api_key.strip(), base_url=base, headers=headers, proxy_url=proxy_url,
@@ -1517,6 +1515,8 @@ class Tool:
     custom: bool = False                       # freeform text input (Codex's apply_patch)
     server: str = ""                           # run by the upstream: web_search, web_fetch...
     cache: Optional[Dict[str, Any]] = None
+    optional: bool = False                     # a server tool offered by default: left out
+                                               # where the upstream cannot run it
 
 
 @dataclasses.dataclass
@@ -1751,11 +1751,16 @@ SERVER_TOOLS = {"web_search": "web search", "web_fetch": "web fetch",
                 "code_execution": "code execution"}
 
 
-def refuse_server_tool(tool: Tool, upstream: str) -> ClientError:
-    return ClientError(f"tool {tool.name!r} is a {SERVER_TOOLS.get(tool.server, tool.server)} "
-                       f"tool that the provider runs itself, and {FORMATS[upstream].title} "
-                       "upstreams cannot run it; route this model to a provider that can, "
-                       "or leave the tool out")
+def server_tool_left_out(tool: Tool, upstream: str) -> bool:
+    """A server tool this upstream cannot run: left out when the client offers it by
+    default (Codex's web_search), refused when the client asked for it."""
+    kind = SERVER_TOOLS.get(tool.server, tool.server)
+    if tool.optional:
+        log.debug("%s tool %r left out: %s upstreams cannot run it", kind, tool.name, upstream)
+        return True
+    raise ClientError(f"tool {tool.name!r} is a {kind} tool that the provider runs itself, and "
+                      f"{FORMATS[upstream].title} upstreams cannot run it; route this model to "
+                      "a provider that can, or leave the tool out")
 
 
 def named(provider: str, message: str) -> str:
@@ -2095,8 +2100,8 @@ def _openai_assistant_out(parts: List[Any]) -> List[Dict[str, Any]]:
 def _openai_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
     tools = []
     for tool in chat.tools:
-        if tool.server:
-            raise refuse_server_tool(tool, "openai")
+        if tool.server and server_tool_left_out(tool, "openai"):
+            continue
         schema = dict(CUSTOM_TOOL_SCHEMA if tool.custom else tool.schema or {"type": "object"})
         if schema.get("type") == "object" and "properties" not in schema:
             schema["properties"] = {}
@@ -2242,6 +2247,16 @@ class _Fragments:
         return bool(self.name and (self.id or self.buffered))
 
 
+def event_object(data: str) -> Optional[Dict[str, Any]]:
+    """An upstream stream event's JSON object; None for anything else (keep-alives and
+    comments some servers send), which the readers skip."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def stream_error_of(obj: Dict[str, Any]) -> Tuple[int, str]:
     """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
     err = obj.get("error")
@@ -2275,11 +2290,8 @@ class OpenAIStreamReader:
             return []
         if data == "[DONE]":
             return self._stop("stop") + self.w.end(self.usage)
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return []
-        if not isinstance(chunk, dict):
+        chunk = event_object(data)
+        if chunk is None:
             return []
         if chunk.get("error") is not None:
             return self.w.fail(*stream_error_of(chunk))
@@ -2730,7 +2742,8 @@ def _anthropic_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
     for tool in chat.tools:
         if tool.server:
             if tool.server not in ANTHROPIC_SERVER_TOOLS:
-                raise refuse_server_tool(tool, "anthropic")
+                server_tool_left_out(tool, "anthropic")
+                continue
             tools.append({"type": ANTHROPIC_SERVER_TOOLS[tool.server], "name": tool.server})
             continue
         schema = dict(CUSTOM_TOOL_SCHEMA if tool.custom else tool.schema or {})
@@ -2871,13 +2884,8 @@ class AnthropicStreamReader:
         self.whole: set = set()                    # tool blocks whose input came in the start
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return []
-        if not isinstance(obj, dict):
+        obj = None if self.w.done else event_object(data)
+        if obj is None:
             return []
         handler = self.HANDLERS.get(str(obj.get("type") or event))
         return handler(self, obj) if handler else []
@@ -3426,10 +3434,12 @@ def write_gemini_request(chat: Chat) -> Dict[str, Any]:
         out["systemInstruction"] = {"parts": system}
     declarations = [_gemini_declaration(t, i) for i, t in enumerate(chat.tools) if not t.server]
     tools: List[Dict[str, Any]] = [{"functionDeclarations": declarations}] if declarations else []
-    tools += [{GEMINI_TOOLS_OUT[t.server]: {}} for t in chat.tools if t.server in GEMINI_TOOLS_OUT]
+    # Gemini 2.x refuses built-in tools beside function declarations: a default one goes.
+    tools += [{GEMINI_TOOLS_OUT[t.server]: {}} for t in chat.tools if t.server in GEMINI_TOOLS_OUT
+              and not (t.optional and declarations)]
     for tool in chat.tools:
         if tool.server and tool.server not in GEMINI_TOOLS_OUT:
-            raise refuse_server_tool(tool, "gemini")
+            server_tool_left_out(tool, "gemini")
     if tools:
         out["tools"] = tools
     if declarations and chat.tool_choice:
@@ -3670,13 +3680,8 @@ class GeminiStreamReader:
         self.stopped = False
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            return []
-        if not isinstance(obj, dict):
+        obj = None if self.w.done else event_object(data)
+        if obj is None:
             return []
         if "error" in obj:
             return self.w.fail(*stream_error_of(obj))
@@ -3804,6 +3809,7 @@ class GeminiStreamWriter:
 # to a server that speaks it natively: the proxy keeps no conversation state.
 
 NAMESPACE_JOIN = "__"                     # a namespace's tools as flat function names
+TOOL_SEARCH = "tool_search"               # the client's tool search, as a function
 RESPONSES_INCOMPLETE = {"length": "max_output_tokens", "context": "max_output_tokens",
                         "refusal": "content_filter"}
 RESPONSES_ECHO = ("instructions", "max_output_tokens", "parallel_tool_calls", "reasoning",
@@ -3832,6 +3838,8 @@ def read_responses_request(body: Dict[str, Any]) -> Chat:
     given = body.get("input")
     if isinstance(given, str):
         chat.turns = [Turn("user", [Text(given)] if given else [])]
+    elif not isinstance(given, list):
+        raise ClientError(f'"input" must be a string or a list of items, got {_short(given)}')
     else:
         names: Dict[str, str] = {}
         for i, item in enumerate(as_list(given, "input")):
@@ -3855,6 +3863,18 @@ def _responses_item(item: Dict[str, Any], where: str, names: Dict[str, str], cha
         custom = kind == "custom_tool_call"
         args = str(item.get("input") or "") if custom else tool_args(item.get("arguments"))
         return [Turn("assistant", [ToolCall(call_id, name, args, custom=custom)])]
+    if kind == "tool_search_call":
+        call_id = safe_id(item.get("call_id"), f"call_{len(names)}")
+        names[call_id] = TOOL_SEARCH
+        return [Turn("assistant", [ToolCall(call_id, TOOL_SEARCH, tool_args(item.get("arguments")))])]
+    if kind == "tool_search_output":
+        # The tools found join the request's tools, as the Responses API makes them callable.
+        found = as_list(item.get("tools"), where + ".tools")
+        _responses_tools(found, chat, where + ".tools")
+        names_found = [str(t.get("name")) for t in found if isinstance(t, dict)]
+        text = "Tools loaded: " + ", ".join(names_found) if names_found else "No tools found."
+        call_id = safe_id(item.get("call_id"), "call_missing")
+        return [Turn("user", [ToolResult(call_id, TOOL_SEARCH, [Text(text)], where=where)])]
     if kind in ("function_call_output", "custom_tool_call_output"):
         call_id = safe_id(item.get("call_id"), "call_missing")
         output = item.get("output")
@@ -3908,25 +3928,26 @@ def _responses_parts(content: Any, where: str) -> List[Any]:
     return parts
 
 
-def _responses_tools(tools: List[Any], chat: Chat) -> None:
+def _responses_tools(tools: List[Any], chat: Chat, where: str = "tools") -> None:
     """Function tools as they are; freeform `custom` tools (Codex's apply_patch) as one
-    string parameter; a namespace's tools flattened to <namespace>__<name>; tools the
+    string parameter; a namespace's tools flattened to <namespace>__<name>; the client's
+    tool_search as a function whose calls go back as tool_search_call items; tools the
     upstream must run itself (web search and the like) as server tools."""
-    namespaces: Dict[str, Tuple[str, str]] = {}
+    namespaces = chat.extra.setdefault("namespaces", {})
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind == "namespace":
-            for child in as_list(tool.get("tools"), f"tools[{i}].tools"):
+            for child in as_list(tool.get("tools"), f"{where}[{i}].tools"):
                 flat = f"{tool.get('name')}{NAMESPACE_JOIN}{child.get('name')}"
                 namespaces[flat] = (str(tool.get("name")), str(child.get("name")))
-                chat.tools.append(_responses_tool(dict(child, name=flat), f"tools[{i}]"))
+                chat.tools.append(_responses_tool(dict(child, name=flat), f"{where}[{i}]"))
         else:
-            chat.tools.append(_responses_tool(tool, f"tools[{i}]"))
-    chat.extra["namespaces"] = namespaces
+            made = _responses_tool(tool, f"{where}[{i}]")
+            chat.tools += [made] if made is not None else []
     chat.extra["custom"] = {t.name for t in chat.tools if t.custom}
 
 
-def _responses_tool(tool: Any, where: str) -> Tool:
+def _responses_tool(tool: Any, where: str) -> Optional[Tool]:
     kind = tool.get("type", "function") if isinstance(tool, dict) else None
     if kind == "function" and isinstance(tool.get("name"), str):
         schema = tool.get("parameters")
@@ -3939,10 +3960,20 @@ def _responses_tool(tool: Any, where: str) -> Tool:
             description += (f"\n\nThe input is raw text in this {fmt.get('syntax', '')} grammar, "
                             f"not JSON:\n{fmt['definition']}")
         return Tool(tool["name"], description, custom=True)
-    if kind in RESPONSES_HOSTED_TOOLS:
-        return Tool(str(kind), server="web_search" if kind.startswith("web_search") else str(kind))
-    raise ClientError(f"{where}: tool {_short(tool)} cannot be translated: send function or "
-                      "custom tools")
+    if kind == "tool_search" and tool.get("execution", "client") == "client":
+        schema = tool.get("parameters")
+        return Tool(TOOL_SEARCH, str(tool.get("description") or "Search for more tools."),
+                    schema if isinstance(schema, dict) else {
+                        "type": "object", "properties": {"query": {"type": "string"}}})
+    if kind in RESPONSES_HOSTED_TOOLS:         # model capabilities in OpenAI's API: offered
+        return Tool(str(kind), optional=True,    # where the upstream has them
+                    server="web_search" if kind.startswith("web_search") else str(kind))
+    if not isinstance(kind, str) or kind in ("function", "custom"):
+        raise ClientError(f"{where}: tool {_short(tool)} cannot be translated: a function or "
+                          "custom tool needs a name")
+    log.warning("%s: a %r tool runs on OpenAI's servers only; left out for this upstream",
+                where, printable(kind, 40))
+    return None
 
 
 def _responses_settings(body: Dict[str, Any], chat: Chat) -> None:
@@ -3978,6 +4009,115 @@ def _responses_settings(body: Dict[str, Any], chat: Chat) -> None:
     user = body.get("user") or body.get("safety_identifier")
     chat.user = user if isinstance(user, str) else ""
     chat.extra["echo"] = {k: body[k] for k in RESPONSES_ECHO if k in body}
+
+
+def write_responses_request(chat: Chat) -> Dict[str, Any]:
+    """The internal form as a Responses request, for a server that speaks it (wireApi
+    "responses"): stateless (store: false, the whole conversation in input), with the
+    encrypted reasoning asked back so that it can travel with the next turn."""
+    out: Dict[str, Any] = {"model": chat.model} if chat.model else {}
+    system = result_text(chat.system, "\n")
+    if system:
+        out["instructions"] = system
+    items: List[Dict[str, Any]] = []
+    custom = {t.name for t in chat.tools if t.custom}
+    for turn in merged_turns(chat.turns):
+        items += _responses_items_out(turn, custom)
+    out["input"] = items
+    out["store"] = False
+    if chat.max_tokens:
+        out["max_output_tokens"] = chat.max_tokens
+    for key in ("temperature", "top_p"):
+        if getattr(chat, key) is not None:
+            out[key] = getattr(chat, key)
+    if chat.stream is not None:
+        out["stream"] = chat.stream
+    _responses_tools_out(chat, out)
+    effort = effort_of(chat.think) if chat.think else ""
+    if effort:
+        out["reasoning"] = {"effort": "xhigh" if effort == "max" else effort}
+        if effort != "none":
+            out["reasoning"]["summary"] = chat.think.summary or "auto"
+            out["include"] = ["reasoning.encrypted_content"]
+    if chat.output:
+        fmt = _openai_format_out(chat.output)
+        out["text"] = {"format": dict(fmt.get("json_schema", {}), type=fmt["type"])}
+    return out
+
+
+def _responses_items_out(turn: Turn, custom: set) -> List[Dict[str, Any]]:
+    if turn.role == "system":
+        return [{"type": "message", "role": "developer",
+                 "content": [{"type": "input_text", "text": result_text(turn.parts, "\n")}]}]
+    items: List[Dict[str, Any]] = []
+    if turn.role == "assistant":
+        for part in turn.parts:
+            if isinstance(part, Reasoning) and part.origin == "responses" and part.signature:
+                items.append({"type": "reasoning", "encrypted_content": part.signature,
+                              "summary": [{"type": "summary_text", "text": part.text}]
+                              if part.text else []})
+            elif isinstance(part, Text):
+                if items and items[-1]["type"] == "message":
+                    items[-1]["content"][0]["text"] += part.text
+                else:
+                    items.append({"type": "message", "role": "assistant", "content": [
+                        {"type": "output_text", "text": part.text}]})
+            elif isinstance(part, ToolCall) and (part.custom or part.name in custom):
+                items.append({"type": "custom_tool_call", "call_id": part.id, "name": part.name,
+                              "input": part.args if isinstance(part.args, str)
+                              else str(call_arguments(part).get("input", ""))})
+            elif isinstance(part, ToolCall):
+                items.append({"type": "function_call", "call_id": part.id, "name": part.name,
+                              "arguments": json_text(call_arguments(part))})
+        return items
+    for part in turn.parts:
+        if isinstance(part, ToolResult):
+            output: Any = [_responses_part_out(p) for p in part.parts]
+            if all(p["type"] == "input_text" for p in output):
+                output = "\n\n".join(p["text"] for p in output)
+                output = (f"Error: {output}" if output else "Error") if part.is_error else output
+            kind = "custom_tool_call_output" if part.name in custom else "function_call_output"
+            items.append({"type": kind, "call_id": part.call_id, "output": output})
+    content = [_responses_part_out(p) for p in turn.parts if isinstance(p, (Text, Media))]
+    return items + ([{"type": "message", "role": "user", "content": content}] if content else [])
+
+
+def _responses_part_out(part: Any) -> Dict[str, Any]:
+    if isinstance(part, Text):
+        return {"type": "input_text", "text": part.text}
+    if part.kind == "image":
+        return {"type": "input_image", "image_url": data_url(part), "detail": "auto"}
+    if part.url:
+        return {"type": "input_file", "file_url": part.url}
+    return {"type": "input_file", "file_data": data_url(part),
+            "filename": part.name or "file." + part.mime.split("/")[-1]}
+
+
+def _responses_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
+    tools: List[Dict[str, Any]] = []
+    for tool in chat.tools:
+        if tool.server:
+            if tool.server == "web_search":
+                tools.append({"type": "web_search"})
+            else:
+                server_tool_left_out(tool, "responses")
+        elif tool.custom:
+            tools.append({"type": "custom", "name": tool.name, "description": tool.description})
+        else:
+            schema = dict(tool.schema or {"type": "object"})
+            if schema.get("type") == "object" and "properties" not in schema:
+                schema["properties"] = {}
+            tools.append({"type": "function", "name": tool.name, "description": tool.description,
+                          "parameters": schema, "strict": False})
+    if not tools:
+        return
+    out["tools"] = tools
+    if chat.tool_choice == "tool":
+        out["tool_choice"] = {"type": "function", "name": chat.tool_name}
+    elif chat.tool_choice:
+        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[chat.tool_choice]
+    if chat.parallel is not None:
+        out["parallel_tool_calls"] = chat.parallel
 
 
 def read_responses_response(body: Dict[str, Any]) -> Answer:
@@ -4042,6 +4182,10 @@ def _responses_call_item(call_id: str, name: str, arguments: Any, ask: Optional[
     raw input unwrapped, a namespaced one split back into name and namespace."""
     custom = ask.extra.get("custom", set()) if ask is not None else set()
     namespaces = ask.extra.get("namespaces", {}) if ask is not None else {}
+    if name == TOOL_SEARCH and ask is not None and any(t.name == TOOL_SEARCH for t in ask.tools):
+        return {"id": f"tsc_{call_id}", "type": "tool_search_call", "status": status,
+                "call_id": call_id, "execution": "client",
+                "arguments": arguments if isinstance(arguments, dict) else tool_args(arguments)}
     if name in custom:
         args = arguments if isinstance(arguments, dict) else tool_args(arguments)
         raw = arguments if isinstance(arguments, str) and not args else args.get("input", "")
@@ -4233,8 +4377,8 @@ class ResponsesStreamWriter:
         if call is None or not fragment:
             return []
         call["args"].append(fragment)
-        if call["item"]["type"] == "custom_tool_call":
-            return []                      # the raw input comes unwrapped at the end
+        if call["item"]["type"] != "function_call":
+            return []                      # raw input (custom) or arguments come whole at the end
         return [self._event("response.function_call_arguments.delta", item_id=call["item"]["id"],
                             output_index=call["index"], delta=fragment)]
 
@@ -4249,6 +4393,8 @@ class ResponsesStreamWriter:
         if item["type"] == "custom_tool_call":
             out = [self._event("response.custom_tool_call_input.delta", delta=item["input"], **common),
                    self._event("response.custom_tool_call_input.done", input=item["input"], **common)]
+        elif item["type"] == "tool_search_call":
+            out = []                       # no events of its own: the done item carries it
         else:
             out = [self._event("response.function_call_arguments.done", arguments=arguments,
                                name=item["name"], **common)]
@@ -4293,17 +4439,123 @@ class ResponsesStreamWriter:
                           "failed", error={"code": code, "message": message}))]
 
 
+class ResponsesStreamReader:
+    """Responses events in (from a server that speaks it), the writer's events out.
+    Items are keyed by output_index; text, reasoning summaries and function arguments
+    stream as deltas, a custom tool's raw input and a reasoning item's encrypted content
+    come with the item's done event. The end is response.completed (or .incomplete);
+    response.failed and error fail the stream."""
+
+    def __init__(self, writer: Any) -> None:
+        self.w = writer
+        self.items: Dict[Any, Dict[str, Any]] = {}     # open items by output_index
+        self.calls = 0
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        obj = None if self.w.done else event_object(data)
+        if obj is None:
+            return []
+        kind = str(obj.get("type") or event)
+        response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
+        if kind in ("response.created", "response.in_progress"):
+            return self.w.start(str(response.get("id") or short_hash(data)), None)
+        if kind in ("response.completed", "response.incomplete"):
+            return self._end(response)
+        if kind == "response.failed":
+            error = response.get("error") if isinstance(response.get("error"), dict) else {}
+            return self.w.fail(429 if error.get("code") == "rate_limit_exceeded" else 502,
+                               str(error.get("message") or "upstream response failed"))
+        if kind == "error":
+            return self.w.fail(429 if obj.get("code") == "rate_limit_exceeded" else 502,
+                               str(obj.get("message") or data))
+        out = [] if self.w.started else self.w.start(short_hash(data), None)
+        handler = self.HANDLERS.get(kind)
+        return out + handler(self, obj) if handler else out
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["responses"].end_marker))
+
+    def _added(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
+        index = obj.get("output_index")
+        self.items[index] = {"type": item.get("type"), "text": False}
+        if item.get("type") in ("function_call", "custom_tool_call"):
+            self.calls += 1
+            name = str(item.get("name") or "")
+            if item.get("namespace"):
+                name = f"{item['namespace']}{NAMESPACE_JOIN}{name}"
+            return self.w.tool_start(index, safe_id(item.get("call_id"), f"call_{index}"), name)
+        return []
+
+    def _delta(self, obj: Dict[str, Any], write: Callable[[str], List[Tuple[str, str]]]
+               ) -> List[Tuple[str, str]]:
+        delta = obj.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return []
+        self.items.setdefault(obj.get("output_index"), {})["text"] = True
+        return write(delta)
+
+    def _text(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return self._delta(obj, self.w.text)
+
+    def _reasoning(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        return self._delta(obj, self.w.reasoning)
+
+    def _arguments(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        item = self.items.get(obj.get("output_index"))
+        delta = obj.get("delta")
+        if item is None or not isinstance(delta, str) or not delta:
+            return []
+        item["text"] = True
+        return self.w.tool_args(obj.get("output_index"), delta)
+
+    def _done(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
+        index = obj.get("output_index")
+        seen = self.items.pop(index, None) or {"text": False}
+        kind, out = item.get("type"), []
+        if kind == "reasoning":
+            if not seen.get("text"):
+                texts = [p.get("text") for p in item.get("summary") or [] if isinstance(p, dict)]
+                out += self.w.reasoning("\n".join(t for t in texts if isinstance(t, str)))
+            if item.get("encrypted_content"):
+                out += self.w.signature(str(item["encrypted_content"]), "responses")
+        elif kind in ("function_call", "custom_tool_call"):
+            if not seen.get("text"):
+                whole = item.get("input") if kind == "custom_tool_call" else item.get("arguments")
+                out += self.w.tool_args(index, whole if isinstance(whole, str) else "")
+            out += self.w.tool_end(index)
+        elif kind == "message" and not seen.get("text"):
+            out += self.w.text(result_text(_responses_parts(item.get("content") or [], "output")))
+        return out
+
+    def _end(self, response: Dict[str, Any]) -> List[Tuple[str, str]]:
+        body = dict(response, output=response.get("output") or [])
+        answer = read_responses_response(body)
+        stop = answer.stop if answer.stop != "end" or not self.calls else "tool"
+        return self.w.stop(stop) + self.w.end(answer.usage)
+
+    HANDLERS = {"response.output_item.added": _added, "response.output_text.delta": _text,
+                "response.refusal.delta": _text,
+                "response.reasoning_summary_text.delta": _reasoning,
+                "response.reasoning_text.delta": _reasoning,
+                "response.function_call_arguments.delta": _arguments,
+                "response.custom_tool_call_input.delta": _arguments,
+                "response.output_item.done": _done}
+
+
 # -- 7.6 Composition: TRANSLATORS, whole answers replayed as streams, StreamPipe ----
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-    """One format's readers and writers; a format no upstream is translated to (OpenAI
-    Responses) has no request writer and no stream reader."""
+    """One format's readers and writers."""
     read_request: Callable[[Dict[str, Any]], Chat]
-    write_request: Optional[Callable[[Chat], Dict[str, Any]]]
+    write_request: Callable[[Chat], Dict[str, Any]]
     read_response: Callable[[Dict[str, Any]], Answer]
     write_response: Callable[[Answer, str, Optional[Chat]], Dict[str, Any]]
-    stream_reader: Optional[Callable[[Any], Any]]    # writer -> reader of this format's stream
+    stream_reader: Callable[[Any], Any]              # writer -> reader of this format's stream
     stream_writer: Callable[..., Any]                # (model, input_estimate, ask) -> writer
 
 
@@ -4314,8 +4566,8 @@ CODECS: Dict[str, Codec] = {
                        write_anthropic_response, AnthropicStreamReader, AnthropicStreamWriter),
     "gemini": Codec(read_gemini_request, write_gemini_request, read_gemini_response,
                     write_gemini_response, GeminiStreamReader, GeminiStreamWriter),
-    "responses": Codec(read_responses_request, None, read_responses_response,
-                       write_responses_response, None, ResponsesStreamWriter),
+    "responses": Codec(read_responses_request, write_responses_request, read_responses_response,
+                       write_responses_response, ResponsesStreamReader, ResponsesStreamWriter),
 }
 
 
@@ -4359,8 +4611,7 @@ class Translator:
 
 
 TRANSLATORS: Dict[Tuple[str, str], Translator] = {
-    (client, upstream): Translator(client, upstream) for client in CODECS for upstream in CODECS
-    if CODECS[upstream].write_request is not None or client == upstream}
+    (client, upstream): Translator(client, upstream) for client in CODECS for upstream in CODECS}
 
 
 def replay(answer: Answer, writer: Any) -> List[Tuple[str, str]]:
@@ -5452,11 +5703,15 @@ class Upstream:
     def auth_headers(self) -> Dict[str, str]:
         return {"authorization": f"Bearer {self.cred.api_key}"} if self.cred.api_key else {}
 
-    def api_for(self, client: str) -> str:
-        """The format this upstream is spoken to in, for a client of format `client`: its
-        own, or the Responses API relayed as it is when it speaks that natively."""
-        return "responses" if client == "responses" and self.cred.wire_api == "responses" \
-            else self.api
+    def api_for(self, client: str, op: str = "generate") -> str:
+        """The format this upstream is spoken to in, for a client of format `client`: the
+        Responses API for every client when its entry says wireApi "responses", and for
+        Responses clients of OpenAI itself by default (it speaks both); else its own."""
+        wire = self.cred.wire_api
+        if op in RESPONSES_PATHS and (wire == "responses" or (
+                client == "responses" and not wire and self.host == "api.openai.com")):
+            return "responses"
+        return self.api
 
     def serves(self, op: str, api: str = "") -> bool:
         return op in (RESPONSES_PATHS if api == "responses" else self.paths)
@@ -6109,7 +6364,14 @@ async def handle_health(server: "Server", call: Call, params: Dict[str, str]) ->
 
 
 async def handle_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
-    return Reply(200, dumps(models_payload(call.setup.router, server.started_at)))
+    payload = models_payload(call.setup.router, server.started_at)
+    if "client_version" in call.req.query_params():
+        # Codex asks for its own catalogue ({"models": [ModelInfo...]}). Each ModelInfo must
+        # carry base_instructions, which Codex then uses *instead of* its own system prompt;
+        # without it Codex rejects the whole catalogue. An empty catalogue keeps Codex's
+        # prompt and its built-in model metadata; the names are in "data" and in --model.
+        payload["models"] = []
+    return Reply(200, dumps(payload))
 
 
 async def handle_model(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
@@ -6291,14 +6553,15 @@ class ModelCall:
         record.model, record.routed, self.requested = model, route.routed, route.requested
         fmt = self.call.fmt
         usable = [t for t in route.targets
-                  if self._upstream(t).serves(self.op, self._upstream(t).api_for(fmt)) or self.op == "count"]
+                  if self._upstream(t).serves(self.op, self._upstream(t).api_for(fmt, self.op))
+                  or self.op == "count"]
         if not usable:
             first = route.targets[0].cred
             raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
                               f"{FORMATS[first.api].title} API; {self.call.req.path} cannot reach "
                               "it: call that provider's endpoint instead")
         first = self._upstream(usable[0])
-        if self.op == "count" and (first.api_for(fmt) != fmt or not first.serves("count", fmt)):
+        if self.op == "count" and (first.api_for(fmt, "count") != fmt or not first.serves("count", fmt)):
             record.provider = usable[0].cred.name    # counted here: an estimate
             return Reply(200, dumps(local_count(self.call.fmt, body)))
         ready, cooling = self.server.balancer.plan(
@@ -6310,7 +6573,7 @@ class ModelCall:
         retries = usable[0].cred.request_retry
         retries = self.setup.config.request_retry if retries is None else retries
         self.attempts = [Attempt(t, self._upstream(t),
-                                 TRANSLATORS[(fmt, self._upstream(t).api_for(fmt))])
+                                 TRANSLATORS[(fmt, self._upstream(t).api_for(fmt, self.op))])
                          for t in ready[:1 + retries]]
         log.debug("route %s -> %s via %s", printable(model), route.routed,
                   ", ".join(f"{a.target.cred.label} as {a.target.model!r}" for a in self.attempts))
@@ -6330,8 +6593,9 @@ class ModelCall:
             if self.chat is None:
                 self.chat = translator.read(self.body)
             try:
-                out = translator.write(dataclasses.replace(self.chat, model=target.model,
-                                                           stream=self.stream))
+                out = translator.write(dataclasses.replace(
+                    self.chat, model=target.model, stream=self.stream,     # the entry's cap is
+                    max_tokens=self.chat.max_tokens or target.max_output_tokens))  # the default too
             except ClientError as exc:
                 raise ClientError(f"model {self.requested!r} goes to {target.cred.label} "
                                   f"as {target.model!r}: {exc.message}") from None

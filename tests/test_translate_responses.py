@@ -85,7 +85,7 @@ def test_codex_turn_to_anthropic_keeps_only_anthropic_signatures():
 
 
 def test_codex_turn_to_gemini():
-    out = R_GE.request(codex(input=TOOL_HISTORY[:4], tools=[SHELL, {"type": "web_search"}],
+    out = R_GE.request(codex(input=TOOL_HISTORY[:4], tools=[SHELL],
                              text={"format": {"type": "json_schema", "name": "o", "strict": True,
                                               "schema": {"type": "object", "properties": {}}}}))
     assert out["systemInstruction"] == {"parts": [{"text": "You are Codex."}]}
@@ -93,7 +93,6 @@ def test_codex_turn_to_gemini():
     assert call == {"functionCall": {"name": "shell", "args": {"command": ["cat", "a.txt"]}},
                     "thoughtSignature": "skip_thought_signature_validator"}
     assert out["contents"][2]["parts"][0] == {"functionResponse": {"name": "shell", "response": {"result": "old"}}}
-    assert {"googleSearch": {}} in out["tools"]
     assert out["generationConfig"]["responseMimeType"] == "application/json"
 
 
@@ -113,8 +112,8 @@ def test_namespace_tools_are_flattened_and_requalified():
     (codex(previous_response_id="resp_1"), '"previous_response_id" refers to a response'),
     (codex(store=True), '"store": true asks to keep the response'),
     (codex(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0]: an item_reference needs"),
-    (codex(tools=[{"type": "file_search", "vector_store_ids": ["v"]}]), "tool 'file_search'"),
-], ids=["previous-response-id", "store-true", "item-reference", "hosted-tool-to-openai"])
+    (codex(tools=[{"type": "function", "parameters": {}}]), "a function or custom tool needs a name"),
+], ids=["previous-response-id", "store-true", "item-reference", "function-without-name"])
 def test_state_the_proxy_does_not_keep_is_refused(body, message):
     with pytest.raises(proxypal.ClientError) as info:
         R_OA.request(body)
@@ -124,6 +123,73 @@ def test_state_the_proxy_does_not_keep_is_refused(body, message):
 def test_web_search_goes_to_anthropic_as_its_server_tool():
     out = R_AN.request(codex(tools=[{"type": "web_search"}]))
     assert out["tools"] == [{"type": "web_search_20250305", "name": "web_search"}]
+
+
+HOSTED = [{"type": "web_search", "external_web_access": True}, {"type": "file_search", "vector_store_ids": ["v"]},
+          {"type": "image_generation"}, {"type": "some_future_tool"}]
+
+
+@pytest.mark.parametrize("translator,expected", [
+    (R_OA, [{"type": "function", "function": {"name": "shell", "description": "Run",
+                                              "parameters": SHELL["parameters"]}}]),
+    (R_AN, [{"name": "shell", "description": "Run", "input_schema": SHELL["parameters"]},
+            {"type": "web_search_20250305", "name": "web_search"}]),
+    (R_GE, [{"functionDeclarations": [{"name": "shell", "description": "Run",
+                                       "parameters": SHELL["parameters"]}]}]),
+], ids=["openai", "anthropic", "gemini"])
+def test_hosted_tools_codex_offers_by_default_are_left_out_where_the_upstream_lacks_them(translator, expected):
+    """Codex lists web_search with every turn; a refusal would end every session on an
+    upstream without it, so the tools the upstream cannot run are left out instead."""
+    out = translator.request(codex(tools=[SHELL] + HOSTED))
+    assert out["tools"] == expected
+
+
+def test_gemini_gets_google_search_when_no_functions_are_declared():
+    assert R_GE.request(codex(tools=HOSTED[:1]))["tools"] == [{"googleSearch": {}}]
+
+
+TOOL_SEARCH = {"type": "tool_search", "execution": "client", "description": "Find deferred tools",
+               "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                              "required": ["query"]}}
+SEARCH_HISTORY = [
+    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "File an issue"}]},
+    {"type": "tool_search_call", "call_id": "ts_1", "execution": "client", "status": "completed",
+     "arguments": {"query": "github issue"}},
+    {"type": "tool_search_output", "call_id": "ts_1", "execution": "client", "status": "completed",
+     "tools": [{"type": "namespace", "name": "mcp_github", "description": "GitHub", "tools": [
+         {"type": "function", "name": "create_issue", "parameters": {"type": "object", "properties": {}}}]}]},
+]
+
+
+def test_tool_search_is_a_function_and_the_tools_it_found_join_the_request():
+    out = R_OA.request(codex(input=SEARCH_HISTORY, tools=[SHELL, TOOL_SEARCH]))
+    names = [t["function"]["name"] for t in out["tools"]]
+    assert names == ["shell", "tool_search", "mcp_github__create_issue"]
+    assert out["tools"][1]["function"]["parameters"] == TOOL_SEARCH["parameters"]
+    assert out["messages"][2]["tool_calls"][0] == {"id": "ts_1", "type": "function", "function": {
+        "name": "tool_search", "arguments": '{"query":"github issue"}'}}
+    assert out["messages"][3] == {"role": "tool", "tool_call_id": "ts_1",
+                                  "content": "Tools loaded: mcp_github"}
+
+
+def test_a_tool_search_call_goes_back_as_its_own_item():
+    chat = R_OA.read(codex(tools=[TOOL_SEARCH]))
+    answer = {"id": "c1", "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_5", "type": "function", "function": {"name": "tool_search",
+                                                           "arguments": '{"query":"calendar"}'}}]},
+        "finish_reason": "tool_calls"}]}
+    item = R_OA.response(answer, "m", chat)["output"][0]
+    assert item == {"id": "tsc_call_5", "type": "tool_search_call", "status": "completed",
+                    "call_id": "call_5", "execution": "client", "arguments": {"query": "calendar"}}
+    streamed = run_stream(R_OA, [
+        chunk({"tool_calls": [{"index": 0, "id": "call_5", "type": "function",
+                               "function": {"name": "tool_search", "arguments": '{"query":'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"calendar"}'}}]}),
+        chunk(finish="tool_calls"), chunk(usage=USAGE), ("", "[DONE]")], chat)
+    assert [n for n, _ in streamed] == ["response.created", "response.in_progress",
+                                        "response.output_item.added", "response.output_item.done",
+                                        "response.completed"]
+    assert streamed[3][1]["item"] == item
 
 
 # -- whole answers ----------------------------------------------------------------------
@@ -346,3 +412,144 @@ def test_gemini_stream_whole_calls():
 def test_replayed_whole_answer_obeys_the_grammar():
     events = R_OA.replay(openai_answer(), "m", 0, R_OA.read(codex(tools=[SHELL, PATCH])))
     assert_responses_grammar(decoded(events))
+
+
+# -- the Responses API as the upstream (wireApi "responses") ---------------------------
+
+AN_R = proxypal.TRANSLATORS[("anthropic", "responses")]
+OA_R = proxypal.TRANSLATORS[("openai", "responses")]
+GE_R = proxypal.TRANSLATORS[("gemini", "responses")]
+
+
+def test_claude_code_turn_as_a_responses_request():
+    body = {"model": "m", "max_tokens": 32000, "stream": True,
+            "system": [{"type": "text", "text": "You are Claude Code."}],
+            "thinking": {"type": "enabled", "budget_tokens": 8000},
+            "tools": [{"name": "Bash", "description": "Run", "input_schema": {"type": "object"}}],
+            "messages": [
+                {"role": "user", "content": "List files"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "ls", "signature": "pp1:responses:gAAAA-blob"},
+                    {"type": "thinking", "thinking": "other", "signature": "EqQB-anthropic"},
+                    {"type": "text", "text": "Listing."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a.txt"},
+                    {"type": "text", "text": "Now read it"}]}]}
+    assert AN_R.request(body) == {
+        "model": "m", "instructions": "You are Claude Code.", "store": False,
+        "input": [
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List files"}]},
+            {"type": "reasoning", "encrypted_content": "gAAAA-blob",
+             "summary": [{"type": "summary_text", "text": "ls"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Listing."}]},
+            {"type": "function_call", "call_id": "toolu_1", "name": "Bash", "arguments": '{"command":"ls"}'},
+            {"type": "function_call_output", "call_id": "toolu_1", "output": "a.txt"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Now read it"}]}],
+        "max_output_tokens": 32000, "stream": True,
+        "tools": [{"type": "function", "name": "Bash", "description": "Run",
+                   "parameters": {"type": "object", "properties": {}}, "strict": False}],
+        "reasoning": {"effort": "medium", "summary": "auto"}, "include": ["reasoning.encrypted_content"]}
+
+
+def test_openai_chat_request_with_schema_and_choice_as_responses():
+    out = OA_R.request({"model": "m", "messages": [{"role": "system", "content": "Be brief"},
+                                                   {"role": "user", "content": "Hi"}],
+                        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                        "tool_choice": {"type": "function", "function": {"name": "f"}},
+                        "response_format": {"type": "json_schema", "json_schema": {
+                            "name": "o", "strict": True, "schema": {"type": "object"}}},
+                        "max_completion_tokens": 50, "temperature": 0.2})
+    assert out["input"][0] == {"type": "message", "role": "developer",
+                               "content": [{"type": "input_text", "text": "Be brief"}]}
+    assert out["tool_choice"] == {"type": "function", "name": "f"}
+    assert out["text"] == {"format": {"type": "json_schema", "name": "o", "schema": {"type": "object"},
+                                      "strict": True}}
+    assert out["max_output_tokens"] == 50 and out["temperature"] == 0.2 and "reasoning" not in out
+
+
+RESPONSE = {"id": "resp_9", "object": "response", "status": "completed", "output": [
+    {"id": "rs_1", "type": "reasoning", "encrypted_content": "gAAAA-blob",
+     "summary": [{"type": "summary_text", "text": "Plan"}]},
+    {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+     "content": [{"type": "output_text", "text": "Listing.", "annotations": []}]},
+    {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "Bash",
+     "arguments": '{"command":"ls"}'}],
+    "usage": {"input_tokens": 20, "input_tokens_details": {"cached_tokens": 5}, "output_tokens": 7,
+              "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 27}}
+
+
+def test_responses_answer_for_an_anthropic_client():
+    msg = AN_R.response(RESPONSE, "m")
+    assert msg["content"] == [
+        {"type": "thinking", "thinking": "Plan", "signature": "pp1:responses:gAAAA-blob"},
+        {"type": "text", "text": "Listing."},
+        {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}]
+    assert msg["stop_reason"] == "tool_use"
+    assert msg["usage"]["input_tokens"] == 15 and msg["usage"]["cache_read_input_tokens"] == 5
+
+
+def r_event(kind: str, **fields: Any) -> Tuple[str, Any]:
+    return kind, {"type": kind, **fields}
+
+
+RESPONSES_STREAM = [
+    r_event("response.created", response={"id": "resp_9", "status": "in_progress", "output": []}),
+    r_event("response.in_progress", response={"id": "resp_9", "status": "in_progress", "output": []}),
+    r_event("response.output_item.added", output_index=0, item={"id": "rs_1", "type": "reasoning", "summary": []}),
+    r_event("response.reasoning_summary_text.delta", output_index=0, item_id="rs_1", summary_index=0, delta="Plan"),
+    r_event("response.output_item.done", output_index=0, item=RESPONSE["output"][0]),
+    r_event("response.output_item.added", output_index=1, item={"id": "msg_1", "type": "message", "content": []}),
+    r_event("response.output_text.delta", output_index=1, item_id="msg_1", content_index=0, delta="List"),
+    r_event("response.output_text.delta", output_index=1, item_id="msg_1", content_index=0, delta="ing."),
+    r_event("response.output_item.done", output_index=1, item=RESPONSE["output"][1]),
+    r_event("response.output_item.added", output_index=2, item=dict(RESPONSE["output"][2], arguments="")),
+    r_event("response.function_call_arguments.delta", output_index=2, item_id="fc_1", delta='{"command":'),
+    r_event("response.function_call_arguments.delta", output_index=2, item_id="fc_1", delta='"ls"}'),
+    r_event("response.function_call_arguments.done", output_index=2, item_id="fc_1", arguments='{"command":"ls"}'),
+    r_event("response.output_item.done", output_index=2, item=RESPONSE["output"][2]),
+    r_event("response.completed", response=RESPONSE)]
+
+
+def client_events(translator: Any, upstream: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+    """The client's events for an upstream transcript, the same fed whole, bytewise and cut
+    at every byte."""
+    def parsed(events: List[Tuple[str, str]]) -> List[Tuple[str, Any]]:
+        out = [(n, d if d.strip() == "[DONE]" else json.loads(d)) for n, d in events]
+        for _, obj in out:
+            if isinstance(obj, dict):
+                obj.pop("created", None)           # the clock may tick between feeds
+        return out
+    return feed_all_ways(lambda: Pipe(translator, None), sse(upstream), lambda p: p.finish(), parsed)
+
+
+def test_responses_stream_for_an_anthropic_client():
+    out = client_events(AN_R, RESPONSES_STREAM)
+    names = [n for n, _ in out]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    deltas = [d["delta"] for n, d in out if n == "content_block_delta"]
+    assert deltas == [{"type": "thinking_delta", "thinking": "Plan"},
+                      {"type": "signature_delta", "signature": "pp1:responses:gAAAA-blob"},
+                      {"type": "text_delta", "text": "List"}, {"type": "text_delta", "text": "ing."},
+                      {"type": "input_json_delta", "partial_json": '{"command":'},
+                      {"type": "input_json_delta", "partial_json": '"ls"}'}]
+    final = out[-2][1]
+    assert final["delta"]["stop_reason"] == "tool_use" and final["usage"]["output_tokens"] == 7
+
+
+def test_responses_stream_for_an_openai_client_and_its_cut():
+    out = client_events(OA_R, RESPONSES_STREAM)
+    assert out[-1] == ("", "[DONE]")
+    finish = [c for _, c in out[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish[0]["choices"][0]["finish_reason"] == "tool_calls"
+    cut = client_events(OA_R, RESPONSES_STREAM[:8])
+    assert "error" in cut[-1][1] and "response.completed" in cut[-1][1]["error"]["message"]
+
+
+@pytest.mark.parametrize("terminal,status", [
+    (r_event("response.failed", response={"id": "r", "status": "failed",
+                                          "error": {"code": "rate_limit_exceeded", "message": "Slow down"}}), 429),
+    (r_event("error", code="server_error", message="Boom"), 502)], ids=["failed", "error-event"])
+def test_a_failed_responses_stream_fails_the_client_stream(terminal, status):
+    out = client_events(GE_R, RESPONSES_STREAM[:7] + [terminal])
+    assert out[-1][1]["error"]["code"] == status
