@@ -1751,12 +1751,19 @@ SERVER_TOOLS = {"web_search": "web search", "web_fetch": "web fetch",
                 "code_execution": "code execution"}
 
 
+_TOOLS_LEFT_OUT: set = set()              # (tool, upstream format) already warned about
+
+
 def server_tool_left_out(tool: Tool, upstream: str) -> bool:
     """A server tool this upstream cannot run: left out when the client offers it by
-    default (Codex's web_search), refused when the client asked for it."""
+    default (Codex lists web_search on every turn), with a warning once per process;
+    refused when the client asked for it."""
     kind = SERVER_TOOLS.get(tool.server, tool.server)
     if tool.optional:
-        log.debug("%s tool %r left out: %s upstreams cannot run it", kind, tool.name, upstream)
+        if (tool.name, upstream) not in _TOOLS_LEFT_OUT:
+            _TOOLS_LEFT_OUT.add((tool.name, upstream))
+            log.warning("the %s tool %r is left out of requests to %s upstreams, which cannot "
+                        "run it (said once)", kind, tool.name, FORMATS[upstream].title)
         return True
     raise ClientError(f"tool {tool.name!r} is a {kind} tool that the provider runs itself, and "
                       f"{FORMATS[upstream].title} upstreams cannot run it; route this model to "

@@ -137,11 +137,19 @@ HOSTED = [{"type": "web_search", "external_web_access": True}, {"type": "file_se
     (R_GE, [{"functionDeclarations": [{"name": "shell", "description": "Run",
                                        "parameters": SHELL["parameters"]}]}]),
 ], ids=["openai", "anthropic", "gemini"])
-def test_hosted_tools_codex_offers_by_default_are_left_out_where_the_upstream_lacks_them(translator, expected):
+def test_hosted_tools_codex_offers_by_default_are_left_out_where_the_upstream_lacks_them(
+        translator, expected, caplog):
     """Codex lists web_search with every turn; a refusal would end every session on an
-    upstream without it, so the tools the upstream cannot run are left out instead."""
+    upstream without it, so the tools the upstream cannot run are left out instead, with
+    a warning once per process."""
+    proxypal._TOOLS_LEFT_OUT.clear()
     out = translator.request(codex(tools=[SHELL] + HOSTED))
     assert out["tools"] == expected
+    warned = [r.getMessage() for r in caplog.records if "is left out of requests" in r.getMessage()]
+    assert any("'file_search'" in m for m in warned)
+    caplog.clear()
+    translator.request(codex(tools=[SHELL] + HOSTED))
+    assert not [r for r in caplog.records if "is left out of requests" in r.getMessage()]
 
 
 def test_gemini_gets_google_search_when_no_functions_are_declared():
