@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -62,6 +63,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -78,6 +80,7 @@ __all__ = ["serve", "start", "load_config", "parse_config", "Config", "ProxypalE
            "ConfigError", "__version__"]
 
 log = logging.getLogger("proxypal")
+LOGGING_OWNED = False                    # main() set up logging: the config's debug drives it
 
 
 # =============================================================================
@@ -104,7 +107,6 @@ BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is aband
 KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
-USAGE_SAMPLES = 1000                     # latencies kept per model/provider for percentiles
 CONFIG_POLL_SECONDS = 1.0                # config changes apply within 2 s (hot reload)
 CLIENT_WRITE_TIMEOUT = 120.0             # a client that reads nothing this long is gone
 WRITE_BUFFER_HIGH = 64 * 1024            # asyncio's own high-water mark for writes
@@ -170,11 +172,19 @@ class ProxypalError(Exception):
 
 
 class ConfigError(ProxypalError, ValueError):
-    """An invalid config; .path names the key, e.g. claudeApiKeys[1].models[0].alias."""
+    """An invalid config; .path names where, e.g. claudeApiKeys[1].models[0], and .field
+    the key itself when one is at fault (claudeApiKeys[1].baseUrl), for the page."""
+    status = 400
 
-    def __init__(self, path: str, message: str):
+    def __init__(self, path: str, message: str, field: str = ""):
         super().__init__(f"{path}: {message}" if path else message)
         self.path = path
+        self.field = field or path
+
+
+class ConfigWriteError(ConfigError):
+    """The config file could not be written; the old one is intact."""
+    status = 500
 
 
 class ClientError(ProxypalError):
@@ -466,7 +476,7 @@ class _Reader:
     def fail(self, key: str, message: str) -> ConfigError:
         """An error about one key: 'path: "key" message', or 'key: message' at the top."""
         if self.path:
-            return ConfigError(self.path, f'"{key}" {message}')
+            return ConfigError(self.path, f'"{key}" {message}', self.at(key))
         return ConfigError(key, message)
 
     def get(self, key: str, kind: type, default: Any = None, required: bool = False) -> Any:
@@ -517,7 +527,8 @@ _BAD_HEADER_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
     def fail(message: str) -> ConfigError:
-        return ConfigError(path, f'"{key}" {message}') if path else ConfigError(key, message)
+        return ConfigError(path, f'"{key}" {message}', f"{path}.{key}") if path \
+            else ConfigError(key, message)
     try:
         parts = urllib.parse.urlsplit(value.strip())
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -687,7 +698,14 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     credentials = []
     for list_key, api in CREDENTIAL_LISTS.items():
         for i, item in enumerate(r.get(list_key, list, [])):
-            credentials.append(_parse_credential(api, item, f"{list_key}[{i}]"))
+            where = f"{list_key}[{i}]"
+            if isinstance(item, dict) and _Reader(item, where).get("disabled", bool, False):
+                continue                   # switched off on the page; kept in the file
+            credentials.append(_parse_credential(api, item, where))
+    if values["management_key"] and values["management_key"] in \
+            (values["proxy_api_key"],) + tuple(values["api_keys"]):
+        raise ConfigError("managementKey", "must differ from proxyApiKey and apiKeys: the "
+                                           "clients' key must not open the management page")
     return Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
                   path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
                   raw=raw)
@@ -783,8 +801,8 @@ class ConfigStore:
                 raise ConfigConflict(f"{self.path} changed since it was read (by another editor "
                                      "or by hand): reload it, reapply your change, and save again")
             if current is not None and current != data:
-                self._write(self.path + ".bak", current)
-            self._write(self.path, data)
+                self.write_file(self.path + ".bak", current)
+            self.write_file(self.path, data)
         return config, self.version_of(data)
 
     def create(self, raw: Dict[str, Any]) -> bool:
@@ -796,7 +814,7 @@ class ConfigStore:
             if os.path.exists(self.path):
                 return False
             temp = self.path + f".{os.getpid()}.new"
-            self._write(temp, data)
+            self.write_file(temp, data)
             try:
                 os.link(temp, self.path)      # fails if the path appeared meanwhile
             except FileExistsError:
@@ -808,14 +826,16 @@ class ConfigStore:
                     os.unlink(temp)
         return True
 
-    def _write(self, path: str, data: bytes) -> None:
+    @staticmethod
+    def write_file(path: str, data: bytes) -> None:
+        """Write aside in the same folder, fsync, rename into place: whole, old or new."""
         folder = os.path.dirname(path)
         try:
             os.makedirs(folder, exist_ok=True)
             fd, temp = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=folder)
         except OSError as exc:
-            raise ConfigError("", f"cannot write {path}: {exc.strerror or exc}; the file was "
-                                  "not changed") from None
+            raise ConfigWriteError("", f"cannot write {path}: {exc.strerror or exc}; the file "
+                                       "was not changed") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -825,9 +845,34 @@ class ConfigStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
-            raise ConfigError("", f"cannot write {path}: {exc.strerror or exc}; the file was "
-                                  "not changed") from None
+            raise ConfigWriteError("", f"cannot write {path}: {exc.strerror or exc}; the file "
+                                       "was not changed") from None
         _fsync_folder(folder)
+
+
+def new_management_key() -> str:
+    return "pp-mgmt-" + secrets.token_urlsafe(24)
+
+
+def ensure_management_key(config: Config) -> Tuple[Config, str]:
+    """(config, the key made now or ""). A config file without managementKey gets one,
+    saved through ConfigStore (the file's other keys kept; the file is created when
+    missing, so that the page has somewhere to save). When it cannot be saved the key
+    still works until the proxy stops, and the log says why."""
+    if config.management_key:
+        return config, ""
+    key = new_management_key()
+    if config.path:
+        store = ConfigStore(config.path)
+        try:
+            raw, version = store.read()
+            raw["managementKey"] = key
+            store.save(raw, version)
+            config = dataclasses.replace(config, raw=raw, loaded=True)
+        except ProxypalError as exc:
+            log.warning("the new management key could not be saved (%s); it works until the "
+                        "proxy stops", exc.message)
+    return dataclasses.replace(config, management_key=key), key
 
 
 def _fsync_folder(folder: str) -> None:
@@ -1236,28 +1281,46 @@ def _anthropic_finished(recent: Sequence[bytes]) -> bool:
     return bool(last) and last[0] in ("message_stop", "error")
 
 
-def _usage_pair(obj: Any) -> Tuple[Optional[int], Optional[int]]:
-    """(input, output) tokens any format's answer or stream event reports; None where it
-    says nothing. Anthropic's input excludes cached tokens, so they are added back."""
+Tokens = Tuple[Optional[int], Optional[int], Optional[int], Optional[int]]
+NO_TOKENS: Tokens = (None, None, None, None)
+
+
+def usage_counts(obj: Any) -> Tokens:
+    """(input, output, cached, reasoning) tokens any format's answer or stream event
+    reports; None where it says nothing. Input includes cached tokens (Anthropic counts
+    them apart, so they are added back); output includes reasoning."""
     if not isinstance(obj, dict):
-        return None, None
+        return NO_TOKENS
     usage = obj.get("usage") or obj.get("usageMetadata")
     if usage is None and isinstance(obj.get("message"), dict):
         usage = obj["message"].get("usage")          # Anthropic message_start
     if usage is None and isinstance(obj.get("response"), dict):
         usage = obj["response"].get("usage")         # Responses terminal events
     if not isinstance(usage, dict):
-        return None, None
+        return NO_TOKENS
 
-    def total(*keys: str) -> Optional[int]:
-        values = [usage[k] for k in keys if isinstance(usage.get(k), int)]
+    def total(*keys: str, within: Any = usage) -> Optional[int]:
+        if not isinstance(within, dict):
+            return None
+        values = [within[k] for k in keys if isinstance(within.get(k), int)]
         return sum(values) if values else None
     if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
-        return total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount")
+        return (total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount"),
+                total("cachedContentTokenCount"), total("thoughtsTokenCount"))
     if "prompt_tokens" in usage or "completion_tokens" in usage:
-        return total("prompt_tokens"), total("completion_tokens")
+        return (total("prompt_tokens"), total("completion_tokens"),
+                total("cached_tokens", within=usage.get("prompt_tokens_details")),
+                total("reasoning_tokens", within=usage.get("completion_tokens_details")))
     return (total("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
-            total("output_tokens"))
+            total("output_tokens"),
+            total("cache_read_input_tokens") if "cache_read_input_tokens" in usage else
+            total("cached_tokens", within=usage.get("input_tokens_details")),
+            total("reasoning_tokens", within=usage.get("output_tokens_details")))
+
+
+def merged_tokens(old: Tokens, new: Tokens) -> Tokens:
+    """Each count's latest known value (streams report usage in pieces)."""
+    return tuple(n if n is not None else o for o, n in zip(old, new))  # type: ignore
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1402,20 +1465,19 @@ def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[flo
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def stream_usage(events: bytes) -> Tuple[Optional[int], Optional[int]]:
+def stream_usage(events: bytes) -> Tokens:
     """Token counts from the SSE events in `events` that carry any (cheap when none do)."""
-    found: Tuple[Optional[int], Optional[int]] = (None, None)
+    found = NO_TOKENS
     if b'"usage' not in events:
         return found
     for block in re.split(rb"\r?\n\r?\n", events):
         if b'"usage' in block:
             parsed = parse_sse_event(block)
             try:
-                tokens = _usage_pair(json.loads(parsed[1])) if parsed else (None, None)
+                found = merged_tokens(found, usage_counts(json.loads(parsed[1])) if parsed
+                                      else NO_TOKENS)
             except ValueError:
                 continue
-            found = (tokens[0] if tokens[0] is not None else found[0],
-                     tokens[1] if tokens[1] is not None else found[1])
     return found
 
 
@@ -4720,8 +4782,9 @@ class EventRelay:
         self.started = True
         self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
         if '"usage' in data:
-            tokens = _usage_pair(json.loads(data))
-            self.usage = Usage(tokens[0] or 0, output=tokens[1] or 0)
+            tokens = usage_counts(json.loads(data))
+            self.usage = Usage(tokens[0] or 0, tokens[2] or 0, output=tokens[1] or 0,
+                               reasoning=tokens[3] or 0)
         self.done = self.fmt.finished(self.recent)
         return [(event, data)]
 
@@ -6002,17 +6065,24 @@ class Record:
     status: int = 0
     upstream_status: Optional[int] = None
     ttfb: Optional[float] = None
-    tokens_in: Optional[int] = None
-    tokens_out: Optional[int] = None
+    tokens: Tokens = NO_TOKENS             # input, output, cached, reasoning
     error: str = ""
+    credential: str = ""                   # Credential.key of the provider that answered
+
+    @property
+    def tokens_in(self) -> Optional[int]:
+        return self.tokens[0]
+
+    @property
+    def tokens_out(self) -> Optional[int]:
+        return self.tokens[1]
 
     def count(self, usage: Any) -> None:
-        """Keep the token counts an answer reported: a Usage, or an (input, output) pair."""
-        pair = (usage.input, usage.output) if isinstance(usage, Usage) else usage
-        if pair and pair[0] is not None:
-            self.tokens_in = pair[0]
-        if pair and pair[1] is not None:
-            self.tokens_out = pair[1]
+        """Keep the token counts an answer reported: a Usage, or Tokens."""
+        if isinstance(usage, Usage):
+            usage = (usage.input, usage.output, usage.cached, usage.reasoning)
+        if usage:
+            self.tokens = merged_tokens(self.tokens, usage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6313,10 +6383,18 @@ def check_local_key(req: Request, config: Config) -> None:
                             "apiKeys in config.json), not an upstream's", 401)
 
 
-def check_management_key(req: Request, config: Config) -> None:
+def check_page(req: Request, config: Config) -> None:
+    """The page itself holds no secret; like its API it is shown to this machine only,
+    unless allowRemoteManagement."""
     if not (config.allow_remote_management or is_loopback(req.peer)):
-        raise ProxypalError("the management API answers only loopback clients; set "
+        raise ProxypalError("the management page answers only this machine; set "
                             "allowRemoteManagement to true to allow others", 403)
+
+
+def check_management_key(req: Request, config: Config) -> None:
+    """The management API's gate: this machine (unless allowRemoteManagement) and the
+    management key in a header (never a cookie: another web page cannot send it)."""
+    check_page(req, config)
     if not config.management_key:
         raise ProxypalError('the management API is off: set "managementKey" in config.json '
                             "and send it as X-Management-Key", 403)
@@ -6328,7 +6406,7 @@ def check_management_key(req: Request, config: Config) -> None:
 
 
 GATES = {"": lambda req, config: None, "local": check_local_key,
-         "management": check_management_key}
+         "management": check_management_key, "page": check_page}
 
 
 def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
@@ -6394,10 +6472,6 @@ async def handle_gemini_models(server: "Server", call: Call, params: Dict[str, s
     return Reply(200, dumps(gemini_models_payload(call.setup.router)))
 
 
-async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
-    return Reply(200, dumps(server.usage.snapshot()))
-
-
 async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]) -> Any:
     endpoint_op = params.get("op", "")
     if "method" in params:                 # Gemini: /v1beta/models/{model}:{method}
@@ -6436,7 +6510,6 @@ ENDPOINTS: List[Endpoint] = [
     Endpoint("GET", "/v1/models/{id+}", handle_model),
     Endpoint("GET", "/v1beta/models", handle_gemini_models, fmt="gemini"),
     Endpoint("GET", "/v1beta/models/", handle_gemini_models, fmt="gemini"),
-    Endpoint("GET", "/v0/management/usage", handle_usage, gate="management"),
 ] + model_endpoints()
 
 
@@ -6570,6 +6643,7 @@ class ModelCall:
         first = self._upstream(usable[0])
         if self.op == "count" and (first.api_for(fmt, "count") != fmt or not first.serves("count", fmt)):
             record.provider = usable[0].cred.name    # counted here: an estimate
+            record.credential = usable[0].cred.key
             return Reply(200, dumps(local_count(self.call.fmt, body)))
         ready, cooling = self.server.balancer.plan(
             dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy,
@@ -6617,6 +6691,7 @@ class ModelCall:
             more, cred = i + 1 < len(self.attempts), attempt.target.cred
             ureq = self.upstream_request(attempt)
             record.provider, record.upstream_model = cred.name, attempt.target.model
+            record.credential = cred.key
             log.debug("upstream %s %s (%s)", ureq.method, ureq.url, cred.label)
             try:
                 resp = await self.server.client.open(ureq)
@@ -6725,14 +6800,14 @@ class ModelCall:
                     isinstance(obj.get("model"), str) and obj["model"] != self.requested:
                 obj["model"] = self.requested
                 body = dumps(obj)
-            self.call.record.count(_usage_pair(obj))
+            self.call.record.count(usage_counts(obj))
             return Reply(resp.status, body, passed_headers(resp, attempt.upstream.name),
                          resp.header("content-type") or "application/json")
         if not isinstance(obj, dict):
             raise UpstreamError(f"answered with something that is not a JSON object: "
                                 f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
         out = translator.response(obj, self.requested, self.chat)
-        self.call.record.count(_usage_pair(out))
+        self.call.record.count(usage_counts(out))
         return Reply(resp.status, dumps(out), passed_headers(resp, attempt.upstream.name))
 
     def error_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
@@ -6783,12 +6858,12 @@ class RelayPipe:
         self.fmt, self.provider = FORMATS[fmt], provider
         self.splitter = SSESplitter()
         self.recent: List[bytes] = []      # the last few events: where the end markers are
-        self.tokens: Tuple[Optional[int], Optional[int]] = (None, None)
+        self.tokens = NO_TOKENS
         self.failed = False
         self.skip: List[bytes] = []        # opening events the commit already sent
 
     @property
-    def usage(self) -> Tuple[Optional[int], Optional[int]]:
+    def usage(self) -> Tokens:
         return self.tokens
 
     def committed(self) -> None:
@@ -6806,9 +6881,8 @@ class RelayPipe:
             self.recent = (self.recent + real)[-3:]
         out = b"".join(events)
         found = stream_usage(out)
-        if found != (None, None):
-            self.tokens = (found[0] if found[0] is not None else self.tokens[0],
-                           found[1] if found[1] is not None else self.tokens[1])
+        if found != NO_TOKENS:
+            self.tokens = merged_tokens(self.tokens, found)
         return out
 
     def close(self) -> bytes:
@@ -6928,58 +7002,1310 @@ async def read_or_ping(call: Call, resp: "UpstreamResponse", seconds: float,
             reading.cancel()
 
 
-# -- 10.6 The server ------------------------------------------------------------------
+# -- 10.6 Usage that survives restarts, the log ring, the management API -------------
 
-def percentile(values: Sequence[float], fraction: float) -> Optional[float]:
-    """Nearest-rank percentile; None for no values."""
-    if not values:
+USAGE_FILE = "usage.jsonl"               # in the config folder, beside config.json
+USAGE_FLUSH_SECONDS = 1.0                # how stale other processes' counts may be
+USAGE_FILE_MAX = 4 * 1024 * 1024         # compacted beyond this size
+USAGE_HOURLY_DAYS = 8                    # hours older than this merge into days
+USAGE_BIN = 1.2                          # latency histogram bins grow by 20%: percentiles
+                                         # are exact to within 20%, at a few bytes each
+USAGE_RANGES = {"24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400, "all": None}
+LOG_RING_LINES = 2000                    # log lines the page can show
+REQUEST_RING = 500                       # request records the page can show
+
+
+def _usage_bin(seconds: float) -> str:
+    ms = seconds * 1000
+    return "0" if ms < 1 else str(int(math.log(ms, USAGE_BIN)) + 1)
+
+
+def _bin_percentile(bins: Dict[str, int], fraction: float) -> Optional[float]:
+    """The upper edge, in ms, of the histogram bin holding the percentile."""
+    total = sum(bins.values())
+    if not total:
         return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+    rank, seen = max(1, math.ceil(fraction * total)), 0
+    for key in sorted(bins, key=int):
+        seen += bins[key]
+        if seen >= rank:
+            return 0.0 if key == "0" else round(USAGE_BIN ** int(key), 1)
+    return None
 
 
-class UsageStats:
-    """Counters since start, per model and per provider: requests, errors by status,
-    tokens, and latency / time-to-first-byte percentiles over the last USAGE_SAMPLES."""
+def _new_bucket() -> Dict[str, Any]:
+    return {"n": 0, "e": {}, "i": 0, "o": 0, "c": 0, "r": 0, "l": {}, "f": {}}
 
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
 
-    def record(self, record: Record, latency: float) -> None:
-        for group, name in (("models", record.model), ("providers", record.provider)):
-            if not name:
-                continue
-            entry = self.groups[group].setdefault(name, {
-                "requests": 0, "errors": {}, "input_tokens": 0, "output_tokens": 0,
-                "latency": collections.deque(maxlen=USAGE_SAMPLES),
-                "ttfb": collections.deque(maxlen=USAGE_SAMPLES)})
-            entry["requests"] += 1
+def _add_bucket(into: Dict[str, Any], other: Dict[str, Any]) -> None:
+    for key in ("n", "i", "o", "c", "r"):
+        value = other.get(key)
+        into[key] += value if isinstance(value, int) else 0
+    for key in ("e", "l", "f"):
+        for name, value in (other.get(key) or {}).items():
+            if isinstance(value, int):
+                into[key][name] = into[key].get(name, 0) + value
+
+
+class UsageStore:
+    """Usage per hour, model and provider: requests, errors by status, tokens (input,
+    output, cached, reasoning), latency and time-to-first-byte histograms. With a folder
+    the records are appended to usage.jsonl there, one whole line per bucket in one
+    O_APPEND write under the folder lock, and read back at start: counts survive
+    restarts and are shared by every process writing there. Beyond USAGE_FILE_MAX the
+    file is compacted (hours older than USAGE_HOURLY_DAYS merged into days) under the
+    same lock and replaced atomically, so no record is lost."""
+
+    def __init__(self, folder: str = "", clock: Callable[[], float] = time.time) -> None:
+        self.path = os.path.join(folder, USAGE_FILE) if folder else ""
+        self.clock = clock
+        self.started = clock()
+        self.totals: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+        self.pending: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+        self.session: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}   # this process
+        self.offset, self.identity = 0, (0, 0)
+        self.error = ""                    # why the file could not be used, for the page
+        self.refresh()
+
+    def record(self, record: "Record", latency: float) -> None:
+        hour = int(self.clock() // 3600 * 3600)
+        key = (hour, 3600, record.model, record.provider)
+        for store in (self.pending, self.session) if self.path else (self.totals, self.session):
+            bucket = store.get(key)
+            if bucket is None:
+                bucket = store[key] = _new_bucket()
+            bucket["n"] += 1
             if record.status >= 400 or not record.status:
-                key = str(record.status or "aborted")
-                entry["errors"][key] = entry["errors"].get(key, 0) + 1
-            entry["input_tokens"] += record.tokens_in or 0
-            entry["output_tokens"] += record.tokens_out or 0
-            entry["latency"].append(latency)
+                status = str(record.status or "aborted")
+                bucket["e"][status] = bucket["e"].get(status, 0) + 1
+            for field, value in zip("iocr", record.tokens):
+                bucket[field] += value or 0
+            latency_bin = _usage_bin(latency)
+            bucket["l"][latency_bin] = bucket["l"].get(latency_bin, 0) + 1
             if record.ttfb is not None:
-                entry["ttfb"].append(record.ttfb)
+                first = _usage_bin(record.ttfb)
+                bucket["f"][first] = bucket["f"].get(first, 0) + 1
 
-    def snapshot(self) -> Dict[str, Any]:
-        """The counters as JSON-ready data, latencies in milliseconds."""
-        def ms(value: Optional[float]) -> Optional[float]:
-            return None if value is None else round(value * 1000, 1)
-        out: Dict[str, Any] = {"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))}
-        for group, entries in self.groups.items():
-            out[group] = {name: {
-                "requests": e["requests"], "errors": dict(e["errors"]),
-                "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"],
-                "latency_ms": {"p50": ms(percentile(e["latency"], 0.5)),
-                               "p95": ms(percentile(e["latency"], 0.95))},
-                "ttfb_ms": {"p50": ms(percentile(e["ttfb"], 0.5)),
-                            "p95": ms(percentile(e["ttfb"], 0.95))},
-            } for name, e in sorted(entries.items())}
+    # -- the file --------------------------------------------------------------------
+    def flush(self) -> None:
+        """Append what this process recorded since the last flush, then read what every
+        process appended (this one included): the totals are the file's contents."""
+        if not self.path:
+            return
+        if self.pending:
+            batch, self.pending = self.pending, {}
+            lines = "".join(json.dumps(dict(bucket, t=key[0], s=key[1], m=key[2], p=key[3]),
+                                       separators=(",", ":")) + "\n"
+                            for key, bucket in batch.items()).encode("utf-8")
+            try:
+                with _FolderLock(os.path.dirname(self.path)):
+                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                 getattr(os, "O_BINARY", 0), 0o600)
+                    try:
+                        os.write(fd, lines)
+                    finally:
+                        os.close(fd)
+                    if os.path.getsize(self.path) > USAGE_FILE_MAX:
+                        self._compact()
+                self.error = ""
+            except OSError as exc:
+                for key, bucket in batch.items():      # kept for the next try
+                    _add_bucket(self.pending.setdefault(key, _new_bucket()), bucket)
+                self.error = f"cannot write {self.path}: {exc.strerror or exc}"
+                log.warning("usage not saved (kept in memory, retried): %s", self.error)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read what was appended since the last read; all of it again after a compaction."""
+        if not self.path:
+            return
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            self.totals, self.offset, self.identity = {}, 0, (0, 0)
+            return
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            return
+        identity = (info.st_ino, getattr(info, "st_birthtime_ns", 0) or info.st_dev)
+        if identity != self.identity or info.st_size < self.offset:
+            self.totals, self.offset, self.identity = {}, 0, identity
+        if info.st_size == self.offset:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(info.st_size - self.offset)
+        except OSError as exc:
+            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            return
+        end = data.rfind(b"\n") + 1        # a line still being written waits for the next read
+        self.offset += end
+        self._merge(data[:end], self.totals)
+
+    @staticmethod
+    def _merge(data: bytes, into: Dict[Tuple[int, int, str, str], Dict[str, Any]]) -> None:
+        for line in data.splitlines():
+            try:
+                item = json.loads(line)
+                key = (int(item["t"]), int(item["s"]), str(item["m"]), str(item["p"]))
+            except (ValueError, KeyError, TypeError):
+                continue                   # a torn line from a crash: skipped, not fatal
+            _add_bucket(into.setdefault(key, _new_bucket()), item)
+
+    def _compact(self) -> None:
+        """Called under the folder lock: merge every line, hours older than
+        USAGE_HOURLY_DAYS into days, and replace the file atomically."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        merged: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+        self._merge(data, merged)
+        cutoff = self.clock() - USAGE_HOURLY_DAYS * 86400
+        compact: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+        for (start, span, model, provider), bucket in merged.items():
+            if span == 3600 and start < cutoff:
+                start, span = int(start // 86400 * 86400), 86400
+            _add_bucket(compact.setdefault((start, span, model, provider), _new_bucket()), bucket)
+        text = "".join(json.dumps(dict(b, t=k[0], s=k[1], m=k[2], p=k[3]), separators=(",", ":"))
+                       + "\n" for k, b in sorted(compact.items()))
+        ConfigStore.write_file(self.path, text.encode("utf-8"))
+
+    # -- what the page and the API show ----------------------------------------------
+    def window(self, since: Optional[float], session: bool = False) -> Dict[str, Any]:
+        """Counts per model, per provider and in total, for buckets ending after `since`
+        (None: all), or for this process since it started."""
+        if session:
+            buckets = self.session.items()
+        else:
+            self.refresh()
+            buckets = list(self.totals.items()) + list(self.pending.items())
+        groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
+        total = _new_bucket()
+        for (start, span, model, provider), bucket in buckets:
+            if since is not None and start + span <= since:
+                continue
+            for group, name in (("models", model), ("providers", provider)):
+                if name:
+                    _add_bucket(groups[group].setdefault(name, _new_bucket()), bucket)
+            _add_bucket(total, bucket)
+        out: Dict[str, Any] = {group: {name: self._stats(b) for name, b in sorted(entries.items())}
+                               for group, entries in groups.items()}
+        out["total"] = self._stats(total)
         return out
 
+    @staticmethod
+    def _stats(bucket: Dict[str, Any]) -> Dict[str, Any]:
+        errors = sum(bucket["e"].values())
+        return {"requests": bucket["n"], "errors": dict(sorted(bucket["e"].items())),
+                "success_rate": round(1 - errors / bucket["n"], 4) if bucket["n"] else None,
+                "input_tokens": bucket["i"], "output_tokens": bucket["o"],
+                "cached_tokens": bucket["c"], "reasoning_tokens": bucket["r"],
+                "latency_ms": {"p50": _bin_percentile(bucket["l"], 0.5),
+                               "p95": _bin_percentile(bucket["l"], 0.95)},
+                "ttfb_ms": {"p50": _bin_percentile(bucket["f"], 0.5),
+                            "p95": _bin_percentile(bucket["f"], 0.95)}}
+
+    def snapshot(self, range_name: str = "") -> Dict[str, Any]:
+        """GET /v0/management/usage: since this process started, or over a range."""
+        now = self.clock()
+        if range_name == "today":
+            local = time.localtime(now)
+            since: Optional[float] = now - (local.tm_hour * 3600 + local.tm_min * 60 + local.tm_sec)
+        elif range_name in USAGE_RANGES:
+            span = USAGE_RANGES[range_name]
+            since = None if span is None else now - span
+        elif range_name:
+            raise ClientError(f"range {printable(range_name, 20)!r} is unknown: use today, "
+                              + ", ".join(USAGE_RANGES))
+        else:
+            since = self.started
+        out = self.window(since, session=not range_name)
+        out["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None
+        out["range"] = range_name or "start"
+        out["persisted"] = bool(self.path) and not self.error
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class LogRing(logging.Handler):
+    """The last LOG_RING_LINES lines of the proxy's log, numbered, for the page's log
+    view and live tail. The logger's SecretFilter runs first: lines arrive masked."""
+
+    def __init__(self, worker: str = "") -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=LOG_RING_LINES)
+        self.seq, self.worker = 0, worker
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.changed: Optional[asyncio.Event] = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+        except Exception:                  # a bad log call must not break the caller
+            return
+        self.seq += 1
+        self.lines.append({"seq": self.seq, "time": round(record.created, 3),
+                           "level": record.levelname, "message": message,
+                           "worker": self.worker})
+        if self.loop is not None and self.changed is not None:
+            with contextlib.suppress(RuntimeError):       # the loop is closing
+                self.loop.call_soon_threadsafe(self.changed.set)
+
+    def since(self, after: int, level: str = "", text: str = "",
+              limit: int = LOG_RING_LINES) -> List[Dict[str, Any]]:
+        floor = logging.getLevelName(level.upper()) if level else 0
+        floor = floor if isinstance(floor, int) else 0
+        text = text.lower()
+        found = [line for line in self.lines if line["seq"] > after
+                 and logging.getLevelName(line["level"]) >= floor
+                 and (not text or text in line["message"].lower())]
+        return found[-limit:]
+
+
+def management_error(status: int, message: str, path: str = "") -> Reply:
+    """The management API's error body: {"error": {"message", "path"}}; `path` names the
+    config key a validation error is about, for the page to show it beside the field."""
+    return Reply(status, dumps({"error": {"message": message, "path": path}}),
+                 MANAGEMENT_HEADERS)
+
+
+MANAGEMENT_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                      ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
+
+
+def json_reply(obj: Any, status: int = 200) -> Reply:
+    return Reply(status, dumps(obj), MANAGEMENT_HEADERS)
+
+
+async def management_body(call: Call) -> Dict[str, Any]:
+    body = await call.conn.read_body(call.req, int(call.config.max_body_mb * 1024 * 1024))
+    call.body_read = True
+    try:
+        obj = json.loads(body) if body.strip() else {}
+    except (ValueError, RecursionError):
+        raise ClientError("the body must be a JSON object") from None
+    if not isinstance(obj, dict):
+        raise ClientError("the body must be a JSON object")
+    return obj
+
+
+async def handle_page(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return Reply(200, MANAGEMENT_PAGE_BYTES, PAGE_HEADERS, "text/html; charset=utf-8")
+
+
+async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """The dashboard: counts, each provider's state, the file's version, how clients
+    reach this proxy."""
+    config = call.config
+    now, clock = time.time(), server.balancer.clock()
+    providers = []
+    for cred in config.credentials:
+        cool = server.balancer.cooldowns.get(cred.key)
+        last = server.provider_status.get(cred.key, {})
+        providers.append({
+            "name": cred.name, "entry": cred.path, "kind": cred.dialect, "base_url": cred.base_url,
+            "models": len(cred.models), "requests": last.get("requests", 0),
+            "last_status": last.get("status"), "last_error": last.get("error"),
+            "last_at": last.get("at"),
+            "cooling_until": round(now + cool.until - clock, 1) if cool and cool.until > clock else None,
+            "cooling_reason": cool.reason if cool and cool.until > clock else None})
+    store = server.config_store()
+    version = ""
+    if store is not None:
+        with contextlib.suppress(ProxypalError):
+            version = store.version_of(store.read_bytes())
+    host = call.req.header("host") or f"{server.host}:{server.port}"
+    return json_reply({
+        "version": __version__, "started_at": server.started_at, "now": round(now, 3),
+        "base_url": f"http://{host}", "local_key": config.proxy_api_key,
+        "local_key_is_default": config.proxy_api_key == DEFAULT_LOCAL_KEY,
+        "config": {"path": config.path, "version": version, "loaded": config.loaded,
+                   "writable": store is not None, "reload_error": server.reload_error},
+        "today": server.usage.snapshot("today")["total"],
+        "since_start": server.usage.snapshot()["total"],
+        "providers": providers, "models": len(server.router.names()),
+        "overrides": {SETTING_BY_ATTR[k].key: v for k, v in server.overrides.items()
+                      if k in SETTING_BY_ATTR},
+        "usage_error": server.usage.error or None})
+
+
+async def handle_get_config(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    store = server.config_store()
+    raw, version = store.read() if store is not None else (call.config.raw or {}, "")
+    settings = [{"key": s.key, "kind": s.kind.__name__, "default": list(s.default)
+                 if isinstance(s.default, tuple) else s.default, "low": s.low, "high": s.high,
+                 "live": s.live, "help": s.help, "choices": list(s.choices), "secret": s.secret,
+                 "override": server.overrides.get(s.attr)} for s in SETTINGS]
+    return json_reply({"config": raw, "version": version, "path": call.config.path,
+                       "writable": store is not None, "settings": settings})
+
+
+async def handle_put_config(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """Save the whole document: validated as the file is, written by ConfigStore (atomic,
+    .bak kept), refused when the file changed since `version`, applied at once."""
+    body = await management_body(call)
+    store = server.config_store()
+    if store is None:
+        return management_error(409, "this proxy was started from a config object, not a "
+                                     "file: there is nothing to save to")
+    raw, version = body.get("config"), body.get("version")
+    if not isinstance(raw, dict):
+        return management_error(400, '"config" must be the whole config as a JSON object')
+    if not isinstance(version, str):
+        return management_error(400, '"version" must be the version the change was made on '
+                                     '(from GET /v0/management/config)')
+    try:
+        check_management_kept(raw, call.config)
+        config, new_version = store.save(raw, version)
+    except ConfigError as exc:
+        return management_error(exc.status, exc.message, exc.path)
+    except ConfigConflict as exc:
+        return management_error(409, exc.message)
+    server.apply_saved(config)
+    log.info("config saved from the management page: %d providers, %d models",
+             len(config.credentials), len(server.router.names()))
+    return json_reply({"version": new_version, "providers": len(config.credentials),
+                       "models": len(server.router.names())})
+
+
+def check_management_kept(raw: Dict[str, Any], config: Config) -> None:
+    """A save that would lock the page out of its own API is refused."""
+    if not isinstance(raw.get("managementKey"), str) or not raw["managementKey"]:
+        raise ConfigError("managementKey", "must stay set: without it the page and its API "
+                                           "stop working")
+
+
+def _entry_credential(body: Dict[str, Any]) -> Credential:
+    kind, entry = body.get("list"), body.get("entry")
+    if kind not in CREDENTIAL_LISTS:
+        raise ConfigError("list", "must be " + ", ".join(CREDENTIAL_LISTS))
+    return _parse_credential(CREDENTIAL_LISTS[kind], entry, f"{kind}[new]")
+
+
+def listed_models(body: bytes) -> Optional[set]:
+    """Model ids in an OpenAI, Anthropic or Gemini models listing; None if not one."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    items = obj.get("data") or obj.get("models") if isinstance(obj, dict) else None
+    if not isinstance(items, list):
+        return None
+    ids = set()
+    for item in items:
+        if isinstance(item, dict):
+            for key in ("id", "name"):
+                if isinstance(item.get(key), str):
+                    ids.add(item[key][len("models/"):] if item[key].startswith("models/") else item[key])
+    return ids
+
+
+async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
+                req: UpstreamRequest, timeout: float) -> List[Dict[str, Any]]:
+    """Ask one probe (Upstream.probes) and judge each model it stands for."""
+    cred = upstream.cred
+    t0 = time.monotonic()
+    status, body, detail = 0, b"", ""
+    try:
+        resp = await asyncio.wait_for(client.open(req), timeout)
+        status = resp.status
+        body = await asyncio.wait_for(resp.read_all(MAX_UPSTREAM_BODY, truncate=True), timeout)
+    except asyncio.TimeoutError:
+        detail = f"no answer within {timeout:g}s"
+    except UpstreamError as exc:
+        detail = exc.message
+    latency = round((time.monotonic() - t0) * 1000)
+    listed = listed_models(body) if req.method == "GET" and status == 200 else None
+    rows = []
+    for name in names:
+        ok = 200 <= status < 300 and (listed is None or name == "(any)" or name in listed)
+        why = detail
+        if status and not ok:
+            why = (f"{name!r} is not in the provider's models listing" if 200 <= status < 300
+                   else f"HTTP {status}: {upstream_message(body)[0]}")
+            hint = upstream.hint(status, req.url, body, name, name)
+            why += f" ({hint})" if hint else ""
+        rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
+                     "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
+                     "detail": mask_secrets(why, (cred.api_key,)) if why else ""})
+    return rows
+
+
+async def handle_test_provider(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """The `check` probe for one provider entry, saved or not: per model, ok or why not."""
+    body = await management_body(call)
+    try:
+        cred = _entry_credential(body)
+    except ConfigError as exc:
+        return management_error(400, exc.message, exc.path)
+    config = dataclasses.replace(call.config, credentials=(cred,))
+    upstream = list(make_upstreams(config, server.environ).values())[0]
+    rows: List[Dict[str, Any]] = []
+    for names, req in upstream.probes():
+        rows += await probe(server.client, upstream, names, req, MANAGEMENT_PROBE_TIMEOUT)
+    return json_reply({"ok": bool(rows) and all(r["ok"] for r in rows), "results": rows})
+
+
+MANAGEMENT_PROBE_TIMEOUT = 20.0          # the page's Test and Fetch models: as `check`
+
+
+async def handle_fetch_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """The upstream's own models listing, for the provider form."""
+    body = await management_body(call)
+    try:
+        cred = _entry_credential(body)
+    except ConfigError as exc:
+        return management_error(400, exc.message, exc.path)
+    config = dataclasses.replace(call.config, credentials=(cred,))
+    upstream = list(make_upstreams(config, server.environ).values())[0]
+    if not upstream.listing:
+        return management_error(400, f"{cred.name} has no models listing to fetch from "
+                                     "(Azure and Bedrock list deployments in their own "
+                                     "consoles): type the model names")
+    _, req = upstream.probes()[0]
+    try:
+        resp = await asyncio.wait_for(server.client.open(req), MANAGEMENT_PROBE_TIMEOUT)
+        data = await asyncio.wait_for(resp.read_all(MAX_UPSTREAM_BODY, truncate=True),
+                                      MANAGEMENT_PROBE_TIMEOUT)
+    except asyncio.TimeoutError:
+        return management_error(504, f"{req.url} gave no answer within "
+                                     f"{MANAGEMENT_PROBE_TIMEOUT:g}s")
+    except UpstreamError as exc:
+        return management_error(502, mask_secrets(exc.message, (cred.api_key,)))
+    listed = listed_models(data) if resp.status == 200 else None
+    if listed is None:
+        hint = upstream.hint(resp.status, req.url, data, "", "")
+        why = f"HTTP {resp.status}: {upstream_message(data)[0]}" + (f" ({hint})" if hint else "")
+        return management_error(502, mask_secrets(f"{req.url} answered {why}", (cred.api_key,)))
+    return json_reply({"models": sorted(listed)})
+
+
+def model_routes(config: Config) -> List[Dict[str, Any]]:
+    """Every routable name and where it goes: provider, upstream model, mapping applied."""
+    router = Router(config)
+    rows = []
+    for name in router.names():
+        route = router.resolve(name)
+        for target in route.targets:
+            rows.append({"model": name, "provider": target.cred.name, "entry": target.cred.path,
+                         "upstream_model": target.model, "format": target.cred.api,
+                         "mapping": f"{route.mapping.source} -> {route.mapping.target}"
+                         if route.mapping else None, "credentials": len(route.targets)})
+    for mapping in router.wild_maps:       # claude-haiku-* -> a model the user has
+        targets = router.lookup(mapping.target)
+        for target in targets:
+            rows.append({"model": mapping.source, "provider": target.cred.name,
+                         "entry": target.cred.path, "upstream_model": target.model,
+                         "format": target.cred.api, "credentials": len(targets),
+                         "mapping": f"{mapping.source} -> {mapping.target}"})
+    for cred in router.wildcard_creds:
+        rows.append({"model": f"{MODEL_PREFIX[cred.api]}*", "provider": cred.name,
+                     "entry": cred.path, "upstream_model": "(the name asked for)",
+                     "format": cred.api, "mapping": None, "credentials": 1})
+    return rows
+
+
+async def handle_routes(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    return json_reply({"routes": model_routes(call.config),
+                       "mappings": (call.config.raw or {}).get("ampModelMappings") or []})
+
+
+async def handle_requests(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """The request log of the last REQUEST_RING requests, newest first."""
+    return json_reply({"requests": [request_log_entry(record, now, wall)
+                                    for record, now, wall in reversed(server.recent_requests)]})
+
+
+async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    server.usage.flush()
+    return json_reply(server.usage.snapshot(call.req.query_params().get("range", "")))
+
+
+async def handle_logs(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    query = call.req.query_params()
+    try:
+        after = int(query.get("after") or 0)
+    except ValueError:
+        raise ClientError('"after" must be a line number') from None
+    return json_reply({"lines": server.log_ring.since(after, query.get("level", ""),
+                                                      query.get("q", ""), 500),
+                       "last": server.log_ring.seq})
+
+
+async def handle_log_tail(server: "Server", call: Call, params: Dict[str, str]) -> None:
+    """Server-sent events: every new log line (level and text filtered) as it is logged,
+    until the client leaves. Read with fetch(), which can send the key header."""
+    query = call.req.query_params()
+    level, text = query.get("level", ""), query.get("q", "")
+    ring, writer = server.log_ring, call.conn.writer
+    chunked = call.req.version == "HTTP/1.1"
+    after = ring.seq
+    gone = asyncio.Event()
+    watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone.set))
+    writer.write(stream_head(call, MANAGEMENT_HEADERS, "text/event-stream"))
+    call.record.status = 200
+    try:
+        while not gone.is_set() and not server.closing:
+            lines = ring.since(after, level, text)
+            after = ring.seq
+            out = b"".join(b"data: " + dumps(line) + b"\n\n" for line in lines) or b": ping\n\n"
+            writer.write(chunk(out) if chunked else out)
+            await call.conn.drain()
+            ring.changed.clear()
+            waits = [asyncio.ensure_future(ring.changed.wait()), asyncio.ensure_future(gone.wait())]
+            await asyncio.wait(waits, timeout=COMMIT_PING_SECONDS,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+    except ConnectionError:
+        pass
+    finally:
+        await _stop(watcher)
+        call.keep_alive = False
+        finish_stream(call, b"", False)
+
+
+ENDPOINTS += [
+    Endpoint("GET", "/", handle_page, gate="page"),
+    Endpoint("GET", "/v0/management/state", handle_state, gate="management"),
+    Endpoint("GET", "/v0/management/config", handle_get_config, gate="management"),
+    Endpoint("PUT", "/v0/management/config", handle_put_config, gate="management"),
+    Endpoint("POST", "/v0/management/test", handle_test_provider, gate="management"),
+    Endpoint("POST", "/v0/management/fetch-models", handle_fetch_models, gate="management"),
+    Endpoint("GET", "/v0/management/routes", handle_routes, gate="management"),
+    Endpoint("GET", "/v0/management/requests", handle_requests, gate="management"),
+    Endpoint("GET", "/v0/management/usage", handle_usage, gate="management"),
+    Endpoint("GET", "/v0/management/logs", handle_logs, gate="management"),
+    Endpoint("GET", "/v0/management/logs/stream", handle_log_tail, gate="management"),
+]
+
+
+# The management page: HTML, CSS and JS in one constant, no external asset (works
+# offline). Its inline style and script are allowed by their hashes in the page's
+# Content-Security-Policy, and nothing else is: no other script, no frame, no form post.
+MANAGEMENT_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>proxypal</title>
+<style>
+:root { --bg: #f6f7f9; --panel: #fff; --text: #1d2330; --muted: #5d6677; --line: #d9dde5;
+  --accent: #2f6fdf; --accent-text: #fff; --ok: #1d8a4a; --bad: #c6352d; --warn: #b87503;
+  --code: #eef1f6; color-scheme: light; }
+:root.dark { --bg: #14171d; --panel: #1d2129; --text: #e4e7ee; --muted: #9aa3b5; --line: #323846;
+  --accent: #5b8ff0; --accent-text: #0d1017; --ok: #4cc27d; --bad: #ff6b61; --warn: #e0a53a;
+  --code: #262b35; color-scheme: dark; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  background: var(--bg); color: var(--text); }
+button, input, select, textarea { font: inherit; color: inherit; }
+button { cursor: pointer; border: 1px solid var(--line); background: var(--panel); border-radius: 6px;
+  padding: 6px 12px; }
+button.primary { background: var(--accent); border-color: var(--accent); color: var(--accent-text); }
+button.danger { color: var(--bad); }
+button.link { border: none; background: none; color: var(--accent); padding: 2px 4px; }
+button:disabled { opacity: .55; cursor: default; }
+input, select, textarea { width: 100%; padding: 7px 9px; border: 1px solid var(--line); border-radius: 6px;
+  background: var(--panel); }
+input[type=checkbox] { width: auto; }
+textarea { min-height: 96px; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
+code, pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; }
+pre { background: var(--code); padding: 10px; border-radius: 6px; overflow: auto; white-space: pre-wrap;
+  word-break: break-all; margin: 6px 0; }
+#app { display: flex; min-height: 100vh; }
+nav { width: 190px; flex: none; background: var(--panel); border-right: 1px solid var(--line); padding: 14px 10px; }
+nav h1 { font-size: 17px; margin: 2px 8px 14px; }
+nav button { display: block; width: 100%; text-align: left; border: none; background: none; margin: 2px 0; }
+nav button.on { background: var(--code); font-weight: 600; }
+main { flex: 1; min-width: 0; padding: 18px 22px 60px; }
+header { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin-bottom: 14px; }
+header h2 { margin: 0; font-size: 20px; flex: 1; }
+.panel { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 14px; margin-bottom: 14px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; margin-bottom: 14px; }
+.card { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
+.card b { display: block; font-size: 20px; }
+.muted { color: var(--muted); }
+.ok { color: var(--ok); } .bad { color: var(--bad); } .warn { color: var(--warn); }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-weight: 600; color: var(--muted); font-size: 12.5px; }
+.scroll { overflow-x: auto; }
+.tabs { display: flex; gap: 4px; border-bottom: 1px solid var(--line); margin-bottom: 12px; flex-wrap: wrap; }
+.tabs button { border: none; border-bottom: 2px solid transparent; border-radius: 0; background: none; }
+.tabs button.on { border-bottom-color: var(--accent); font-weight: 600; }
+.entry { display: flex; gap: 12px; align-items: flex-start; justify-content: space-between; flex-wrap: wrap; }
+.entry .actions { display: flex; gap: 6px; flex-wrap: wrap; }
+.field { margin-bottom: 12px; }
+.field label { display: block; font-weight: 600; margin-bottom: 4px; }
+.field .help { color: var(--muted); font-size: 12.5px; margin-top: 3px; }
+.field .error { color: var(--bad); font-size: 12.5px; margin-top: 3px; }
+.secret { display: flex; gap: 6px; }
+.secret button { flex: none; }
+.row { display: flex; gap: 8px; align-items: center; margin-bottom: 6px; }
+.row > * { flex: 1; }
+.row > button, .row > input[type=checkbox] { flex: none; }
+.modal { position: fixed; inset: 0; background: rgba(0,0,0,.45); display: flex; align-items: flex-start;
+  justify-content: center; padding: 30px 12px; overflow: auto; z-index: 5; }
+.modal .panel { width: 100%; max-width: 560px; }
+.modal h3 { margin-top: 0; }
+.buttons { display: flex; gap: 8px; justify-content: space-between; margin-top: 16px; flex-wrap: wrap; }
+.notice { padding: 9px 12px; border-radius: 6px; margin-bottom: 12px; border: 1px solid var(--line); background: var(--panel); }
+.notice.bad { border-color: var(--bad); } .notice.warn { border-color: var(--warn); } .notice.ok { border-color: var(--ok); }
+#toast { position: fixed; right: 16px; bottom: 16px; max-width: 420px; z-index: 9; }
+#log { max-height: 60vh; min-height: 200px; }
+.badge { display: inline-block; font-size: 11.5px; padding: 1px 7px; border-radius: 10px; border: 1px solid var(--line); color: var(--muted); }
+.login { max-width: 420px; margin: 12vh auto; }
+.hidden { display: none !important; }
+@media (max-width: 700px) {
+  #app { display: block; }
+  nav { width: auto; border-right: none; border-bottom: 1px solid var(--line); display: flex; overflow-x: auto; padding: 8px; }
+  nav h1 { margin: 6px 10px 6px 4px; font-size: 15px; }
+  nav button { width: auto; white-space: nowrap; }
+  main { padding: 12px; }
+}
+</style>
+</head>
+<body>
+<div id="app" class="hidden">
+  <nav id="nav"><h1>proxypal</h1></nav>
+  <main>
+    <header><h2 id="title"></h2><span id="where" class="muted"></span>
+      <button id="theme" title="Light or dark">◐</button><button id="logout">Lock</button></header>
+    <div id="banner"></div>
+    <div id="page"></div>
+  </main>
+</div>
+<div id="login" class="login panel hidden">
+  <h2>proxypal</h2>
+  <p>Enter the management key. It was printed when the proxy first started, and it is
+  <code>managementKey</code> in the config file.</p>
+  <div class="field"><label for="login-key">Management key</label>
+    <div class="secret"><input id="login-key" type="password" autocomplete="current-password"></div>
+    <div id="login-error" class="error"></div></div>
+  <button id="login-go" class="primary">Open</button>
+</div>
+<div id="modal-root"></div>
+<div id="toast"></div>
+<script>
+"use strict";
+const $ = (sel, root) => (root || document).querySelector(sel);
+const KINDS = {claudeApiKeys: "Claude", ampOpenaiProviders: "OpenAI Compatible", geminiApiKeys: "Gemini"};
+const PAGES = ["dashboard", "keys", "models", "logs", "usage", "settings"];
+const PAGE_TITLES = {dashboard: "Dashboard", keys: "API Keys", models: "Models", logs: "Logs",
+  usage: "Usage", settings: "Settings"};
+const S = {key: sessionStorage.getItem("proxypal-key") || "", page: "dashboard", tab: "claudeApiKeys",
+  cfg: null, version: "", settings: [], writable: true, state: null, editing: false, changedOnDisk: false,
+  tail: null, logLevel: "INFO", logText: "", usageRange: "24h", timer: 0};
+
+/* Elements are built from text only: nothing typed by the user is ever parsed as HTML. */
+function h(tag, props, ...kids) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k in el && k !== "list") el[k] = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const kid of kids.flat(9)) {
+    if (kid === null || kid === undefined || kid === false) continue;
+    el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
+  }
+  return el;
+}
+const clone = (x) => JSON.parse(JSON.stringify(x));
+const fmt = (n) => n === null || n === undefined ? "–" : Number(n).toLocaleString();
+const ms = (n) => n === null || n === undefined ? "–" : `${fmt(n)} ms`;
+const pct = (r) => r === null || r === undefined ? "–" : `${(r * 100).toFixed(1)}%`;
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+function masked(key) {
+  if (!key) return "(none)";
+  return key.length <= 8 ? "••••" : `${key.slice(0, 4)}••••${key.slice(-4)}`;
+}
+
+async function api(method, path, body) {
+  const opts = {method, headers: {"X-Management-Key": S.key}};
+  if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+  const resp = await fetch(path, opts);
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (resp.status === 401) { lock("The management key was not accepted."); throw new Error("locked"); }
+  if (!resp.ok) {
+    const err = new Error((data && data.error && data.error.message) || `HTTP ${resp.status}`);
+    err.status = resp.status; err.path = data && data.error && data.error.path;
+    throw err;
+  }
+  return data;
+}
+
+function toast(text, kind) {
+  const el = h("div", {class: `notice ${kind || "ok"}`}, text);
+  $("#toast").append(el);
+  setTimeout(() => el.remove(), kind === "bad" ? 9000 : 3500);
+}
+
+function lock(why) {
+  S.key = ""; sessionStorage.removeItem("proxypal-key"); stopTail();
+  clearInterval(S.timer);
+  $("#app").classList.add("hidden"); $("#login").classList.remove("hidden");
+  $("#login-error").textContent = why || "";
+  $("#login-key").focus();
+}
+
+async function unlock() {
+  S.key = $("#login-key").value.trim();
+  if (!S.key) { $("#login-error").textContent = "Type the key first."; return; }
+  try { await loadConfig(); } catch (e) {
+    if (e.message !== "locked") $("#login-error").textContent = e.message;
+    return;
+  }
+  sessionStorage.setItem("proxypal-key", S.key);
+  $("#login-key").value = "";
+  $("#login").classList.add("hidden"); $("#app").classList.remove("hidden");
+  S.timer = setInterval(poll, 3000);
+  await poll();
+  show(location.hash.slice(1) || "dashboard");
+}
+
+async function loadConfig() {
+  const data = await api("GET", "/v0/management/config");
+  S.cfg = data.config; S.version = data.version; S.settings = data.settings; S.writable = data.writable;
+  S.changedOnDisk = false;
+}
+
+async function poll() {
+  try { S.state = await api("GET", "/v0/management/state"); } catch (e) { return; }
+  $("#where").textContent = `${S.state.base_url} · proxypal ${S.state.version}`;
+  const disk = S.state.config.version;
+  if (disk && disk !== S.version && !S.saving) {
+    if (S.editing) { S.changedOnDisk = true; }
+    else { await loadConfig(); toast("The config file changed on disk; the page shows the new one.", "warn"); render(); return; }
+  }
+  drawBanner();
+  if (S.page === "dashboard") render();
+}
+
+function drawBanner() {
+  const b = $("#banner"); b.replaceChildren();
+  const st = S.state;
+  if (st && st.config.reload_error)
+    b.append(h("div", {class: "notice bad"}, `The config file has an error; the proxy keeps running on the last good one: ${st.config.reload_error}`));
+  if (S.changedOnDisk)
+    b.append(h("div", {class: "notice warn"}, "The config file changed on disk while you were editing. Saving now would be refused: ",
+      h("button", {class: "link", onclick: async () => { closeModal(); await loadConfig(); render(); }}, "reload it"), " and redo the change."));
+  if (!S.writable)
+    b.append(h("div", {class: "notice warn"}, "This proxy was started without a config file: the page can show its settings but not save them."));
+  if (st && st.usage_error) b.append(h("div", {class: "notice warn"}, `Usage is not being saved: ${st.usage_error}`));
+}
+
+/* Every change: a copy of the document, changed, sent with the version it was made on. */
+async function save(change, okText) {
+  const next = clone(S.cfg);
+  change(next);
+  S.saving = true;
+  try {
+    const res = await api("PUT", "/v0/management/config", {config: next, version: S.version});
+    S.cfg = next; S.version = res.version; S.changedOnDisk = false;
+    toast(okText || "Saved. The proxy uses it now.");
+    return true;
+  } catch (e) {
+    if (e.message === "locked") return false;
+    if (e.status === 409) { S.changedOnDisk = true; drawBanner(); }
+    showError(e);
+    return false;
+  } finally { S.saving = false; }
+}
+
+function showError(e) {
+  const spot = e.path && document.querySelector(`[data-error="${CSS.escape(e.path)}"]`);
+  if (spot) { spot.textContent = e.message; spot.scrollIntoView({block: "center"}); }
+  const general = $("#form-error");
+  if (general && !spot) general.textContent = e.message;
+  toast(e.message, "bad");
+}
+
+function show(page) {
+  if (!PAGES.includes(page)) page = "dashboard";
+  if (S.page === "logs" && page !== "logs") stopTail();
+  S.page = page; location.hash = page;
+  for (const b of document.querySelectorAll("nav button")) b.classList.toggle("on", b.dataset.page === page);
+  $("#title").textContent = PAGE_TITLES[page];
+  render();
+}
+
+function render() {
+  const root = $("#page");
+  if (!S.cfg) return;
+  const draw = {dashboard: drawDashboard, keys: drawKeys, models: drawModels, logs: drawLogs,
+    usage: drawUsage, settings: drawSettings}[S.page];
+  root.replaceChildren(...[].concat(draw()));
+  drawBanner();
+}
+
+/* -- Dashboard ------------------------------------------------------------------ */
+function drawDashboard() {
+  const st = S.state;
+  if (!st) return h("p", {class: "muted"}, "Loading…");
+  const card = (label, value, id) => h("div", {class: "card", id}, h("span", {class: "muted"}, label), h("b", {}, value));
+  const cards = h("div", {class: "cards"},
+    card("Requests today", fmt(st.today.requests), "card-today"),
+    card("Since start", fmt(st.since_start.requests), "card-start"),
+    card("Success today", pct(st.today.success_rate)),
+    card("Tokens in", fmt(st.today.input_tokens)), card("Tokens out", fmt(st.today.output_tokens)),
+    card("Cached", fmt(st.today.cached_tokens)));
+  const rows = st.providers.map((p) => h("tr", {},
+    h("td", {}, p.name, h("div", {class: "muted"}, p.entry)), h("td", {}, p.kind), h("td", {}, h("code", {}, p.base_url)),
+    h("td", {}, p.cooling_until ? h("span", {class: "warn"}, `cooling down until ${clock(p.cooling_until)} (${p.cooling_reason})`)
+      : p.last_error ? h("span", {class: "bad"}, `last error ${p.last_status || ""}: ${p.last_error}`)
+      : p.last_status ? h("span", {class: "ok"}, `ok (${p.last_status})`) : h("span", {class: "muted"}, "no requests yet"))));
+  const providers = h("div", {class: "panel"}, h("h3", {}, `Providers (${st.providers.length}) · ${st.models} model names`),
+    st.providers.length ? h("div", {class: "scroll"}, h("table", {}, h("tr", {}, h("th", {}, "provider"), h("th", {}, "kind"), h("th", {}, "base URL"), h("th", {}, "status")), rows))
+      : h("p", {}, "No provider yet. ", h("button", {class: "link", onclick: () => show("keys")}, "Add one under API Keys"), "."));
+  return [cards, providers, drawSnippets(st)];
+}
+
+function drawSnippets(st) {
+  const base = st.base_url;
+  const shown = st.local_key_is_default || S.revealLocal;
+  const key = shown ? st.local_key : "YOUR_PROXY_KEY";
+  const block = (title, text, id) => h("div", {}, h("div", {class: "row"}, h("b", {}, title),
+    h("button", {class: "link", onclick: () => navigator.clipboard.writeText(text).then(() => toast("Copied."))}, "Copy")),
+    h("pre", {id}, text));
+  return h("div", {class: "panel", id: "snippets"}, h("h3", {}, "Point your clients here"),
+    st.local_key_is_default ? null : h("p", {}, "Your clients use the proxy key (proxyApiKey). ",
+      h("button", {class: "link", onclick: () => { S.revealLocal = !S.revealLocal; render(); }}, S.revealLocal ? "Hide it" : "Show it")),
+    block("Claude Code (bash, zsh)", `export ANTHROPIC_BASE_URL=${base} ANTHROPIC_AUTH_TOKEN=${key}\nclaude`, "snip-claude"),
+    block("Claude Code (PowerShell)", `$env:ANTHROPIC_BASE_URL = "${base}"; $env:ANTHROPIC_AUTH_TOKEN = "${key}"\nclaude`),
+    block("Codex CLI (~/.codex/config.toml, then export PROXYPAL_API_KEY=" + key + ")",
+      `model = "MODEL_NAME"\nmodel_provider = "proxypal"\n\n[model_providers.proxypal]\nname = "proxypal"\nbase_url = "${base}/v1"\nenv_key = "PROXYPAL_API_KEY"\nwire_api = "responses"`, "snip-codex"),
+    block("Gemini CLI (env)", `export GOOGLE_GEMINI_BASE_URL=${base} GEMINI_API_KEY=${key}\ngemini`),
+    block("Gemini CLI (~/.gemini/settings.json)", `{ "security": { "auth": { "selectedType": "gemini-api-key" } } }`),
+    block("OpenAI SDKs and tools", `export OPENAI_BASE_URL=${base}/v1 OPENAI_API_KEY=${key}`));
+}
+
+/* -- API Keys --------------------------------------------------------------------- */
+function drawKeys() {
+  const tabs = h("div", {class: "tabs"}, Object.entries(KINDS).map(([list, label]) =>
+    h("button", {class: S.tab === list ? "on" : "", "data-tab": list, onclick: () => { S.tab = list; render(); }},
+      `${label} (${(S.cfg[list] || []).length})`)));
+  const list = S.cfg[S.tab] || [];
+  const addLabel = {claudeApiKeys: "Add Claude API Key", ampOpenaiProviders: "Add Provider", geminiApiKeys: "Add Gemini API Key"}[S.tab];
+  const entries = list.map((entry, i) => drawEntry(S.tab, entry, i));
+  return [tabs, h("div", {class: "row"}, h("p", {class: "muted"}, tabHelp(S.tab)),
+    h("button", {class: "primary", id: "add-entry", disabled: !S.writable, onclick: () => openForm(S.tab, -1)}, addLabel)),
+    entries.length ? entries : h("p", {class: "muted"}, "None yet.")];
+}
+
+function tabHelp(list) {
+  return {claudeApiKeys: "Anthropic, Azure AI Foundry and Amazon Bedrock keys (Anthropic Messages API).",
+    ampOpenaiProviders: "OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM, LocalAI and any OpenAI-compatible server.",
+    geminiApiKeys: "Google Gemini API keys."}[list];
+}
+
+function entryTitle(list, e) {
+  if (list === "ampOpenaiProviders") return e.name || "(no name)";
+  const base = e.baseUrl || (list === "geminiApiKeys" ? "generativelanguage.googleapis.com" : "api.anthropic.com");
+  return e.name || base.replace(/^https?:\/\//, "");
+}
+
+function modelNames(e) {
+  return (e.models || []).map((m) => typeof m === "string" ? m : m.alias && m.alias !== m.name ? `${m.name} as ${m.alias}` : m.name);
+}
+
+function drawEntry(list, e, i) {
+  const path = `${list}[${i}]`;
+  const off = e.disabled === true;
+  const key = h("code", {}, masked(e.apiKey));
+  let revealed = false;
+  const eye = h("button", {class: "link", title: "Show or hide the key", onclick: () => {
+    revealed = !revealed; key.textContent = revealed ? (e.apiKey || "(none)") : masked(e.apiKey); }}, "👁");
+  const result = h("div", {class: "muted"});
+  const names = modelNames(e);
+  return h("div", {class: "panel", "data-entry": path},
+    h("div", {class: "entry"},
+      h("div", {}, h("b", {}, entryTitle(list, e)), " ", off ? h("span", {class: "badge"}, "disabled") : null,
+        h("div", {class: "muted"}, e.baseUrl || "default base URL"),
+        h("div", {}, "Key ", key, eye),
+        h("div", {class: "muted"}, names.length ? `${names.length} model${names.length > 1 ? "s" : ""}: ${names.slice(0, 6).join(", ")}${names.length > 6 ? ", …" : ""}` : "built-in model list")),
+      h("div", {class: "actions"},
+        h("button", {onclick: () => testEntry(list, e, result)}, "Test"),
+        h("button", {disabled: !S.writable, onclick: () => openForm(list, i)}, "Edit"),
+        h("button", {disabled: !S.writable, onclick: () => save((c) => { if (off) delete c[list][i].disabled; else c[list][i].disabled = true; },
+          off ? "Enabled." : "Disabled: the proxy no longer uses it.").then(render)}, off ? "Enable" : "Disable"),
+        h("button", {class: "danger", disabled: !S.writable, onclick: () => {
+          if (confirm(`Remove ${entryTitle(list, e)}?`)) save((c) => { c[list].splice(i, 1); }, "Removed.").then(render); }}, "Remove"))),
+    result);
+}
+
+async function testEntry(list, entry, out) {
+  out.textContent = "Testing…"; out.className = "muted";
+  try {
+    const res = await api("POST", "/v0/management/test", {list, entry});
+    out.replaceChildren(...res.results.map((r) => h("div", {class: r.ok ? "ok" : "bad"},
+      `${r.ok ? "✓" : "✗"} ${r.model} · ${r.latency_ms} ms${r.detail ? " · " + r.detail : ""}`)));
+    out.className = "";
+  } catch (e) { out.textContent = e.message; out.className = "bad"; }
+}
+
+/* -- the provider forms ------------------------------------------------------------ */
+function field(label, input, opts) {
+  opts = opts || {};
+  return h("div", {class: "field"}, h("label", {for: input.id}, label, opts.required ? " *" : ""),
+    opts.wrap || input, opts.help ? h("div", {class: "help"}, opts.help) : null,
+    h("div", {class: "error", "data-error": opts.path || ""}));
+}
+
+function secretInput(id, value, placeholder) {
+  const input = h("input", {id, type: "password", value: value || "", placeholder: placeholder || "", autocomplete: "off", spellcheck: false});
+  const eye = h("button", {type: "button", title: "Show or hide", onclick: () => { input.type = input.type === "password" ? "text" : "password"; }}, "👁");
+  return [input, h("div", {class: "secret"}, input, eye)];
+}
+
+function closeModal() { $("#modal-root").replaceChildren(); S.editing = false; }
+
+function modal(title, body, buttons) {
+  S.editing = true;
+  const box = h("div", {class: "modal", onclick: (ev) => { if (ev.target === box) closeModal(); }},
+    h("div", {class: "panel", role: "dialog"}, h("h3", {}, title), body, h("div", {id: "form-error", class: "error"}), h("div", {class: "buttons"}, buttons)));
+  $("#modal-root").replaceChildren(box);
+  const first = box.querySelector("input, textarea, select");
+  if (first) first.focus();
+}
+
+function modelsText(e) { return modelNames(e).join("\n"); }
+
+function parseModels(text, old) {
+  const previous = (old || []).filter((m) => typeof m === "object");
+  return text.split("\n").map((l) => l.trim()).filter(Boolean).map((line) => {
+    const m = line.match(/^(.+?)\s+as\s+(.+)$/);
+    const name = m ? m[1].trim() : line, alias = m ? m[2].trim() : name;
+    const kept = previous.find((p) => p.name === name && (p.alias || p.name) === alias);
+    if (kept) return kept;
+    return alias === name ? name : {name, alias};
+  });
+}
+
+function bedrockOf(e) { return /bedrock-runtime\./.test(e.baseUrl || "") || Object.keys(e.headers || {}).some((k) => k.toLowerCase().startsWith("x-amz-")); }
+
+function openForm(list, index) {
+  const editing = index >= 0;
+  const e = editing ? clone(S.cfg[list][index]) : {};
+  const path = editing ? `${list}[${index}]` : `${list}[${(S.cfg[list] || []).length}]`;
+  const [keyInput, keyWrap] = secretInput("f-apiKey", e.apiKey, list === "ampOpenaiProviders" ? "sk-…" : "");
+  const bulk = h("textarea", {id: "f-apiKeys", class: "hidden", placeholder: "one key per line"});
+  const bulkToggle = editing ? null : h("button", {type: "button", class: "link", id: "f-bulk", onclick: () => {
+    bulk.classList.toggle("hidden"); keyWrap.classList.toggle("hidden"); }}, "Add several keys (one per line)");
+  const base = h("input", {id: "f-baseUrl", value: e.baseUrl || "", spellcheck: false,
+    placeholder: {claudeApiKeys: "https://api.anthropic.com", ampOpenaiProviders: "https://openrouter.ai/api/v1", geminiApiKeys: "https://generativelanguage.googleapis.com"}[list]});
+  const proxyUrl = h("input", {id: "f-proxyUrl", value: e.proxyUrl || "", placeholder: "http://proxy.corp:8080 or socks5://…", spellcheck: false});
+  const body = [];
+  const getters = [];
+  if (list === "ampOpenaiProviders") {
+    const name = h("input", {id: "f-name", value: e.name || "", placeholder: "OpenRouter"});
+    const models = h("textarea", {id: "f-models", value: modelsText(e), placeholder: "openai/gpt-4-turbo\nanthropic/claude-3-opus", spellcheck: false});
+    const fetchOut = h("span", {class: "muted"});
+    const fetchBtn = h("button", {type: "button", id: "f-fetch", onclick: async () => {
+      fetchOut.textContent = "Fetching…";
+      try {
+        const res = await api("POST", "/v0/management/fetch-models", {list, entry: collect()});
+        const have = new Set(models.value.split("\n").map((l) => l.trim()).filter(Boolean));
+        const added = res.models.filter((m) => !have.has(m));
+        models.value = [...have, ...added].join("\n");
+        fetchOut.textContent = `${res.models.length} models listed, ${added.length} added. Remove the ones you do not want.`;
+      } catch (err) { fetchOut.textContent = err.message; }
+    }}, "Fetch models");
+    const prefix = h("input", {id: "f-prefix", value: e.prefix || "", placeholder: "groq"});
+    const wire = h("select", {id: "f-wireApi"}, h("option", {value: ""}, "Chat Completions (default)"), h("option", {value: "responses"}, "Responses API"));
+    wire.value = e.wireApi || "";
+    body.push(field("Name", name, {required: true, path: `${path}.name`}),
+      field("Base URL", base, {required: true, path: `${path}.baseUrl`, help: "With its version segment, e.g. https://openrouter.ai/api/v1 or http://localhost:11434/v1."}),
+      field("API Key", keyInput, {required: true, wrap: h("div", {}, keyWrap, bulk, bulkToggle), path: `${path}.apiKey`, help: "Empty for local servers that need none."}),
+      field("Models (one per line)", models, {required: true, path: `${path}.models`, wrap: h("div", {}, models, h("div", {class: "row"}, fetchBtn, fetchOut)),
+        help: "Clients ask for these names. \"name as alias\" lets clients use another name."}),
+      h("details", {}, h("summary", {}, "More"), field("Prefix", prefix, {path: `${path}.prefix`, help: "Models also answer as prefix/model."}),
+        field("Wire API", wire, {path: `${path}.wireApi`, help: "Responses: the server speaks OpenAI's Responses API."}),
+        field("Proxy URL", proxyUrl, {path: `${path}.proxyUrl`})));
+    getters.push((x) => { x.name = name.value.trim(); x.models = parseModels(models.value, e.models);
+      set(x, "prefix", prefix.value.trim()); set(x, "wireApi", wire.value); });
+  } else if (list === "claudeApiKeys") {
+    const rows = h("div", {id: "f-aliases"});
+    const addRow = (m) => {
+      const name = h("input", {class: "f-alias-name", value: m ? m.name || "" : "", placeholder: "Name (deployment / model id upstream)"});
+      const alias = h("input", {class: "f-alias-alias", value: m ? m.alias || m.name || "" : "", placeholder: "Alias (what clients ask for)"});
+      const row = h("div", {class: "row"}, name, alias, h("button", {type: "button", class: "danger", title: "Remove", onclick: () => row.remove()}, "🗑"));
+      row.original = m && typeof m === "object" ? m : null;
+      rows.append(row);
+    };
+    for (const m of e.models || []) addRow(typeof m === "string" ? {name: m, alias: m} : m);
+    const headers = e.headers || {};
+    const aws = {};
+    const awsFields = [["x-amz-access-key", "Access key ID", false], ["x-amz-secret-key", "Secret access key", true],
+      ["x-amz-region", "Region", false], ["x-amz-session-token", "Session token (optional)", true]].map(([hk, label, secret]) => {
+      const id = `f-${hk}`;
+      if (secret) { const [i, w] = secretInput(id, headers[hk]); aws[hk] = i; return field(label, i, {wrap: w, path: `${path}.headers.${hk}`}); }
+      aws[hk] = h("input", {id, value: headers[hk] || "", spellcheck: false}); return field(label, aws[hk], {path: `${path}.headers.${hk}`});
+    });
+    const awsBox = h("div", {class: bedrockOf(e) ? "" : "hidden", id: "f-aws"}, h("p", {class: "muted"}, "Amazon Bedrock: requests are signed with these AWS keys (SigV4); they are never sent as headers. Without them the API key is sent as a Bedrock API key."), awsFields);
+    const kind = h("select", {id: "f-kind", onchange: () => {
+      awsBox.classList.toggle("hidden", kind.value !== "bedrock");
+      base.placeholder = {anthropic: "https://api.anthropic.com", azure: "https://YOUR-RESOURCE.services.ai.azure.com/anthropic", bedrock: "https://bedrock-runtime.us-east-1.amazonaws.com"}[kind.value];
+    }}, h("option", {value: "anthropic"}, "Anthropic"), h("option", {value: "azure"}, "Azure AI Foundry"), h("option", {value: "bedrock"}, "Amazon Bedrock"));
+    kind.value = bedrockOf(e) ? "bedrock" : /azure/.test(e.baseUrl || "") ? "azure" : "anthropic";
+    body.push(field("Kind", kind, {help: "Fills the hints; the base URL decides."}),
+      field("API Key", keyInput, {required: true, wrap: h("div", {}, keyWrap, bulk, bulkToggle), path: `${path}.apiKey`}),
+      field("Base URL (optional)", base, {path: `${path}.baseUrl`, help: "Without /v1. Azure AI Foundry: https://{RESOURCE}.services.ai.azure.com/anthropic"}),
+      field("Proxy URL (optional)", proxyUrl, {path: `${path}.proxyUrl`}), awsBox,
+      h("div", {class: "field"}, h("label", {}, "Models (aliasing)"), h("div", {class: "help"}, "Name: the model or deployment upstream. Alias: what clients such as Claude Code ask for. No rows: the built-in Claude list."),
+        rows, h("button", {type: "button", id: "f-add-alias", onclick: () => addRow(null)}, "+ Add Model Alias"), h("div", {class: "error", "data-error": `${path}.models`})));
+    getters.push((x) => {
+      x.models = [...rows.children].map((row) => {
+        const name = row.querySelector(".f-alias-name").value.trim(), alias = row.querySelector(".f-alias-alias").value.trim() || name;
+        if (!name) return null;
+        return Object.assign(row.original ? clone(row.original) : {}, {name, alias});
+      }).filter(Boolean);
+      if (!x.models.length) delete x.models;
+      const hs = Object.assign({}, x.headers || {});
+      for (const [hk, input] of Object.entries(aws)) { const v = input.value.trim(); if (v && kind.value === "bedrock") hs[hk] = v; else delete hs[hk]; }
+      if (Object.keys(hs).length) x.headers = hs; else delete x.headers;
+    });
+  } else {
+    const models = h("textarea", {id: "f-models", value: modelsText(e), placeholder: "gemini-2.5-pro\ngemini-2.5-flash", spellcheck: false});
+    body.push(field("API Key", keyInput, {required: true, wrap: h("div", {}, keyWrap, bulk, bulkToggle), path: `${path}.apiKey`}),
+      field("Base URL (optional)", base, {path: `${path}.baseUrl`}),
+      field("Models (one per line, optional)", models, {path: `${path}.models`, help: "Empty: the built-in Gemini list and any gemini-* name."}),
+      field("Proxy URL (optional)", proxyUrl, {path: `${path}.proxyUrl`}));
+    getters.push((x) => { const m = parseModels(models.value, e.models); if (m.length) x.models = m; else delete x.models; });
+  }
+  function set(x, k, v) { if (v) x[k] = v; else delete x[k]; }
+  function collect() {
+    const x = clone(e);
+    x.apiKey = keyInput.value.trim();
+    set(x, "baseUrl", base.value.trim()); set(x, "proxyUrl", proxyUrl.value.trim());
+    for (const g of getters) g(x);
+    return x;
+  }
+  const testOut = h("div", {class: "muted"});
+  body.push(testOut);
+  const title = editing ? `Edit ${entryTitle(list, e)}` : {claudeApiKeys: "Add Claude API Key", ampOpenaiProviders: "Add OpenAI-Compatible Provider", geminiApiKeys: "Add Gemini API Key"}[list];
+  const submit = editing ? "Save" : {claudeApiKeys: "Add Key", ampOpenaiProviders: "Add Provider", geminiApiKeys: "Add Key"}[list];
+  modal(title, body, [h("button", {type: "button", id: "f-cancel", onclick: closeModal}, "Cancel"),
+    h("div", {class: "actions row"}, h("button", {type: "button", id: "f-test", onclick: () => testEntry(list, collect(), testOut)}, "Test"),
+      h("button", {type: "button", class: "primary", id: "f-submit", onclick: async () => {
+        for (const el of document.querySelectorAll(".modal .error")) el.textContent = "";
+        const entry = collect();
+        const keys = !editing && !bulk.classList.contains("hidden") ? bulk.value.split("\n").map((k) => k.trim()).filter(Boolean) : null;
+        const ok = await save((c) => {
+          c[list] = c[list] || [];
+          if (editing) c[list][index] = entry;
+          else if (keys && keys.length) for (const k of keys) c[list].push(Object.assign(clone(entry), {apiKey: k}));
+          else c[list].push(entry);
+        }, editing ? "Saved. The proxy uses it now." : "Added. The proxy uses it now.");
+        if (ok) { closeModal(); render(); }
+      }}, submit))]);
+}
+
+/* -- Models ---------------------------------------------------------------------------- */
+function drawModels() {
+  const routesBox = h("div", {class: "panel scroll"}, h("p", {class: "muted"}, "Loading…"));
+  api("GET", "/v0/management/routes").then((data) => {
+    routesBox.replaceChildren(h("h3", {}, "Where each model name goes"), data.routes.length ? h("table", {id: "routes"},
+      h("tr", {}, ["model", "provider", "entry", "upstream model", "mapping"].map((c) => h("th", {}, c))),
+      data.routes.map((r) => h("tr", {}, h("td", {}, h("code", {}, r.model)), h("td", {}, r.provider), h("td", {class: "muted"}, r.entry),
+        h("td", {}, h("code", {}, r.upstream_model)), h("td", {class: "muted"}, r.mapping || ""))))
+      : h("p", {}, "No model names yet: add a provider under API Keys."));
+  }).catch((e) => routesBox.replaceChildren(h("p", {class: "bad"}, e.message)));
+  const rows = h("div", {id: "mappings"});
+  const addRow = (m) => {
+    const from = h("input", {class: "m-from", value: m ? m.from || m.alias || "" : "", placeholder: "claude-haiku-*"});
+    const to = h("input", {class: "m-to", value: m ? m.to || m.name || "" : "", placeholder: "a model name you have"});
+    const on = h("input", {type: "checkbox", class: "m-on", checked: !m || m.enabled !== false, title: "enabled"});
+    const row = h("div", {class: "row"}, from, h("span", {class: "muted"}, "→"), to, on, h("button", {class: "danger", onclick: () => row.remove()}, "🗑"));
+    row.original = m; rows.append(row);
+  };
+  for (const m of S.cfg.ampModelMappings || []) addRow(m);
+  const mappings = h("div", {class: "panel"}, h("h3", {}, "Model mappings"),
+    h("p", {class: "muted"}, "Send a requested name to another model, possibly at another provider. * matches anything: claude-haiku-* catches Claude Code's background calls. An exact name wins over a pattern."),
+    rows, h("div", {class: "error", "data-error": "ampModelMappings"}),
+    h("div", {class: "buttons"}, h("button", {onclick: () => addRow(null)}, "+ Add mapping"),
+      h("button", {class: "primary", id: "save-mappings", disabled: !S.writable, onclick: () => save((c) => {
+        c.ampModelMappings = [...rows.children].map((row) => {
+          const from = row.querySelector(".m-from").value.trim(), to = row.querySelector(".m-to").value.trim();
+          if (!from || !to) return null;
+          const out = row.original ? clone(row.original) : {};
+          delete out.name; delete out.alias;
+          return Object.assign(out, {from, to, enabled: row.querySelector(".m-on").checked});
+        }).filter(Boolean);
+      }, "Mappings saved.").then((ok) => ok && render())}, "Save mappings")));
+  return [routesBox, mappings];
+}
+
+/* -- Logs -------------------------------------------------------------------------------- */
+function drawLogs() {
+  const level = h("select", {id: "log-level", onchange: () => { S.logLevel = level.value; startTail(); }},
+    ["DEBUG", "INFO", "WARNING", "ERROR"].map((l) => h("option", {value: l}, l)));
+  level.value = S.logLevel;
+  const text = h("input", {id: "log-text", value: S.logText, placeholder: "filter text", oninput: () => { S.logText = text.value; startTail(); }});
+  const lines = h("pre", {id: "log"});
+  const requests = h("div", {class: "panel scroll"}, h("p", {class: "muted"}, "Loading…"));
+  setTimeout(() => { startTail(); loadRequests(requests); }, 0);
+  return [h("div", {class: "panel"}, h("div", {class: "row"}, level, text,
+      h("button", {onclick: () => { lines.textContent = ""; }}, "Clear")),
+    h("p", {class: "muted"}, "Live: new lines appear as they are logged (secrets masked). DEBUG lines appear when Debug Mode is on (Settings)."),
+    lines),
+    h("div", {class: "row"}, h("h3", {}, "Requests"), h("button", {onclick: () => loadRequests(requests)}, "Refresh")), requests];
+}
+
+async function loadRequests(box) {
+  try {
+    const data = await api("GET", "/v0/management/requests");
+    if (!data.requests.length) { box.replaceChildren(h("p", {class: "muted"}, "No requests yet.")); return; }
+    const detail = h("pre", {class: "hidden", id: "request-detail"});
+    box.replaceChildren(h("table", {id: "requests"}, h("tr", {}, ["time", "format", "model → upstream", "provider", "status", "latency", "first byte", "tokens in/out"].map((c) => h("th", {}, c))),
+      data.requests.map((r) => h("tr", {onclick: () => { detail.textContent = JSON.stringify(r, null, 2); detail.classList.remove("hidden"); }},
+        h("td", {}, r.time.slice(11, 19)), h("td", {}, r.format), h("td", {}, `${r.model || "–"} → ${r.upstream_model || "–"}`),
+        h("td", {}, r.provider || "–"), h("td", {class: r.status >= 400 || !r.status ? "bad" : "ok"}, r.status || "aborted"),
+        h("td", {}, ms(r.latency_ms)), h("td", {}, ms(r.ttfb_ms)), h("td", {}, `${fmt(r.input_tokens)} / ${fmt(r.output_tokens)}`)))), detail);
+  } catch (e) { box.replaceChildren(h("p", {class: "bad"}, e.message)); }
+}
+
+function stopTail() { if (S.tail) { S.tail.abort(); S.tail = null; } }
+
+async function startTail() {
+  stopTail();
+  const ctl = new AbortController(); S.tail = ctl;
+  const out = $("#log"); if (!out) return;
+  out.textContent = "";
+  const q = new URLSearchParams({level: S.logLevel, q: S.logText});
+  try {
+    const first = await api("GET", `/v0/management/logs?${q}`);
+    for (const line of first.lines) appendLine(out, line);
+    const resp = await fetch(`/v0/management/logs/stream?${q}`, {headers: {"X-Management-Key": S.key}, signal: ctl.signal});
+    const reader = resp.body.getReader(), dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut); buf = buf.slice(cut + 2);
+        if (block.startsWith("data: ")) appendLine(out, JSON.parse(block.slice(6)));
+      }
+    }
+  } catch (e) { if (e.name !== "AbortError" && e.message !== "locked") out.append(`(live tail stopped: ${e.message})\n`); }
+}
+
+function appendLine(out, line) {
+  const stick = out.scrollTop + out.clientHeight >= out.scrollHeight - 20;
+  const tag = line.worker ? ` [${line.worker}]` : "";
+  const el = h("span", {class: line.level === "ERROR" ? "bad" : line.level === "WARNING" ? "warn" : line.level === "DEBUG" ? "muted" : ""},
+    `${new Date(line.time * 1000).toLocaleTimeString()} ${line.level}${tag} ${line.message}\n`);
+  out.append(el);
+  while (out.childNodes.length > 2000) out.firstChild.remove();
+  if (stick) out.scrollTop = out.scrollHeight;
+}
+
+/* -- Usage ------------------------------------------------------------------------------- */
+function drawUsage() {
+  const box = h("div", {}, h("p", {class: "muted"}, "Loading…"));
+  const ranges = h("div", {class: "tabs"}, ["24h", "7d", "30d", "all"].map((r) =>
+    h("button", {class: S.usageRange === r ? "on" : "", "data-range": r, onclick: () => { S.usageRange = r; render(); }}, r === "all" ? "All" : r)));
+  api("GET", `/v0/management/usage?range=${S.usageRange}`).then((u) => {
+    const table = (title, group, id) => h("div", {class: "panel scroll"}, h("h3", {}, title),
+      Object.keys(group).length ? h("table", {id}, h("tr", {}, ["name", "requests", "errors", "success", "tokens in", "out", "cached", "reasoning", "latency p50 / p95", "first byte p50 / p95"].map((c) => h("th", {}, c))),
+        Object.entries(group).map(([name, s]) => h("tr", {}, h("td", {}, h("code", {}, name)), h("td", {}, fmt(s.requests)),
+          h("td", {class: Object.keys(s.errors).length ? "bad" : ""}, Object.entries(s.errors).map(([k, v]) => `${k}: ${v}`).join(", ") || "–"),
+          h("td", {}, pct(s.success_rate)), h("td", {}, fmt(s.input_tokens)), h("td", {}, fmt(s.output_tokens)), h("td", {}, fmt(s.cached_tokens)),
+          h("td", {}, fmt(s.reasoning_tokens)), h("td", {}, `${ms(s.latency_ms.p50)} / ${ms(s.latency_ms.p95)}`), h("td", {}, `${ms(s.ttfb_ms.p50)} / ${ms(s.ttfb_ms.p95)}`))))
+        : h("p", {class: "muted"}, "No requests in this range."));
+    box.replaceChildren(h("div", {class: "cards"}, h("div", {class: "card"}, h("span", {class: "muted"}, "Requests"), h("b", {id: "usage-total"}, fmt(u.total.requests))),
+      h("div", {class: "card"}, h("span", {class: "muted"}, "Success"), h("b", {}, pct(u.total.success_rate))),
+      h("div", {class: "card"}, h("span", {class: "muted"}, "Tokens in / out"), h("b", {}, `${fmt(u.total.input_tokens)} / ${fmt(u.total.output_tokens)}`))),
+      table("Per model", u.models, "usage-models"), table("Per provider", u.providers, "usage-providers"),
+      h("p", {class: "muted"}, u.persisted ? "Kept across restarts in usage.jsonl beside the config file." : "Not saved to disk: it starts again with the proxy."));
+  }).catch((e) => box.replaceChildren(h("p", {class: "bad"}, e.message)));
+  return [ranges, box];
+}
+
+/* -- Settings ---------------------------------------------------------------------------- */
+function drawSettings() {
+  const inputs = {};
+  const rows = S.settings.map((s) => {
+    const id = `s-${s.key}`;
+    const value = s.key in S.cfg ? S.cfg[s.key] : s.default;
+    let input, wrap;
+    if (s.kind === "bool") { input = h("input", {id, type: "checkbox", checked: !!value}); }
+    else if (s.choices.length) { input = h("select", {id}, s.choices.map((c) => h("option", {value: c}, c))); input.value = value; }
+    else if (s.kind === "list") { input = h("textarea", {id, value: (value || []).join("\n"), placeholder: "one per line"}); }
+    else if (s.secret) { [input, wrap] = secretInput(id, value); }
+    else { input = h("input", {id, value: value === null || value === undefined ? "" : value, inputMode: s.kind === "str" ? "text" : "decimal"}); }
+    inputs[s.key] = input;
+    const notes = [s.live ? null : h("span", {class: "badge"}, "applies after a restart"),
+      s.override !== null && s.override !== undefined ? h("span", {class: "badge warn"}, `set on the command line (${JSON.stringify(s.override)}): it wins over this value`) : null];
+    const label = s.kind === "bool" ? h("label", {for: id}, input, " ", s.key) : h("label", {for: id}, s.key);
+    return h("div", {class: "field", "data-setting": s.key}, label, s.kind === "bool" ? null : (wrap || input),
+      h("div", {class: "help"}, s.help, " ", notes), h("div", {class: "error", "data-error": s.key}));
+  });
+  const form = h("div", {class: "panel"}, rows, h("div", {class: "buttons"}, h("span"),
+    h("button", {class: "primary", id: "save-settings", disabled: !S.writable, onclick: () => save((c) => {
+      for (const s of S.settings) {
+        const input = inputs[s.key];
+        let v;
+        if (s.kind === "bool") v = input.checked;
+        else if (s.kind === "list") v = input.value.split("\n").map((x) => x.trim()).filter(Boolean);
+        else if (s.kind === "int" || s.kind === "float") { if (input.value.trim() === "") { delete c[s.key]; continue; } v = Number(input.value); if (Number.isNaN(v)) v = input.value; }
+        else v = input.value;
+        const old = s.key in c ? c[s.key] : s.default;
+        if (JSON.stringify(v) !== JSON.stringify(old)) c[s.key] = v;
+      }
+    }, "Settings saved.").then((ok) => ok && render())}, "Save settings")));
+  const raw = h("textarea", {id: "raw-json", spellcheck: false});
+  raw.style.minHeight = "420px";
+  const rawBox = h("div", {class: "hidden"}, raw, h("div", {class: "error", id: "raw-error", "data-error": ""}),
+    h("div", {class: "buttons"}, h("button", {onclick: () => { rawBox.classList.add("hidden"); openRaw.classList.remove("hidden"); S.editing = false; }}, "Close"),
+      h("button", {class: "primary", id: "save-raw", disabled: !S.writable, onclick: () => {
+        let doc;
+        try { doc = JSON.parse(raw.value); } catch (e) { $("#raw-error").textContent = `Not valid JSON: ${e.message}`; return; }
+        if (!doc || typeof doc !== "object" || Array.isArray(doc)) { $("#raw-error").textContent = "The config must be a JSON object."; return; }
+        save((c) => { for (const k of Object.keys(c)) delete c[k]; Object.assign(c, doc); }, "Config file saved.").then((ok) => { if (ok) { S.editing = false; render(); } });
+      }}, "Validate and save")));
+  const openRaw = h("button", {id: "open-raw", onclick: () => { raw.value = JSON.stringify(S.cfg, null, 2); rawBox.classList.remove("hidden"); openRaw.classList.add("hidden"); S.editing = true; }}, "Edit the whole file as JSON (shows every key in full)");
+  return [form, h("div", {class: "panel"}, h("h3", {}, "config.json"), h("p", {class: "muted"}, S.state ? S.state.config.path : ""), openRaw, rawBox)];
+}
+
+/* -- start ------------------------------------------------------------------------------- */
+function theme(dark) { document.documentElement.classList.toggle("dark", dark); }
+theme(localStorage.getItem("proxypal-theme") ? localStorage.getItem("proxypal-theme") === "dark" : matchMedia("(prefers-color-scheme: dark)").matches);
+$("#theme").addEventListener("click", () => { const dark = !document.documentElement.classList.contains("dark"); theme(dark); localStorage.setItem("proxypal-theme", dark ? "dark" : "light"); });
+for (const p of PAGES) $("#nav").append(h("button", {"data-page": p, onclick: () => show(p)}, PAGE_TITLES[p]));
+$("#login-go").addEventListener("click", unlock);
+$("#login-key").addEventListener("keydown", (ev) => { if (ev.key === "Enter") unlock(); });
+$("#logout").addEventListener("click", () => lock(""));
+window.addEventListener("hashchange", () => { if (S.cfg && location.hash.slice(1) !== S.page) show(location.hash.slice(1)); });
+if (S.key) { $("#login-key").value = S.key; unlock(); } else lock("");
+</script>
+</body>
+</html>
+"""
+
+
+def _csp_source(page: str, tag: str) -> str:
+    body = re.search(f"<{tag}>(.*?)</{tag}>", page, re.S).group(1)   # type: ignore
+    return "'sha256-" + base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode() + "'"
+
+
+MANAGEMENT_PAGE_BYTES = MANAGEMENT_PAGE.encode("utf-8")
+PAGE_HEADERS = MANAGEMENT_HEADERS + (("Content-Security-Policy", (
+    f"default-src 'none'; script-src {_csp_source(MANAGEMENT_PAGE, 'script')}; "
+    f"style-src {_csp_source(MANAGEMENT_PAGE, 'style')}; connect-src 'self'; img-src 'self' data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")),)
+
+
+# -- 10.7 The server ------------------------------------------------------------------
 
 def request_log_entry(record: Record, now: Optional[float] = None,
                       wall: Optional[float] = None) -> Dict[str, Any]:
@@ -6995,7 +8321,8 @@ def request_log_entry(record: Record, now: Optional[float] = None,
         "upstream_status": record.upstream_status,
         "latency_ms": round((now - record.t0) * 1000, 1),
         "ttfb_ms": round(record.ttfb * 1000, 1) if record.ttfb is not None else None,
-        "input_tokens": record.tokens_in, "output_tokens": record.tokens_out,
+        "input_tokens": record.tokens[0], "output_tokens": record.tokens[1],
+        "cached_tokens": record.tokens[2], "reasoning_tokens": record.tokens[3],
         "error": printable(record.error, 300) or None,
     }
 
@@ -7033,8 +8360,12 @@ class Server:
     """A running proxy. Create with `await start(config)`; stop with `await close()`."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 environ: Optional[Dict[str, str]] = None):
+                 environ: Optional[Dict[str, str]] = None, worker: str = ""):
         check_exposure(config, config.host)
+        # Without a managementKey (a config built in code) the page still works, with a
+        # key made for this run: main() makes and saves one for a config file.
+        self.management_key = config.management_key or new_management_key()
+        config = dataclasses.replace(config, management_key=self.management_key)
         self.environ = dict(os.environ if environ is None else environ)
         self.setup = Setup(config, Router(config), make_upstreams(config, self.environ))
         self.balancer = Balancer(clock)
@@ -7042,7 +8373,16 @@ class Server:
         self.secret_filter = SecretFilter()
         self.secret_filter.secrets = config.secrets
         self.started_at = int(time.time())
-        self.usage = UsageStats()
+        folder = os.path.dirname(os.path.abspath(config.path)) if config.path else ""
+        self.usage = UsageStore(folder)
+        self.log_ring = LogRing(worker)
+        self.recent_requests: "collections.deque[Tuple[Record, float, float]]" = \
+            collections.deque(maxlen=REQUEST_RING)
+        self.provider_status: Dict[str, Dict[str, Any]] = {}
+        self.reload_error = ""
+        self._store = ConfigStore(config.path) if config.path else None
+        self._stamp = (0, 0)
+        self._flusher: Optional[asyncio.Task] = None
         self._requests = 0
         self._id_prefix = f"{os.getpid():x}-"
         self.host, self.port = config.host, config.port
@@ -7073,18 +8413,34 @@ class Server:
                                                       reuse_port=reuse_port or None)
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         log.addFilter(self.secret_filter)
+        loop = asyncio.get_running_loop()
+        self.log_ring.loop, self.log_ring.changed = loop, asyncio.Event()
+        log.addHandler(self.log_ring)
         if self.config.path:
-            self._watch = asyncio.get_running_loop().create_task(
-                self._watch_config(self._config_stamp()))
+            self._stamp = self._config_stamp()
+            self._watch = loop.create_task(self._watch_config())
+            self._flusher = loop.create_task(self._flush_usage())
 
+    def config_store(self) -> Optional[ConfigStore]:
+        """The writer of the config file this proxy runs on; None when built in code."""
+        return self._store
     def apply(self, config: Config) -> None:
         """Switch to a new config: requests already running finish on the old one."""
         config = dataclasses.replace(config, **self.overrides)
+        if not config.management_key:      # removed from the file: the page keeps working
+            config = dataclasses.replace(config, management_key=self.management_key)
+        self.management_key = config.management_key
         check_exposure(config, self.host)
         self.setup = Setup(config, Router(config), make_upstreams(config, self.environ))
         self.secret_filter.secrets = config.secrets
-        if log.handlers:                   # logging is main()'s: only adjust what it set up
+        if LOGGING_OWNED:                  # logging is main()'s: only adjust what it set up
             log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+
+    def apply_saved(self, config: Config) -> None:
+        """A config the page saved: applied now, not when the file watcher sees it."""
+        self.apply(config)
+        self.reload_error = ""
+        self._stamp = self._config_stamp()
 
     def reload(self) -> bool:
         """Read the config file again; an invalid file keeps the running config."""
@@ -7098,11 +8454,13 @@ class Server:
                 raise ConfigError("", f"{self.config.path} is missing")
             self.apply(config)
         except ConfigError as exc:
+            self.reload_error = exc.message
             log.error("config reload failed, keeping the running config: %s", exc.message)
             return False
         except Exception:                  # a bug must not stop future reloads
             log.exception("config reload failed, keeping the running config")
             return False
+        self.reload_error = ""
         log.info("config reloaded from %s: %d providers, %d models", config.path,
                  len(config.credentials), len(self.router.names()))
         return True
@@ -7114,20 +8472,26 @@ class Server:
         except OSError:
             return 0, 0
 
-    async def _watch_config(self, seen: Tuple[int, int]) -> None:
+    async def _watch_config(self) -> None:
         """Poll the config file's mtime and size (no watcher dependency)."""
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
             now = self._config_stamp()
-            if now != seen and now != (0, 0):
-                seen = now
+            if now != self._stamp and now != (0, 0):
+                self._stamp = now
                 self.reload()
+
+    async def _flush_usage(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_SECONDS)
+            self.usage.flush()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""
         self.closing = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._flusher):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         for task, conn in list(self._connections.items()):
@@ -7141,7 +8505,9 @@ class Server:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=1.0)
         self.client.close()
+        self.usage.flush()
         log.removeFilter(self.secret_filter)
+        log.removeHandler(self.log_ring)
 
     # -- connections -------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader,
@@ -7301,11 +8667,17 @@ class Server:
     # -- records -----------------------------------------------------------------
     def _log(self, call: Call) -> None:
         record = call.record
-        latency = time.monotonic() - record.t0
+        now = time.monotonic()
+        latency = now - record.t0
         if record.model:
             self.usage.record(record, latency)
+            self.recent_requests.append((record, now, time.time()))   # made into lines on demand
+        if record.credential:
+            status = self.provider_status.setdefault(record.credential, {"requests": 0})
+            status.update(requests=status["requests"] + 1, status=record.status or None,
+                          error=record.error or None, at=round(time.time(), 1))
         if call.config.request_logging:
-            log.info("%s", json.dumps(request_log_entry(record), ensure_ascii=False))
+            log.info("%s", json.dumps(request_log_entry(record, now), ensure_ascii=False))
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s -> %d %s in %.1f ms", record.method, printable(record.path),
                       record.status, record.provider or "-", latency * 1000)
@@ -7343,12 +8715,24 @@ async def start(config: Any = None, host: Optional[str] = None, port: Optional[i
     return server
 
 
-def banner(server: Server) -> str:
+def banner(server: Server, new_key: str = "") -> str:
+    """What a person starting the proxy needs: where it listens, what it read, the page
+    (with its key when it was made just now: printed this once), the client lines."""
     config = server.config
     router = server.router
     host = server.host if ":" not in server.host else f"[{server.host}]"
     base = f"http://{host}:{server.port}"
-    if config.loaded:
+    local = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else host
+    page = f"http://{local}:{server.port}/"
+    if new_key:
+        page += f"  (management key: {new_key}" + (
+            f"; saved as managementKey in {config.path})" if config.loaded
+            else "; not saved: it works until the proxy stops)")
+    else:
+        page += f"  (management key: managementKey in {config.path or 'your config'})"
+    if config.loaded and not config.credentials:
+        where = f"config: {config.path} (no providers yet: add one on the page, or in the file)"
+    elif config.loaded:
         where = f"config: {config.path} ({len(config.credentials)} providers, " \
                 f"{len(router.names())} models)"
     else:
@@ -7359,6 +8743,7 @@ def banner(server: Server) -> str:
     return "\n".join([
         f"proxypal {__version__} listening on {base}",
         where,
+        f"management page: {page}",
         f"  export ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN={key}",
         f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}",
     ])
@@ -7366,7 +8751,8 @@ def banner(server: Server) -> str:
 
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
           print_banner: bool = True, overrides: Optional[Dict[str, Any]] = None,
-          sock: Optional[socket.socket] = None, note: str = "", reuse_port: bool = False) -> int:
+          sock: Optional[socket.socket] = None, note: str = "", reuse_port: bool = False,
+          new_key: str = "") -> int:
     """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully: stop accepting,
     let in-flight requests finish for up to SHUTDOWN_GRACE seconds. SIGHUP reloads the
     config file at once (it is also polled). Returns 0."""
@@ -7385,7 +8771,7 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
             except (NotImplementedError, AttributeError, RuntimeError, ValueError):
                 pass                       # Windows: Ctrl-C arrives as KeyboardInterrupt
         if print_banner:
-            print(banner(server) + (f"\n{note}" if note else ""), flush=True)
+            print(banner(server, new_key) + (f"\n{note}" if note else ""), flush=True)
         elif reuse_port:
             log.info("worker %d serving on port %d", os.getpid(), server.port)
         try:
@@ -7411,31 +8797,6 @@ def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
     widths = [max(len(str(r[i])) for r in list(rows) + [header]) for i in range(len(header))]
     for row in [header, ["-" * w for w in widths]] + list(rows):
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
-def model_routes(config: Config) -> List[Dict[str, Any]]:
-    """Every routable name and where it goes: provider, upstream model, mapping applied."""
-    router = Router(config)
-    rows = []
-    for name in router.names():
-        route = router.resolve(name)
-        for target in route.targets:
-            rows.append({"model": name, "provider": target.cred.name, "entry": target.cred.path,
-                         "upstream_model": target.model, "format": target.cred.api,
-                         "mapping": f"{route.mapping.source} -> {route.mapping.target}"
-                         if route.mapping else None, "credentials": len(route.targets)})
-    for mapping in router.wild_maps:       # claude-haiku-* -> a model the user has
-        targets = router.lookup(mapping.target)
-        for target in targets:
-            rows.append({"model": mapping.source, "provider": target.cred.name,
-                         "entry": target.cred.path, "upstream_model": target.model,
-                         "format": target.cred.api, "credentials": len(targets),
-                         "mapping": f"{mapping.source} -> {mapping.target}"})
-    for cred in router.wildcard_creds:
-        rows.append({"model": f"{MODEL_PREFIX[cred.api]}*", "provider": cred.name,
-                     "entry": cred.path, "upstream_model": "(the name asked for)",
-                     "format": cred.api, "mapping": None, "credentials": 1})
-    return rows
 
 
 def print_models(config: Config, as_json: bool) -> int:
@@ -7504,55 +8865,6 @@ def init_config(path: str) -> int:
     print(f"wrote {path}\nnext: copy a provider from \"_templates\" into its list, add your "
           "key, then run: python proxypal.py")
     return 0
-
-
-def listed_models(body: bytes) -> Optional[set]:
-    """Model ids in an OpenAI, Anthropic or Gemini models listing; None if not one."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
-    items = obj.get("data") or obj.get("models") if isinstance(obj, dict) else None
-    if not isinstance(items, list):
-        return None
-    ids = set()
-    for item in items:
-        if isinstance(item, dict):
-            for key in ("id", "name"):
-                if isinstance(item.get(key), str):
-                    ids.add(item[key][len("models/"):] if item[key].startswith("models/") else item[key])
-    return ids
-
-
-async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
-                req: UpstreamRequest, timeout: float) -> List[Dict[str, Any]]:
-    """Ask one probe (Upstream.probes) and judge each model it stands for."""
-    cred = upstream.cred
-    t0 = time.monotonic()
-    status, body, detail = 0, b"", ""
-    try:
-        resp = await asyncio.wait_for(client.open(req), timeout)
-        status = resp.status
-        body = await asyncio.wait_for(resp.read_all(MAX_UPSTREAM_BODY, truncate=True), timeout)
-    except asyncio.TimeoutError:
-        detail = f"no answer within {timeout:g}s"
-    except UpstreamError as exc:
-        detail = exc.message
-    latency = round((time.monotonic() - t0) * 1000)
-    listed = listed_models(body) if req.method == "GET" and status == 200 else None
-    rows = []
-    for name in names:
-        ok = 200 <= status < 300 and (listed is None or name == "(any)" or name in listed)
-        why = detail
-        if status and not ok:
-            why = (f"{name!r} is not in the provider's models listing" if 200 <= status < 300
-                   else f"HTTP {status}: {upstream_message(body)[0]}")
-            hint = upstream.hint(status, req.url, body, name, name)
-            why += f" ({hint})" if hint else ""
-        rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
-                     "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
-                     "detail": mask_secrets(why, (cred.api_key,)) if why else ""})
-    return rows
 
 
 def run_check(config: Config, timeout: float, as_json: bool, environ: Dict[str, str]) -> int:
@@ -7640,6 +8952,8 @@ def setup_logging(config: Config) -> None:
             backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(formatter)
+    global LOGGING_OWNED
+    LOGGING_OWNED = True
     log.handlers[:] = handlers
     log.setLevel(logging.DEBUG if config.debug else logging.INFO)
     log.propagate = False
@@ -7666,7 +8980,7 @@ def _serve_overrides(args: argparse.Namespace, env: Dict[str, str]) -> Dict[str,
 
 
 def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
-                  argv: Sequence[str]) -> int:
+                  argv: Sequence[str], new_key: str = "") -> int:
     """N processes, each a full proxy, sharing one port through SO_REUSEPORT; the kernel
     spreads connections. No state needs sharing: each has its own pool and counters."""
     if not hasattr(socket, "SO_REUSEPORT"):
@@ -7684,7 +8998,7 @@ def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
     children = [subprocess_worker(rest, port) for _ in range(count - 1)]
     try:
         return serve(config, overrides=dict(overrides, port=port), sock=sock,
-                     note=f"workers: {count} processes share port {port}")
+                     note=f"workers: {count} processes share port {port}", new_key=new_key)
     finally:
         for child in children:
             child.terminate()
@@ -7724,14 +9038,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "check":
             return run_check(config, args.timeout, args.json, env)
         overrides = _serve_overrides(args, env)
+        setup_logging(dataclasses.replace(config, **overrides))
+        if not args.worker:                # workers get the key their parent saved
+            config, new_key = ensure_management_key(config)
+        else:
+            new_key = ""
         config = dataclasses.replace(config, **overrides)
-        setup_logging(config)
         for key in config.unknown_keys:
             log.debug("config key %r is not used by proxypal; ignored", key)
         if args.workers > 1:
-            return serve_workers(config, overrides, args.workers, argv)
+            return serve_workers(config, overrides, args.workers, argv, new_key)
         return serve(config, overrides=overrides, print_banner=not args.worker,
-                     reuse_port=args.worker)
+                     reuse_port=args.worker, new_key=new_key)
     except ConfigError as exc:
         print(f"proxypal: invalid config: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ def spawn(*args, env=None):
 
 
 def read_banner(proc):
-    lines = [proc.stdout.readline() for _ in range(4)]
+    lines = [proc.stdout.readline() for _ in range(5)]
     assert lines[0].startswith("proxypal "), (lines, proc.stderr.read() if proc.poll() is not None else "")
     return lines
 
@@ -47,8 +47,14 @@ def test_start_banner_port_zero_and_clean_stop(tmp_path):
         port = int(url.rsplit(":", 1)[1])
         assert port > 0
         assert str(config) in lines[1] and "1 providers, 2 models" in lines[1]
-        assert lines[2].strip() == f"export ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=proxypal-local"
-        assert lines[3].strip() == f"export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=proxypal-local"
+        saved = json.loads(config.read_text())              # a management key, made and saved once
+        key = saved.pop("managementKey")
+        assert saved == {"ampOpenaiProviders": [{"name": "Ollama", "baseUrl": "http://127.0.0.1:9/v1",
+                                                 "apiKey": "sk-secret-value", "models": ["llama3", "mistral"]}]}
+        assert lines[2].strip() == f"management page: {url}/  (management key: {key}; saved as " \
+                                   f"managementKey in {config})"
+        assert lines[3].strip() == f"export ANTHROPIC_BASE_URL={url} ANTHROPIC_AUTH_TOKEN=proxypal-local"
+        assert lines[4].strip() == f"export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=proxypal-local"
         with urllib.request.urlopen(url + "/health", timeout=TIMEOUT) as resp:
             assert json.loads(resp.read()) == {"status": "ok"}
         proc.send_signal(signal.SIGTERM)
@@ -64,11 +70,13 @@ def test_missing_config_starts_and_says_where(tmp_path):
     proc = spawn("--port", "0", env={"PROXYPAL_CONFIG": str(missing)})
     try:
         lines = read_banner(proc)
-        assert str(missing) in lines[1] and "not found" in lines[1]
+        assert str(missing) in lines[1] and "no providers yet: add one on the page" in lines[1]
     finally:
         proc.terminate()
         proc.wait(TIMEOUT)
-    assert not missing.exists()                  # nothing was written
+    # The file is made with the page's key alone, so the page has somewhere to save.
+    assert list(json.loads(missing.read_text())) == ["managementKey"]
+    assert json.loads(missing.read_text())["managementKey"] in lines[2]
 
 
 def test_env_port_and_command_line_precedence(tmp_path):

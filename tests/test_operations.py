@@ -96,14 +96,15 @@ def test_in_flight_stream_finishes_on_its_config(upstream, proxy, tmp_path):
 def test_request_log_entry_is_exact():
     record = proxypal.Record("ab-1", "anthropic", "POST", "/v1/messages", t0=10.0, model="claude-x",
                              routed="claude-y", upstream_model="claude-y-azure", provider="Azure",
-                             status=200, upstream_status=200, ttfb=0.25, tokens_in=12, tokens_out=34)
+                             status=200, upstream_status=200, ttfb=0.25, tokens=(12, 34, 5, None))
     entry = proxypal.request_log_entry(record, now=10.5, wall=0.0)
     entry.pop("time")
     assert entry == {"id": "ab-1", "format": "anthropic", "method": "POST", "path": "/v1/messages",
                      "model": "claude-x", "routed": "claude-y", "upstream_model": "claude-y-azure",
                      "provider": "Azure", "status": 200,
                      "upstream_status": 200, "latency_ms": 500.0, "ttfb_ms": 250.0,
-                     "input_tokens": 12, "output_tokens": 34, "error": None}
+                     "input_tokens": 12, "output_tokens": 34, "cached_tokens": 5,
+                     "reasoning_tokens": None, "error": None}
 
 
 def test_usage_counters(upstream, proxy):
@@ -123,11 +124,18 @@ def test_usage_counters(upstream, proxy):
     assert usage["providers"]["Bad"]["errors"] == {"500": 1}
 
 
-@pytest.mark.parametrize("values,fraction,expected", [
-    ([], 0.5, None), ([5], 0.95, 5), ([1, 2, 3, 4], 0.5, 2), (list(range(1, 101)), 0.95, 95),
-], ids=["empty", "one", "median", "p95"])
-def test_percentile(values, fraction, expected):
-    assert proxypal.percentile(values, fraction) == expected
+@pytest.mark.parametrize("seconds,fraction,expected", [
+    ([], 0.5, None), ([0.0004], 0.5, 0.0), ([0.010], 0.95, 10.7), ([0.010, 0.010, 0.100, 1.0], 0.5, 10.7),
+    ([0.001 * i for i in range(1, 101)], 0.95, 95.4),
+], ids=["empty", "under-1ms", "one", "median", "p95"])
+def test_histogram_percentile_is_the_bin_edge_above(seconds, fraction, expected):
+    """Latencies go into bins 20% wide; a percentile is the upper edge of its bin, so it is
+    never below the true value and at most 20% above it."""
+    bins = {}
+    for s in seconds:
+        key = proxypal._usage_bin(s)
+        bins[key] = bins.get(key, 0) + 1
+    assert proxypal._bin_percentile(bins, fraction) == expected
 
 
 # -- secrets ------------------------------------------------------------------------------
@@ -293,9 +301,9 @@ def test_workers_share_the_port(tmp_path):
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(tmp_path / "none.json"), "--port", "0",
                              "--workers", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(5)]
+        lines = [proc.stdout.readline() for _ in range(6)]
         url = lines[0].split("listening on ")[1].strip()
-        assert lines[4].startswith("workers: 3 processes share port")
+        assert lines[5].startswith("workers: 3 processes share port")
         serving = set()
         while len(serving) < 2:            # each worker says so once it holds the port
             line = proc.stderr.readline()

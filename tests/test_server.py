@@ -494,9 +494,13 @@ def test_health_needs_no_key(proxy):
 
 
 def test_management_gate(proxy):
-    p = proxy({})
+    p = proxy({})                          # no key in the config: one made for this run
     status, _, body = request(p, "GET", "/v0/management/usage")
-    assert status == 403 and "managementKey" in json.loads(body)["error"]["message"]
+    assert status == 401 and "management key" in json.loads(body)["error"]["message"]
+    key = p.server.management_key
+    assert key.startswith("pp-mgmt-") and len(key) > 30
+    assert request(p, "GET", "/v0/management/usage", headers={"X-Management-Key": key}, key=None)[0] == 200
+    assert request(p, "GET", "/v1/models", key=key)[0] == 401             # it never opens the model API
     p2 = proxy({"managementKey": "mk-secret"})
     assert request(p2, "GET", "/v0/management/usage")[0] == 401          # local key does not open it
     assert request(p2, "GET", "/v0/management/usage", headers={"X-Management-Key": "wrong"}, key=None)[0] == 401
