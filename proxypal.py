@@ -352,6 +352,7 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("readTimeoutSeconds", "read_timeout", float, DEFAULT_READ_TIMEOUT, 0.1, 86400,
             help="silence allowed between two chunks of one upstream answer"),
 )
+SETTING_BY_ATTR = {s.attr: s for s in SETTINGS}
 CREDENTIAL_LISTS = {"claudeApiKeys": "anthropic", "geminiApiKeys": "gemini",
                     "ampOpenaiProviders": "openai"}
 KNOWN_KEYS = frozenset([s.key for s in SETTINGS] + list(CREDENTIAL_LISTS) + ["ampModelMappings"])
@@ -6626,11 +6627,12 @@ class ModelCall:
             raise ClientError(f'"stream" must be true or false, got {_short(body["stream"])}')
         self.stream = self.stream or body.get("stream") is True
         self.op = "generate" if self.op == "stream" else self.op
+        record = self.call.record
+        record.model = model
         route = self.setup.router.resolve(model)
         if not route.targets:
             raise unknown_model(self.setup, model)
-        record = self.call.record
-        record.model, record.routed, self.requested = model, route.routed, route.requested
+        record.routed, self.requested = route.routed, route.requested
         fmt = self.call.fmt
         usable = [t for t in route.targets
                   if self._upstream(t).serves(self.op, self._upstream(t).api_for(fmt, self.op))
@@ -7063,7 +7065,7 @@ class UsageStore:
         self.totals: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
         self.pending: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
         self.session: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}   # this process
-        self.offset, self.identity = 0, (0, 0)
+        self.offset, self.identity = 0, b""
         self.error = ""                    # why the file could not be used, for the page
         self.refresh()
 
@@ -7122,18 +7124,20 @@ class UsageStore:
         try:
             info = os.stat(self.path)
         except FileNotFoundError:
-            self.totals, self.offset, self.identity = {}, 0, (0, 0)
+            self.totals, self.offset, self.identity = {}, 0, b""
             return
         except OSError as exc:
             self.error = f"cannot read {self.path}: {exc.strerror or exc}"
             return
-        identity = (info.st_ino, getattr(info, "st_birthtime_ns", 0) or info.st_dev)
-        if identity != self.identity or info.st_size < self.offset:
-            self.totals, self.offset, self.identity = {}, 0, identity
-        if info.st_size == self.offset:
-            return
         try:
             with open(self.path, "rb") as f:
+                # A compaction replaces the file and starts it with a line of its own:
+                # a changed first line (or a shorter file) means read it all again.
+                identity = f.readline(200)
+                if identity != self.identity or info.st_size < self.offset:
+                    self.totals, self.offset, self.identity = {}, 0, identity
+                if info.st_size == self.offset:
+                    return
                 f.seek(self.offset)
                 data = f.read(info.st_size - self.offset)
         except OSError as exc:
@@ -7166,8 +7170,9 @@ class UsageStore:
             if span == 3600 and start < cutoff:
                 start, span = int(start // 86400 * 86400), 86400
             _add_bucket(compact.setdefault((start, span, model, provider), _new_bucket()), bucket)
-        text = "".join(json.dumps(dict(b, t=k[0], s=k[1], m=k[2], p=k[3]), separators=(",", ":"))
-                       + "\n" for k, b in sorted(compact.items()))
+        text = json.dumps({"compacted": secrets.token_hex(8)}) + "\n" + "".join(
+            json.dumps(dict(b, t=k[0], s=k[1], m=k[2], p=k[3]), separators=(",", ":")) + "\n"
+            for k, b in sorted(compact.items()))
         ConfigStore.write_file(self.path, text.encode("utf-8"))
 
     # -- what the page and the API show ----------------------------------------------
@@ -7361,7 +7366,7 @@ async def handle_put_config(server: "Server", call: Call, params: Dict[str, str]
         check_management_kept(raw, call.config)
         config, new_version = store.save(raw, version)
     except ConfigError as exc:
-        return management_error(exc.status, exc.message, exc.path)
+        return management_error(exc.status, exc.message, exc.field)
     except ConfigConflict as exc:
         return management_error(409, exc.message)
     server.apply_saved(config)
@@ -7440,7 +7445,7 @@ async def handle_test_provider(server: "Server", call: Call, params: Dict[str, s
     try:
         cred = _entry_credential(body)
     except ConfigError as exc:
-        return management_error(400, exc.message, exc.path)
+        return management_error(400, exc.message, exc.field)
     config = dataclasses.replace(call.config, credentials=(cred,))
     upstream = list(make_upstreams(config, server.environ).values())[0]
     rows: List[Dict[str, Any]] = []
@@ -7458,7 +7463,7 @@ async def handle_fetch_models(server: "Server", call: Call, params: Dict[str, st
     try:
         cred = _entry_credential(body)
     except ConfigError as exc:
-        return management_error(400, exc.message, exc.path)
+        return management_error(400, exc.message, exc.field)
     config = dataclasses.replace(call.config, credentials=(cred,))
     upstream = list(make_upstreams(config, server.environ).values())[0]
     if not upstream.listing:
@@ -7592,6 +7597,7 @@ MANAGEMENT_PAGE = r"""<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>proxypal</title>
+<link rel="icon" href="data:,">
 <style>
 :root { --bg: #f6f7f9; --panel: #fff; --text: #1d2330; --muted: #5d6677; --line: #d9dde5;
   --accent: #2f6fdf; --accent-text: #fff; --ok: #1d8a4a; --bad: #c6352d; --warn: #b87503;
@@ -7655,7 +7661,7 @@ th { font-weight: 600; color: var(--muted); font-size: 12.5px; }
 .buttons { display: flex; gap: 8px; justify-content: space-between; margin-top: 16px; flex-wrap: wrap; }
 .notice { padding: 9px 12px; border-radius: 6px; margin-bottom: 12px; border: 1px solid var(--line); background: var(--panel); }
 .notice.bad { border-color: var(--bad); } .notice.warn { border-color: var(--warn); } .notice.ok { border-color: var(--ok); }
-#toast { position: fixed; right: 16px; bottom: 16px; max-width: 420px; z-index: 9; }
+#toast { position: fixed; right: 16px; bottom: 16px; max-width: 420px; z-index: 9; pointer-events: none; }
 #log { max-height: 60vh; min-height: 200px; }
 .badge { display: inline-block; font-size: 11.5px; padding: 1px 7px; border-radius: 10px; border: 1px solid var(--line); color: var(--muted); }
 .login { max-width: 420px; margin: 12vh auto; }
@@ -7842,7 +7848,7 @@ function render() {
   if (!S.cfg) return;
   const draw = {dashboard: drawDashboard, keys: drawKeys, models: drawModels, logs: drawLogs,
     usage: drawUsage, settings: drawSettings}[S.page];
-  root.replaceChildren(...[].concat(draw()));
+  root.replaceChildren(...[draw()].flat(9));
   drawBanner();
 }
 
@@ -7921,8 +7927,9 @@ function drawEntry(list, e, i) {
   const off = e.disabled === true;
   const key = h("code", {}, masked(e.apiKey));
   let revealed = false;
-  const eye = h("button", {class: "link", title: "Show or hide the key", onclick: () => {
-    revealed = !revealed; key.textContent = revealed ? (e.apiKey || "(none)") : masked(e.apiKey); }}, "👁");
+  const eye = h("button", {class: "link eye", title: "Show or hide the key", onclick: () => {
+    revealed = !revealed; key.textContent = revealed ? (e.apiKey || "(none)") : masked(e.apiKey);
+    eye.textContent = revealed ? "Hide" : "Show"; }}, "Show");
   const result = h("div", {class: "muted"});
   const names = modelNames(e);
   return h("div", {class: "panel", "data-entry": path},
@@ -7961,7 +7968,8 @@ function field(label, input, opts) {
 
 function secretInput(id, value, placeholder) {
   const input = h("input", {id, type: "password", value: value || "", placeholder: placeholder || "", autocomplete: "off", spellcheck: false});
-  const eye = h("button", {type: "button", title: "Show or hide", onclick: () => { input.type = input.type === "password" ? "text" : "password"; }}, "👁");
+  const eye = h("button", {type: "button", class: "eye", title: "Show or hide", onclick: () => {
+    input.type = input.type === "password" ? "text" : "password"; eye.textContent = input.type === "password" ? "Show" : "Hide"; }}, "Show");
   return [input, h("div", {class: "secret"}, input, eye)];
 }
 
@@ -8036,7 +8044,7 @@ function openForm(list, index) {
     const addRow = (m) => {
       const name = h("input", {class: "f-alias-name", value: m ? m.name || "" : "", placeholder: "Name (deployment / model id upstream)"});
       const alias = h("input", {class: "f-alias-alias", value: m ? m.alias || m.name || "" : "", placeholder: "Alias (what clients ask for)"});
-      const row = h("div", {class: "row"}, name, alias, h("button", {type: "button", class: "danger", title: "Remove", onclick: () => row.remove()}, "🗑"));
+      const row = h("div", {class: "row"}, name, alias, h("button", {type: "button", class: "danger", title: "Remove", onclick: () => row.remove()}, "✕"));
       row.original = m && typeof m === "object" ? m : null;
       rows.append(row);
     };
@@ -8123,7 +8131,7 @@ function drawModels() {
     const from = h("input", {class: "m-from", value: m ? m.from || m.alias || "" : "", placeholder: "claude-haiku-*"});
     const to = h("input", {class: "m-to", value: m ? m.to || m.name || "" : "", placeholder: "a model name you have"});
     const on = h("input", {type: "checkbox", class: "m-on", checked: !m || m.enabled !== false, title: "enabled"});
-    const row = h("div", {class: "row"}, from, h("span", {class: "muted"}, "→"), to, on, h("button", {class: "danger", onclick: () => row.remove()}, "🗑"));
+    const row = h("div", {class: "row"}, from, h("span", {class: "muted"}, "→"), to, on, h("button", {class: "danger", onclick: () => row.remove()}, "✕"));
     row.original = m; rows.append(row);
   };
   for (const m of S.cfg.ampModelMappings || []) addRow(m);
@@ -8232,9 +8240,21 @@ function drawUsage() {
 }
 
 /* -- Settings ---------------------------------------------------------------------------- */
+const SETTING_LABELS = {debug: "Debug Mode", requestLogging: "Request Logging", loggingToFile: "Log to File",
+  logsMaxTotalSizeMb: "Log folder cap (MB)", requestRetry: "Request retries", routingStrategy: "Routing strategy",
+  proxyUrl: "Outbound proxy URL", proxyUsername: "Outbound proxy user", proxyPassword: "Outbound proxy password",
+  useSystemProxy: "Use the system proxy", streamKeepaliveSeconds: "Stream keep-alive (s)",
+  firstByteCommitSeconds: "First-byte commit (s)", connectTimeoutSeconds: "Connect timeout (s)",
+  firstByteTimeoutSeconds: "First-byte timeout (s)", readTimeoutSeconds: "Read timeout (s)", maxBodyMb: "Largest request (MB)",
+  proxyApiKey: "Proxy key (clients)", apiKeys: "More client keys", managementKey: "Management key",
+  allowRemoteManagement: "Allow remote management", port: "Port", host: "Listen address"};
+const SETTING_ORDER = ["debug", "requestLogging", "loggingToFile", "logsMaxTotalSizeMb", "requestRetry", "routingStrategy"];
+
 function drawSettings() {
   const inputs = {};
-  const rows = S.settings.map((s) => {
+  const ordered = [...S.settings].sort((a, b) => (SETTING_ORDER.includes(a.key) ? SETTING_ORDER.indexOf(a.key) : 99) -
+    (SETTING_ORDER.includes(b.key) ? SETTING_ORDER.indexOf(b.key) : 99));
+  const rows = ordered.map((s) => {
     const id = `s-${s.key}`;
     const value = s.key in S.cfg ? S.cfg[s.key] : s.default;
     let input, wrap;
@@ -8246,7 +8266,8 @@ function drawSettings() {
     inputs[s.key] = input;
     const notes = [s.live ? null : h("span", {class: "badge"}, "applies after a restart"),
       s.override !== null && s.override !== undefined ? h("span", {class: "badge warn"}, `set on the command line (${JSON.stringify(s.override)}): it wins over this value`) : null];
-    const label = s.kind === "bool" ? h("label", {for: id}, input, " ", s.key) : h("label", {for: id}, s.key);
+    const name = [SETTING_LABELS[s.key] || s.key, " ", h("code", {class: "muted"}, s.key)];
+    const label = s.kind === "bool" ? h("label", {for: id}, input, " ", name) : h("label", {for: id}, name);
     return h("div", {class: "field", "data-setting": s.key}, label, s.kind === "bool" ? null : (wrap || input),
       h("div", {class: "help"}, s.help, " ", notes), h("div", {class: "error", "data-error": s.key}));
   });
@@ -8669,14 +8690,16 @@ class Server:
         record = call.record
         now = time.monotonic()
         latency = now - record.t0
-        if record.model:
+        if record.routed:                  # (not names no provider serves: clients choose those)
             self.usage.record(record, latency)
+        if not record.path.startswith("/v0/management/"):
             self.recent_requests.append((record, now, time.time()))   # made into lines on demand
         if record.credential:
             status = self.provider_status.setdefault(record.credential, {"requests": 0})
             status.update(requests=status["requests"] + 1, status=record.status or None,
                           error=record.error or None, at=round(time.time(), 1))
-        if call.config.request_logging:
+        if call.config.request_logging and not record.path.startswith("/v0/management/"):
+            # (the page's own polling would fill the log: it is left out)
             log.info("%s", json.dumps(request_log_entry(record, now), ensure_ascii=False))
         elif log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s -> %d %s in %.1f ms", record.method, printable(record.path),

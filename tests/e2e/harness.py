@@ -44,7 +44,7 @@ class ProxyProcess:
     """`python proxypal.py --config FILE --port 0` with its request log on, the port read
     from its banner. Its stderr (the log) is kept in a file for the report."""
 
-    def __init__(self, config: dict, workdir: str):
+    def __init__(self, config: dict, workdir: str, flags: tuple = ("--log-requests", "--debug")):
         os.makedirs(workdir, exist_ok=True)
         self.config_path = os.path.join(workdir, "proxy-config.json")
         self.log_path = os.path.join(workdir, "proxy.log")
@@ -52,8 +52,7 @@ class ProxyProcess:
             json.dump(config, f, indent=2)
         self._log = open(self.log_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(
-            [sys.executable, PROXY_FILE, "--config", self.config_path, "--port", "0",
-             "--log-requests", "--debug"],
+            [sys.executable, PROXY_FILE, "--config", self.config_path, "--port", "0", *flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
             env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1"))
         self.port = self._read_port()
