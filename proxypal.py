@@ -104,6 +104,10 @@ DEFAULT_MAX_BODY_MB = 32                 # Anthropic's own request size limit (i
 
 HEAD_TIMEOUT = 10.0                      # slowloris: the whole head must arrive in 10 s
 BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is abandoned (408)
+BODY_TOTAL_TIMEOUT = 300.0               # a whole body: 32 MB (maxBodyMb) at 1 Mbit/s takes
+                                         # 270 s; a body trickled slower holds a slot (408)
+MAX_JSON_DIGITS = 4300                   # longer integers are refused (CPython's own limit
+                                         # since 3.11, applied on every version)
 KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
@@ -118,6 +122,8 @@ READ_SIZE = 64 * 1024                    # one socket read
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than this is refused
 MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
 POOL_IDLE_PER_HOST = 32                  # idle keep-alive connections kept per upstream
+
+CLIENT_GONE = "client disconnected"      # a request's error when its client left first
 
 COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes
 COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes
@@ -1023,6 +1029,8 @@ def parse_request_head(head: bytes) -> Request:
     http11 = version.group(2) != b"0"
     if http11 and "host" not in headers:
         raise WireError("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)")
+    if sum(1 for key, _ in raw if key == "host") > 1:
+        raise WireError("more than one Host header (RFC 9112 section 3.2)")
     conn = headers.get("connection", "").lower()
     keep_alive = ("close" not in conn) if http11 else ("keep-alive" in conn)
     path, _, query = target.partition("?")
@@ -5518,7 +5526,7 @@ class UpstreamResponse:
         """The error for a body that cannot be read to its end; the connection is closed."""
         self._link.close()
         if self.aborted:
-            return UpstreamError("request aborted: the client went away", 499, self.req.provider)
+            return UpstreamError(CLIENT_GONE, 499, self.req.provider)
         if self._link.timed_out:
             return UpstreamError(f"upstream sent nothing for {self.req.read_timeout:g}s "
                                  "(readTimeoutSeconds)", 504, self.req.provider)
@@ -6128,6 +6136,7 @@ class Connection:
         self.expired = False                 # a timeout ended the input (see _arm)
         self.phase = ""
         self._deadline = math.inf
+        self._body_deadline = math.inf
         self._timer: Optional[asyncio.TimerHandle] = None
 
     # Timeouts: one deadline per connection rather than asyncio.wait_for around each read
@@ -6182,6 +6191,8 @@ class Connection:
             if self.buf[:1] in (b"\r", b"\n"):   # empty lines before a request are ignored
                 self.buf = self.buf.lstrip(b"\r\n")   # (RFC 9112 section 2.2)
             if self.buf:
+                if self.buf[:1] == b"\x16":     # a TLS handshake record: ClientHello
+                    raise WireError("this port speaks plain HTTP: use http://, not https://")
                 if self.phase == "idle":     # first byte of a keep-alive request
                     self._arm(HEAD_TIMEOUT, "head")
                 end = scan_head(self.buf)
@@ -6215,6 +6226,7 @@ class Connection:
                 raise WireError(f"unsupported Expect {printable(expect, 40)!r}", 417)
             if req.version == "HTTP/1.1" and not self.buf:
                 self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body_deadline = asyncio.get_running_loop().time() + BODY_TOTAL_TIMEOUT
         if kind == "length":
             return await self._read_exact(length)
         decoder = ChunkedDecoder(limit)
@@ -6243,10 +6255,13 @@ class Connection:
         return b"".join(parts)
 
     async def _read_idle(self) -> bytes:
-        self._arm(BODY_IDLE_TIMEOUT, "body")
+        left = self._body_deadline - asyncio.get_running_loop().time()
+        self._arm(min(BODY_IDLE_TIMEOUT, max(left, 0.0)), "body")
         data = await self._read()
         self.disarm()
         if self.expired:
+            if left <= BODY_IDLE_TIMEOUT:
+                raise WireError(f"request body not received within {BODY_TOTAL_TIMEOUT:g}s", 408)
             raise WireError(f"request body stalled for {BODY_IDLE_TIMEOUT:g}s", 408)
         return data
 
@@ -6262,12 +6277,15 @@ class Connection:
             self.disarm()
 
     async def watch_disconnect(self, on_gone: Callable[[], None]) -> None:
-        """While a response streams, notice the client going away at once."""
+        """While an answer is being made, notice the client going away at once. The end
+        of its input counts as leaving (a closed or half-closed client, as nginx sees
+        it), unless it pipelined more requests first: then it waits for their answers."""
         while len(self.buf) <= MAX_HEADER_BLOCK:
             data = await self.reader.read(READ_SIZE)
             if not data:
                 self.eof = True
-                on_gone()
+                if not self.buf:
+                    on_gone()
                 return
             self.buf += data               # a pipelined request: kept for later
 
@@ -6486,7 +6504,7 @@ async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]
     if local is not None:
         return local
     if not model_call.stream:
-        return await model_call.run()
+        return await server.run_plain_call(call, model_call)
     return await server.run_stream_call(call, model_call)
 
 
@@ -6583,16 +6601,26 @@ def session_key(req: Request, body: Dict[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_JSON_DIGITS:
+        raise ValueError(f"a number has {len(text)} digits (at most {MAX_JSON_DIGITS})")
+    return int(text)
+
+
 def parse_body(raw: bytes) -> Dict[str, Any]:
     if not raw.strip():
         raise ClientError("request body is empty; send a JSON object")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_bounded_int)
     except UnicodeDecodeError:
         raise ClientError("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise ClientError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
                           f"column {exc.colno}") from None
+    except RecursionError:
+        raise ClientError("request body nests too deeply to be a real API request") from None
+    except ValueError as exc:
+        raise ClientError(f"request body is not usable JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ClientError(f"request body must be a JSON object, got {_json_type(body)}")
     return body
@@ -6738,9 +6766,10 @@ class ModelCall:
                 raise UpstreamError("upstream ended the stream before sending any event", 502)
             return StreamReply(resp, pipe, headers, pipe.first(data))
         body = attempt.upstream.answer(self.op, await resp.read_all(MAX_UPSTREAM_BODY))
+        obj = answer_object(resp, body)
         if self.stream and self.op == "generate":
-            return self.replayed_answer(attempt, resp.status, headers, body)
-        return self.json_answer(attempt, resp, body)
+            return self.replayed_answer(attempt, resp.status, headers, obj)
+        return self.json_answer(attempt, resp, body, obj)
 
     def commit(self) -> bytes:
         """The opening of the client's stream, sent before the upstream answered (a long
@@ -6754,16 +6783,9 @@ class ModelCall:
             "msg_" + safe_id(self.call.record.id, "x"), None))
 
     def replayed_answer(self, attempt: Attempt, status: int, headers: List[Tuple[str, str]],
-                        body: bytes) -> Reply:
+                        obj: Dict[str, Any]) -> Reply:
         """A whole answer to a streaming request (an upstream that ignored stream: true)
         as the client's stream."""
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
-        if not isinstance(obj, dict):
-            raise UpstreamError(f"answered with something that is not a JSON object: "
-                                f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
         chat = self.chat or TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.body)
         writer = self.writer or attempt.translator.writer(self.requested, estimate_tokens(self.body),
                                                           chat)
@@ -6789,25 +6811,19 @@ class ModelCall:
             pipe.committed()
         return pipe
 
-    def json_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
+    def json_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes,
+                    obj: Dict[str, Any]) -> Reply:
         """A whole answer for the client: relayed with the model name the client asked for,
         or translated."""
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
         translator = attempt.translator
         if translator.passthrough:
-            if isinstance(obj, dict) and self.call.fmt != "gemini" and \
+            if self.call.fmt != "gemini" and \
                     isinstance(obj.get("model"), str) and obj["model"] != self.requested:
                 obj["model"] = self.requested
                 body = dumps(obj)
             self.call.record.count(usage_counts(obj))
             return Reply(resp.status, body, passed_headers(resp, attempt.upstream.name),
                          resp.header("content-type") or "application/json")
-        if not isinstance(obj, dict):
-            raise UpstreamError(f"answered with something that is not a JSON object: "
-                                f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
         out = translator.response(obj, self.requested, self.chat)
         self.call.record.count(usage_counts(out))
         return Reply(resp.status, dumps(out), passed_headers(resp, attempt.upstream.name))
@@ -6830,6 +6846,21 @@ class ModelCall:
         if relayed and hint:
             headers.append(("x-proxypal-hint", printable(mask_secrets(hint, secrets), 300)))
         return Reply(status, out, headers)
+
+
+def answer_object(resp: "UpstreamResponse", body: bytes) -> Dict[str, Any]:
+    """A successful answer's JSON object; anything else (a captive portal's HTML, a cut
+    body) is the upstream's failure, said with what it sent."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        kind = resp.header("content-type").split(";")[0].strip() or "no Content-Type"
+        raise UpstreamError(f"answered {resp.status} with {kind} that is not a JSON object "
+                            f"(a login page of a network proxy, or a cut answer?): "
+                            f"{printable(body.decode('utf-8', 'replace'), 120)!r}")
+    return obj
 
 
 def passed_headers(resp: "UpstreamResponse", provider: str) -> List[Tuple[str, str]]:
@@ -6942,7 +6973,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
             finish_stream(call, pipe.fail(exc.status, exc.message), True)
     except ConnectionError:                # the client went away while we wrote
         resp.abort()
-        record.error, call.keep_alive = "client disconnected", False
+        record.error, call.keep_alive = CLIENT_GONE, False
     except asyncio.CancelledError:         # shutdown, or the client left: the upstream ends too
         resp.abort()
         raise
@@ -7018,8 +7049,8 @@ REQUEST_RING = 500                       # request records the page can show
 
 
 def _usage_bin(seconds: float) -> str:
-    ms = seconds * 1000
-    return "0" if ms < 1 else str(int(math.log(ms, USAGE_BIN)) + 1)
+    tenths = seconds * 10000                 # bins count from 0.1 ms: local upstreams are fast
+    return "0" if tenths < 1 else str(int(math.log(tenths, USAGE_BIN)) + 1)
 
 
 def _bin_percentile(bins: Dict[str, int], fraction: float) -> Optional[float]:
@@ -7031,7 +7062,7 @@ def _bin_percentile(bins: Dict[str, int], fraction: float) -> Optional[float]:
     for key in sorted(bins, key=int):
         seen += bins[key]
         if seen >= rank:
-            return 0.0 if key == "0" else round(USAGE_BIN ** int(key), 1)
+            return 0.0 if key == "0" else round(USAGE_BIN ** int(key) / 10, 2)
     return None
 
 
@@ -8602,7 +8633,7 @@ class Server:
                 conn.eof = True
             if call is not None:
                 self._log(call)
-            if not call or not call.keep_alive or conn.eof:
+            if not call or not call.keep_alive or (conn.eof and not conn.buf):
                 return
             first = False
 
@@ -8624,6 +8655,9 @@ class Server:
             raise
         except ProxypalError as exc:
             self._fail(call, exc)
+        except RecursionError:             # a body nested just under json's own limit
+            self._fail(call, ClientError("request body nests too deeply to be a real API "
+                                         "request"))
         except Exception as exc:           # a bug: answer 500 and keep serving
             log.exception("unexpected error handling %s %s", req.method, printable(req.path))
             self._fail(call, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
@@ -8637,6 +8671,27 @@ class Server:
         call.keep_alive = False
         if call.record.status == 0:       # committed, relay never began: end the stream here
             finish_stream(call, FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
+
+    async def run_plain_call(self, call: Call, model_call: "ModelCall") -> Any:
+        """Run a non-streaming model call while watching the client: one that leaves (or
+        half-closes) before the answer stops the upstream request at once, rather than
+        leaving it to run up the user's tokens for an answer nobody reads."""
+        task = asyncio.current_task()
+
+        def gone() -> None:
+            call.client_gone = True
+            if task is not None:
+                task.cancel()
+        watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone))
+        try:
+            return await model_call.run()
+        except asyncio.CancelledError:
+            if not call.client_gone:
+                raise                      # shutdown
+            call.record.error, call.keep_alive = CLIENT_GONE, False
+            return None
+        finally:
+            await _stop(watcher)
 
     async def run_stream_call(self, call: Call, model_call: "ModelCall") -> Any:
         """Run a streaming model call while watching the client, so that one that leaves
@@ -8664,7 +8719,7 @@ class Server:
         except asyncio.CancelledError:
             if not call.client_gone:
                 raise                      # shutdown
-            call.record.error, call.keep_alive = "client disconnected", False
+            call.record.error, call.keep_alive = CLIENT_GONE, False
         finally:
             run.cancel()
             await _stop(watcher)

@@ -1049,3 +1049,66 @@ def test_client_that_stops_reading_is_dropped(upstream, proxy, monkeypatch):
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert upstream_done.wait(TIMEOUT)           # the proxy gave up: upstream writes failed
     sock.close()
+
+
+# -- bad input answered at once ----------------------------------------------------------
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES], ids=["openai", "anthropic"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_body_trickled_a_byte_at_a_time_meets_the_total_deadline(monkeypatch, env, path, framing):
+    """Each byte comes well inside the idle timeout, yet the body as a whole is cut off
+    by the total deadline (BODY_TOTAL_TIMEOUT, shortened here)."""
+    monkeypatch.setattr(proxypal, "BODY_TOTAL_TIMEOUT", 0.5)
+    body = BODY_FOR[path]
+    head = build("POST", path, [AUTH, ("Transfer-Encoding", "chunked")] if framing == "chunked"
+                 else [AUTH, ("Content-Length", len(body))])
+    wire = chunked(body) if framing == "chunked" else body
+    with Client(env.port) as client:
+        client.send(head)
+        t0 = time.monotonic()
+        for i in range(len(wire)):
+            if client.answered(0.05):          # a byte every 50 ms (idle timeout: 30 s)
+                break
+            client.send(wire[i:i + 1])
+        resp = client.read_response()
+        assert "not received within 0.5s" in assert_error(resp, 408, FORMAT_FOR[path])
+        assert time.monotonic() - t0 < 5
+    assert_upstream_untouched(env)
+
+
+def test_total_body_deadline_default_has_room_for_the_largest_body():
+    """32 MB (the default maxBodyMb) at 1 Mbit/s takes about 270 s."""
+    assert proxypal.BODY_TOTAL_TIMEOUT == 300.0 and 32 * 8 / 1 < proxypal.BODY_TOTAL_TIMEOUT
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES], ids=["openai", "anthropic"])
+@pytest.mark.parametrize("body,says", [
+    (b'{"model":"gpt-x","messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests too deeply"),
+    (b'{"model":"gpt-x","max_tokens":' + b"7" * 5000 + b',"messages":[]}', "a number has 5000 digits"),
+    (b'{"model":"gpt-x","messages":' + b"[" * 990 + b"]" * 990 + b"}", None),
+], ids=["nested-100000", "5000-digit-number", "nested-990"])
+def test_pathological_json_is_a_400_in_the_clients_format(env, path, body, says):
+    resp = exchange(env.port, build("POST", path, [AUTH, ("x-api-key", KEY)], body))
+    message = assert_error(resp, 400, FORMAT_FOR[path])
+    assert says is None or says in message, message
+    assert "internal error" not in message
+    assert_upstream_untouched(env)
+    assert_alive(env.port)
+
+
+def test_a_tls_client_hello_on_the_plain_port_is_told_at_once(env):
+    hello = bytes.fromhex("16030100c4010000c00303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+    with Client(env.port) as client:
+        client.send(hello)
+        assert client.answered(1.0), "no answer to a ClientHello (waited for a head timeout?)"
+        resp = client.read_response()
+        assert "this port speaks plain HTTP: use http://" in assert_error(resp, 400, "openai")
+        client.expect_closed()
+    assert_alive(env.port)
+
+
+def test_two_host_headers_are_400(env):
+    data = b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+    with Client(env.port) as client:
+        client.send(data)
+        assert "more than one Host header" in assert_refused_and_closed(client, 400, "openai", env.port).json()["error"]["message"]

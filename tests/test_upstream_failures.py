@@ -668,16 +668,23 @@ def test_translated_non_json_200_is_clear_502(rig, client, kind, payload):
 
 @pytest.mark.parametrize("client,kind", [("openai", "openai"), ("anthropic", "claude")],
                          ids=["openai-passthrough", "anthropic-passthrough"])
-def test_passthrough_non_json_200_is_passed_as_is(rig, client, kind):
+def test_passthrough_non_json_200_is_a_clear_502_too(rig, client, kind):
+    """A captive portal's page or a cut answer with status 200 is the upstream's failure,
+    whether or not the formats match: the client gets 502 in its own format naming the
+    provider and what it sent."""
     payload = b"plain words, not JSON \xe2\x9c\x93"
 
     def handler(peer, req):
         peer.send(head(200, (("Content-Type", "text/plain; charset=utf-8"),
                              ("Content-Length", str(len(payload))))) + payload)
-    p, _ = rig(handler)
+    p, raw = rig(handler)
     status, headers, body = ask(p, client, MODEL[kind])
-    assert (status, body) == (200, payload)
-    assert headers["content-type"] == "text/plain; charset=utf-8"
+    msg = error_message(client, body)
+    assert status == 502 and headers["content-type"].startswith("application/json")
+    assert PROVIDER[kind] in msg and "answered 200 with text/plain that is not a JSON object" in msg
+    assert "plain words, not JSON" in msg
+    raw.handler = normal                        # the connection went back to the pool intact
+    assert_ok_answer(client, *ask(p, client, MODEL[kind])[::2])
     alive(p)
 
 
@@ -1048,3 +1055,38 @@ def test_upstream_header_with_bare_lf_cannot_forge_a_header(upstream, proxy):
     p = proxy({"ampOpenaiProviders": [mock_provider(up.url)]})
     status, headers, _ = request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": []})
     assert status == 200 and "set-cookie" not in headers
+
+
+# -- a client that leaves before the answer -------------------------------------------
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
+def test_a_non_stream_client_that_leaves_stops_the_upstream_request(rig, client, kind, how):
+    """The upstream is still thinking when the client closes (or half-closes) its
+    connection: the proxy closes the upstream request at once instead of waiting for an
+    answer nobody reads (and that costs the user tokens)."""
+    thinking = threading.Event()
+    closed: "queue.Queue[bool]" = queue.Queue()
+
+    def handler(peer, req):
+        thinking.set()
+        closed.put(peer.wait_closed())         # the upstream never answers by itself
+    p, _ = rig(handler)
+    path, headers, body = ("/v1/chat/completions", {"Authorization": "Bearer proxypal-local"},
+                           {"model": MODEL[kind], "messages": [{"role": "user", "content": "Hi"}]}) \
+        if client == "openai" else ("/v1/messages", ANTHROPIC_HEADERS,
+                                    {"model": MODEL[kind], "max_tokens": 9, "messages": [{"role": "user", "content": "Hi"}]})
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", p.port), timeout=TIMEOUT)
+    head_lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head_lines}"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    assert thinking.wait(TIMEOUT)
+    if how == "close":
+        sock.close()
+    else:
+        sock.shutdown(socket.SHUT_WR)
+    assert closed.get(timeout=TIMEOUT) is True, "the upstream request was left running"
+    if how == "half-close":
+        sock.close()
+    alive(p)
