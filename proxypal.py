@@ -6504,8 +6504,8 @@ async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]
     if local is not None:
         return local
     if not model_call.stream:
-        return await server.run_plain_call(call, model_call)
-    return await server.run_stream_call(call, model_call)
+        return await run_plain_call(call, model_call)
+    return await run_stream_call(call, model_call)
 
 
 def model_endpoints() -> List[Endpoint]:
@@ -6868,6 +6868,86 @@ def passed_headers(resp: "UpstreamResponse", provider: str) -> List[Tuple[str, s
     name of the provider that answered."""
     return [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k not in OWN_HEADERS] + [
         ("x-proxypal-provider", printable(provider, 100))]
+
+
+def fail_call(call: Call, exc: ProxypalError) -> None:
+    """An error for a call: its answer, or, once the answer started, the end of its stream."""
+    if not call.started:
+        call.conn.write_reply(call, error_reply(call, exc))
+        return
+    call.record.error = exc.message
+    call.keep_alive = False
+    if call.record.status == 0:       # committed, relay never began: end the stream here
+        finish_stream(call, FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
+
+
+async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
+    """Run a non-streaming model call while watching the client: one that leaves (or
+    half-closes) before the answer stops the upstream request at once, rather than
+    leaving it to run up the user's tokens for an answer nobody reads."""
+    task = asyncio.current_task()
+
+    def gone() -> None:
+        call.client_gone = True
+        if task is not None:
+            task.cancel()
+    watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone))
+    try:
+        return await model_call.run()
+    except asyncio.CancelledError:
+        if not call.client_gone:
+            raise                      # shutdown
+        call.record.error, call.keep_alive = CLIENT_GONE, False
+        return None
+    finally:
+        await _stop(watcher)
+
+async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
+    """Run a streaming model call while watching the client, so that one that leaves
+    while the model is still thinking (Claude Code's Esc) cancels the upstream request
+    at once, and while timing the upstream: silent for firstByteCommitSeconds, the
+    client gets 200 and its stream's opening event, then keep-alives, rather than a
+    bare wait (Claude Code resends a request after ~300 s of silence). Before that
+    bound, an upstream error keeps its real status."""
+    loop = asyncio.get_running_loop()
+    run = loop.create_task(model_call.run())
+
+    def gone() -> None:
+        call.client_gone = True
+        call.on_gone()
+    call.on_gone = run.cancel
+    watcher = loop.create_task(call.conn.watch_disconnect(gone))
+    try:
+        reply = await _await_committing(call, model_call, run)
+        if isinstance(reply, StreamReply):
+            await relay(call, reply)
+        elif call.started:             # committed: the answer goes in the stream
+            fail_call(call, ProxypalError(upstream_message(reply.body)[0], reply.status))
+        else:
+            return reply
+    except asyncio.CancelledError:
+        if not call.client_gone:
+            raise                      # shutdown
+        call.record.error, call.keep_alive = CLIENT_GONE, False
+    finally:
+        run.cancel()
+        await _stop(watcher)
+    return None
+
+async def _await_committing(call: Call, model_call: "ModelCall",
+                            run: "asyncio.Task[Any]") -> Any:
+    wait = call.config.first_byte_commit or None
+    done, _ = await asyncio.wait([run], timeout=wait)
+    while not done:
+        head, out = b"", FORMATS[call.fmt].ping
+        if not call.started:
+            head, out = stream_head(call, [], "text/event-stream"), model_call.commit() or out
+            log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
+                     call.record.id, wait)
+        call.conn.writer.write(head + (chunk(out) if call.req.version == "HTTP/1.1" else out))
+        await call.conn.drain()
+        done, _ = await asyncio.wait([run], timeout=COMMIT_PING_SECONDS)
+    return run.result()
 
 
 # -- 10.5 The relay -------------------------------------------------------------------
@@ -8654,91 +8734,14 @@ class Server:
         except WireError:
             raise
         except ProxypalError as exc:
-            self._fail(call, exc)
+            fail_call(call, exc)
         except RecursionError:             # a body nested just under json's own limit
-            self._fail(call, ClientError("request body nests too deeply to be a real API "
+            fail_call(call, ClientError("request body nests too deeply to be a real API "
                                          "request"))
         except Exception as exc:           # a bug: answer 500 and keep serving
             log.exception("unexpected error handling %s %s", req.method, printable(req.path))
-            self._fail(call, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
+            fail_call(call, ProxypalError(f"internal error in proxypal ({type(exc).__name__}); "
                                            "see the proxy's log", 500))
-
-    def _fail(self, call: Call, exc: ProxypalError) -> None:
-        if not call.started:
-            call.conn.write_reply(call, error_reply(call, exc))
-            return
-        call.record.error = exc.message
-        call.keep_alive = False
-        if call.record.status == 0:       # committed, relay never began: end the stream here
-            finish_stream(call, FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
-
-    async def run_plain_call(self, call: Call, model_call: "ModelCall") -> Any:
-        """Run a non-streaming model call while watching the client: one that leaves (or
-        half-closes) before the answer stops the upstream request at once, rather than
-        leaving it to run up the user's tokens for an answer nobody reads."""
-        task = asyncio.current_task()
-
-        def gone() -> None:
-            call.client_gone = True
-            if task is not None:
-                task.cancel()
-        watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone))
-        try:
-            return await model_call.run()
-        except asyncio.CancelledError:
-            if not call.client_gone:
-                raise                      # shutdown
-            call.record.error, call.keep_alive = CLIENT_GONE, False
-            return None
-        finally:
-            await _stop(watcher)
-
-    async def run_stream_call(self, call: Call, model_call: "ModelCall") -> Any:
-        """Run a streaming model call while watching the client, so that one that leaves
-        while the model is still thinking (Claude Code's Esc) cancels the upstream request
-        at once, and while timing the upstream: silent for firstByteCommitSeconds, the
-        client gets 200 and its stream's opening event, then keep-alives, rather than a
-        bare wait (Claude Code resends a request after ~300 s of silence). Before that
-        bound, an upstream error keeps its real status."""
-        loop = asyncio.get_running_loop()
-        run = loop.create_task(model_call.run())
-
-        def gone() -> None:
-            call.client_gone = True
-            call.on_gone()
-        call.on_gone = run.cancel
-        watcher = loop.create_task(call.conn.watch_disconnect(gone))
-        try:
-            reply = await self._await_committing(call, model_call, run)
-            if isinstance(reply, StreamReply):
-                await relay(call, reply)
-            elif call.started:             # committed: the answer goes in the stream
-                self._fail(call, ProxypalError(upstream_message(reply.body)[0], reply.status))
-            else:
-                return reply
-        except asyncio.CancelledError:
-            if not call.client_gone:
-                raise                      # shutdown
-            call.record.error, call.keep_alive = CLIENT_GONE, False
-        finally:
-            run.cancel()
-            await _stop(watcher)
-        return None
-
-    async def _await_committing(self, call: Call, model_call: "ModelCall",
-                                run: "asyncio.Task[Any]") -> Any:
-        wait = call.config.first_byte_commit or None
-        done, _ = await asyncio.wait([run], timeout=wait)
-        while not done:
-            head, out = b"", FORMATS[call.fmt].ping
-            if not call.started:
-                head, out = stream_head(call, [], "text/event-stream"), model_call.commit() or out
-                log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
-                         call.record.id, wait)
-            call.conn.writer.write(head + (chunk(out) if call.req.version == "HTTP/1.1" else out))
-            await call.conn.drain()
-            done, _ = await asyncio.wait([run], timeout=COMMIT_PING_SECONDS)
-        return run.result()
 
     # -- records -----------------------------------------------------------------
     def _log(self, call: Call) -> None:
