@@ -19,7 +19,8 @@ def stdlib_names() -> set:
         return set(sys.stdlib_module_names)
     import sysconfig
     folder = sysconfig.get_paths()["stdlib"]
-    names = set(sys.builtin_module_names)
+    # built into the interpreter on the other platforms: msvcrt, winreg (Windows)
+    names = set(sys.builtin_module_names) | {"msvcrt", "winreg", "_winapi", "winsound"}
     for entry in os.listdir(folder):
         if entry != "site-packages":
             names.add(entry[:-3] if entry.endswith(".py") else entry.split(".")[0])
