@@ -111,7 +111,9 @@ MAX_JSON_DIGITS = 4300                   # longer integers are refused (CPython'
 KEEPALIVE_IDLE_TIMEOUT = 75.0            # nginx's keepalive_timeout default
 SHUTDOWN_GRACE = 5.0                     # in-flight requests get this long on stop
 LINGER_SECONDS = 2.0                     # unread input drained this long before a close
-CONFIG_POLL_SECONDS = 1.0                # config changes apply within 2 s (hot reload)
+CONFIG_POLL_SECONDS = 0.5                # config changes (and other workers' cooldowns)
+                                         # apply within a second
+STATE_FILE = "state.json"                # cooldowns the workers share, beside config.json
 CLIENT_WRITE_TIMEOUT = 120.0             # a client that reads nothing this long is gone
 WRITE_BUFFER_HIGH = 64 * 1024            # asyncio's own high-water mark for writes
 
@@ -899,33 +901,41 @@ def _fsync_folder(folder: str) -> None:
 
 
 class _FolderLock:
-    """An exclusive lock, across processes, on the folder of the config file: flock on
-    the folder itself (POSIX: no lock file is left behind), a lock file on Windows."""
+    """A lock, across processes, on the folder of the config file: flock on the folder
+    itself (POSIX: no lock file is left behind), a lock file on Windows. Exclusive for
+    writers of whole files; `shared` for appenders, who may hold it together (its folder
+    handle is kept open between uses, as each request takes it)."""
 
-    def __init__(self, folder: str) -> None:
-        self.folder, self.fd = folder, -1
+    def __init__(self, folder: str, shared: bool = False) -> None:
+        self.folder, self.shared, self.fd = folder, shared, -1
 
     def __enter__(self) -> "_FolderLock":
-        with contextlib.suppress(OSError):
-            os.makedirs(self.folder, exist_ok=True)
         try:
-            if os.name == "nt":
+            if os.name == "nt":            # msvcrt has one kind of lock: exclusive
+                os.makedirs(self.folder, exist_ok=True)
                 self.fd = os.open(os.path.join(self.folder, ".proxypal.lock"),
                                   os.O_RDWR | os.O_CREAT, 0o600)
                 import msvcrt
                 msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
-            else:
+                return self
+            if self.fd < 0:
+                os.makedirs(self.folder, exist_ok=True)
                 self.fd = os.open(self.folder, os.O_RDONLY)
-                import fcntl
-                fcntl.flock(self.fd, fcntl.LOCK_EX)
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         except OSError:
             pass                           # no lock to be had: the write will say what is wrong
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)              # closing releases the lock
-            self.fd = -1
+        if self.fd < 0:
+            return
+        if self.shared and os.name != "nt":
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            return
+        os.close(self.fd)                  # closing releases the lock
+        self.fd = -1
 
 
 # =============================================================================
@@ -4960,6 +4970,7 @@ class Balancer:
         self.clock = clock
         self._turn: Dict[str, int] = {}
         self.cooldowns: Dict[str, Cooldown] = {}
+        self.shared: Optional[Callable[[str, Cooldown], None]] = None   # tells other workers
 
     def plan(self, route: Route, strategy: str, session: str = ""
              ) -> Tuple[List[Target], List[Tuple[Target, Cooldown]]]:
@@ -5001,7 +5012,16 @@ class Balancer:
             return None
         cool = Cooldown(self.clock() + seconds, status, reason)
         self.cooldowns[cred.key] = cool
+        if self.shared is not None:
+            self.shared(cred.key, cool)
         return cool
+
+    def learn(self, key: str, seconds_left: float, status: int, reason: str) -> None:
+        """A cooldown another worker learned; kept unless this one ends later already."""
+        until = self.clock() + seconds_left
+        known = self.cooldowns.get(key)
+        if known is None or known.until < until - 0.5:
+            self.cooldowns[key] = Cooldown(until, status, reason)
 
 
 def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
@@ -6076,7 +6096,6 @@ class Record:
     ttfb: Optional[float] = None
     tokens: Tokens = NO_TOKENS             # input, output, cached, reasoning
     error: str = ""
-    credential: str = ""                   # Credential.key of the provider that answered
 
     @property
     def tokens_in(self) -> Optional[int]:
@@ -6115,7 +6134,9 @@ class Call:
     body_read: bool = False
     started: bool = False                  # response head sent
     client_gone: bool = False
+    logged: bool = False
     on_gone: Callable[[], Any] = lambda: None   # what the client leaving should stop
+    on_answered: Callable[["Call"], Any] = lambda call: None   # counted before the last write
 
     @property
     def config(self) -> Config:
@@ -6299,6 +6320,7 @@ class Connection:
             ("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))]
         headers += list(reply.headers) + cors_headers(call.req, call.config)
         head = response_head(reply.status, headers, call.keep_alive, call.req.version)
+        call.on_answered(call)
         self.writer.write(head if call.req.method == "HEAD" or reply.status == 204
                           else head + reply.body)
         call.started = True
@@ -6673,7 +6695,6 @@ class ModelCall:
         first = self._upstream(usable[0])
         if self.op == "count" and (first.api_for(fmt, "count") != fmt or not first.serves("count", fmt)):
             record.provider = usable[0].cred.name    # counted here: an estimate
-            record.credential = usable[0].cred.key
             return Reply(200, dumps(local_count(self.call.fmt, body)))
         ready, cooling = self.server.balancer.plan(
             dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy,
@@ -6721,7 +6742,6 @@ class ModelCall:
             more, cred = i + 1 < len(self.attempts), attempt.target.cred
             ureq = self.upstream_request(attempt)
             record.provider, record.upstream_model = cred.name, attempt.target.model
-            record.credential = cred.key
             log.debug("upstream %s %s (%s)", ureq.method, ureq.url, cred.label)
             try:
                 resp = await self.server.client.open(ureq)
@@ -7044,13 +7064,17 @@ async def relay(call: Call, reply: StreamReply) -> None:
             if not data:
                 break
             out = pipe.feed(data)
-        finish_stream(call, pipe.close(), pipe.failed)
+        last = pipe.close()
+        record.count(pipe.usage)
+        finish_stream(call, last, pipe.failed)
         resp.release()
     except UpstreamError as exc:
         resp.abort()
         record.error, call.keep_alive = exc.message, False
         if exc.status != 499:
-            finish_stream(call, pipe.fail(exc.status, exc.message), True)
+            last = pipe.fail(exc.status, exc.message)
+            record.count(pipe.usage)
+            finish_stream(call, last, True)
     except ConnectionError:                # the client went away while we wrote
         resp.abort()
         record.error, call.keep_alive = CLIENT_GONE, False
@@ -7090,6 +7114,7 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
         call.record.error = call.record.error or printable(last.decode("utf-8", "replace"), 300)
         log.warning("stream %s %s failed: %s", call.record.id, printable(call.req.path),
                     call.record.error)
+    call.on_answered(call)
     if writer.transport.is_closing():
         return
     chunked = call.req.version == "HTTP/1.1"
@@ -7146,6 +7171,13 @@ def _bin_percentile(bins: Dict[str, int], fraction: float) -> Optional[float]:
     return None
 
 
+def _usage_line(key: Tuple[int, int, str, str, str], bucket: Dict[str, Any]) -> bytes:
+    line = dict(bucket, t=key[0], s=key[1], m=key[2], p=key[3])
+    if key[4]:
+        line["run"] = key[4]
+    return json.dumps(line, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
 def _new_bucket() -> Dict[str, Any]:
     return {"n": 0, "e": {}, "i": 0, "o": 0, "c": 0, "r": 0, "l": {}, "f": {}}
 
@@ -7160,72 +7192,97 @@ def _add_bucket(into: Dict[str, Any], other: Dict[str, Any]) -> None:
                 into[key][name] = into[key].get(name, 0) + value
 
 
+Key = Tuple[int, int, str, str, str]           # hour (or day) start, span, model, provider, run
+
+
 class UsageStore:
     """Usage per hour, model and provider: requests, errors by status, tokens (input,
-    output, cached, reasoning), latency and time-to-first-byte histograms. With a folder
-    the records are appended to usage.jsonl there, one whole line per bucket in one
-    O_APPEND write under the folder lock, and read back at start: counts survive
-    restarts and are shared by every process writing there. Beyond USAGE_FILE_MAX the
-    file is compacted (hours older than USAGE_HOURLY_DAYS merged into days) under the
-    same lock and replaced atomically, so no record is lost."""
+    output, cached, reasoning), latency and time-to-first-byte histograms. With a folder,
+    each request is one line appended to usage.jsonl there (one O_APPEND write under a
+    shared lock) before its record is done, and the counts are what the file holds: they
+    survive restarts and kills, and every process writing there (--workers) sees the
+    sum. Beyond USAGE_FILE_MAX a flush compacts the file (hours older than
+    USAGE_HOURLY_DAYS merged into days) under the exclusive lock and replaces it
+    atomically, so no line is lost. `run` names one start of the proxy (its workers
+    share it): "since start" counts the lines of this run."""
 
-    def __init__(self, folder: str = "", clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, folder: str = "", clock: Callable[[], float] = time.time,
+                 run: str = "") -> None:
         self.path = os.path.join(folder, USAGE_FILE) if folder else ""
         self.clock = clock
         self.started = clock()
-        self.totals: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
-        self.pending: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
-        self.session: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}   # this process
+        self.run = run or secrets.token_hex(4)
+        self.totals: Dict[Key, Dict[str, Any]] = {}
+        self.pending: List[bytes] = []     # lines not written yet (the folder failed)
         self.offset, self.identity = 0, b""
+        self._fd, self._lock = -1, _FolderLock(folder, shared=True) if folder else None
         self.error = ""                    # why the file could not be used, for the page
         self.refresh()
 
     def record(self, record: "Record", latency: float) -> None:
         hour = int(self.clock() // 3600 * 3600)
-        key = (hour, 3600, record.model, record.provider)
-        for store in (self.pending, self.session) if self.path else (self.totals, self.session):
-            bucket = store.get(key)
-            if bucket is None:
-                bucket = store[key] = _new_bucket()
-            bucket["n"] += 1
-            if record.status >= 400 or not record.status:
-                status = str(record.status or "aborted")
-                bucket["e"][status] = bucket["e"].get(status, 0) + 1
-            for field, value in zip("iocr", record.tokens):
-                bucket[field] += value or 0
-            latency_bin = _usage_bin(latency)
-            bucket["l"][latency_bin] = bucket["l"].get(latency_bin, 0) + 1
-            if record.ttfb is not None:
-                first = _usage_bin(record.ttfb)
-                bucket["f"][first] = bucket["f"].get(first, 0) + 1
+        bucket = _new_bucket()
+        bucket["n"] = 1
+        if record.status >= 400 or not record.status:
+            bucket["e"][str(record.status or "aborted")] = 1
+        for field, value in zip("iocr", record.tokens):
+            bucket[field] = value or 0
+        bucket["l"][_usage_bin(latency)] = 1
+        if record.ttfb is not None:
+            bucket["f"][_usage_bin(record.ttfb)] = 1
+        key = (hour, 3600, record.model, record.provider, self.run)
+        if not self.path:
+            _add_bucket(self.totals.setdefault(key, _new_bucket()), bucket)
+            return
+        self.pending.append(_usage_line(key, bucket))
+        self._write()
 
     # -- the file --------------------------------------------------------------------
+    def _write(self) -> None:
+        """Append the pending lines; kept for the next try when the folder refuses."""
+        data, self.pending = b"".join(self.pending), []
+        try:
+            with self._lock:
+                if self._fd < 0 or os.fstat(self._fd).st_ino != os.stat(self.path).st_ino:
+                    self.close()           # new, or replaced by a compaction: reopen
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                       getattr(os, "O_BINARY", 0), 0o600)
+                os.write(self._fd, data)
+            self.error = ""
+        except FileNotFoundError:          # the stat above, before the first line
+            try:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                                   getattr(os, "O_BINARY", 0), 0o600)
+                os.write(self._fd, data)
+            except OSError as exc:
+                self._failed(data, exc)
+        except OSError as exc:
+            self._failed(data, exc)
+
+    def _failed(self, data: bytes, exc: OSError) -> None:
+        self.pending.insert(0, data)
+        if not self.error:
+            log.warning("usage not saved (kept in memory, retried): cannot write %s: %s",
+                        self.path, exc.strerror or exc)
+        self.error = f"cannot write {self.path}: {exc.strerror or exc}"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
     def flush(self) -> None:
-        """Append what this process recorded since the last flush, then read what every
-        process appended (this one included): the totals are the file's contents."""
+        """Retry lines the folder refused, compact when the file is big, read what every
+        process appended."""
         if not self.path:
             return
         if self.pending:
-            batch, self.pending = self.pending, {}
-            lines = "".join(json.dumps(dict(bucket, t=key[0], s=key[1], m=key[2], p=key[3]),
-                                       separators=(",", ":")) + "\n"
-                            for key, bucket in batch.items()).encode("utf-8")
-            try:
+            self._write()
+        with contextlib.suppress(OSError):
+            if os.path.getsize(self.path) > USAGE_FILE_MAX:
                 with _FolderLock(os.path.dirname(self.path)):
-                    fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                 getattr(os, "O_BINARY", 0), 0o600)
-                    try:
-                        os.write(fd, lines)
-                    finally:
-                        os.close(fd)
                     if os.path.getsize(self.path) > USAGE_FILE_MAX:
                         self._compact()
-                self.error = ""
-            except OSError as exc:
-                for key, bucket in batch.items():      # kept for the next try
-                    _add_bucket(self.pending.setdefault(key, _new_bucket()), bucket)
-                self.error = f"cannot write {self.path}: {exc.strerror or exc}"
-                log.warning("usage not saved (kept in memory, retried): %s", self.error)
         self.refresh()
 
     def refresh(self) -> None:
@@ -7259,46 +7316,43 @@ class UsageStore:
         self._merge(data[:end], self.totals)
 
     @staticmethod
-    def _merge(data: bytes, into: Dict[Tuple[int, int, str, str], Dict[str, Any]]) -> None:
+    def _merge(data: bytes, into: Dict[Key, Dict[str, Any]]) -> None:
         for line in data.splitlines():
             try:
                 item = json.loads(line)
-                key = (int(item["t"]), int(item["s"]), str(item["m"]), str(item["p"]))
+                key = (int(item["t"]), int(item["s"]), str(item["m"]), str(item["p"]),
+                       str(item.get("run", "")))
             except (ValueError, KeyError, TypeError):
                 continue                   # a torn line from a crash: skipped, not fatal
             _add_bucket(into.setdefault(key, _new_bucket()), item)
 
     def _compact(self) -> None:
-        """Called under the folder lock: merge every line, hours older than
-        USAGE_HOURLY_DAYS into days, and replace the file atomically."""
+        """Called under the exclusive folder lock: merge every line, hours older than
+        USAGE_HOURLY_DAYS into days (which forget their run), replace the file."""
         with open(self.path, "rb") as f:
             data = f.read()
-        merged: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
+        merged: Dict[Key, Dict[str, Any]] = {}
         self._merge(data, merged)
         cutoff = self.clock() - USAGE_HOURLY_DAYS * 86400
-        compact: Dict[Tuple[int, int, str, str], Dict[str, Any]] = {}
-        for (start, span, model, provider), bucket in merged.items():
+        compact: Dict[Key, Dict[str, Any]] = {}
+        for (start, span, model, provider, run), bucket in merged.items():
             if span == 3600 and start < cutoff:
-                start, span = int(start // 86400 * 86400), 86400
-            _add_bucket(compact.setdefault((start, span, model, provider), _new_bucket()), bucket)
-        text = json.dumps({"compacted": secrets.token_hex(8)}) + "\n" + "".join(
-            json.dumps(dict(b, t=k[0], s=k[1], m=k[2], p=k[3]), separators=(",", ":")) + "\n"
-            for k, b in sorted(compact.items()))
-        ConfigStore.write_file(self.path, text.encode("utf-8"))
+                start, span, run = int(start // 86400 * 86400), 86400, ""
+            _add_bucket(compact.setdefault((start, span, model, provider, run), _new_bucket()),
+                        bucket)
+        text = (json.dumps({"compacted": secrets.token_hex(8)}) + "\n").encode() + b"".join(
+            _usage_line(k, b) for k, b in sorted(compact.items()))
+        ConfigStore.write_file(self.path, text)
 
     # -- what the page and the API show ----------------------------------------------
-    def window(self, since: Optional[float], session: bool = False) -> Dict[str, Any]:
+    def window(self, since: Optional[float], run: str = "") -> Dict[str, Any]:
         """Counts per model, per provider and in total, for buckets ending after `since`
-        (None: all), or for this process since it started."""
-        if session:
-            buckets = self.session.items()
-        else:
-            self.refresh()
-            buckets = list(self.totals.items()) + list(self.pending.items())
+        (None: all), or only the lines of one run."""
+        self.refresh()
         groups: Dict[str, Dict[str, Dict[str, Any]]] = {"models": {}, "providers": {}}
         total = _new_bucket()
-        for (start, span, model, provider), bucket in buckets:
-            if since is not None and start + span <= since:
+        for (start, span, model, provider, line_run), bucket in list(self.totals.items()):
+            if (since is not None and start + span <= since) or (run and line_run != run):
                 continue
             for group, name in (("models", model), ("providers", provider)):
                 if name:
@@ -7335,7 +7389,7 @@ class UsageStore:
                               + ", ".join(USAGE_RANGES))
         else:
             since = self.started
-        out = self.window(since, session=not range_name)
+        out = self.window(since if range_name else None, "" if range_name else self.run)
         out["since"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None
         out["range"] = range_name or "start"
         out["persisted"] = bool(self.path) and not self.error
@@ -7344,16 +7398,22 @@ class UsageStore:
         return out
 
 
-class LogRing(logging.Handler):
-    """The last LOG_RING_LINES lines of the proxy's log, numbered, for the page's log
-    view and live tail. The logger's SecretFilter runs first: lines arrive masked."""
+class Journal(logging.Handler):
+    """What the page's Logs view shows: the last log lines (the logger's SecretFilter
+    runs first, so they arrive masked) and the last requests. In memory for one process;
+    with `path` (--workers) every worker appends to one file there, each line tagged with
+    its worker, and the view reads the file, so any worker shows all of them."""
 
-    def __init__(self, worker: str = "") -> None:
+    def __init__(self, worker: str = "", path: str = "") -> None:
         super().__init__(logging.DEBUG)
+        self.worker, self.path = worker, path
         self.lines: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=LOG_RING_LINES)
-        self.seq, self.worker = 0, worker
+        self.requests: "collections.deque[Tuple[Record, float, float]]" = \
+            collections.deque(maxlen=REQUEST_RING)
+        self.seq = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.changed: Optional[asyncio.Event] = None
+        self._fd, self._lock = -1, _FolderLock(os.path.dirname(path), shared=True) if path else None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -7363,22 +7423,92 @@ class LogRing(logging.Handler):
         except Exception:                  # a bad log call must not break the caller
             return
         self.seq += 1
-        self.lines.append({"seq": self.seq, "time": round(record.created, 3),
-                           "level": record.levelname, "message": message,
-                           "worker": self.worker})
+        line = {"seq": self.seq, "time": round(record.created, 3), "level": record.levelname,
+                "message": message, "worker": self.worker}
+        if self.path:
+            self._append({"log": line})
+        else:
+            self.lines.append(line)
         if self.loop is not None and self.changed is not None:
             with contextlib.suppress(RuntimeError):       # the loop is closing
                 self.loop.call_soon_threadsafe(self.changed.set)
 
+    def add_request(self, record: "Record", now: float, wall: float) -> None:
+        if self.path:
+            self._append({"request": dict(request_log_entry(record, now, wall), worker=self.worker)})
+        else:
+            self.requests.append((record, now, wall))    # made into lines when asked for
+
+    def _append(self, obj: Dict[str, Any]) -> None:
+        try:
+            with self._lock:               # type: ignore
+                if self._fd < 0 or os.fstat(self._fd).st_ino != os.stat(self.path).st_ino:
+                    self.close()           # new, or rotated away
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.write(self._fd, dumps(obj) + b"\n")
+        except FileNotFoundError:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(self._fd, dumps(obj) + b"\n")
+        except OSError:
+            pass                           # the page's view is not worth failing a request
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+    def rotate(self) -> None:
+        """Keep the shared file under JOURNAL_MAX (called by a flush, exclusive lock)."""
+        with contextlib.suppress(OSError):
+            if os.path.getsize(self.path) > JOURNAL_MAX:
+                with _FolderLock(os.path.dirname(self.path)):
+                    os.replace(self.path, self.path + ".1")
+
+    def _shared(self, after: int) -> Tuple[List[Dict[str, Any]], int]:
+        """(the journal's items from byte `after` on, the new position); from the last
+        JOURNAL_TAIL bytes when `after` is 0 or the file was rotated."""
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                start = after if 0 < after <= size else max(0, size - JOURNAL_TAIL)
+                f.seek(start)
+                data = f.read(size - start)
+        except OSError:
+            return [], after
+        end = data.rfind(b"\n") + 1
+        items = []
+        for raw in data[:end].splitlines()[1 if start and start != after else 0:]:
+            with contextlib.suppress(ValueError):
+                items.append(json.loads(raw))
+        return items, start + end
+
     def since(self, after: int, level: str = "", text: str = "",
-              limit: int = LOG_RING_LINES) -> List[Dict[str, Any]]:
+              limit: int = LOG_RING_LINES) -> Tuple[List[Dict[str, Any]], int]:
+        """(log lines after cursor `after` at `level` or above holding `text`, the cursor
+        to ask from next)."""
         floor = logging.getLevelName(level.upper()) if level else 0
         floor = floor if isinstance(floor, int) else 0
         text = text.lower()
-        found = [line for line in self.lines if line["seq"] > after
-                 and logging.getLevelName(line["level"]) >= floor
+        if self.path:
+            items, cursor = self._shared(after)
+            lines = [item["log"] for item in items if "log" in item]
+        else:
+            lines, cursor = [line for line in self.lines if line["seq"] > after], self.seq
+        found = [line for line in lines if logging.getLevelName(line["level"]) >= floor
                  and (not text or text in line["message"].lower())]
-        return found[-limit:]
+        return found[-limit:], cursor
+
+    def recent_requests(self) -> List[Dict[str, Any]]:
+        """The last REQUEST_RING requests as request-log lines, newest first."""
+        if self.path:
+            items, _ = self._shared(0)
+            return [item["request"] for item in reversed(items) if "request" in item][:REQUEST_RING]
+        return [request_log_entry(record, now, wall) for record, now, wall in reversed(self.requests)]
+
+
+JOURNAL_MAX = 2 * 1024 * 1024            # the workers' shared journal rotates beyond this
+JOURNAL_TAIL = 512 * 1024                # how much of it the page reads at first
 
 
 def management_error(status: int, message: str, path: str = "") -> Reply:
@@ -7417,15 +7547,21 @@ async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> 
     reach this proxy."""
     config = call.config
     now, clock = time.time(), server.balancer.clock()
+    latest: Dict[str, Dict[str, Any]] = {}       # each provider's newest request
+    for entry in server.journal.recent_requests():
+        if entry.get("provider"):
+            latest.setdefault(entry["provider"], entry)
+    since_start = server.usage.snapshot()
     providers = []
     for cred in config.credentials:
         cool = server.balancer.cooldowns.get(cred.key)
-        last = server.provider_status.get(cred.key, {})
+        last = latest.get(cred.name, {})
         providers.append({
             "name": cred.name, "entry": cred.path, "kind": cred.dialect, "base_url": cred.base_url,
-            "models": len(cred.models), "requests": last.get("requests", 0),
+            "models": len(cred.models),
+            "requests": since_start["providers"].get(cred.name, {}).get("requests", 0),
             "last_status": last.get("status"), "last_error": last.get("error"),
-            "last_at": last.get("at"),
+            "last_at": last.get("time"),
             "cooling_until": round(now + cool.until - clock, 1) if cool and cool.until > clock else None,
             "cooling_reason": cool.reason if cool and cool.until > clock else None})
     store = server.config_store()
@@ -7441,7 +7577,7 @@ async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> 
         "config": {"path": config.path, "version": version, "loaded": config.loaded,
                    "writable": store is not None, "reload_error": server.reload_error},
         "today": server.usage.snapshot("today")["total"],
-        "since_start": server.usage.snapshot()["total"],
+        "since_start": since_start["total"],
         "providers": providers, "models": len(server.router.names()),
         "overrides": {SETTING_BY_ATTR[k].key: v for k, v in server.overrides.items()
                       if k in SETTING_BY_ATTR},
@@ -7631,8 +7767,7 @@ async def handle_routes(server: "Server", call: Call, params: Dict[str, str]) ->
 
 async def handle_requests(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
     """The request log of the last REQUEST_RING requests, newest first."""
-    return json_reply({"requests": [request_log_entry(record, now, wall)
-                                    for record, now, wall in reversed(server.recent_requests)]})
+    return json_reply({"requests": server.journal.recent_requests()})
 
 
 async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
@@ -7646,42 +7781,49 @@ async def handle_logs(server: "Server", call: Call, params: Dict[str, str]) -> R
         after = int(query.get("after") or 0)
     except ValueError:
         raise ClientError('"after" must be a line number') from None
-    return json_reply({"lines": server.log_ring.since(after, query.get("level", ""),
-                                                      query.get("q", ""), 500),
-                       "last": server.log_ring.seq})
+    lines, cursor = server.journal.since(after, query.get("level", ""), query.get("q", ""), 500)
+    return json_reply({"lines": lines, "last": cursor})
 
 
 async def handle_log_tail(server: "Server", call: Call, params: Dict[str, str]) -> None:
     """Server-sent events: every new log line (level and text filtered) as it is logged,
-    until the client leaves. Read with fetch(), which can send the key header."""
+    until the client leaves. Read with fetch(), which can send the key header. Another
+    worker's lines are seen by reading the shared journal every TAIL_POLL_SECONDS."""
     query = call.req.query_params()
     level, text = query.get("level", ""), query.get("q", "")
-    ring, writer = server.log_ring, call.conn.writer
+    journal, writer = server.journal, call.conn.writer
     chunked = call.req.version == "HTTP/1.1"
-    after = ring.seq
+    _, after = journal.since(1 << 62)
     gone = asyncio.Event()
     watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone.set))
     writer.write(stream_head(call, MANAGEMENT_HEADERS, "text/event-stream"))
     call.record.status = 200
+    quiet, wait = COMMIT_PING_SECONDS, TAIL_POLL_SECONDS if journal.path else COMMIT_PING_SECONDS
     try:
+        out = b": ping\n\n"
         while not gone.is_set() and not server.closing:
-            lines = ring.since(after, level, text)
-            after = ring.seq
-            out = b"".join(b"data: " + dumps(line) + b"\n\n" for line in lines) or b": ping\n\n"
-            writer.write(chunk(out) if chunked else out)
-            await call.conn.drain()
-            ring.changed.clear()
-            waits = [asyncio.ensure_future(ring.changed.wait()), asyncio.ensure_future(gone.wait())]
-            await asyncio.wait(waits, timeout=COMMIT_PING_SECONDS,
-                               return_when=asyncio.FIRST_COMPLETED)
+            if out:
+                writer.write(chunk(out) if chunked else out)
+                await call.conn.drain()
+            journal.changed.clear()
+            waits = [asyncio.ensure_future(journal.changed.wait()), asyncio.ensure_future(gone.wait())]
+            await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in waits:
                 task.cancel()
+            lines, after = journal.since(after, level, text)
+            out = b"".join(b"data: " + dumps(line) + b"\n\n" for line in lines)
+            quiet = COMMIT_PING_SECONDS if out else quiet - wait
+            if quiet <= 0:                 # a comment now and then keeps proxies from idling it out
+                out, quiet = b": ping\n\n", COMMIT_PING_SECONDS
     except ConnectionError:
         pass
     finally:
         await _stop(watcher)
         call.keep_alive = False
         finish_stream(call, b"", False)
+
+
+TAIL_POLL_SECONDS = 0.25                 # the live tail reads the workers' journal this often
 
 
 ENDPOINTS += [
@@ -8439,6 +8581,51 @@ PAGE_HEADERS = MANAGEMENT_HEADERS + (("Content-Security-Policy", (
 
 # -- 10.7 The server ------------------------------------------------------------------
 
+class CooldownFile:
+    """The cooldowns of every process on one config folder (--workers): one learned here
+    is written to state.json (replaced atomically, expired ones dropped), and the file is
+    read back when it changes, so a key one worker saw rate-limited rests in all."""
+
+    def __init__(self, path: str, balancer: "Balancer") -> None:
+        self.path, self.balancer, self.stamp = path, balancer, (0, 0)
+        balancer.shared = self.share
+
+    def _read(self) -> Dict[str, Any]:
+        try:
+            with open(self.path, "rb") as f:
+                state = json.loads(f.read())
+        except (OSError, ValueError):
+            return {}
+        known = state.get("cooldowns") if isinstance(state, dict) else None
+        now = time.time()
+        return {k: v for k, v in (known if isinstance(known, dict) else {}).items()
+                if isinstance(v, dict) and _is_number(v.get("until")) and v["until"] > now}
+
+    def share(self, key: str, cool: "Cooldown") -> None:
+        now = time.time()
+        try:
+            with _FolderLock(os.path.dirname(self.path)):
+                cooldowns = self._read()
+                cooldowns[key] = {"until": round(now + cool.until - self.balancer.clock(), 3),
+                                  "status": cool.status, "reason": cool.reason}
+                ConfigStore.write_file(self.path, dumps({"cooldowns": cooldowns}))
+        except ProxypalError as exc:
+            log.debug("cooldown not shared with other workers: %s", exc.message)
+
+    def learn(self) -> None:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return
+        if (info.st_mtime_ns, info.st_size) == self.stamp:
+            return
+        self.stamp, now = (info.st_mtime_ns, info.st_size), time.time()
+        for key, cool in self._read().items():
+            self.balancer.learn(key, cool["until"] - now, int(cool.get("status") or 0),
+                                str(cool.get("reason") or ""))
+
+
+
 def request_log_entry(record: Record, now: Optional[float] = None,
                       wall: Optional[float] = None) -> Dict[str, Any]:
     """The request log line, as a dict (pure given the two clocks)."""
@@ -8492,7 +8679,7 @@ class Server:
     """A running proxy. Create with `await start(config)`; stop with `await close()`."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 environ: Optional[Dict[str, str]] = None, worker: str = ""):
+                 environ: Optional[Dict[str, str]] = None, worker: str = "", run: str = ""):
         check_exposure(config, config.host)
         # Without a managementKey (a config built in code) the page still works, with a
         # key made for this run: main() makes and saves one for a config file.
@@ -8506,11 +8693,13 @@ class Server:
         self.secret_filter.secrets = config.secrets
         self.started_at = int(time.time())
         folder = os.path.dirname(os.path.abspath(config.path)) if config.path else ""
-        self.usage = UsageStore(folder)
-        self.log_ring = LogRing(worker)
-        self.recent_requests: "collections.deque[Tuple[Record, float, float]]" = \
-            collections.deque(maxlen=REQUEST_RING)
-        self.provider_status: Dict[str, Dict[str, Any]] = {}
+        self.usage = UsageStore(folder, run=run)
+        # Cooldowns reach the other processes on this config folder through a small file.
+        self.cooldown_file = CooldownFile(os.path.join(folder, STATE_FILE), self.balancer) \
+            if folder else None
+        # --workers: the page's log lines and requests go through one journal file
+        self.journal = Journal(worker, os.path.join(folder, "logs", "journal.jsonl")
+                               if worker and folder else "")
         self.reload_error = ""
         self._store = ConfigStore(config.path) if config.path else None
         self._stamp = (0, 0)
@@ -8546,8 +8735,8 @@ class Server:
         self.host, self.port = host, self._server.sockets[0].getsockname()[1]
         log.addFilter(self.secret_filter)
         loop = asyncio.get_running_loop()
-        self.log_ring.loop, self.log_ring.changed = loop, asyncio.Event()
-        log.addHandler(self.log_ring)
+        self.journal.loop, self.journal.changed = loop, asyncio.Event()
+        log.addHandler(self.journal)
         if self.config.path:
             self._stamp = self._config_stamp()
             self._watch = loop.create_task(self._watch_config())
@@ -8605,18 +8794,23 @@ class Server:
             return 0, 0
 
     async def _watch_config(self) -> None:
-        """Poll the config file's mtime and size (no watcher dependency)."""
+        """Poll the config file's mtime and size (no watcher dependency), and the
+        cooldowns other workers shared."""
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
             now = self._config_stamp()
             if now != self._stamp and now != (0, 0):
                 self._stamp = now
                 self.reload()
+            if self.cooldown_file is not None:
+                self.cooldown_file.learn()
 
     async def _flush_usage(self) -> None:
         while True:
             await asyncio.sleep(USAGE_FLUSH_SECONDS)
             self.usage.flush()
+            if self.journal.path:
+                self.journal.rotate()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""
@@ -8639,7 +8833,9 @@ class Server:
         self.client.close()
         self.usage.flush()
         log.removeFilter(self.secret_filter)
-        log.removeHandler(self.log_ring)
+        log.removeHandler(self.journal)
+        self.journal.close()
+        self.usage.close()
 
     # -- connections -------------------------------------------------------------
     async def _on_connection(self, reader: asyncio.StreamReader,
@@ -8681,7 +8877,8 @@ class Server:
         fmt = format_of_path(req.path)
         record = Record(f"{self._id_prefix}{self._requests:x}", fmt, req.method, req.path,
                         time.monotonic())
-        return Call(conn, req, fmt, self.setup, record, keep_alive=req.keep_alive)
+        return Call(conn, req, fmt, self.setup, record, keep_alive=req.keep_alive,
+                    on_answered=self._log)
 
     async def _serve_connection(self, conn: "Connection") -> None:
         first = True
@@ -8705,14 +8902,14 @@ class Server:
                     conn.write_reply(call, error_reply(call, exc))
             finally:
                 conn.busy = False
+            if call is not None:           # (answers are counted before their last write:
+                self._log(call)            # this catches the calls that ended otherwise)
             try:
                 await conn.drain()
             except ConnectionError:
                 if call is not None:
                     call.keep_alive = False
                 conn.eof = True
-            if call is not None:
-                self._log(call)
             if not call or not call.keep_alive or (conn.eof and not conn.buf):
                 return
             first = False
@@ -8745,17 +8942,18 @@ class Server:
 
     # -- records -----------------------------------------------------------------
     def _log(self, call: Call) -> None:
+        """Count a finished call once: usage (on disk before the answer's last bytes go
+        out, so an answer a client got is never lost), the journal, the request log."""
+        if call.logged:
+            return
+        call.logged = True
         record = call.record
         now = time.monotonic()
         latency = now - record.t0
         if record.routed:                  # (not names no provider serves: clients choose those)
             self.usage.record(record, latency)
         if not record.path.startswith("/v0/management/"):
-            self.recent_requests.append((record, now, time.time()))   # made into lines on demand
-        if record.credential:
-            status = self.provider_status.setdefault(record.credential, {"requests": 0})
-            status.update(requests=status["requests"] + 1, status=record.status or None,
-                          error=record.error or None, at=round(time.time(), 1))
+            self.journal.add_request(record, now, time.time())
         if call.config.request_logging and not record.path.startswith("/v0/management/"):
             # (the page's own polling would fill the log: it is left out)
             log.info("%s", json.dumps(request_log_entry(record, now), ensure_ascii=False))
@@ -8833,13 +9031,13 @@ def banner(server: Server, new_key: str = "") -> str:
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
           print_banner: bool = True, overrides: Optional[Dict[str, Any]] = None,
           sock: Optional[socket.socket] = None, note: str = "", reuse_port: bool = False,
-          new_key: str = "") -> int:
+          new_key: str = "", worker: str = "", run: str = "") -> int:
     """Run the proxy until SIGINT/SIGTERM (Ctrl-C), then stop gracefully: stop accepting,
     let in-flight requests finish for up to SHUTDOWN_GRACE seconds. SIGHUP reloads the
     config file at once (it is also polled). Returns 0."""
-    async def run() -> None:
+    async def running() -> None:
         cfg = _as_config(config)
-        server = Server(cfg)
+        server = Server(cfg, worker=worker, run=run)
         server.overrides = dict(overrides or {})
         await server.listen(cfg.host if host is None else host,
                             cfg.port if port is None else port, reuse_port=reuse_port, sock=sock)
@@ -8861,7 +9059,7 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
             log.info("stopping: letting in-flight requests finish (up to %gs)", SHUTDOWN_GRACE)
             await server.close()
     try:
-        asyncio.run(run())
+        asyncio.run(running())
     except KeyboardInterrupt:
         pass
     return 0
@@ -9063,7 +9261,8 @@ def _serve_overrides(args: argparse.Namespace, env: Dict[str, str]) -> Dict[str,
 def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
                   argv: Sequence[str], new_key: str = "") -> int:
     """N processes, each a full proxy, sharing one port through SO_REUSEPORT; the kernel
-    spreads connections. No state needs sharing: each has its own pool and counters."""
+    spreads connections. They share what a user sees through the config folder: usage,
+    cooldowns, the page's journal, config saves."""
     if not hasattr(socket, "SO_REUSEPORT"):
         log.warning("--workers needs SO_REUSEPORT, which this OS does not have; "
                     "running a single process")
@@ -9076,10 +9275,12 @@ def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
     sock.bind((config.host, config.port))
     port = sock.getsockname()[1]
     rest = [a for a in argv if a != "--worker"]
-    children = [subprocess_worker(rest, port) for _ in range(count - 1)]
+    run = secrets.token_hex(4)             # one run: "since start" counts every worker's
+    children = [subprocess_worker(rest, port, run) for _ in range(count - 1)]
     try:
         return serve(config, overrides=dict(overrides, port=port), sock=sock,
-                     note=f"workers: {count} processes share port {port}", new_key=new_key)
+                     note=f"workers: {count} processes share port {port}", new_key=new_key,
+                     worker=str(os.getpid()), run=run)
     finally:
         for child in children:
             child.terminate()
@@ -9090,7 +9291,7 @@ def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
                 child.kill()
 
 
-def subprocess_worker(argv: Sequence[str], port: int) -> Any:
+def subprocess_worker(argv: Sequence[str], port: int, run: str) -> Any:
     import subprocess
     args = list(argv)
     for flag in ("--workers", "--port"):   # the worker serves the parent's port, alone
@@ -9099,7 +9300,7 @@ def subprocess_worker(argv: Sequence[str], port: int) -> Any:
             del args[i:i + 2]
     args = [a for a in args if not a.startswith(("--workers=", "--port="))]
     return subprocess.Popen([sys.executable, os.path.abspath(__file__), *args,
-                             "--port", str(port), "--worker"])
+                             "--port", str(port), "--worker"], env=dict(os.environ, PROXYPAL_RUN=run))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -9130,7 +9331,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.workers > 1:
             return serve_workers(config, overrides, args.workers, argv, new_key)
         return serve(config, overrides=overrides, print_banner=not args.worker,
-                     reuse_port=args.worker, new_key=new_key)
+                     reuse_port=args.worker, new_key=new_key,
+                     worker=str(os.getpid()) if args.worker else "",
+                     run=env.get("PROXYPAL_RUN", "") if args.worker else "")
     except ConfigError as exc:
         print(f"proxypal: invalid config: {exc}", file=sys.stderr)
         return 2
