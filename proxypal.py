@@ -1146,10 +1146,10 @@ class SSESplitter:
     as WHATWG's event stream grammar delimits them: CRLF, LF or lone CR."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self.rest = b""                      # the start of an event still arriving
 
     def feed(self, data: bytes) -> List[bytes]:
-        buf = self._buf + data if self._buf else data
+        buf = self.rest + data if self.rest else data
         events, start = [], 0
         while True:
             match = _SSE_BOUNDARY.search(buf, start)
@@ -1159,16 +1159,12 @@ class SSESplitter:
             # an empty line that dispatches nothing), so it goes out at once.
             events.append(buf[start:match.end()])
             start = match.end()
-        self._buf = buf[start:]
+        self.rest = buf[start:]
         return events
-
-    @property
-    def pending(self) -> bytes:
-        return self._buf
 
     def close(self) -> List[bytes]:
         """At end of stream: a final event left without its blank line, if any."""
-        rest, self._buf = self._buf, b""
+        rest, self.rest = self.rest, b""
         return [rest] if rest.strip() else []
 
 
@@ -1485,19 +1481,44 @@ def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[flo
 
 
 def stream_usage(events: bytes) -> Tokens:
-    """Token counts from the SSE events in `events` that carry any (cheap when none do)."""
+    """Token counts from the SSE events in `events` that carry any: only the events
+    around each '"usage' are parsed (cheap when none do)."""
     found = NO_TOKENS
-    if b'"usage' not in events:
+    at = events.find(b'"usage')
+    if at < 0:
         return found
-    for block in re.split(rb"\r?\n\r?\n", events):
-        if b'"usage' in block:
-            parsed = parse_sse_event(block)
-            try:
-                found = merged_tokens(found, usage_counts(json.loads(parsed[1])) if parsed
-                                      else NO_TOKENS)
-            except ValueError:
-                continue
+    if b"\r" in events:                    # CR line ends: split every event
+        blocks = [b for b in re.split(rb"\r?\n\r?\n|\r\r", events) if b'"usage' in b]
+    else:
+        blocks = []
+        while at >= 0:
+            start, end = events.rfind(b"\n\n", 0, at) + 2, events.find(b"\n\n", at)
+            end = len(events) if end < 0 else end
+            blocks.append(events[max(start, 0) if start >= 2 else 0:end])
+            at = events.find(b'"usage', end)
+    for block in blocks:
+        parsed = parse_sse_event(block)
+        try:
+            found = merged_tokens(found, usage_counts(json.loads(parsed[1])) if parsed
+                                  else NO_TOKENS)
+        except ValueError:
+            continue
     return found
+
+
+def last_events(out: bytes, count: int = 3) -> List[bytes]:
+    """The last `count` events of LF-framed SSE bytes that end with a blank line,
+    comments left out: where each format's end markers are."""
+    events: List[bytes] = []
+    end = len(out)
+    while end > 0 and len(events) < count:
+        start = out.rfind(b"\n\n", 0, end - 2) + 2
+        start = start if start >= 2 else 0
+        event = out[start:end]
+        if event.strip(b"\n") and not (event[:1] == b":" and b"data" not in event):
+            events.insert(0, event)
+        end = start
+    return events
 
 
 def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
@@ -6625,15 +6646,19 @@ def session_key(req: Request, body: Dict[str, Any]) -> str:
 
 def _bounded_int(text: str) -> int:
     if len(text) > MAX_JSON_DIGITS:
-        raise ValueError(f"a number has {len(text)} digits (at most {MAX_JSON_DIGITS})")
+        raise ValueError("digits")
     return int(text)
+
+
+# Python 3.11+ refuses such numbers itself, at no cost; older ones get the check per int.
+_JSON_INT = None if hasattr(sys, "get_int_max_str_digits") else _bounded_int
 
 
 def parse_body(raw: bytes) -> Dict[str, Any]:
     if not raw.strip():
         raise ClientError("request body is empty; send a JSON object")
     try:
-        body = json.loads(raw, parse_int=_bounded_int)
+        body = json.loads(raw, parse_int=_JSON_INT)
     except UnicodeDecodeError:
         raise ClientError("request body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
@@ -6642,6 +6667,9 @@ def parse_body(raw: bytes) -> Dict[str, Any]:
     except RecursionError:
         raise ClientError("request body nests too deeply to be a real API request") from None
     except ValueError as exc:
+        if "digits" in str(exc):
+            raise ClientError(f"request body has a number of more than {MAX_JSON_DIGITS} "
+                              "digits") from None
         raise ClientError(f"request body is not usable JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ClientError(f"request body must be a JSON object, got {_json_type(body)}")
@@ -7006,7 +7034,27 @@ class RelayPipe:
         return self.feed(data)
 
     def feed(self, data: bytes) -> bytes:
-        events = self.splitter.feed(data)
+        """The complete events of what arrived, as one piece. The common case (LF line
+        ends, nothing to skip) is cut at the last blank line and only its last events and
+        the ones that mention usage are looked at: a burst of hundreds of events costs
+        a few scans, not a parse each."""
+        splitter = self.splitter
+        buf = splitter.rest + data if splitter.rest else data
+        if self.skip or b"\r" in buf:
+            splitter.rest = b""
+            return self._feed_events(buf)
+        cut = buf.rfind(b"\n\n") + 2
+        if cut < 2:
+            splitter.rest = buf
+            return b""
+        out, splitter.rest = (buf, b"") if cut == len(buf) else (buf[:cut], buf[cut:])
+        self.recent = (self.recent + last_events(out))[-3:]
+        if b'"usage' in out:
+            self.tokens = merged_tokens(self.tokens, stream_usage(out))
+        return out
+
+    def _feed_events(self, buf: bytes) -> bytes:
+        events = self.splitter.feed(buf)
         if self.skip and events:
             events = [e for e in events if not self._skipped(e)]
         real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
