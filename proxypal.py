@@ -1092,37 +1092,38 @@ class ChunkedDecoder:
             self.unused += data
             return []
         out: List[bytes] = []
-        buf = self._buf + data
-        while buf and not self.done:
+        buf = self._buf + data if self._buf else data
+        pos, end = 0, len(buf)             # one index through buf: no copy per chunk
+        while pos < end and not self.done:
             if self._state == "data":
-                piece, buf = buf[:self._left], buf[self._left:]
-                self._left -= len(piece)
-                out.append(piece)
+                take = min(self._left, end - pos)
+                out.append(buf[pos:pos + take])
+                pos += take
+                self._left -= take
                 if not self._left:
                     self._state = "crlf"
             elif self._state == "crlf":
-                if len(buf) < 2:
+                if end - pos < 2:
                     break
-                if buf[:2] != b"\r\n":
+                if buf[pos:pos + 2] != b"\r\n":
                     raise WireError("chunk data not followed by CRLF")
-                buf, self._state = buf[2:], "size"
+                pos, self._state = pos + 2, "size"
             else:
-                line_end = buf.find(b"\r\n")
+                line_end = buf.find(b"\r\n", pos)
                 limit = MAX_CHUNK_LINE if self._state == "size" else MAX_TRAILER_BLOCK
                 if line_end < 0:
-                    if len(buf) > limit or b"\n" in buf:
+                    if end - pos > limit or buf.find(b"\n", pos) >= 0:
                         raise WireError("invalid chunk size line")
                     break
-                line, buf = buf[:line_end], buf[line_end + 2:]
+                line, pos = buf[pos:line_end], line_end + 2
                 if self._state == "size":
                     self._size_line(line)
                 elif not line:
-                    self.done, self.unused = True, buf
-                    buf = b""
+                    self.done, self.unused, pos = True, buf[pos:], end
                 elif b"\r" in line or b"\n" in line or line[:1] in (b" ", b"\t") \
                         or b":" not in line:
                     raise WireError("malformed chunked trailer")
-        self._buf = buf
+        self._buf = buf[pos:] if pos < end else b""
         return out
 
     def _size_line(self, line: bytes) -> None:
@@ -7260,6 +7261,8 @@ class UsageStore:
         self.clock = clock
         self.started = clock()
         self.run = run or secrets.token_hex(4)
+        self.tag = secrets.token_hex(4)    # this process's lines, already counted here
+        self._own = f',"w":"{self.tag}"'.encode()
         self.totals: Dict[Key, Dict[str, Any]] = {}
         self.pending: List[bytes] = []     # lines not written yet (the folder failed)
         self.offset, self.identity = 0, b""
@@ -7268,21 +7271,30 @@ class UsageStore:
         self.refresh()
 
     def record(self, record: "Record", latency: float) -> None:
-        hour = int(self.clock() // 3600 * 3600)
-        bucket = _new_bucket()
-        bucket["n"] = 1
-        if record.status >= 400 or not record.status:
-            bucket["e"][str(record.status or "aborted")] = 1
-        for field, value in zip("iocr", record.tokens):
-            bucket[field] = value or 0
-        bucket["l"][_usage_bin(latency)] = 1
-        if record.ttfb is not None:
-            bucket["f"][_usage_bin(record.ttfb)] = 1
-        key = (hour, 3600, record.model, record.provider, self.run)
+        """Count one request here and, with a file, append its line (tagged as this
+        process's: reading it back skips it). Made by hand: this runs per request."""
+        key = (int(self.clock() // 3600 * 3600), 3600, record.model, record.provider, self.run)
+        bucket = self.totals.get(key) or self.totals.setdefault(key, _new_bucket())
+        bucket["n"] += 1
+        error = "" if 0 < record.status < 400 else str(record.status or "aborted")
+        if error:
+            bucket["e"][error] = bucket["e"].get(error, 0) + 1
+        tokens = [value or 0 for value in record.tokens]
+        for field, value in zip("iocr", tokens):
+            bucket[field] += value
+        late = _usage_bin(latency)
+        bucket["l"][late] = bucket["l"].get(late, 0) + 1
+        first = "" if record.ttfb is None else _usage_bin(record.ttfb)
+        if first:
+            bucket["f"][first] = bucket["f"].get(first, 0) + 1
         if not self.path:
-            _add_bucket(self.totals.setdefault(key, _new_bucket()), bucket)
             return
-        self.pending.append(_usage_line(key, bucket))
+        self.pending.append((
+            '{"n":1,"e":{%s},"i":%d,"o":%d,"c":%d,"r":%d,"l":{"%s":1},"f":{%s},"w":"%s",'
+            '"t":%d,"s":3600,"m":%s,"p":%s,"run":"%s"}\n' % (
+                f'"{error}":1' if error else "", *tokens, late, f'"{first}":1' if first else "",
+                self.tag, key[0], _JSON.encode(key[2]), _JSON.encode(key[3]), self.run)
+        ).encode("utf-8"))
         self._write()
 
     # -- the file --------------------------------------------------------------------
@@ -7348,10 +7360,11 @@ class UsageStore:
         try:
             with open(self.path, "rb") as f:
                 # A compaction replaces the file and starts it with a line of its own:
-                # a changed first line (or a shorter file) means read it all again.
-                identity = f.readline(200)
+                # a changed first line (or a shorter file) means read it all again, this
+                # process's own lines included.
+                identity, skip = f.readline(200), self._own
                 if identity != self.identity or info.st_size < self.offset:
-                    self.totals, self.offset, self.identity = {}, 0, identity
+                    self.totals, self.offset, self.identity, skip = {}, 0, identity, b""
                 if info.st_size == self.offset:
                     return
                 f.seek(self.offset)
@@ -7361,11 +7374,13 @@ class UsageStore:
             return
         end = data.rfind(b"\n") + 1        # a line still being written waits for the next read
         self.offset += end
-        self._merge(data[:end], self.totals)
+        self._merge(data[:end], self.totals, skip)
 
     @staticmethod
-    def _merge(data: bytes, into: Dict[Key, Dict[str, Any]]) -> None:
+    def _merge(data: bytes, into: Dict[Key, Dict[str, Any]], skip: bytes = b"") -> None:
         for line in data.splitlines():
+            if skip and skip in line:
+                continue
             try:
                 item = json.loads(line)
                 key = (int(item["t"]), int(item["s"]), str(item["m"]), str(item["p"]),
