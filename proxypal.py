@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """proxypal.py: a one-file, standard-library-only LLM API proxy.
 
-Local clients (Claude Code, Amp, Cursor, Codex, the OpenAI and Anthropic SDKs,
-curl) speak the OpenAI, Anthropic or Gemini API to this proxy; it forwards each
-request, by model name, to the upstreams configured in config.json: Anthropic-
-format keys (api.anthropic.com, Azure AI Foundry, Amazon Bedrock), Gemini keys and
-any OpenAI-compatible server (OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM),
-translating requests, answers and streams when the two formats differ.
+Local clients (Claude Code, Codex, Gemini CLI, Amp, Cursor, the OpenAI, Anthropic
+and Google SDKs, curl) speak the OpenAI (Chat Completions or Responses), Anthropic
+or Gemini API to this proxy; it forwards each request, by model name, to the
+upstreams configured in config.json: Anthropic-format keys (api.anthropic.com, Azure
+AI Foundry, Amazon Bedrock), Gemini keys and any OpenAI-compatible server
+(OpenRouter, Groq, DeepSeek, Ollama, vLLM, LiteLLM), translating requests, answers
+and streams when the two formats differ. GET / is its management page.
 
 Run it:
     python proxypal.py --port 8317 [--config PATH] [--debug]
@@ -30,7 +31,8 @@ Map of the file (each section uses only those above it):
                                 TRANSLATORS composes them; StreamPipe
      8 routing                  Router (model name -> targets), Balancer (cooldowns)
      9 upstreams                Bedrock's wire, the HTTP client, one adapter per dialect
-    10 server                   Connection, ENDPOINTS, ModelCall, relay, Server
+    10 server                   Connection, ENDPOINTS, ModelCall, relay; usage on disk,
+                                the journal, the management page and its API; Server
     11 public API               start(), serve()
     12 operations commands      check, models, init
     13 CLI                      main()
@@ -4891,6 +4893,15 @@ class StreamPipe:
         encode = self.encode
         return b"".join([encode(e, d) for e, d in out])
 
+
+# =============================================================================
+# 8. Routing
+# Strategy: a model name to the credentials that serve it. Router is built from
+# one Config and never changes (a reload builds a new one): mappings first (an
+# exact name wins over a wildcard), then aliases, prefixes and the keys that
+# serve any claude-*/gemini-* name, minus excludedModels. Balancer holds the only
+# mutable state, cooldowns and round-robin turns, and orders the targets.
+# =============================================================================
 
 @dataclasses.dataclass(frozen=True)
 class Target:
