@@ -7704,11 +7704,16 @@ def check_management_kept(raw: Dict[str, Any], config: Config) -> None:
                                            "stop working")
 
 
-def _entry_credential(body: Dict[str, Any]) -> Credential:
+async def entry_upstream(server: "Server", call: Call) -> "Upstream":
+    """The upstream of a provider entry the page sent ({"list", "entry"}), saved or not,
+    validated as the file's entries are (ConfigError names the field)."""
+    body = await management_body(call)
     kind, entry = body.get("list"), body.get("entry")
     if kind not in CREDENTIAL_LISTS:
         raise ConfigError("list", "must be " + ", ".join(CREDENTIAL_LISTS))
-    return _parse_credential(CREDENTIAL_LISTS[kind], entry, f"{kind}[new]")
+    cred = _parse_credential(CREDENTIAL_LISTS[kind], entry, f"{kind}[new]")
+    config = dataclasses.replace(call.config, credentials=(cred,))
+    return list(make_upstreams(config, server.environ).values())[0]
 
 
 def listed_models(body: bytes) -> Optional[set]:
@@ -7762,13 +7767,10 @@ async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
 
 async def handle_test_provider(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
     """The `check` probe for one provider entry, saved or not: per model, ok or why not."""
-    body = await management_body(call)
     try:
-        cred = _entry_credential(body)
+        upstream = await entry_upstream(server, call)
     except ConfigError as exc:
         return management_error(400, exc.message, exc.field)
-    config = dataclasses.replace(call.config, credentials=(cred,))
-    upstream = list(make_upstreams(config, server.environ).values())[0]
     rows: List[Dict[str, Any]] = []
     for names, req in upstream.probes():
         rows += await probe(server.client, upstream, names, req, MANAGEMENT_PROBE_TIMEOUT)
@@ -7780,13 +7782,11 @@ MANAGEMENT_PROBE_TIMEOUT = 20.0          # the page's Test and Fetch models: as 
 
 async def handle_fetch_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
     """The upstream's own models listing, for the provider form."""
-    body = await management_body(call)
     try:
-        cred = _entry_credential(body)
+        upstream = await entry_upstream(server, call)
     except ConfigError as exc:
         return management_error(400, exc.message, exc.field)
-    config = dataclasses.replace(call.config, credentials=(cred,))
-    upstream = list(make_upstreams(config, server.environ).values())[0]
+    cred = upstream.cred
     if not upstream.listing:
         return management_error(400, f"{cred.name} has no models listing to fetch from "
                                      "(Azure and Bedrock list deployments in their own "

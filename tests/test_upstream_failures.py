@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, openai_completion,
-                     request, send, mock_provider, proxypal)
+                     request, send, mock_provider)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 SHORT = 0.2            # the small timeout the timeout tests configure, seconds
