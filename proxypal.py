@@ -9416,5 +9416,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
+def start_lean(argv: Sequence[str]) -> None:
+    """Run as a script, CPython keeps the whole file's syntax tree (about 20 MB) until the
+    script returns, which for a server is its whole life; an imported module drops it
+    right after compiling, or never builds it when cached bytecode exists. So on POSIX,
+    `python proxypal.py [serve] ...` replaces itself (same pid, arguments and interpreter
+    flags) with an interpreter that imports this file by its path and runs main(). Not
+    on Windows, whose exec starts another process and lets the console go on (start
+    lean there with `python -m proxypal` from the file's folder), and not while a
+    debugger or profiler watches this process."""
+    if os.name != "posix" or not sys.executable or (argv and argv[0] in COMMANDS[1:]) \
+            or sys.gettrace() is not None or sys.getprofile() is not None:
+        return
+    import subprocess
+    flags = subprocess._args_from_interpreter_flags()   # -u, -B, -X ..., -W ...: kept
+    code = ("import importlib.util as u,sys;s=u.spec_from_file_location('proxypal',%r);"
+            "m=sys.modules['proxypal']=u.module_from_spec(s);s.loader.exec_module(m);"
+            "m.return_freed_memory();sys.exit(m.main())" % os.path.abspath(__file__))
+    try:
+        os.execv(sys.executable, [sys.executable, *flags, "-c", code, *argv])
+    except OSError:                        # cannot exec: serve from here, as before
+        pass
+
+
+def return_freed_memory() -> None:
+    """glibc's allocator keeps what the compiler freed (when there was no cached bytecode
+    to load) unless asked to give it back; other C libraries manage it their own way."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None).malloc_trim(0)
+        except (ImportError, OSError, AttributeError):  # no ctypes, or not glibc (musl)
+            pass
+
+
 if __name__ == "__main__":
+    start_lean(sys.argv[1:])
     sys.exit(main())

@@ -65,6 +65,38 @@ def test_start_banner_port_zero_and_clean_stop(tmp_path):
         proc.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/cmdline")
+def test_serving_starts_lean_from_its_own_file_with_the_same_pid_and_flags(tmp_path):
+    """`python proxypal.py` replaces itself with an interpreter that imports the file by
+    its path (the script's syntax tree would otherwise live as long as the server): the
+    same pid, arguments and interpreter flags, and the file it was started as, even
+    under another name beside a different proxypal.py."""
+    vendored = tmp_path / "llm_proxy.py"
+    vendored.write_text(open(SCRIPT, encoding="utf-8").read(), encoding="utf-8")
+    (tmp_path / "proxypal.py").write_text("raise SystemExit('the wrong file was imported')\n")
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    proc = subprocess.Popen([sys.executable, "-W", "ignore::UserWarning", str(vendored),
+                             "--config", str(config), "--port", "0"], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = read_banner(proc)[0].split("listening on ")[1].strip()
+        with urllib.request.urlopen(url + "/health", timeout=TIMEOUT) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")[:-1]
+        code = argv.index(b"-c")
+        assert b"-Wignore::UserWarning" in argv[1:code]
+        assert repr(str(vendored)).encode() in argv[code + 1]
+        assert argv[code + 2:] == [b"--config", str(config).encode(), b"--port", b"0"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        assert "wrong file" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_missing_config_starts_and_says_where(tmp_path):
     missing = tmp_path / "none" / "config.json"
     proc = spawn("--port", "0", env={"PROXYPAL_CONFIG": str(missing)})
