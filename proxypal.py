@@ -7109,20 +7109,23 @@ async def relay(call: Call, reply: StreamReply) -> None:
     conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
     call.on_gone = resp.abort              # the client leaving now ends the upstream read
     chunked = call.req.version == "HTTP/1.1"
+    pinger: Optional[KeepAlive] = None
     try:
         out = reply.first
         head = b"" if call.started else stream_head(call, reply.headers, reply.content_type)
         record.status = resp.status
-        keepalive = call.config.stream_keepalive_seconds
+        if call.config.stream_keepalive_seconds:
+            pinger = KeepAlive(conn.writer, call.config.stream_keepalive_seconds, chunked)
         while True:
             if out or head:
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()
-            data = await (read_or_ping(call, resp, keepalive, chunked) if keepalive
-                          else resp.read1())
+            data = await resp.read1()
             if not data:
                 break
+            if pinger:
+                pinger.last = pinger.loop.time()
             out = pipe.feed(data)
         last = pipe.close()
         record.count(pipe.usage)
@@ -7148,6 +7151,8 @@ async def relay(call: Call, reply: StreamReply) -> None:
         finish_stream(call, pipe.fail(500, f"internal error in proxypal ({type(exc).__name__}) "
                                            "while relaying the stream; see the proxy's log"), True)
     finally:
+        if pinger:
+            pinger.timer.cancel()
         record.count(pipe.usage)
 
 
@@ -7182,22 +7187,26 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
     writer.write((chunk(last) if chunked and last else last) + ending)
 
 
-async def read_or_ping(call: Call, resp: "UpstreamResponse", seconds: float,
-                       chunked: bool) -> bytes:
-    """The next upstream bytes; while the upstream is silent, an SSE comment every
-    `seconds` keeps idle-cutting proxies between here and the client open."""
-    reading = asyncio.ensure_future(resp.read1())
-    try:
-        while True:
-            done, _ = await asyncio.wait([reading], timeout=seconds)
-            if done:
-                return reading.result()
-            ping = b": keep-alive\n\n"
-            call.conn.writer.write(chunk(ping) if chunked else ping)
-            await call.conn.drain()
-    finally:
-        if not reading.done():
-            reading.cancel()
+class KeepAlive:
+    """While a stream's upstream is silent, an SSE comment every `seconds` keeps
+    idle-cutting proxies between here and the client open. One timer per stream that
+    re-arms itself; a read only notes its time (no task or wait per read)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, seconds: float, chunked: bool) -> None:
+        self.writer, self.seconds = writer, seconds
+        self.ping = chunk(b": keep-alive\n\n") if chunked else b": keep-alive\n\n"
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()       # the upstream's last bytes, or the last ping
+        self.timer = self.loop.call_at(self.last + seconds, self._due)
+
+    def _due(self) -> None:
+        now = self.loop.time()
+        if now >= self.last + self.seconds - 0.001:    # timers may fire a little early
+            if self.writer.transport.is_closing():
+                return
+            self.writer.write(self.ping)
+            self.last = now
+        self.timer = self.loop.call_at(self.last + self.seconds, self._due)
 
 
 # -- 10.6 Usage that survives restarts, the log ring, the management API -------------

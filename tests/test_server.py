@@ -307,6 +307,24 @@ def test_keepalive_comment_during_silence(upstream, proxy):
     conn.close()
 
 
+def test_keepalive_pings_stop_with_their_stream(upstream, proxy):
+    """The keep-alive timer belongs to one stream: once it ended, nothing more is written
+    on the connection (a stray ping would be read as the start of the next answer)."""
+    up = upstream(sse_answer(OPENAI_STREAM))
+    p = proxy({"streamKeepaliveSeconds": 0.02, "ampOpenaiProviders": [openai_provider(up.url)]})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=TIMEOUT)
+    for _ in range(2):
+        conn.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True)),
+                     {"Authorization": "Bearer proxypal-local"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"".join(OPENAI_STREAM)
+        conn.sock.settimeout(0.2)          # several ping intervals of silence
+        with pytest.raises(socket.timeout):
+            assert conn.sock.recv(1) == b"", "the connection was closed"
+        conn.sock.settimeout(TIMEOUT)
+    conn.close()
+
+
 # -- routing through the server ------------------------------------------------------
 
 def test_failover_on_429_then_cooldown(upstream, proxy):
