@@ -9433,9 +9433,10 @@ def start_lean(argv: Sequence[str]) -> None:
     flags) with an interpreter that imports this file by its path and runs main(). Not
     on Windows, whose exec starts another process and lets the console go on (start
     lean there with `python -m proxypal` from the file's folder), and not while a
-    debugger or profiler watches this process."""
+    debugger or profiler watches this process. `python -m proxypal` is lean already."""
     if os.name != "posix" or not sys.executable or (argv and argv[0] in COMMANDS[1:]) \
-            or sys.gettrace() is not None or sys.getprofile() is not None:
+            or __spec__ is not None or sys.gettrace() is not None \
+            or sys.getprofile() is not None:
         return
     import subprocess
     flags = subprocess._args_from_interpreter_flags()   # -u, -B, -X ..., -W ...: kept
@@ -9461,4 +9462,5 @@ def return_freed_memory() -> None:
 
 if __name__ == "__main__":
     start_lean(sys.argv[1:])
+    return_freed_memory()
     sys.exit(main())
