@@ -975,6 +975,9 @@ _HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB allowed, CR/LF/NUL not
 _BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+# field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5), checked over the
+# latin-1 text of all field lines at once: the fast path of every request.
+_FIELDS = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*(?:\r\n(?!\Z)|\Z))*")
 
 
 def scan_head(buf: bytes) -> int:
@@ -1019,22 +1022,14 @@ def parse_request_head(head: bytes) -> Request:
         raise WireError("only HTTP/1.0 and HTTP/1.1 are supported", 505)
     if len(lines) - 1 > MAX_HEADERS:
         raise WireError(f"more than {MAX_HEADERS} header fields", 431)
+    block = b"\r\n".join(lines[1:]).decode("latin-1")
+    if len(block) <= MAX_HEADER_FIELD and _FIELDS.fullmatch(block):
+        raw = [(name.lower(), value.strip(" \t")) for name, _, value in
+               (line.partition(":") for line in block.split("\r\n") if line)]
+    else:
+        raw = header_fields(lines[1:])
     headers: Dict[str, str] = {}
-    raw: List[Tuple[str, str]] = []
-    for line in lines[1:]:
-        if len(line) > MAX_HEADER_FIELD:
-            raise WireError(f"a header field is longer than {MAX_HEADER_FIELD} bytes", 431)
-        if line[:1] in (b" ", b"\t"):
-            raise WireError("obsolete line folding in headers is not allowed (RFC 9112 5.2)")
-        name, colon, value = line.partition(b":")
-        if not colon or not _HEADER_NAME.match(name):
-            raise WireError(f"malformed header field {printable(line.decode('latin-1'), 60)!r}"
-                            " (no whitespace is allowed before the colon)")
-        value = value.strip(b" \t")
-        if _BAD_VALUE_BYTES.search(value):
-            raise WireError(f"control character in header {name.decode('latin-1')!r}")
-        key, text = name.decode("ascii").lower(), value.decode("latin-1")
-        raw.append((key, text))
+    for key, text in raw:
         headers[key] = headers[key] + ", " + text if key in headers else text
     method = parts[0].decode("ascii")
     target = parts[1].decode("latin-1")
@@ -1048,6 +1043,27 @@ def parse_request_head(head: bytes) -> Request:
     path, _, query = target.partition("?")
     return Request(method, target, path, query, f"HTTP/1.{version.group(2).decode()}",
                    headers, raw, keep_alive)
+
+
+def header_fields(lines: Sequence[bytes]) -> List[Tuple[str, str]]:
+    """(lower-case name, value) of each field line, checked one by one: the error names
+    what is wrong. parse_request_head checks a whole block of good lines at once
+    (_FIELDS) and comes here for any other."""
+    raw: List[Tuple[str, str]] = []
+    for line in lines:
+        if len(line) > MAX_HEADER_FIELD:
+            raise WireError(f"a header field is longer than {MAX_HEADER_FIELD} bytes", 431)
+        if line[:1] in (b" ", b"\t"):
+            raise WireError("obsolete line folding in headers is not allowed (RFC 9112 5.2)")
+        name, colon, value = line.partition(b":")
+        if not colon or not _HEADER_NAME.match(name):
+            raise WireError(f"malformed header field {printable(line.decode('latin-1'), 60)!r}"
+                            " (no whitespace is allowed before the colon)")
+        value = value.strip(b" \t")
+        if _BAD_VALUE_BYTES.search(value):
+            raise WireError(f"control character in header {name.decode('latin-1')!r}")
+        raw.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    return raw
 
 
 def body_framing(req: Request) -> Tuple[str, int]:

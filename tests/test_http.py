@@ -26,6 +26,35 @@ def test_parse_request_head_fields():
     assert req.keep_alive
 
 
+FIELD_LINES = [
+    "Host: localhost", "X:", "X: ", "X:\t", "X:v", "X:  spaced value \t ", "X: tab\tinside",
+    "X: caf\xe9", "X: \xff\x80", "!#$%&'*+-.^_`|~09azAZ: v", "X: a:b: c", "X-Empty-Then:",
+    " X: folded", "\tX: folded", "X : v", "X\t: v", ": v", "X v", "", "X: a\x00b", "X: a\x7fb",
+    "X: a\x1bb", "X: a\x0bb", "X(y): v", "X: " + "v" * 20000,
+]
+
+
+@pytest.mark.parametrize("lines", [
+    [a, b] for a in FIELD_LINES for b in ("Accept: */*", "X: last ", "Y: \x01")
+], ids=lambda lines: repr(lines)[:40])
+def test_field_block_and_lines_agree(lines):
+    """Good field lines are checked as one block; the line-by-line check is the reference
+    for what is accepted, the values kept and the error said."""
+    data = head("GET / HTTP/1.0", *lines)      # HTTP/1.0: no Host needed
+    encoded = [line.encode("latin-1") for line in lines]
+    block = "\r\n".join(lines)
+    try:
+        expected = proxypal.header_fields(encoded)
+    except WireError as exc:
+        assert not (len(block) <= proxypal.MAX_HEADER_FIELD and proxypal._FIELDS.fullmatch(block))
+        with pytest.raises(WireError) as info:
+            proxypal.parse_request_head(data)
+        assert (info.value.message, info.value.status) == (exc.message, exc.status)
+    else:
+        assert bool(proxypal._FIELDS.fullmatch(block)) == (len(block) <= proxypal.MAX_HEADER_FIELD)
+        assert proxypal.parse_request_head(data).raw_headers == expected
+
+
 @pytest.mark.parametrize("version,connection,keep", [
     ("HTTP/1.1", None, True), ("HTTP/1.1", "close", False),
     ("HTTP/1.0", None, False), ("HTTP/1.0", "keep-alive", True),
