@@ -6740,9 +6740,8 @@ class ModelCall:
             raise unknown_model(self.setup, model)
         record.routed, self.requested = route.routed, route.requested
         fmt = self.call.fmt
-        usable = [t for t in route.targets
-                  if self._upstream(t).serves(self.op, self._upstream(t).api_for(fmt, self.op))
-                  or self.op == "count"]
+        usable = [t for t in route.targets if self.op == "count" or self._upstream(t).serves(
+            self.op, self._upstream(t).api_for(fmt, self.op))]
         if not usable:
             first = route.targets[0].cred
             raise ClientError(f"model {model!r} is served by {first.label}, which speaks the "
@@ -6752,9 +6751,10 @@ class ModelCall:
         if self.op == "count" and (first.api_for(fmt, "count") != fmt or not first.serves("count", fmt)):
             record.provider = usable[0].cred.name    # counted here: an estimate
             return Reply(200, dumps(local_count(self.call.fmt, body)))
-        ready, cooling = self.server.balancer.plan(
-            dataclasses.replace(route, targets=tuple(usable)), self.setup.config.routing_strategy,
-            session_key(self.call.req, body))
+        if len(usable) < len(route.targets):
+            route = dataclasses.replace(route, targets=tuple(usable))
+        ready, cooling = self.server.balancer.plan(route, self.setup.config.routing_strategy,
+                                                   session_key(self.call.req, body))
         if len(cooling) == len(usable):
             log.warning("%s; trying %s anyway", describe_cooling(cooling, self.server.balancer.clock()),
                         ready[0].cred.label)
@@ -6763,8 +6763,9 @@ class ModelCall:
         self.attempts = [Attempt(t, self._upstream(t),
                                  TRANSLATORS[(fmt, self._upstream(t).api_for(fmt, self.op))])
                          for t in ready[:1 + retries]]
-        log.debug("route %s -> %s via %s", printable(model), route.routed,
-                  ", ".join(f"{a.target.cred.label} as {a.target.model!r}" for a in self.attempts))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("route %s -> %s via %s", printable(model), route.routed, ", ".join(
+                f"{a.target.cred.label} as {a.target.model!r}" for a in self.attempts))
         return None
 
     def _upstream(self, target: "Target") -> "Upstream":
@@ -6798,7 +6799,8 @@ class ModelCall:
             more, cred = i + 1 < len(self.attempts), attempt.target.cred
             ureq = self.upstream_request(attempt)
             record.provider, record.upstream_model = cred.name, attempt.target.model
-            log.debug("upstream %s %s (%s)", ureq.method, ureq.url, cred.label)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("upstream %s %s (%s)", ureq.method, ureq.url, cred.label)
             try:
                 resp = await self.server.client.open(ureq)
             except UpstreamError as exc:
