@@ -128,6 +128,9 @@ MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, the
 POOL_IDLE_PER_HOST = 32                  # idle keep-alive connections kept per upstream
 
 CLIENT_GONE = "client disconnected"      # a request's error when its client left first
+WATCH_CLIENT_AFTER = 0.25                # a non-stream call lasting this long has its client
+                                         # watched: a client that leaves is still noticed well
+                                         # within a second, and a quick call needs no task
 
 COOLDOWN_AUTH = 300.0                    # a key answering 401/403 rests 5 minutes
 COOLDOWN_RETRY_AFTER_CAP = 300.0         # Retry-After is honoured up to 5 minutes
@@ -6964,12 +6967,14 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
     half-closes) before the answer stops the upstream request at once, rather than
     leaving it to run up the user's tokens for an answer nobody reads."""
     task = asyncio.current_task()
+    watcher: List["asyncio.Task[Any]"] = []
 
     def gone() -> None:
         call.client_gone = True
         if task is not None:
             task.cancel()
-    watcher = asyncio.ensure_future(call.conn.watch_disconnect(gone))
+    timer = asyncio.get_running_loop().call_later(WATCH_CLIENT_AFTER, lambda: watcher.append(
+        asyncio.ensure_future(call.conn.watch_disconnect(gone))))
     try:
         return await model_call.run()
     except asyncio.CancelledError:
@@ -6978,7 +6983,9 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
         call.record.error, call.keep_alive = CLIENT_GONE, False
         return None
     finally:
-        await _stop(watcher)
+        timer.cancel()
+        for each in watcher:
+            await _stop(each)
 
 async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
     """Run a streaming model call while watching the client, so that one that leaves
