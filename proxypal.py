@@ -6967,14 +6967,12 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
     half-closes) before the answer stops the upstream request at once, rather than
     leaving it to run up the user's tokens for an answer nobody reads."""
     task = asyncio.current_task()
-    watcher: List["asyncio.Task[Any]"] = []
 
     def gone() -> None:
         call.client_gone = True
         if task is not None:
             task.cancel()
-    timer = asyncio.get_running_loop().call_later(WATCH_CLIENT_AFTER, lambda: watcher.append(
-        asyncio.ensure_future(call.conn.watch_disconnect(gone))))
+    watch = ClientWatch(call, gone)
     try:
         return await model_call.run()
     except asyncio.CancelledError:
@@ -6983,9 +6981,8 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
         call.record.error, call.keep_alive = CLIENT_GONE, False
         return None
     finally:
-        timer.cancel()
-        for each in watcher:
-            await _stop(each)
+        await watch.stop()
+
 
 async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
     """Run a streaming model call while watching the client, so that one that leaves
@@ -6994,16 +6991,22 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
     client gets 200 and its stream's opening event, then keep-alives, rather than a
     bare wait (Claude Code resends a request after ~300 s of silence). Before that
     bound, an upstream error keeps its real status."""
-    loop = asyncio.get_running_loop()
-    run = loop.create_task(model_call.run())
+    task = asyncio.current_task()
 
     def gone() -> None:
         call.client_gone = True
         call.on_gone()
-    call.on_gone = run.cancel
-    watcher = loop.create_task(call.conn.watch_disconnect(gone))
+    if task is not None:
+        call.on_gone = task.cancel         # until the relay takes over
+    watch = ClientWatch(call, gone)
+    committing = Committing(call, model_call) if call.config.first_byte_commit else None
     try:
-        reply = await _await_committing(call, model_call, run)
+        try:
+            reply = await model_call.run()
+        finally:
+            call.on_gone = Call.on_gone    # the run is over: nothing of it to cancel
+            if committing:
+                committing.timer.cancel()
         if isinstance(reply, StreamReply):
             await relay(call, reply)
         elif call.started:             # committed: the answer goes in the stream
@@ -7015,24 +7018,50 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
             raise                      # shutdown
         call.record.error, call.keep_alive = CLIENT_GONE, False
     finally:
-        run.cancel()
-        await _stop(watcher)
+        await watch.stop()
     return None
 
-async def _await_committing(call: Call, model_call: "ModelCall",
-                            run: "asyncio.Task[Any]") -> Any:
-    wait = call.config.first_byte_commit or None
-    done, _ = await asyncio.wait([run], timeout=wait)
-    while not done:
+
+class ClientWatch:
+    """Notices a client leaving while its call runs: once the call has lasted
+    WATCH_CLIENT_AFTER, a task reads the connection (watch_disconnect) and calls `gone`
+    when it ends. Quick calls cost a timer, not a task."""
+
+    def __init__(self, call: Call, gone: Callable[[], None]) -> None:
+        self.task: Optional["asyncio.Task[Any]"] = None
+        self.timer = asyncio.get_running_loop().call_later(WATCH_CLIENT_AFTER, self._start,
+                                                           call, gone)
+
+    def _start(self, call: Call, gone: Callable[[], None]) -> None:
+        self.task = asyncio.ensure_future(call.conn.watch_disconnect(gone))
+
+    async def stop(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            await _stop(self.task)
+
+
+class Committing:
+    """The timer of a streaming call whose upstream is silent: at firstByteCommitSeconds
+    the stream's head and opening event go out, then a keep-alive every
+    COMMIT_PING_SECONDS until the upstream answers. One timer, re-armed as it fires."""
+
+    def __init__(self, call: Call, model_call: "ModelCall") -> None:
+        self.call, self.model_call = call, model_call
+        self.timer = asyncio.get_running_loop().call_later(call.config.first_byte_commit,
+                                                           self._due)
+
+    def _due(self) -> None:
+        call = self.call
+        if call.conn.writer.transport.is_closing():
+            return
         head, out = b"", FORMATS[call.fmt].ping
         if not call.started:
-            head, out = stream_head(call, [], "text/event-stream"), model_call.commit() or out
+            head, out = stream_head(call, [], "text/event-stream"), self.model_call.commit() or out
             log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
-                     call.record.id, wait)
+                     call.record.id, call.config.first_byte_commit)
         call.conn.writer.write(head + (chunk(out) if call.req.version == "HTTP/1.1" else out))
-        await call.conn.drain()
-        done, _ = await asyncio.wait([run], timeout=COMMIT_PING_SECONDS)
-    return run.result()
+        self.timer = asyncio.get_running_loop().call_later(COMMIT_PING_SECONDS, self._due)
 
 
 # -- 10.5 The relay -------------------------------------------------------------------
