@@ -111,13 +111,19 @@ def test_usage_is_the_sum_over_workers_and_survives_a_kill_and_a_restart(folder)
         for t in threads:
             t.join(TIMEOUT)
         totals = {management(workers.url, "usage?range=all")[1]["total"]["requests"] for _ in range(12)}
-        assert totals == {len(done)}, f"{totals} counted, {len(done)} answered"
+        assert len(totals) == 1, totals          # every worker reads the same file
+        counted = totals.pop()
+        # A request is counted just before its answer's last write: the killed worker may
+        # have counted one whose answer never left (one per load thread at most). None of
+        # the answered ones is lost.
+        assert len(done) <= counted <= len(done) + len(threads), \
+            f"{counted} counted, {len(done)} answered"
         states = {management(workers.url, "state")[1]["since_start"]["requests"] for _ in range(12)}
-        assert states == {len(done)}             # the dashboard agrees, whichever worker answers
+        assert states == {counted}               # the dashboard agrees, whichever worker answers
     finally:
         stop.set()
         workers.stop()
-    answered = len(done)
+    answered = counted
     workers = Workers(path)                      # a restart on the same folder
     try:
         for _ in range(20):
