@@ -1172,6 +1172,9 @@ class SSESplitter:
 
     def feed(self, data: bytes) -> List[bytes]:
         buf = self.rest + data if self.rest else data
+        if b"\r" not in buf:              # LF only, as nearly every upstream: one split
+            *whole, self.rest = buf.split(b"\n\n")
+            return [event + b"\n\n" for event in whole]
         events, start = [], 0
         while True:
             match = _SSE_BOUNDARY.search(buf, start)
@@ -2378,13 +2381,22 @@ class _Fragments:
         return bool(self.name and (self.id or self.buffered))
 
 
+_EVENT_DECODER = json.JSONDecoder()
+
+
 def event_object(data: str) -> Optional[Dict[str, Any]]:
     """An upstream stream event's JSON object; None for anything else (keep-alives and
-    comments some servers send), which the readers skip."""
+    comments some servers send), which the readers skip. raw_decode first: an event is
+    nearly always exactly one object, and this is the hot path of translated streams."""
     try:
-        obj = json.loads(data)
+        obj, end = _EVENT_DECODER.raw_decode(data)
     except ValueError:
-        return None
+        obj, end = None, -1
+    if end != len(data):                   # whitespace around it, or not JSON
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
     return obj if isinstance(obj, dict) else None
 
 

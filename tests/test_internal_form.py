@@ -279,3 +279,12 @@ def test_carry_and_uncarry_are_inverses():
         for client in ("anthropic", "gemini", "openai"):
             carried = proxypal.carry(value, origin, client, redacted)
             assert proxypal.uncarry(carried, client) == (origin, value, redacted)
+
+
+@pytest.mark.parametrize("data,expected", [
+    ('{"a":1}', {"a": 1}), (' {"a": [1, {"b": null}]}\n', {"a": [1, {"b": None}]}),
+    ('{"a":1}x', None), ('{"a":1} {"b":2}', None), ("[1]", None), ('"text"', None), ("", None),
+    ("ping", None), ("{", None), ('{"a":"\\u00e9"}', {"a": "é"}),
+])
+def test_event_object_is_one_json_object_or_none(data, expected):
+    assert proxypal.event_object(data) == expected
