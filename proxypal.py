@@ -1095,6 +1095,9 @@ _CHUNK_LINE = re.compile(
     rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~])*"))?)*)[ \t]*$')
 
 
+_HEX_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})")
+
+
 class ChunkedDecoder:
     """Incremental chunked-body decoder: feed(bytes) -> data pieces; .done at the end;
     .unused holds bytes after the body (a pipelined request)."""
@@ -1139,6 +1142,10 @@ class ChunkedDecoder:
                 line, pos = buf[pos:line_end], line_end + 2
                 if self._state == "size":
                     self._size_line(line)
+                    left = self._left      # the whole chunk already here: take it at once
+                    if left and end - pos >= left + 2 and buf[pos + left:pos + left + 2] == b"\r\n":
+                        out.append(buf[pos:pos + left])
+                        pos, self._left, self._state = pos + left + 2, 0, "size"
                 elif not line:
                     self.done, self.unused, pos = True, buf[pos:], end
                 elif b"\r" in line or b"\n" in line or line[:1] in (b" ", b"\t") \
@@ -1148,7 +1155,7 @@ class ChunkedDecoder:
         return out
 
     def _size_line(self, line: bytes) -> None:
-        match = _CHUNK_LINE.match(line)
+        match = _HEX_SIZE.fullmatch(line) or _CHUNK_LINE.match(line)   # bare size: most
         if not match:
             raise WireError(f"invalid chunk size line {printable(line.decode('latin-1'), 40)!r}")
         size = int(match.group(1), 16)
