@@ -5904,8 +5904,13 @@ class Upstream:
 
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
                 client: Dict[str, str], query: str = "", translated: bool = True,
-                api: str = "") -> UpstreamRequest:
-        payload = dumps(self.body(op, model, body, stream, translated))
+                api: str = "", as_sent: Optional[Tuple[Dict[str, Any], bytes]] = None
+                ) -> UpstreamRequest:
+        """`as_sent`: a relayed client's (body, bytes). When the upstream's body is that
+        body unchanged (same model, nothing left out), the client's bytes go as they are:
+        no re-encoding of what is often a 100+ KB agent request."""
+        out = self.body(op, model, body, stream, translated)
+        payload = as_sent[1] if as_sent is not None and out == as_sent[0] else dumps(out)
         headers = dict(self.headers)
         for name in FORWARDED_HEADERS[self.api]:
             if name in client and name not in self.configured:
@@ -6034,7 +6039,8 @@ class BedrockUpstream(AnthropicUpstream):
 
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,
                 client: Dict[str, str], query: str = "", translated: bool = True,
-                api: str = "") -> UpstreamRequest:
+                api: str = "", as_sent: Optional[Tuple[Dict[str, Any], bytes]] = None
+                ) -> UpstreamRequest:
         beta = client.get("anthropic-beta", "")
         body = self.sampling(body)
         payload = dumps(bedrock_count_body(body, beta) if op == "count" else bedrock_body(body, beta))
@@ -6738,6 +6744,8 @@ class ModelCall:
         self.op, self.path_model = op, path_model
         self.stream = op == "stream"
         self.body: Dict[str, Any] = {}
+        self.raw = b""                         # the body as the client sent it, while it says
+                                               # what a relay sends
         self.chat: Optional[Chat] = None       # the client's request, read once if translated
         self.requested = ""
         self.attempts: List[Attempt] = []
@@ -6747,6 +6755,7 @@ class ModelCall:
     def plan(self, raw: bytes) -> Optional[Reply]:
         """The attempts to make; a Reply when the proxy answers alone (a local count)."""
         body = self.body = parse_body(raw)
+        self.raw = raw
         model = self.path_model or body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ClientError('"model" is required and must be a non-empty string'
@@ -6799,7 +6808,8 @@ class ModelCall:
         target, translator = attempt.target, attempt.translator
         if translator.passthrough:
             out = dict(self.body)
-            foreign_reasoning_dropped(self.call.fmt, out)
+            if foreign_reasoning_dropped(self.call.fmt, out):
+                self.raw = b""                 # changed inside: the client's bytes are stale
         else:
             if self.chat is None:
                 self.chat = translator.read(self.body)
@@ -6811,9 +6821,10 @@ class ModelCall:
                 raise ClientError(f"model {self.requested!r} goes to {target.cred.label} "
                                   f"as {target.model!r}: {exc.message}") from None
         clamp_output_tokens(out, target.max_output_tokens)
+        as_sent = (self.body, self.raw) if translator.passthrough and self.raw else None
         return attempt.upstream.request(self.op, target.model, out, self.stream,
                                         self.call.req.headers, self.call.req.query,
-                                        not translator.passthrough, translator.upstream)
+                                        not translator.passthrough, translator.upstream, as_sent)
 
     async def run(self) -> Any:
         record, last_error = self.call.record, None

@@ -174,6 +174,52 @@ def test_upstream_connection_reused(upstream, proxy):
     assert len(up.all) == 5 and up.connections == 1
 
 
+@pytest.mark.parametrize("model,as_sent", [("m", True), ("big", False)], ids=["same-model", "alias"])
+def test_a_relayed_body_goes_as_the_client_sent_it_unless_something_changes(upstream, proxy,
+                                                                           model, as_sent):
+    """Same format and the same model name: the client's bytes go as they are (no
+    re-encoding of a large agent request); an alias rewrites the model and re-encodes."""
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, models=[
+        "m", {"name": "m", "alias": "big"}])]})
+    raw = ('{ "messages" : [ {"role": "user", "content": "caf\\u00e9 \u00e9"} ],\n'
+           ' "temperature": 0.50, "model": "%s" }' % model).encode("utf-8")
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/chat/completions", raw, {"Authorization": "Bearer proxypal-local",
+                                                       "Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    sent = up.last()
+    assert (sent.body == raw) is as_sent
+    assert sent.json() == {"messages": [{"role": "user", "content": "café é"}],
+                           "temperature": 0.5, "model": "m"}
+
+
+def test_foreign_thinking_never_reaches_an_anthropic_relay_on_any_attempt(upstream, proxy):
+    """What a relay must leave out (thinking another provider made) stays out of the
+    retry too, although the client's bytes held it."""
+    bodies = []
+
+    def respond(handler, rec):
+        bodies.append(rec.json())
+        if len(bodies) == 1:
+            send(handler, 429, b'{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}')
+        else:
+            send(handler, 200, json.dumps(anthropic_message("claude-x")).encode())
+    up = upstream(respond)
+    p = proxy({"requestRetry": 1, "claudeApiKeys": [
+        {"apiKey": "k1", "baseUrl": up.url}, {"apiKey": "k2", "baseUrl": up.url}]})
+    history = message("claude-x", messages=[
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "elsewhere", "signature": ""},
+                                          {"type": "text", "text": "Hello"}]},
+        {"role": "user", "content": "Again"}])
+    status, _, _ = request(p, "POST", "/v1/messages", history, ANTHROPIC_HEADERS, key=None)
+    assert status == 200 and len(bodies) == 2
+    for body in bodies:
+        assert body["messages"][1]["content"] == [{"type": "text", "text": "Hello"}]
+
+
 # -- streams -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("framing", ["chunked", "length", "close"])
