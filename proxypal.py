@@ -6755,7 +6755,8 @@ class ModelCall:
     def plan(self, raw: bytes) -> Optional[Reply]:
         """The attempts to make; a Reply when the proxy answers alone (a local count)."""
         body = self.body = parse_body(raw)
-        self.raw = raw
+        # UTF-8 without a BOM may go on as sent; json.loads also took UTF-16 or -32
+        self.raw = raw if raw[:3] != b"\xef\xbb\xbf" and b"\x00" not in raw[:4] else b""
         model = self.path_model or body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ClientError('"model" is required and must be a non-empty string'

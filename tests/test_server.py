@@ -195,6 +195,19 @@ def test_a_relayed_body_goes_as_the_client_sent_it_unless_something_changes(upst
                            "temperature": 0.5, "model": "m"}
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32-le"])
+def test_a_relayed_body_in_another_encoding_reaches_the_upstream_as_utf8(upstream, proxy, encoding):
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=TIMEOUT)
+    conn.request("POST", "/v1/chat/completions", json.dumps(chat()).encode(encoding),
+                 {"Authorization": "Bearer proxypal-local", "Content-Type": "application/json"})
+    assert conn.getresponse().status == 200
+    conn.close()
+    sent = up.last().body
+    assert json.loads(sent.decode("utf-8")) == chat() and not sent.startswith(b"\xef\xbb\xbf")
+
+
 def test_foreign_thinking_never_reaches_an_anthropic_relay_on_any_attempt(upstream, proxy):
     """What a relay must leave out (thinking another provider made) stays out of the
     retry too, although the client's bytes held it."""
