@@ -7037,7 +7037,7 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
         finally:
             call.on_gone = Call.on_gone    # the run is over: nothing of it to cancel
             if committing:
-                committing.timer.cancel()
+                committing.stop()
         if isinstance(reply, StreamReply):
             await relay(call, reply)
         elif call.started:             # committed: the answer goes in the stream
@@ -7073,26 +7073,31 @@ class ClientWatch:
 
 
 class Committing:
-    """The timer of a streaming call whose upstream is silent: at firstByteCommitSeconds
-    the stream's head and opening event go out, then a keep-alive every
-    COMMIT_PING_SECONDS until the upstream answers. One timer, re-armed as it fires."""
+    """A streaming call whose upstream is silent: at firstByteCommitSeconds the stream's
+    head and opening event go out, then the format's keep-alive every
+    COMMIT_PING_SECONDS (KeepAlive) until the upstream answers."""
 
     def __init__(self, call: Call, model_call: "ModelCall") -> None:
         self.call, self.model_call = call, model_call
+        self.pings: Optional[KeepAlive] = None
         self.timer = asyncio.get_running_loop().call_later(call.config.first_byte_commit,
                                                            self._due)
 
     def _due(self) -> None:
-        call = self.call
-        if call.conn.writer.transport.is_closing():
+        call, ping = self.call, FORMATS[self.call.fmt].ping
+        if call.started or call.conn.writer.transport.is_closing():
             return
-        head, out = b"", FORMATS[call.fmt].ping
-        if not call.started:
-            head, out = stream_head(call, [], "text/event-stream"), self.model_call.commit() or out
-            log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
-                     call.record.id, call.config.first_byte_commit)
-        call.conn.writer.write(head + (chunk(out) if call.req.version == "HTTP/1.1" else out))
-        self.timer = asyncio.get_running_loop().call_later(COMMIT_PING_SECONDS, self._due)
+        chunked = call.req.version == "HTTP/1.1"
+        head, out = stream_head(call, [], "text/event-stream"), self.model_call.commit() or ping
+        log.info("%s: no answer within %gs, sent the stream's opening; waiting on",
+                 call.record.id, call.config.first_byte_commit)
+        call.conn.writer.write(head + (chunk(out) if chunked else out))
+        self.pings = KeepAlive(call.conn.writer, COMMIT_PING_SECONDS, chunked, ping)
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.pings:
+            self.pings.stop()
 
 
 # -- 10.5 The relay -------------------------------------------------------------------
@@ -7210,7 +7215,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
             if not data:
                 break
             if pinger:
-                pinger.last = pinger.loop.time()
+                pinger.touch()
             out = pipe.feed(data)
         last = pipe.close()
         record.count(pipe.usage)
@@ -7237,7 +7242,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
                                            "while relaying the stream; see the proxy's log"), True)
     finally:
         if pinger:
-            pinger.timer.cancel()
+            pinger.stop()
         record.count(pipe.usage)
 
 
@@ -7273,16 +7278,24 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
 
 
 class KeepAlive:
-    """While a stream's upstream is silent, an SSE comment every `seconds` keeps
-    idle-cutting proxies between here and the client open. One timer per stream that
-    re-arms itself; a read only notes its time (no task or wait per read)."""
+    """While a stream is silent, a keep-alive every `seconds` keeps idle-cutting proxies
+    between here and the client open: an SSE comment, or the format's own ping. One
+    timer per stream that re-arms itself; a read only notes its time (touch), so there
+    is no task or wait per read."""
 
-    def __init__(self, writer: asyncio.StreamWriter, seconds: float, chunked: bool) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, seconds: float, chunked: bool,
+                 ping: bytes = b": keep-alive\n\n") -> None:
         self.writer, self.seconds = writer, seconds
-        self.ping = chunk(b": keep-alive\n\n") if chunked else b": keep-alive\n\n"
+        self.ping = chunk(ping) if chunked else ping
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()       # the upstream's last bytes, or the last ping
         self.timer = self.loop.call_at(self.last + seconds, self._due)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def stop(self) -> None:
+        self.timer.cancel()
 
     def _due(self) -> None:
         now = self.loop.time()
