@@ -1096,6 +1096,7 @@ _CHUNK_LINE = re.compile(
 
 
 _HEX_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})")
+_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 
 
 class ChunkedDecoder:
@@ -1118,6 +1119,8 @@ class ChunkedDecoder:
         out: List[bytes] = []
         buf = self._buf + data if self._buf else data
         pos, end = 0, len(buf)             # one index through buf: no copy per chunk
+        if self._state == "size":
+            pos = self._whole_chunks(buf, pos, out)
         while pos < end and not self.done:
             if self._state == "data":
                 take = min(self._left, end - pos)
@@ -1131,7 +1134,7 @@ class ChunkedDecoder:
                     break
                 if buf[pos:pos + 2] != b"\r\n":
                     raise WireError("chunk data not followed by CRLF")
-                pos, self._state = pos + 2, "size"
+                pos, self._state = self._whole_chunks(buf, pos + 2, out), "size"
             else:
                 line_end = buf.find(b"\r\n", pos)
                 limit = MAX_CHUNK_LINE if self._state == "size" else MAX_TRAILER_BLOCK
@@ -1142,10 +1145,6 @@ class ChunkedDecoder:
                 line, pos = buf[pos:line_end], line_end + 2
                 if self._state == "size":
                     self._size_line(line)
-                    left = self._left      # the whole chunk already here: take it at once
-                    if left and end - pos >= left + 2 and buf[pos + left:pos + left + 2] == b"\r\n":
-                        out.append(buf[pos:pos + left])
-                        pos, self._left, self._state = pos + left + 2, 0, "size"
                 elif not line:
                     self.done, self.unused, pos = True, buf[pos:], end
                 elif b"\r" in line or b"\n" in line or line[:1] in (b" ", b"\t") \
@@ -1154,17 +1153,39 @@ class ChunkedDecoder:
         self._buf = buf[pos:] if pos < end else b""
         return out
 
+    def _whole_chunks(self, buf: bytes, pos: int, out: List[bytes]) -> int:
+        """Take the complete, bare-sized chunks from buf[pos:] in one tight loop (an
+        upstream's burst of events: one chunk each) and return where they end; anything
+        else (a partial chunk, extensions, the last chunk, an error) is left to feed()."""
+        match, taken = _CHUNK_HEAD.match, 0
+        while True:
+            head = match(buf, pos)
+            if head is None:
+                break
+            start = head.end()
+            stop = start + int(head.group(1), 16)
+            if stop == start or not buf.startswith(b"\r\n", stop):
+                break
+            out.append(buf[start:stop])
+            taken += stop - start
+            pos = stop + 2
+        self._count(taken)
+        return pos
+
     def _size_line(self, line: bytes) -> None:
         match = _HEX_SIZE.fullmatch(line) or _CHUNK_LINE.match(line)   # bare size: most
         if not match:
             raise WireError(f"invalid chunk size line {printable(line.decode('latin-1'), 40)!r}")
         size = int(match.group(1), 16)
+        self._count(size)
+        self._left = size
+        self._state = "data" if size else "trailer"
+
+    def _count(self, size: int) -> None:
         self.size += size
         if self.size > self.max_size:
             raise WireError(f"request body larger than the {size_text(self.max_size)} limit "
                             "(maxBodyMb)", 413)
-        self._left = size
-        self._state = "data" if size else "trailer"
 
 
 _SSE_BOUNDARY = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")

@@ -175,6 +175,9 @@ CHUNKED = [
     ("uppercase-hex", b"A\r\n0123456789\r\n0\r\n\r\n", b"0123456789", b""),
     ("trailers", b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abc", b""),
     ("pipelined-rest", b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\n", b"abc", b"GET / HTTP/1.1\r\n"),
+    ("burst-with-extension", b"1\r\na\r\n2\r\nbc\r\n3;x=y\r\ndef\r\n1\r\ng\r\n0\r\n\r\n", b"abcdefg", b""),
+    ("burst-of-events", b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in [b"data: %d\n\n" % i for i in range(12)])
+     + b"0\r\n\r\n", b"".join(b"data: %d\n\n" % i for i in range(12)), b""),
 ]
 
 
@@ -194,6 +197,8 @@ BAD_CHUNKED = [
     ("missing-crlf", b"5\r\nhelloXX0\r\n\r\n", 400),
     ("bare-lf-size", b"5\nhello\r\n", 400),
     ("over-limit", b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n", 413),
+    ("over-limit-in-small-chunks", b"3\r\nabc\r\n" * 40 + b"0\r\n\r\n", 413),
+    ("missing-crlf-after-whole-chunks", b"1\r\na\r\n1\r\nbXX0\r\n\r\n", 400),
 ]
 
 
