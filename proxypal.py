@@ -7405,6 +7405,7 @@ class UsageStore:
         self.totals: Dict[Key, Dict[str, Any]] = {}
         self.pending: List[bytes] = []     # lines not written yet (the folder failed)
         self.offset, self.identity = 0, b""
+        self.compact_at = 0                # a failed compaction waits until the file grows
         self._fd, self._lock = -1, _FolderLock(folder, shared=True) if folder else None
         self.error = ""                    # why the file could not be used, for the page
         self.refresh()
@@ -7442,7 +7443,8 @@ class UsageStore:
         data, self.pending = b"".join(self.pending), []
         try:
             with self._lock:
-                if self._fd < 0 or os.fstat(self._fd).st_ino != os.stat(self.path).st_ino:
+                # A compaction replaces the file: the one still open then has no name left.
+                if self._fd < 0 or os.fstat(self._fd).st_nlink == 0:
                     self.close()           # new, or replaced by a compaction: reopen
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                                        getattr(os, "O_BINARY", 0), 0o600)
@@ -7477,11 +7479,19 @@ class UsageStore:
             return
         if self.pending:
             self._write()
+        limit = max(USAGE_FILE_MAX, self.compact_at)
         with contextlib.suppress(OSError):
-            if os.path.getsize(self.path) > USAGE_FILE_MAX:
-                with _FolderLock(os.path.dirname(self.path)):
-                    if os.path.getsize(self.path) > USAGE_FILE_MAX:
-                        self._compact()
+            if os.path.getsize(self.path) > limit:
+                try:
+                    with _FolderLock(os.path.dirname(self.path)):
+                        if os.path.getsize(self.path) > limit:
+                            self.close()   # (Windows replaces no file that is open)
+                            self._compact()
+                except ConfigWriteError as exc:    # a full disk: the file stays whole
+                    log.warning("usage file not compacted: %s", exc.message)
+                # Next when it grew by a quarter of the limit: a file compacting cannot
+                # bring under it, or a full disk, costs one try per quarter, not per flush.
+                self.compact_at = os.path.getsize(self.path) + USAGE_FILE_MAX // 4
         self.refresh()
 
     def refresh(self) -> None:

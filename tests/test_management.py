@@ -443,3 +443,43 @@ def test_stream_usage_counts_reach_the_request_record(upstream, proxy):
     _, _, got = mgmt(p, "GET", "requests")
     entry = got["requests"][0]
     assert (entry["input_tokens"], entry["output_tokens"], entry["cached_tokens"]) == (11, 6, 5)
+
+
+def test_a_compaction_that_cannot_write_loses_nothing_and_waits_for_the_file_to_grow(
+        tmp_path, monkeypatch, caplog):
+    now = [1_800_000_000.0]
+    store = proxypal.UsageStore(str(tmp_path), clock=lambda: now[0])
+    monkeypatch.setattr(proxypal, "USAGE_FILE_MAX", 4000)
+    tries = []
+
+    def disk_full(path, data):
+        tries.append(path)
+        raise proxypal.ConfigWriteError("", f"cannot write {path}: No space left on device")
+    monkeypatch.setattr(proxypal.ConfigStore, "write_file", staticmethod(disk_full))
+    hours = 0
+
+    def write_until(size):                                  # one hour a line, past `size`
+        nonlocal hours
+        while not hours or (tmp_path / "usage.jsonl").stat().st_size <= size:
+            now[0] = 1_800_000_000.0 + hours * 3600
+            store.record(record(), 0.2)
+            hours += 1
+    write_until(4000)
+    store.flush()                                           # tried, refused: no exception
+    assert len(tries) == 1 and "not compacted" in caplog.text and "No space" in caplog.text
+    store.flush()
+    assert len(tries) == 1                                  # not again at every flush
+    size = (tmp_path / "usage.jsonl").stat().st_size
+    write_until(size + 1000)                                # a quarter of the limit more
+    store.flush()
+    assert len(tries) == 2
+    assert store.snapshot("all")["total"]["requests"] == hours       # every line counted
+    monkeypatch.undo()
+    monkeypatch.setattr(proxypal, "USAGE_FILE_MAX", 4000)
+    write_until((tmp_path / "usage.jsonl").stat().st_size + 1000)
+    store.flush()                                           # the disk has room again
+    first = json.loads((tmp_path / "usage.jsonl").read_text().splitlines()[0])
+    assert list(first) == ["compacted"]
+    store.record(record(), 0.2)                             # into the new file
+    fresh = proxypal.UsageStore(str(tmp_path), clock=lambda: now[0])
+    assert fresh.snapshot("all")["total"]["requests"] == hours + 1
