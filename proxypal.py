@@ -39,7 +39,7 @@ Map of the file (each section uses only those above it):
 
 A request's path through it:
     Server._serve_connection -> Connection.read_head -> parse_request_head ->
-    Server.handle -> dispatch(ENDPOINTS) -> gate (client key) -> handler ->
+    Server.handle -> endpoint_for (ENDPOINTS) -> gate (client key) -> handler ->
     ModelCall.plan (Router, Balancer, TRANSLATORS) -> ModelCall.run ->
     Upstream.request -> UpstreamClient.open -> ModelCall.answer ->
     Reply (Connection.write_reply) or StreamReply (relay: StreamPipe or RelayPipe)
@@ -4848,6 +4848,12 @@ def _foreign_thinking(block: Any) -> bool:
     return not value or (isinstance(value, str) and value.startswith(OPAQUE_TAG))
 
 
+# A run of whole events of the shape nearly every upstream sends ("event:" then one
+# "data:" line, LF only), checked at once before findall takes them apart.
+_SIMPLE_RUN = re.compile(r"(?:(?:event: ?[^\n:]*\n)?data: ?[^\n]*\n\n)*")
+_SIMPLE_EVENTS = re.compile(r"(?:event: ?([^\n:]*)\n)?data: ?([^\n]*)\n\n")
+
+
 class SSEDecoder:
     """Upstream SSE bytes -> (event type, data) pairs."""
 
@@ -4855,7 +4861,15 @@ class SSEDecoder:
         self._splitter = SSESplitter()
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
-        return [e for e in map(parse_sse_event, self._splitter.feed(data)) if e]
+        splitter = self._splitter
+        buf = splitter.rest + data if splitter.rest else data
+        if b"\r" not in buf:              # the common case: no loop over events here
+            end = buf.rfind(b"\n\n") + 2
+            text = buf[:end].decode("utf-8", "replace") if end > 1 else ""
+            if _SIMPLE_RUN.fullmatch(text):
+                splitter.rest = buf[end:] if end > 1 else buf
+                return [(event or "message", value) for event, value in _SIMPLE_EVENTS.findall(text)]
+        return [e for e in map(parse_sse_event, splitter.feed(data)) if e]
 
     def close(self) -> List[Tuple[str, str]]:
         return [e for e in map(parse_sse_event, self._splitter.close()) if e]
@@ -5683,6 +5697,15 @@ class UpstreamResponse:
             self._link.close()
 
 
+@functools.lru_cache(maxsize=256)        # the same few URLs serve every request
+def url_parts(url: str) -> Tuple[str, str, int, str, str]:
+    """(scheme, host, port, netloc, path with query) of an upstream URL."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    return parts.scheme, parts.hostname or "", port, parts.netloc, path
+
+
 class UpstreamClient:
     """Keep-alive connections to upstreams, pooled by (scheme, host, port, proxy), all
     on the event loop. Outbound proxies: http:// (CONNECT tunnel for https) and socks5://;
@@ -5721,13 +5744,11 @@ class UpstreamClient:
 
     async def open(self, req: UpstreamRequest) -> UpstreamResponse:
         """Send the request; return once the status and headers arrived."""
-        parts = urllib.parse.urlsplit(req.url)
-        scheme, host = parts.scheme, parts.hostname or ""
-        port = parts.port or (443 if scheme == "https" else 80)
+        scheme, host, port, netloc, path = url_parts(req.url)
         proxy = req.proxy
         absolute = bool(proxy and not proxy.scheme.startswith("socks") and scheme == "http")
-        target = req.url if absolute else (parts.path or "/") + ("?" + parts.query if parts.query else "")
-        headers = {"host": parts.netloc, "accept-encoding": "identity"}
+        target = req.url if absolute else path
+        headers = {"host": netloc, "accept-encoding": "identity"}
         headers.update(req.headers)
         if absolute and proxy and proxy.username:
             headers["proxy-authorization"] = proxy.authorization()
@@ -8053,6 +8074,13 @@ ENDPOINTS += [
 ]
 
 
+@functools.lru_cache(maxsize=1024)
+def endpoint_for(method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
+    """dispatch() over ENDPOINTS, remembered: clients ask for the same few routes (the
+    404s and 405s it raises are not remembered)."""
+    return dispatch(ENDPOINTS, method, path)
+
+
 # The management page: HTML, CSS and JS in one constant, no external asset (works
 # offline). Its inline style and script are allowed by their hashes in the page's
 # Content-Security-Policy, and nothing else is: no other script, no frame, no form post.
@@ -9135,7 +9163,7 @@ class Server:
                 call.keep_alive = False
             if req.method == "OPTIONS":
                 return call.conn.write_reply(call, preflight(call))
-            endpoint, params = dispatch(ENDPOINTS, req.method, strip_amp_prefix(req.path))
+            endpoint, params = endpoint_for(req.method, strip_amp_prefix(req.path))
             GATES[endpoint.gate](req, call.config)
             reply = await endpoint.handler(self, call, dict(params, op=endpoint.op))
             if reply is not None:

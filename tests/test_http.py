@@ -247,6 +247,31 @@ def test_sse_splitter(data, events, tail):
     assert whole.feed(data) == events and whole.close() == tail
 
 
+SSE_DECODED = [
+    ("named-and-plain", b"event: a\ndata: 1\n\ndata: 2\n\n", [("a", "1"), ("message", "2")]),
+    ("crlf", b"data: 1\r\n\r\ndata: 2\r\n\r\n", [("message", "1"), ("message", "2")]),
+    ("comment-between", b"data: 1\n\n: ping\n\ndata: 2\n\n", [("message", "1"), ("message", "2")]),
+    ("no-final-blank", b"data: 1\n\ndata: 2\n", [("message", "1"), ("message", "2")]),
+    ("multi-line-data", b"data: a\ndata: b\n\n", [("message", "a\nb")]),
+    ("field-between", b"event: a\nretry: 1\ndata: x\n\n", [("a", "x")]),
+    ("id-first", b"id: 7\ndata: x\n\n", [("message", "x")]),
+    ("extra-blank-lines", b"data: a\n\n\n\ndata: b\n\n\n", [("message", "a"), ("message", "b")]),
+    ("no-space", b"data:x\n\nevent:y\ndata:\n\n", [("message", "x"), ("y", "")]),
+    ("bom", b"\xef\xbb\xbfdata: bom\n\n", [("message", "bom")]),
+    ("utf8-and-invalid", "data: h\u00e9llo\n\ndata: \xff\n\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"),
+     [("message", "h\u00e9llo"), ("message", "\ufffd")]),
+]
+
+
+@pytest.mark.parametrize("data,expected", [(d, e) for _, d, e in SSE_DECODED],
+                         ids=[n for n, _, _ in SSE_DECODED])
+def test_sse_decoder_reads_every_shape_however_cut(data, expected):
+    """SSEDecoder takes runs of simple LF events at once and any other shape event by
+    event: both must read the same events from every cut of the bytes."""
+    got = feed_all_ways(proxypal.SSEDecoder, data, lambda decoder: decoder.close())
+    assert got == expected
+
+
 def test_sse_splitter_emits_each_event_when_complete():
     splitter = proxypal.SSESplitter()
     assert splitter.feed(b"data: 1\n") == []
