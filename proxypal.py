@@ -60,6 +60,7 @@ import hashlib
 import hmac
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1097,6 +1098,7 @@ _CHUNK_LINE = re.compile(
 
 _HEX_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})")
 _CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
+_HEX_SIZES = re.compile(rb"[0-9A-Fa-f]{1,16}(?:,[0-9A-Fa-f]{1,16})*")
 
 
 class ChunkedDecoder:
@@ -1111,6 +1113,7 @@ class ChunkedDecoder:
         self._buf = b""
         self._left = 0                     # bytes of chunk data still expected
         self._state = "size"               # size | data | crlf | trailer
+        self._split = True                 # chunk data without CRLF so far (_split_chunks)
 
     def feed(self, data: bytes) -> List[bytes]:
         if self.done:
@@ -1153,10 +1156,36 @@ class ChunkedDecoder:
         self._buf = buf[pos:] if pos < end else b""
         return out
 
+    def _split_chunks(self, buf: bytes, pos: int, out: List[bytes]) -> int:
+        """Take the complete chunks at the start of buf without a loop of ours: split at
+        every CRLF and read the pieces as size, data, size, data... Where every size is
+        bare hex equal to the length of the piece after it, that reading is the right one
+        (data holding a CRLF would split short of its size), so an event stream is decoded
+        by a few calls of C. Any other body, from the first mismatch on, goes through
+        _whole_chunks and the state machine (and this decoder stops trying)."""
+        parts = (buf[pos:] if pos else buf).split(b"\r\n")
+        pairs = (len(parts) - 1) // 2
+        sizes = parts[0:2 * pairs:2]
+        if not pairs or not _HEX_SIZES.fullmatch(b",".join(sizes)):
+            self._split = pairs == 0
+            return pos
+        numbers = list(map(int, sizes, itertools.repeat(16)))
+        whole = numbers.index(0) if 0 in numbers else pairs     # 0: the last chunk
+        data = parts[1:2 * whole:2]
+        lengths = list(map(len, data))
+        if numbers[:whole] != lengths:
+            self._split = False
+            return pos
+        out += data
+        self._count(sum(lengths))
+        return pos + sum(map(len, sizes[:whole])) + sum(lengths) + 4 * whole
+
     def _whole_chunks(self, buf: bytes, pos: int, out: List[bytes]) -> int:
         """Take the complete, bare-sized chunks from buf[pos:] in one tight loop (an
         upstream's burst of events: one chunk each) and return where they end; anything
         else (a partial chunk, extensions, the last chunk, an error) is left to feed()."""
+        if self._split and len(buf) - pos > 2048:      # several chunks: worth a split
+            pos = self._split_chunks(buf, pos, out)
         match, taken = _CHUNK_HEAD.match, 0
         while True:
             head = match(buf, pos)
@@ -4848,9 +4877,9 @@ def _foreign_thinking(block: Any) -> bool:
     return not value or (isinstance(value, str) and value.startswith(OPAQUE_TAG))
 
 
-# A run of whole events of the shape nearly every upstream sends ("event:" then one
-# "data:" line, LF only), checked at once before findall takes them apart.
-_SIMPLE_RUN = re.compile(r"(?:(?:event: ?[^\n:]*\n)?data: ?[^\n]*\n\n)*")
+# The shape of event nearly every upstream sends: "event:" then one "data:" line, LF
+# only. split() on it gives [between, event, data, between, ...]: where nothing is
+# between, the text was such events alone.
 _SIMPLE_EVENTS = re.compile(r"(?:event: ?([^\n:]*)\n)?data: ?([^\n]*)\n\n")
 
 
@@ -4866,9 +4895,11 @@ class SSEDecoder:
         if b"\r" not in buf:              # the common case: no loop over events here
             end = buf.rfind(b"\n\n") + 2
             text = buf[:end].decode("utf-8", "replace") if end > 1 else ""
-            if _SIMPLE_RUN.fullmatch(text):
+            parts = _SIMPLE_EVENTS.split(text)
+            if not any(parts[::3]):
                 splitter.rest = buf[end:] if end > 1 else buf
-                return [(event or "message", value) for event, value in _SIMPLE_EVENTS.findall(text)]
+                return [(event or "message", value)
+                        for event, value in zip(parts[1::3], parts[2::3])]
         return [e for e in map(parse_sse_event, splitter.feed(data)) if e]
 
     def close(self) -> List[Tuple[str, str]]:

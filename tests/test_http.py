@@ -169,6 +169,12 @@ def chunked_result(data: bytes, limit: int = 1 << 20):
     return feed_all_ways(lambda: proxypal.ChunkedDecoder(limit), data, finish, normalize)
 
 
+def chunked_body(pieces, size=lambda n: b"%x" % n, last=b"0\r\n\r\n"):
+    return b"".join(size(len(piece)) + b"\r\n" + piece + b"\r\n" for piece in pieces) + last
+
+
+EVENTS = [b'data: {"choices":[{"delta":{"content":"token %d"}}]}\n\n' % i for i in range(60)]   # > 2 KB
+CRLF_EVENTS = [event.replace(b"\n", b"\r\n") for event in EVENTS]
 CHUNKED = [
     ("simple", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world", b""),
     ("extensions", b"5;name=value;flag\r\nhello\r\n0;x=\"q d\"\r\n\r\n", b"hello", b""),
@@ -176,6 +182,14 @@ CHUNKED = [
     ("trailers", b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abc", b""),
     ("pipelined-rest", b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\n", b"abc", b"GET / HTTP/1.1\r\n"),
     ("burst-with-extension", b"1\r\na\r\n2\r\nbc\r\n3;x=y\r\ndef\r\n1\r\ng\r\n0\r\n\r\n", b"abcdefg", b""),
+    ("long-burst", chunked_body(EVENTS), b"".join(EVENTS), b""),
+    ("long-burst-crlf-in-data", chunked_body(CRLF_EVENTS), b"".join(CRLF_EVENTS), b""),
+    ("long-burst-upper-hex-and-zeros", chunked_body(EVENTS, lambda n: b"00%X" % n),
+     b"".join(EVENTS), b""),
+    ("long-burst-extension-midway", chunked_body(EVENTS[:30]).replace(b"\r\n0\r\n\r\n", b"\r\n")
+     + b"%x;ext=1\r\n%s\r\n" % (len(EVENTS[30]), EVENTS[30]) + chunked_body(EVENTS[31:]),
+     b"".join(EVENTS), b""),
+    ("long-burst-trailer", chunked_body(EVENTS, last=b"0\r\nX-Usage: 1\r\n\r\n"), b"".join(EVENTS), b""),
     ("burst-of-events", b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in [b"data: %d\n\n" % i for i in range(12)])
      + b"0\r\n\r\n", b"".join(b"data: %d\n\n" % i for i in range(12)), b""),
 ]
@@ -197,6 +211,9 @@ BAD_CHUNKED = [
     ("missing-crlf", b"5\r\nhelloXX0\r\n\r\n", 400),
     ("bare-lf-size", b"5\nhello\r\n", 400),
     ("over-limit", b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n", 413),
+    ("long-burst-size-short-of-its-data", chunked_body(EVENTS).replace(b"%x\r\n%s" % (len(EVENTS[40]), EVENTS[40]),
+                                                                     b"%x\r\n%s" % (len(EVENTS[40]) - 1, EVENTS[40])), 400),
+    ("long-burst-over-limit", chunked_body(EVENTS), 413),
     ("over-limit-in-small-chunks", b"3\r\nabc\r\n" * 40 + b"0\r\n\r\n", 413),
     ("missing-crlf-after-whole-chunks", b"1\r\na\r\n1\r\nbXX0\r\n\r\n", 400),
 ]
@@ -205,7 +222,7 @@ BAD_CHUNKED = [
 @pytest.mark.parametrize("data,status", [(d, s) for _, d, s in BAD_CHUNKED], ids=[n for n, _, _ in BAD_CHUNKED])
 def test_chunked_decoder_refuses(data, status):
     for pieces in list(splits(data))[:2]:
-        decoder = proxypal.ChunkedDecoder(100)
+        decoder = proxypal.ChunkedDecoder(100 if status == 413 else 1 << 20)
         with pytest.raises(WireError) as info:
             for piece in pieces:
                 decoder.feed(piece)
