@@ -2,6 +2,7 @@
 speak real HTTP, and assertions on what the client got and what the upstream received."""
 from __future__ import annotations
 
+import concurrent.futures
 import http.client
 import json
 import socket
@@ -172,6 +173,25 @@ def test_upstream_connection_reused(upstream, proxy):
     for _ in range(5):
         assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
     assert len(up.all) == 5 and up.connections == 1
+
+
+def test_upstream_connections_are_reused_by_as_many_requests_at_once(upstream, proxy):
+    """64 requests at once hold 64 upstream connections; the next 64 reuse every one of
+    them (a pool that kept fewer would open new ones: a TLS handshake each)."""
+    together = threading.Barrier(64, timeout=TIMEOUT)    # all 64 at the upstream at once
+    answer = json_answer(200, openai_completion())
+
+    def respond(handler, rec):
+        together.wait()
+        answer(handler, rec)
+    up = upstream(respond)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    for _ in range(2):
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            statuses = list(pool.map(
+                lambda _: request(p, "POST", "/v1/chat/completions", chat())[0], range(64)))
+        assert statuses == [200] * 64
+    assert len(up.all) == 128 and up.connections == 64
 
 
 @pytest.mark.parametrize("model,as_sent", [("m", True), ("big", False)], ids=["same-model", "alias"])

@@ -5,6 +5,7 @@ is back near its level after warm-up, and every request is in the request log on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -12,11 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List
+from typing import List, Tuple
 
 import pytest
 
-from helpers import OPENAI_STREAM, TIMEOUT, MockUpstream, json_answer, openai_completion, send
+from helpers import OPENAI_STREAM, TIMEOUT, MockUpstream, json_answer, openai_completion, proxypal, send
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "proxypal.py")
 KEY = b"Bearer proxypal-local"
@@ -97,8 +98,22 @@ async def concurrent(port: int, count: int) -> List[int]:
     return list(await asyncio.gather(*(one(port, KINDS[i % len(KINDS)]) for i in range(count))))
 
 
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def fds(pid: int, upstream_port: int) -> Tuple[int, int]:
+    """(descriptors other than connections to the upstream, connections to the upstream):
+    the second are the pool's, which keeps up to POOL_IDLE_PER_HOST."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    pooled = 0
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if int(cols[2].rsplit(":", 1)[1], 16) == upstream_port and \
+                        f"socket:[{cols[9]}]" in inodes:
+                    pooled += 1
+    return len(inodes) - pooled, pooled
 
 
 def rss_mb(pid: int) -> float:
@@ -118,18 +133,20 @@ def test_mixed_load_leaves_nothing_behind(tmp_path):
     try:
         port = int(re.search(r":(\d+)\s*$", proc.stdout.readline()).group(1))
         threading.Thread(target=proc.stdout.read, daemon=True).start()   # drain the banner
-        # warm-up: imports, caches, and the upstream pool filled (it keeps up to 32 idle)
+        # warm-up: imports, caches, some of the upstream pool
         sent = asyncio.run(sequential(port, 100)) + asyncio.run(concurrent(port, 100))
-        idle_fds, idle_rss = fds(proc.pid), rss_mb(proc.pid)
+        (idle_fds, _), idle_rss = fds(proc.pid, up.port), rss_mb(proc.pid)
         statuses = asyncio.run(sequential(port, 2000)) + asyncio.run(concurrent(port, 500))
         sent += statuses
         expected = {"plain": 200, "stream": 200, "unknown": 404, "upstream-error": 500, "left-mid-stream": 0}
         assert statuses == [expected[KINDS[i % len(KINDS)]] for i in range(2000)] + \
             [expected[KINDS[i % len(KINDS)]] for i in range(500)]
         deadline = time.monotonic() + TIMEOUT
-        while fds(proc.pid) > idle_fds and time.monotonic() < deadline:
+        while fds(proc.pid, up.port)[0] > idle_fds and time.monotonic() < deadline:
             time.sleep(0.05)                               # closing sockets takes a moment
-        assert fds(proc.pid) <= idle_fds, f"{fds(proc.pid)} descriptors open, {idle_fds} when idle"
+        other, pooled = fds(proc.pid, up.port)
+        assert other <= idle_fds, f"{other} descriptors open besides the pool, {idle_fds} when idle"
+        assert pooled <= proxypal.POOL_IDLE_PER_HOST
         assert rss_mb(proc.pid) < idle_rss + 12, f"RSS {rss_mb(proc.pid):.1f} MB, {idle_rss:.1f} MB idle"
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
