@@ -7461,6 +7461,7 @@ class UsageStore:
         self.offset, self.identity = 0, b""
         self.compact_at = 0                # a failed compaction waits until the file grows
         self._fd, self._lock = -1, _FolderLock(folder, shared=True) if folder else None
+        self._inode = -1                   # of the file open as _fd
         self.error = ""                    # why the file could not be used, for the page
         self.refresh()
 
@@ -7493,24 +7494,24 @@ class UsageStore:
 
     # -- the file --------------------------------------------------------------------
     def _write(self) -> None:
-        """Append the pending lines; kept for the next try when the folder refuses."""
+        """Append the pending lines; kept for the next try when the folder refuses. A
+        compaction replaces the file: the path then names another inode than the one
+        open here (checked by path, as NFS keeps a replaced file that is open linked
+        under a .nfs name), and the new file is opened."""
         data, self.pending = b"".join(self.pending), []
         try:
             with self._lock:
-                # A compaction replaces the file: the one still open then has no name left.
-                if self._fd < 0 or os.fstat(self._fd).st_nlink == 0:
-                    self.close()           # new, or replaced by a compaction: reopen
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = -1           # not made yet, or removed: made now
+                if self._fd < 0 or current != self._inode:
+                    self.close()
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                                        getattr(os, "O_BINARY", 0), 0o600)
+                    self._inode = os.fstat(self._fd).st_ino
                 os.write(self._fd, data)
             self.error = ""
-        except FileNotFoundError:          # the stat above, before the first line
-            try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                   getattr(os, "O_BINARY", 0), 0o600)
-                os.write(self._fd, data)
-            except OSError as exc:
-                self._failed(data, exc)
         except OSError as exc:
             self._failed(data, exc)
 
