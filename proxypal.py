@@ -126,6 +126,8 @@ DEFAULT_READ_TIMEOUT = 300.0             # silence between two chunks of one res
 READ_SIZE = 64 * 1024                    # one socket read
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than this is refused
 MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
+CACHED_TEXT_MAX = 512                    # longer paths and URLs are not remembered: a
+#   cache of strings clients choose must stay small (256 entries of this at most)
 POOL_IDLE_PER_HOST = 128                 # idle keep-alive connections kept per upstream: up
 #   to this many requests at once to one upstream reuse theirs (with 32, 64 at once
 #   opened a new connection, a TLS handshake, for one request in ten)
@@ -5730,9 +5732,14 @@ class UpstreamResponse:
             self._link.close()
 
 
-@functools.lru_cache(maxsize=256)        # the same few URLs serve every request
 def url_parts(url: str) -> Tuple[str, str, int, str, str]:
-    """(scheme, host, port, netloc, path with query) of an upstream URL."""
+    """(scheme, host, port, netloc, path with query) of an upstream URL; remembered, as
+    the same few URLs serve every request (a model name is part of some)."""
+    return (_url_parts if len(url) <= CACHED_TEXT_MAX else _url_parts.__wrapped__)(url)
+
+
+@functools.lru_cache(maxsize=256)
+def _url_parts(url: str) -> Tuple[str, str, int, str, str]:
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
@@ -8108,10 +8115,14 @@ ENDPOINTS += [
 ]
 
 
-@functools.lru_cache(maxsize=1024)
 def endpoint_for(method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
     """dispatch() over ENDPOINTS, remembered: clients ask for the same few routes (the
     404s and 405s it raises are not remembered)."""
+    return (_endpoint if len(path) <= CACHED_TEXT_MAX else _endpoint.__wrapped__)(method, path)
+
+
+@functools.lru_cache(maxsize=256)
+def _endpoint(method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
     return dispatch(ENDPOINTS, method, path)
 
 

@@ -1112,3 +1112,25 @@ def test_two_host_headers_are_400(env):
     with Client(env.port) as client:
         client.send(data)
         assert "more than one Host header" in assert_refused_and_closed(client, 400, "openai", env.port).json()["error"]["message"]
+
+
+def test_routes_and_upstream_urls_are_remembered_only_when_short():
+    """Paths and URLs are cached per request, but a client chooses them: one longer
+    than CACHED_TEXT_MAX is worked out each time and never held."""
+    long_path = "/v1beta/models/" + "m" * 600 + ":generateContent"
+    for cache, call, short, long in [
+            (proxypal._endpoint, lambda path: proxypal.endpoint_for("POST", path)[1]["model"],
+             "/v1beta/models/cache-probe:generateContent", long_path),
+            (proxypal._url_parts, lambda url: proxypal.url_parts(url)[4],
+             "https://example.com/v1beta/models/cache-probe:streamGenerateContent?alt=sse",
+             "https://example.com" + long_path + "?alt=sse")]:
+        cache.cache_clear()                                # (other tests filled it)
+        size, hits = 0, 0
+        assert call(long) == call(long)                    # worked out twice, the same
+        assert cache.cache_info().currsize == size and cache.cache_info().hits == hits
+        assert call(short) == call(short)                  # the second time from the cache
+        assert cache.cache_info().currsize == size + 1 and cache.cache_info().hits == hits + 1
+    assert proxypal.endpoint_for("POST", long_path)[1]["model"] == "m" * 600
+    assert proxypal.url_parts("https://example.com" + long_path + "?alt=sse") == (
+        "https", "example.com", 443, "example.com", long_path + "?alt=sse")
+    assert proxypal.url_parts("http://127.0.0.1:8080") == ("http", "127.0.0.1", 8080, "127.0.0.1:8080", "/")
