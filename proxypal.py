@@ -9627,24 +9627,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-def start_lean(argv: Sequence[str]) -> None:
+def start_lean(argv: Sequence[str], compiled: Any) -> None:
     """Run as a script, CPython keeps the whole file's syntax tree (about 20 MB) until the
-    script returns, which for a server is its whole life; an imported module drops it
-    right after compiling, or never builds it when cached bytecode exists. So on POSIX,
-    `python proxypal.py [serve] ...` replaces itself (same pid, arguments and interpreter
-    flags) with an interpreter that imports this file by its path and runs main(). Not
-    on Windows, whose exec starts another process and lets the console go on (start
-    lean there with `python -m proxypal` from the file's folder), and not while a
-    debugger or profiler watches this process. `python -m proxypal` is lean already."""
+    script returns, which for a server is its whole life. So on POSIX, `python
+    proxypal.py [serve] ...` replaces itself (same pid, arguments and interpreter flags)
+    with an interpreter that runs this file as module `proxypal`: from `compiled`, the
+    code the script was compiled to, handed over in an unlinked temporary file (no
+    second compile, no bytecode file written), or, when no such file can be made, by
+    importing the file by its path. Not on Windows, whose exec starts another process
+    and lets the console go on (start lean there with `python -m proxypal` from the
+    file's folder), and not while a debugger or profiler watches this process.
+    `python -m proxypal` is lean already."""
     if os.name != "posix" or not sys.executable or (argv and argv[0] in COMMANDS[1:]) \
             or __spec__ is not None or sys.gettrace() is not None \
             or sys.getprofile() is not None:
         return
+    import marshal
     import subprocess
     flags = subprocess._args_from_interpreter_flags()   # -u, -B, -X ..., -W ...: kept
-    code = ("import importlib.util as u,sys;s=u.spec_from_file_location('proxypal',%r);"
-            "m=sys.modules['proxypal']=u.module_from_spec(s);s.loader.exec_module(m);"
-            "m.return_freed_memory();sys.exit(m.main())" % os.path.abspath(__file__))
+    path = os.path.abspath(__file__)
+    try:
+        handoff = tempfile.TemporaryFile()             # unlinked: nothing is left behind
+        handoff.write(marshal.dumps(compiled))
+        handoff.flush()
+        os.set_inheritable(handoff.fileno(), True)
+        code = ("import marshal,os,sys,types;m=sys.modules['proxypal']=types.ModuleType("
+                "'proxypal');m.__file__=%r;f=os.fdopen(%d,'rb');f.seek(0);c=marshal.loads("
+                "f.read());f.close();exec(c,m.__dict__);sys.exit(m.main())"
+                % (path, handoff.fileno()))
+    except (OSError, ValueError):          # no temporary folder: compile once more there
+        code = ("import importlib.util as u,sys;s=u.spec_from_file_location('proxypal',%r);"
+                "m=sys.modules['proxypal']=u.module_from_spec(s);s.loader.exec_module(m);"
+                "m.return_freed_memory();sys.exit(m.main())" % path)
     try:
         os.execv(sys.executable, [sys.executable, *flags, "-c", code, *argv])
     except OSError:                        # cannot exec: serve from here, as before
@@ -9663,6 +9677,6 @@ def return_freed_memory() -> None:
 
 
 if __name__ == "__main__":
-    start_lean(sys.argv[1:])
+    start_lean(sys.argv[1:], sys._getframe().f_code)
     return_freed_memory()
     sys.exit(main())

@@ -67,10 +67,10 @@ def test_start_banner_port_zero_and_clean_stop(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/cmdline")
 def test_serving_starts_lean_from_its_own_file_with_the_same_pid_and_flags(tmp_path):
-    """`python proxypal.py` replaces itself with an interpreter that imports the file by
-    its path (the script's syntax tree would otherwise live as long as the server): the
-    same pid, arguments and interpreter flags, and the file it was started as, even
-    under another name beside a different proxypal.py."""
+    """`python proxypal.py` replaces itself with an interpreter that runs the code the
+    script was compiled to (the script's syntax tree would otherwise live as long as the
+    server): the same pid, arguments and interpreter flags, and the file it was started
+    as, even under another name beside a different proxypal.py."""
     vendored = tmp_path / "llm_proxy.py"
     vendored.write_text(open(SCRIPT, encoding="utf-8").read(), encoding="utf-8")
     (tmp_path / "proxypal.py").write_text("raise SystemExit('the wrong file was imported')\n")
@@ -88,7 +88,10 @@ def test_serving_starts_lean_from_its_own_file_with_the_same_pid_and_flags(tmp_p
         code = argv.index(b"-c")
         assert b"-Wignore::UserWarning" in argv[1:code]
         assert repr(str(vendored)).encode() in argv[code + 1]
+        assert b"marshal.loads" in argv[code + 1]         # handed the compiled code: no recompile
         assert argv[code + 2:] == [b"--config", str(config).encode(), b"--port", b"0"]
+        held = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+        assert not [name for name in held if "(deleted)" in name]   # the handoff file is closed
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(TIMEOUT) == 0
         assert "wrong file" not in proc.stderr.read()
