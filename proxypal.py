@@ -6963,7 +6963,7 @@ class ModelCall:
         obj = answer_object(resp, body)
         if self.stream and self.op == "generate":
             return self.replayed_answer(attempt, resp.status, headers, obj)
-        return self.json_answer(attempt, resp, body, obj)
+        return self.json_answer(attempt, resp, body, obj, headers)
 
     def commit(self) -> bytes:
         """The opening of the client's stream, sent before the upstream answered (a long
@@ -7006,7 +7006,7 @@ class ModelCall:
         return pipe
 
     def json_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes,
-                    obj: Dict[str, Any]) -> Reply:
+                    obj: Dict[str, Any], headers: List[Tuple[str, str]]) -> Reply:
         """A whole answer for the client: relayed with the model name the client asked for,
         or translated."""
         translator = attempt.translator
@@ -7016,11 +7016,11 @@ class ModelCall:
                 obj["model"] = self.requested
                 body = dumps(obj)
             self.call.record.count(usage_counts(obj))
-            return Reply(resp.status, body, passed_headers(resp, attempt.upstream.name),
+            return Reply(resp.status, body, headers,
                          resp.header("content-type") or "application/json")
         out = translator.response(obj, self.requested, self.chat)
         self.call.record.count(usage_counts(out))
-        return Reply(resp.status, dumps(out), passed_headers(resp, attempt.upstream.name))
+        return Reply(resp.status, dumps(out), headers)
 
     def error_answer(self, attempt: Attempt, resp: "UpstreamResponse", body: bytes) -> Reply:
         upstream = attempt.upstream
