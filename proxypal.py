@@ -8906,7 +8906,8 @@ class CooldownFile:
             return
         self.stamp, now = (info.st_mtime_ns, info.st_size), time.time()
         for key, cool in self._read().items():
-            self.balancer.learn(key, cool["until"] - now, int(cool.get("status") or 0),
+            status = cool.get("status")
+            self.balancer.learn(key, cool["until"] - now, status if isinstance(status, int) else 0,
                                 str(cool.get("reason") or ""))
 
 
@@ -9024,8 +9025,8 @@ class Server:
         log.addHandler(self.journal)
         if self.config.path:
             self._stamp = self._config_stamp()
-            self._watch = loop.create_task(self._watch_config())
-            self._flusher = loop.create_task(self._flush_usage())
+            self._watch = loop.create_task(self._every(CONFIG_POLL_SECONDS, self._watch_config))
+            self._flusher = loop.create_task(self._every(USAGE_FLUSH_SECONDS, self._flush_usage))
 
     def config_store(self) -> Optional[ConfigStore]:
         """The writer of the config file this proxy runs on; None when built in code."""
@@ -9078,24 +9079,36 @@ class Server:
         except OSError:
             return 0, 0
 
-    async def _watch_config(self) -> None:
+    @staticmethod
+    async def _every(seconds: float, step: Callable[[], None]) -> None:
+        """Run step every `seconds` while the server runs. A step that fails is logged
+        (once while it fails the same way) and run again next time: a background task
+        that died would end config reloads or the usage counts for good."""
+        failing = ""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                step()
+                failing = ""
+            except Exception as exc:
+                if repr(exc) != failing:
+                    log.exception("%s failed; tried again every %gs", step.__name__, seconds)
+                failing = repr(exc)
+
+    def _watch_config(self) -> None:
         """Poll the config file's mtime and size (no watcher dependency), and the
         cooldowns other workers shared."""
-        while True:
-            await asyncio.sleep(CONFIG_POLL_SECONDS)
-            now = self._config_stamp()
-            if now != self._stamp and now != (0, 0):
-                self._stamp = now
-                self.reload()
-            if self.cooldown_file is not None:
-                self.cooldown_file.learn()
+        now = self._config_stamp()
+        if now != self._stamp and now != (0, 0):
+            self._stamp = now
+            self.reload()
+        if self.cooldown_file is not None:
+            self.cooldown_file.learn()
 
-    async def _flush_usage(self) -> None:
-        while True:
-            await asyncio.sleep(USAGE_FLUSH_SECONDS)
-            self.usage.flush()
-            if self.journal.path:
-                self.journal.rotate()
+    def _flush_usage(self) -> None:
+        self.usage.flush()
+        if self.journal.path:
+            self.journal.rotate()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""

@@ -50,6 +50,39 @@ def test_config_change_applies_within_two_seconds(upstream, proxy, tmp_path):
     assert time.monotonic() - changed < 2.5
 
 
+def test_a_cooldown_file_with_a_bad_status_does_not_stop_config_reloads(upstream, proxy, tmp_path):
+    """state.json (the cooldowns workers share) is read by the same background step that
+    polls the config: a value in it that is not a number must not end that step."""
+    up = upstream(json_answer(200, openai_completion()))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"ampOpenaiProviders": [provider(up.url, models=["old"])]}))
+    p = proxy(str(path))
+    (tmp_path / "state.json").write_text(json.dumps({"cooldowns": {
+        "some-key": {"until": time.time() + 600, "status": "soon", "reason": "429"}}}))
+    wait_until(lambda: p.server.cooldown_file.stamp != (0, 0), "the poll to read state.json")
+    path.write_text(json.dumps({"ampOpenaiProviders": [provider(up.url, models=["old", "new"])]}))
+    wait_until(lambda: request(p, "POST", "/v1/chat/completions", {"model": "new", "messages": []})[0] == 200,
+               "the new model to route")
+
+
+def test_a_failing_background_step_is_logged_once_and_run_again(upstream, proxy, tmp_path,
+                                                                 monkeypatch, caplog):
+    monkeypatch.setattr(proxypal, "USAGE_FLUSH_SECONDS", 0.02)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({}))
+    p = proxy(str(path))
+    runs = []
+
+    def flaky_flush():
+        runs.append(time.monotonic())
+        if len(runs) <= 5:
+            raise RuntimeError("disk gone")
+    with caplog.at_level(logging.ERROR, logger="proxypal"):
+        monkeypatch.setattr(p.server.usage, "flush", flaky_flush)
+        wait_until(lambda: len(runs) >= 8, "the flush to run on after failing")
+    assert caplog.text.count("_flush_usage failed") == 1 and "disk gone" in caplog.text
+
+
 def test_invalid_reload_keeps_running_config(upstream, proxy, tmp_path, caplog):
     up = upstream(json_answer(200, openai_completion()))
     path = tmp_path / "config.json"
