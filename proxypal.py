@@ -130,6 +130,9 @@ CACHED_TEXT_MAX = 512                    # longer paths and URLs are not remembe
 POOL_IDLE_PER_HOST = 128                 # idle keep-alive connections kept per upstream: up
 #   to this many requests at once to one upstream reuse theirs (with 32, 64 at once
 #   opened a new connection, a TLS handshake, for one request in ten)
+POOL_IDLE_SECONDS = 60.0                 # an upstream connection idle longer is not reused:
+#   after a laptop's sleep or a network change, or past a NAT's idle timeout, it may be
+#   dead without a word, and a request on it would wait out firstByteTimeoutSeconds
 
 CLIENT_GONE = "client disconnected"      # a request's error when its client left first
 WATCH_CLIENT_AFTER = 0.25                # a non-stream call lasting this long has its client
@@ -5551,6 +5554,7 @@ class _Link:
         self.reader, self.writer = reader, writer
         self.loop = asyncio.get_running_loop()
         self.timed_out = False
+        self.idle_since = 0.0              # when it went back to the pool
         self._limit = 0.0
         self._last = 0.0
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -5769,15 +5773,19 @@ class UpstreamClient:
     def _take(self, key: tuple) -> Optional[_Link]:
         idle = self._idle.get(key)
         while idle:
-            link = idle.pop()
-            if link.usable:
+            link = idle.pop()              # the most recently used first
+            if link.usable and link.loop.time() - link.idle_since < POOL_IDLE_SECONDS:
                 return link
             link.close()
         return None
 
     def _release(self, key: tuple, link: _Link) -> None:
         idle = self._idle.setdefault(key, [])
+        now = link.loop.time()
+        while idle and now - idle[0].idle_since >= POOL_IDLE_SECONDS:
+            idle.pop(0).close()            # the longest idle, past reuse: closed now
         if len(idle) < POOL_IDLE_PER_HOST and link.usable:
+            link.idle_since = now
             idle.append(link)
         else:
             link.close()

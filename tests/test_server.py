@@ -175,6 +175,17 @@ def test_upstream_connection_reused(upstream, proxy):
     assert len(up.all) == 5 and up.connections == 1
 
 
+def test_an_upstream_connection_idle_too_long_is_not_reused(upstream, proxy, monkeypatch):
+    """After a laptop's sleep or a network change a pooled connection may be dead without
+    a word; one idle longer than POOL_IDLE_SECONDS is closed, not written to."""
+    monkeypatch.setattr(proxypal, "POOL_IDLE_SECONDS", 0.0)     # every idle one: too old
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    for _ in range(3):
+        assert request(p, "POST", "/v1/chat/completions", chat())[0] == 200
+    assert len(up.all) == 3 and up.connections == 3
+
+
 def test_upstream_connections_are_reused_by_as_many_requests_at_once(upstream, proxy):
     """64 requests at once hold 64 upstream connections; the next 64 reuse every one of
     them (a pool that kept fewer would open new ones: a TLS handshake each)."""
