@@ -9659,10 +9659,10 @@ def start_lean(argv: Sequence[str], compiled: Any) -> None:
     and lets the console go on (start lean there with `python -m proxypal` from the
     file's folder), and not while a debugger or profiler watches this process.
     `python -m proxypal` is lean already."""
-    if os.name != "posix" or not sys.executable or (argv and argv[0] in COMMANDS[1:]) \
-            or __spec__ is not None or sys.gettrace() is not None \
-            or sys.getprofile() is not None:
-        return
+    if os.name != "posix" or not sys.executable or getattr(sys, "frozen", False) \
+            or (argv and argv[0] in COMMANDS[1:]) or __spec__ is not None \
+            or sys.gettrace() is not None or sys.getprofile() is not None:
+        return                             # (frozen: sys.executable is the app itself)
     import marshal
     import subprocess
     flags = subprocess._args_from_interpreter_flags()   # -u, -B, -X ..., -W ...: kept

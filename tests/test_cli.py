@@ -100,6 +100,30 @@ def test_serving_starts_lean_from_its_own_file_with_the_same_pid_and_flags(tmp_p
         proc.wait()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/cmdline")
+def test_a_frozen_app_serves_as_it_is(tmp_path):
+    """In a frozen app (PyInstaller and the like) sys.executable is the app itself, so
+    the lean start must not exec it: the script serves from where it is."""
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    runner = ("import sys; sys.frozen = True; sys.argv = [%r, '--config', %r, '--port', '0']; "
+              "exec(compile(open(%r).read(), %r, 'exec'), {'__name__': '__main__', "
+              "'__file__': %r, '__spec__': None})" % (SCRIPT, str(config), SCRIPT, SCRIPT, SCRIPT))
+    proc = subprocess.Popen([sys.executable, "-c", runner], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = read_banner(proc)[0].split("listening on ")[1].strip()
+        with urllib.request.urlopen(url + "/health", timeout=TIMEOUT) as resp:
+            assert json.loads(resp.read()) == {"status": "ok"}
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[2] == runner.encode()   # the same program: no exec
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_missing_config_starts_and_says_where(tmp_path):
     missing = tmp_path / "none" / "config.json"
     proc = spawn("--port", "0", env={"PROXYPAL_CONFIG": str(missing)})
