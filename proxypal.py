@@ -7402,6 +7402,9 @@ class KeepAlive:
 USAGE_FILE = "usage.jsonl"               # in the config folder, beside config.json
 USAGE_FLUSH_SECONDS = 1.0                # how stale other processes' counts may be
 USAGE_FILE_MAX = 4 * 1024 * 1024         # compacted beyond this size
+USAGE_PENDING_MAX = 1024 * 1024          # lines kept in memory while the folder refuses
+#   them (a read-only config folder: for good); beyond, the oldest go. The counts shown
+#   stay right: they are kept apart, in memory.
 USAGE_HOURLY_DAYS = 8                    # hours older than this merge into days
 USAGE_BIN = 1.2                          # latency histogram bins grow by 20%: percentiles
                                          # are exact to within 20%, at a few bytes each
@@ -7473,6 +7476,8 @@ class UsageStore:
         self._own = f',"w":"{self.tag}"'.encode()
         self.totals: Dict[Key, Dict[str, Any]] = {}
         self.pending: List[bytes] = []     # lines not written yet (the folder failed)
+        self.refused = False               # the last write failed: flush() retries
+        self.dropped = 0                   # lines beyond USAGE_PENDING_MAX, never written
         self.offset, self.identity = 0, b""
         self.compact_at = 0                # a failed compaction waits until the file grows
         self._fd, self._lock = -1, _FolderLock(folder, shared=True) if folder else None
@@ -7505,7 +7510,8 @@ class UsageStore:
                 f'"{error}":1' if error else "", *tokens, late, f'"{first}":1' if first else "",
                 self.tag, key[0], _JSON.encode(key[2]), _JSON.encode(key[3]), self.run)
         ).encode("utf-8"))
-        self._write()
+        if not self.refused:               # (else the next flush tries, not every request)
+            self._write()
 
     # -- the file --------------------------------------------------------------------
     def _write(self) -> None:
@@ -7526,16 +7532,23 @@ class UsageStore:
                                        getattr(os, "O_BINARY", 0), 0o600)
                     self._inode = os.fstat(self._fd).st_ino
                 os.write(self._fd, data)
-            self.error = ""
+            self.error, self.refused = "", False
         except OSError as exc:
             self._failed(data, exc)
 
     def _failed(self, data: bytes, exc: OSError) -> None:
+        if len(data) > USAGE_PENDING_MAX:  # refused for long: keep the newest lines
+            start = data.index(b"\n", len(data) - USAGE_PENDING_MAX) + 1
+            self.dropped += data.count(b"\n", 0, start)
+            data = data[start:]
         self.pending.insert(0, data)
-        if not self.error:
-            log.warning("usage not saved (kept in memory, retried): cannot write %s: %s",
-                        self.path, exc.strerror or exc)
-        self.error = f"cannot write {self.path}: {exc.strerror or exc}"
+        if not self.refused:
+            log.warning("usage not saved (kept in memory, retried every %gs): cannot write "
+                        "%s: %s", USAGE_FLUSH_SECONDS, self.path, exc.strerror or exc)
+        self.refused = True
+        self.error = f"cannot write {self.path}: {exc.strerror or exc}" + (
+            f" ({self.dropped} lines beyond {size_text(USAGE_PENDING_MAX)} not kept)"
+            if self.dropped else "")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -7570,11 +7583,13 @@ class UsageStore:
             return
         try:
             info = os.stat(self.path)
-        except FileNotFoundError:
-            self.totals, self.offset, self.identity = {}, 0, b""
+        except FileNotFoundError:          # removed (the counts start again), or never
+            if not self.refused:           # made: then the counts here are all there is
+                self.totals, self.offset, self.identity = {}, 0, b""
             return
         except OSError as exc:
-            self.error = f"cannot read {self.path}: {exc.strerror or exc}"
+            self.error = self.error if self.refused else \
+                f"cannot read {self.path}: {exc.strerror or exc}"
             return
         try:
             with open(self.path, "rb") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import stat
@@ -483,3 +484,39 @@ def test_a_compaction_that_cannot_write_loses_nothing_and_waits_for_the_file_to_
     store.record(record(), 0.2)                             # into the new file
     fresh = proxypal.UsageStore(str(tmp_path), clock=lambda: now[0])
     assert fresh.snapshot("all")["total"]["requests"] == hours + 1
+
+
+def test_a_folder_that_refuses_usage_lines_keeps_the_counts_and_a_bounded_backlog(
+        tmp_path, monkeypatch, caplog):
+    """A read-only config folder refuses usage.jsonl for good: the counts stay right in
+    memory, the lines wait (the newest USAGE_PENDING_MAX bytes of them) and are retried
+    by flush, not by every request, and reach the file once the folder takes them."""
+    monkeypatch.setattr(proxypal, "USAGE_PENDING_MAX", 2000)
+    real_open, read_only = os.open, [True]
+
+    def refusing_open(path, flags, *args):
+        if read_only[0] and str(path).endswith("usage.jsonl") and flags & os.O_WRONLY:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(proxypal.os, "open", refusing_open)
+    store = proxypal.UsageStore(str(tmp_path))
+    writes = []
+    real_write = proxypal.UsageStore._write
+    monkeypatch.setattr(proxypal.UsageStore, "_write", lambda self: (writes.append(1), real_write(self)))
+    with caplog.at_level(logging.WARNING, logger="proxypal"):
+        for _ in range(100):
+            store.record(record(), 0.2)
+        assert len(writes) == 1                               # refused once, then left to flush
+        store.flush()
+        store.flush()
+    assert len(writes) == 3 and caplog.text.count("usage not saved") == 1
+    assert sum(map(len, store.pending)) <= 2000 and store.dropped > 70
+    got = store.snapshot("all")
+    assert got["total"]["requests"] == 100 and got["persisted"] is False   # counted all the same
+    assert "Permission denied" in got["error"] and "not kept" in got["error"]
+    read_only[0] = False                                     # the folder takes them again
+    store.flush()
+    kept = (tmp_path / "usage.jsonl").read_text().splitlines()
+    assert len(kept) == 100 - store.dropped and store.pending == [] and not store.refused
+    store.record(record(), 0.2)                              # written at once again
+    assert len((tmp_path / "usage.jsonl").read_text().splitlines()) == len(kept) + 1
