@@ -7455,6 +7455,29 @@ def _add_bucket(into: Dict[str, Any], other: Dict[str, Any]) -> None:
 Key = Tuple[int, int, str, str, str]           # hour (or day) start, span, model, provider, run
 
 
+def _appending(path: str, fd: int, inode: int) -> Tuple[int, int]:
+    """(descriptor, inode) of `path` open for appending: `fd` while the path still names
+    its file, else the file there now (made if missing). A compaction or rotation
+    replaces the file; that is checked by path, as NFS keeps a replaced file that is open
+    linked under a .nfs name. The old descriptor is closed only once the new one opened;
+    a folder that was removed is made again."""
+    try:
+        current = os.stat(path).st_ino
+    except FileNotFoundError:
+        current = -1
+    if fd >= 0 and current == inode:
+        return fd, inode
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)
+    try:
+        new = os.open(path, flags, 0o600)
+    except FileNotFoundError:              # its folder was removed: made again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        new = os.open(path, flags, 0o600)
+    if fd >= 0:
+        os.close(fd)
+    return new, os.fstat(new).st_ino
+
+
 class UsageStore:
     """Usage per hour, model and provider: requests, errors by status, tokens (input,
     output, cached, reasoning), latency and time-to-first-byte histograms. With a folder,
@@ -7515,22 +7538,11 @@ class UsageStore:
 
     # -- the file --------------------------------------------------------------------
     def _write(self) -> None:
-        """Append the pending lines; kept for the next try when the folder refuses. A
-        compaction replaces the file: the path then names another inode than the one
-        open here (checked by path, as NFS keeps a replaced file that is open linked
-        under a .nfs name), and the new file is opened."""
+        """Append the pending lines; kept for the next try when the folder refuses."""
         data, self.pending = b"".join(self.pending), []
         try:
             with self._lock:
-                try:
-                    current = os.stat(self.path).st_ino
-                except FileNotFoundError:
-                    current = -1           # not made yet, or removed: made now
-                if self._fd < 0 or current != self._inode:
-                    self.close()
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                                       getattr(os, "O_BINARY", 0), 0o600)
-                    self._inode = os.fstat(self._fd).st_ino
+                self._fd, self._inode = _appending(self.path, self._fd, self._inode)
                 os.write(self._fd, data)
             self.error, self.refused = "", False
         except OSError as exc:
@@ -7711,6 +7723,7 @@ class Journal(logging.Handler):
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.changed: Optional[asyncio.Event] = None
         self._fd, self._lock = -1, _FolderLock(os.path.dirname(path), shared=True) if path else None
+        self._inode = -1                   # of the file open as _fd
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -7739,13 +7752,8 @@ class Journal(logging.Handler):
     def _append(self, obj: Dict[str, Any]) -> None:
         try:
             with self._lock:               # type: ignore
-                if self._fd < 0 or os.fstat(self._fd).st_ino != os.stat(self.path).st_ino:
-                    self.close()           # new, or rotated away
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._fd, self._inode = _appending(self.path, self._fd, self._inode)
                 os.write(self._fd, dumps(obj) + b"\n")
-        except FileNotFoundError:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.write(self._fd, dumps(obj) + b"\n")
         except OSError:
             pass                           # the page's view is not worth failing a request
 

@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import os
+import shutil
 import socket
 import stat
 from typing import Any, Dict
@@ -520,3 +521,36 @@ def test_a_folder_that_refuses_usage_lines_keeps_the_counts_and_a_bounded_backlo
     assert len(kept) == 100 - store.dropped and store.pending == [] and not store.refused
     store.record(record(), 0.2)                              # written at once again
     assert len((tmp_path / "usage.jsonl").read_text().splitlines()) == len(kept) + 1
+
+
+def test_the_shared_journal_never_fails_its_caller_and_follows_a_rotation(tmp_path, monkeypatch):
+    """With --workers the page's journal is a file; one that cannot be made (a read-only
+    folder) must not break the request or the log call that writes to it, and after a
+    rotation the next line goes to the new file."""
+    path = tmp_path / "logs" / "journal.jsonl"
+    journal = proxypal.Journal("w1", str(path))
+    real_open, refuse = os.open, [True]
+
+    def refusing_open(name, flags, *args, **kwargs):
+        if refuse[0] and str(name) == str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(name, flags, *args, **kwargs)
+    monkeypatch.setattr(proxypal.os, "open", refusing_open)
+    logger = logging.getLogger("proxypal.journal-test")
+    logger.addHandler(journal)
+    try:
+        journal.add_request(record(), 1.0, 2.0)              # no exception: the view waits
+        logger.warning("a log line while the folder refuses")
+        refuse[0] = False
+        journal.add_request(record(model="first"), 1.0, 2.0)
+        os.replace(path, str(path) + ".1")                   # what rotate() does
+        journal.add_request(record(model="second"), 1.0, 2.0)
+        rotated = [json.loads(line)["request"]["model"] for line in open(str(path) + ".1")]
+        current = [json.loads(line)["request"]["model"] for line in open(path)]
+        shutil.rmtree(path.parent)                           # a clean-up removed the folder
+        journal.add_request(record(model="third"), 1.0, 2.0)
+    finally:
+        logger.removeHandler(journal)
+        journal.close()
+    assert rotated == ["first"] and current == ["second"]
+    assert [json.loads(line)["request"]["model"] for line in open(path)] == ["third"]
