@@ -281,6 +281,19 @@ class SecretFilter(logging.Filter):
         return True
 
 
+def remembered(function: Callable[..., Any]) -> Callable[..., Any]:
+    """functools.lru_cache (256 calls) for a pure function of strings a client chooses
+    (a path, a model name in a URL): a call whose strings are longer than CACHED_TEXT_MAX
+    in all is worked out each time and never held. `.cache` is the lru_cache."""
+    cache = functools.lru_cache(maxsize=256)(function)
+
+    @functools.wraps(function)
+    def call(*args: str) -> Any:
+        return (cache if sum(map(len, args)) <= CACHED_TEXT_MAX else function)(*args)
+    call.cache = cache                     # type: ignore[attr-defined]
+    return call
+
+
 def size_text(size: int) -> str:
     """1048576 -> '1 MB', 1049 -> '1049 bytes': limits as a person reads them."""
     mb = size / (1024 * 1024)
@@ -5736,14 +5749,9 @@ class UpstreamResponse:
             self._link.close()
 
 
+@remembered                              # the same few URLs serve every request
 def url_parts(url: str) -> Tuple[str, str, int, str, str]:
-    """(scheme, host, port, netloc, path with query) of an upstream URL; remembered, as
-    the same few URLs serve every request (a model name is part of some)."""
-    return (_url_parts if len(url) <= CACHED_TEXT_MAX else _url_parts.__wrapped__)(url)
-
-
-@functools.lru_cache(maxsize=256)
-def _url_parts(url: str) -> Tuple[str, str, int, str, str]:
+    """(scheme, host, port, netloc, path with query) of an upstream URL."""
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
@@ -8146,14 +8154,9 @@ ENDPOINTS += [
 ]
 
 
+@remembered                              # clients ask for the same few routes
 def endpoint_for(method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
-    """dispatch() over ENDPOINTS, remembered: clients ask for the same few routes (the
-    404s and 405s it raises are not remembered)."""
-    return (_endpoint if len(path) <= CACHED_TEXT_MAX else _endpoint.__wrapped__)(method, path)
-
-
-@functools.lru_cache(maxsize=256)
-def _endpoint(method: str, path: str) -> Tuple[Endpoint, Dict[str, str]]:
+    """dispatch() over ENDPOINTS (the 404s and 405s it raises are not remembered)."""
     return dispatch(ENDPOINTS, method, path)
 
 

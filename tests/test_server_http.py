@@ -1119,9 +1119,9 @@ def test_routes_and_upstream_urls_are_remembered_only_when_short():
     than CACHED_TEXT_MAX is worked out each time and never held."""
     long_path = "/v1beta/models/" + "m" * 600 + ":generateContent"
     for cache, call, short, long in [
-            (proxypal._endpoint, lambda path: proxypal.endpoint_for("POST", path)[1]["model"],
+            (proxypal.endpoint_for.cache, lambda path: proxypal.endpoint_for("POST", path)[1]["model"],
              "/v1beta/models/cache-probe:generateContent", long_path),
-            (proxypal._url_parts, lambda url: proxypal.url_parts(url)[4],
+            (proxypal.url_parts.cache, lambda url: proxypal.url_parts(url)[4],
              "https://example.com/v1beta/models/cache-probe:streamGenerateContent?alt=sse",
              "https://example.com" + long_path + "?alt=sse")]:
         cache.cache_clear()                                # (other tests filled it)
