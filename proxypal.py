@@ -1033,34 +1033,36 @@ def scan_head(buf: bytes) -> int:
 
 def parse_request_head(head: bytes) -> Request:
     """Parse a complete head (request line, fields, blank line) into a Request."""
-    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
-    parts = lines[0].split(b" ")
+    line, _, fields = (head[:-4] if head.endswith(b"\r\n\r\n") else head).partition(b"\r\n")
+    parts = line.split(b" ")
     if len(parts) != 3 or not _METHOD.match(parts[0]) or not parts[1] \
             or _BAD_TARGET_BYTES.search(parts[1]):
-        raise WireError(f"malformed request line {printable(lines[0].decode('latin-1'), 80)!r}")
+        raise WireError(f"malformed request line {printable(line.decode('latin-1'), 80)!r}")
     version = _VERSION.match(parts[2])
     if not version:
         raise WireError(f"malformed HTTP version {printable(parts[2].decode('latin-1'), 20)!r}")
     if version.group(1) != b"1":
         raise WireError("only HTTP/1.0 and HTTP/1.1 are supported", 505)
-    if len(lines) - 1 > MAX_HEADERS:
+    if fields and fields.count(b"\r\n") >= MAX_HEADERS:
         raise WireError(f"more than {MAX_HEADERS} header fields", 431)
-    block = b"\r\n".join(lines[1:]).decode("latin-1")
+    block = fields.decode("latin-1")
     if len(block) <= MAX_HEADER_FIELD and _FIELDS.fullmatch(block):
         raw = [(name.lower(), value.strip(" \t")) for name, _, value in
                (line.partition(":") for line in block.split("\r\n") if line)]
     else:
-        raw = header_fields(lines[1:])
-    headers: Dict[str, str] = {}
-    for key, text in raw:
-        headers[key] = headers[key] + ", " + text if key in headers else text
+        raw = header_fields(fields.split(b"\r\n"))
+    headers: Dict[str, str] = dict(raw)
+    if len(headers) < len(raw):            # repeated names: their values joined in order
+        headers = {}
+        for key, text in raw:
+            headers[key] = headers[key] + ", " + text if key in headers else text
+        if sum(1 for key, _ in raw if key == "host") > 1:
+            raise WireError("more than one Host header (RFC 9112 section 3.2)")
     method = parts[0].decode("ascii")
     target = parts[1].decode("latin-1")
     http11 = version.group(2) != b"0"
     if http11 and "host" not in headers:
         raise WireError("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)")
-    if sum(1 for key, _ in raw if key == "host") > 1:
-        raise WireError("more than one Host header (RFC 9112 section 3.2)")
     conn = headers.get("connection", "").lower()
     keep_alive = ("close" not in conn) if http11 else ("keep-alive" in conn)
     path, _, query = target.partition("?")
@@ -5613,24 +5615,26 @@ class _Link:
         self.writer.transport.abort()
 
 
-_RESPONSE_VALUE_BAD = re.compile(rb"[\x00\r\n]")
-
-
 def parse_response_head(head: bytes) -> Tuple[str, int, List[Tuple[str, str]]]:
-    """(version, status, lower-case headers) of an upstream response head.
+    """(version, status, lower-case headers) of an upstream response head. A field line
+    without a name, folded (leading whitespace) or holding NUL, CR or LF (which could
+    forge a header) is left out; the rest of the head is still used.
     status-line = HTTP-version SP status-code SP [ reason-phrase ]   (RFC 9112 4)"""
-    lines = head.lstrip(b"\r\n").rstrip(b"\r\n").split(b"\r\n")   # tolerate stray CRLFs
-    parts = lines[0].decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    text = head.decode("latin-1").strip("\r\n")              # tolerate stray CRLFs
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() \
+            or not parts[1].isascii():
         raise UpstreamError(f"upstream sent a malformed status line {printable(parts[0], 60)!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if colon and name and name[:1] not in (b" ", b"\t") and \
-                not _RESPONSE_VALUE_BAD.search(value):   # a value with LF could forge a header
-            headers.append((name.decode("latin-1").strip().lower(),
-                            value.strip(b" \t").decode("latin-1")))
-    return parts[0], int(parts[1]), headers
+    fields = lines[1:]
+    if "\x00" in text or not text.count("\r") == text.count("\n") == len(fields):
+        fields = [line for line in fields if not _CONTROL_IN_FIELD.search(line)]
+    return parts[0], int(parts[1]), [
+        (name.strip().lower(), value.strip(" \t")) for name, colon, value in
+        (line.partition(":") for line in fields) if colon and name and name[0] not in " \t"]
+
+
+_CONTROL_IN_FIELD = re.compile("[\x00\r\n]")
 
 
 class UpstreamResponse:
@@ -5641,6 +5645,7 @@ class UpstreamResponse:
                  status: int, headers: List[Tuple[str, str]], req: UpstreamRequest):
         self._client, self._key, self._link, self.req = client, key, link, req
         self.status, self.headers = status, headers
+        self._first = dict(reversed(headers))   # each name's first value, for header()
         self.aborted = self.released = False
         self.done = False
         te = self.header("transfer-encoding").lower()
@@ -5657,10 +5662,7 @@ class UpstreamResponse:
         link.arm(req.read_timeout)
 
     def header(self, name: str) -> str:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return ""
+        return self._first.get(name, "")
 
     @property
     def is_event_stream(self) -> bool:

@@ -316,3 +316,40 @@ def test_response_head_and_chunk():
         proxypal.response_head(413, [], False).startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
     assert b"Connection: close" in proxypal.response_head(413, [], False)
     assert proxypal.chunk(b"hello") == b"5\r\nhello\r\n"
+
+
+UPSTREAM_HEADS = [
+    ("plain", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id:  r1 \r\n\r\n",
+     ("HTTP/1.1", 200, [("content-type", "application/json"), ("x-request-id", "r1")])),
+    ("no-reason", b"HTTP/1.0 204\r\n\r\n", ("HTTP/1.0", 204, [])),
+    ("stray-crlf", b"\r\nHTTP/1.1 503 Busy\r\nRetry-After: 5\r\n\r\n",
+     ("HTTP/1.1", 503, [("retry-after", "5")])),
+    ("repeats-kept", b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\n\r\n",
+     ("HTTP/1.1", 200, [("set-cookie", "a=1"), ("set-cookie", "b=2")])),
+    ("space-before-colon", b"HTTP/1.1 200 OK\r\nX-A : 1\r\n\r\n", ("HTTP/1.1", 200, [("x-a", "1")])),
+    ("latin-1", b"HTTP/1.1 200 OK\r\nX-Name: caf\xe9\r\n\r\n", ("HTTP/1.1", 200, [("x-name", "caf\xe9")])),
+    ("empty-value", b"HTTP/1.1 200 OK\r\nX-Empty:\r\n\r\n", ("HTTP/1.1", 200, [("x-empty", "")])),
+    # left out: no colon, no name, folded, and any line with NUL or a bare CR/LF (a bare
+    # LF could forge a second header); the lines around them are kept
+    ("no-colon", b"HTTP/1.1 200 OK\r\nJunk\r\nA: 1\r\n\r\n", ("HTTP/1.1", 200, [("a", "1")])),
+    ("no-name", b"HTTP/1.1 200 OK\r\n: v\r\nA: 1\r\n\r\n", ("HTTP/1.1", 200, [("a", "1")])),
+    ("folded", b"HTTP/1.1 200 OK\r\nA: 1\r\n  more: x\r\n\r\n", ("HTTP/1.1", 200, [("a", "1")])),
+    ("bare-lf", b"HTTP/1.1 200 OK\r\nA: 1\nSet-Cookie: x=1\r\nB: 2\r\n\r\n",
+     ("HTTP/1.1", 200, [("b", "2")])),
+    ("bare-cr", b"HTTP/1.1 200 OK\r\nA: 1\rB: 2\r\nC: 3\r\n\r\n", ("HTTP/1.1", 200, [("c", "3")])),
+    ("nul", b"HTTP/1.1 200 OK\r\nA: x\x00y\r\nC: 3\r\n\r\n", ("HTTP/1.1", 200, [("c", "3")])),
+    ("nul-in-reason", b"HTTP/1.1 200 O\x00K\r\nC: 3\r\n\r\n", ("HTTP/1.1", 200, [("c", "3")])),
+]
+
+
+@pytest.mark.parametrize("head,expected", [(h, e) for _, h, e in UPSTREAM_HEADS],
+                         ids=[n for n, _, _ in UPSTREAM_HEADS])
+def test_parse_response_head(head, expected):
+    assert proxypal.parse_response_head(head) == expected
+
+
+@pytest.mark.parametrize("head", [b"HTTP/2 200\r\n\r\n", b"HTTP/1.1\r\n\r\n", b"HTTP/1.1 OK\r\n\r\n",
+                                  b"HTTP/1.1 2\xb2 OK\r\n\r\n", b"<html>\r\n\r\n"])
+def test_parse_response_head_refuses_a_bad_status_line(head):
+    with pytest.raises(proxypal.UpstreamError, match="malformed status line"):
+        proxypal.parse_response_head(head)
