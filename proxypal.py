@@ -179,8 +179,10 @@ PROXY_SCHEMES = ("http", "socks5", "socks5h")   # outbound proxies the client sp
 # =============================================================================
 
 class ProxypalError(Exception):
-    """Base of every error the proxy raises on purpose; carries an HTTP status."""
+    """Base of every error the proxy raises on purpose; carries an HTTP status, and for
+    the formats whose errors have one, a code ("": none; None: the status's usual one)."""
     status = 500
+    code: Optional[str] = None
 
     def __init__(self, message: str, status: Optional[int] = None,
                  headers: Sequence[Tuple[str, str]] = ()):
@@ -235,11 +237,17 @@ class UpstreamError(ProxypalError):
 # =============================================================================
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # one, not one per call
+# A lone UTF-16 surrogate ("\ud83d" without its pair: JSON allows the escape, and clients
+# and upstreams send it when they cut an emoji in two) has no UTF-8 form. Encoding JSON
+# text, this error handler writes it back as the escape it came in as: it can only stand
+# inside a JSON string, so the text stays the JSON that was sent.
+JSON_ESCAPE = "backslashreplace"
 
 
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON, the way the APIs themselves send it."""
-    return _JSON.encode(obj).encode("utf-8")
+    return _JSON.encode(obj).encode("utf-8", JSON_ESCAPE)
+
 
 
 _SECRET_PATTERNS = re.compile(
@@ -314,7 +322,7 @@ def is_loopback(host: str) -> bool:
 
 
 def short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 # =============================================================================
@@ -706,8 +714,20 @@ def _parse_mappings(root: _Reader) -> Tuple[Mapping, ...]:
     return tuple(result)
 
 
+PRESENTED_KEYS = ("proxyApiKey", "apiKeys", "managementKey")   # clients send them in headers
+_KEY_TEXT = re.compile("[\x21-\x7e\xa1-\xff]*")
+
+
 def _setting(r: _Reader, setting: Setting) -> Any:
     """One top-level setting, read and checked as SETTINGS describes it."""
+    if setting.key in PRESENTED_KEYS:
+        value = r.strings(setting.key) if setting.kind is list else \
+            r.get(setting.key, str, setting.default)
+        for key in [value] if isinstance(value, str) else value:
+            if _KEY_TEXT.fullmatch(key) is None:
+                raise ConfigError(setting.key, "must be text a client can send in a header: "
+                                  "printable, without spaces or characters beyond Latin-1")
+        return tuple(value) if isinstance(value, list) else value
     if setting.kind is list:
         return r.strings(setting.key)
     if setting.low is not None:
@@ -828,7 +848,7 @@ class ConfigStore:
         """Validate and write `raw`; base_version is the version the caller edited (None:
         whatever is there). Returns (the new Config, the new version)."""
         config = parse_config(raw, path=self.path)
-        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8", JSON_ESCAPE)
         with self._lock, _FolderLock(os.path.dirname(self.path)):
             current = self.read_bytes()
             if base_version is not None and self.version_of(current) != base_version:
@@ -843,7 +863,7 @@ class ConfigStore:
         """Write a new file; False (and nothing written) when one exists already. The file
         appears whole or not at all: written aside, then linked into place."""
         parse_config(raw, path=self.path)
-        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8", JSON_ESCAPE)
         with self._lock, _FolderLock(os.path.dirname(self.path)):
             if os.path.exists(self.path):
                 return False
@@ -998,6 +1018,8 @@ _HEADER_NAME = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB allowed, CR/LF/NUL not
 _BAD_TARGET_BYTES = re.compile(rb"[\x00-\x20\x7f]")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+# Host = uri-host [ ":" port ]; uri-host = IP-literal / IPv4address / reg-name (RFC 3986 3.2.2)
+_HOST = re.compile(r"(?:\[[0-9A-Za-z:._~!$&'()*+,;=-]+\]|[0-9A-Za-z._~%!$&'()*+,;=-]*)(?::[0-9]*)?")
 # field-line = field-name ":" OWS field-value OWS (RFC 9112 section 5), checked over the
 # latin-1 text of all field lines at once: the fast path of every request.
 _FIELDS = re.compile(r"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*(?:\r\n(?!\Z)|\Z))*")
@@ -1061,11 +1083,22 @@ def parse_request_head(head: bytes) -> Request:
     method = parts[0].decode("ascii")
     target = parts[1].decode("latin-1")
     http11 = version.group(2) != b"0"
-    if http11 and "host" not in headers:
-        raise WireError("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)")
+    host = headers.get("host")
+    if host is None:
+        if http11:
+            raise WireError("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)")
+    elif _HOST.fullmatch(host) is None:
+        raise WireError(f"invalid Host header {printable(host, 60)!r} (RFC 9112 section 3.2)")
     conn = headers.get("connection", "").lower()
     keep_alive = ("close" not in conn) if http11 else ("keep-alive" in conn)
     path, _, query = target.partition("?")
+    if path.startswith(("http://", "https://")):   # absolute-form (RFC 9112 3.2.2); its
+        try:                                        # host is checked by check_target
+            parts = urllib.parse.urlsplit(target)
+            parts.port                     # (raises for a port that is not a number)
+        except ValueError:
+            raise WireError(f"invalid request target {printable(target, 60)!r}") from None
+        path, query = parts.path or "/", parts.query
     return Request(method, target, path, query, f"HTTP/1.{version.group(2).decode()}",
                    headers, raw, keep_alive)
 
@@ -1168,6 +1201,9 @@ class ChunkedDecoder:
                     break
                 line, pos = buf[pos:line_end], line_end + 2
                 if self._state == "size":
+                    if len(line) > MAX_CHUNK_LINE:   # (however it arrived: whole or not)
+                        raise WireError("invalid chunk size line: longer than "
+                                        f"{MAX_CHUNK_LINE} bytes")
                     self._size_line(line)
                 elif not line:
                     self.done, self.unused, pos = True, buf[pos:], end
@@ -1306,7 +1342,9 @@ def response_head(status: int, headers: Sequence[Tuple[str, str]], keep_alive: b
         lines.append("Connection: close")
     elif version == "HTTP/1.0":
         lines.append("Connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    # (a value with text beyond latin-1, such as a hint naming a client's model, is
+    # escaped rather than refused: the head must go out whole)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "backslashreplace")
 
 
 def chunk(data: bytes) -> bytes:
@@ -1343,20 +1381,23 @@ GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMIS
                    504: "DEADLINE_EXCEEDED"}
 
 
-def _openai_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+def _openai_error(status: int, message: str, err_type: str = "",
+                  code: Optional[str] = None) -> Dict[str, Any]:
     kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "code": OPENAI_ERROR_CODES.get(status),
-                      "param": None}}
+    return {"error": {"message": message, "type": kind, "param": None,
+                      "code": OPENAI_ERROR_CODES.get(status) if code is None else code or None}}
 
 
-def _anthropic_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+def _anthropic_error(status: int, message: str, err_type: str = "",
+                     code: Optional[str] = None) -> Dict[str, Any]:
     kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
-def _gemini_error(status: int, message: str, err_type: str = "") -> Dict[str, Any]:
+def _gemini_error(status: int, message: str, err_type: str = "",
+                  code: Optional[str] = None) -> Dict[str, Any]:
     if status == 529:                      # Anthropic's "overloaded" is Gemini's 503
         status = 503
     return {"error": {"code": status, "message": message,
@@ -1365,11 +1406,11 @@ def _gemini_error(status: int, message: str, err_type: str = "") -> Dict[str, An
 
 
 def _named_event(event: str, data: str) -> bytes:
-    return f"event: {event}\ndata: {data}\n\n".encode("utf-8")
+    return f"event: {event}\ndata: {data}\n\n".encode("utf-8", JSON_ESCAPE)
 
 
 def _data_event(event: str, data: str) -> bytes:
-    return f"data: {data}\n\n".encode("utf-8")
+    return f"data: {data}\n\n".encode("utf-8", JSON_ESCAPE)
 
 
 _OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
@@ -1447,7 +1488,7 @@ class Format:
     name: str                              # "openai", "anthropic", "gemini", "responses"
     title: str                             # for messages: "OpenAI Chat Completions"
     paths: Dict[str, str]                  # client POST path -> operation
-    error: Callable[[int, str, str], Dict[str, Any]]
+    error: Callable[..., Dict[str, Any]]   # (status, message, type, code) -> body
     encode: Callable[[str, str], bytes]    # one stream event, framed
     end_marker: str                        # what a complete stream ends with, for messages
     finished: Callable[[Sequence[bytes]], bool]   # do these last events end the stream?
@@ -1456,8 +1497,9 @@ class Format:
     abort_on_error: bool = False           # end a failed stream without the chunked body's
                                            # last chunk, so the client's HTTP layer raises
 
-    def error_body(self, status: int, message: str, err_type: str = "") -> bytes:
-        return dumps(self.error(status, message, err_type))
+    def error_body(self, status: int, message: str, err_type: str = "",
+                   code: Optional[str] = None) -> bytes:
+        return dumps(self.error(status, message, err_type, code))
 
     failure: Optional[Callable[..., bytes]] = None   # its own way to end a failed stream
 
@@ -1512,13 +1554,15 @@ def strip_amp_prefix(path: str) -> str:
     if path.startswith("/api/provider/"):
         rest = path[len("/api/provider/"):]
         slash = rest.find("/")
-        return rest[slash:] if slash >= 0 else "/"
+        if 0 <= slash < len(rest) - 1:     # (nothing after the provider: no route, not "/")
+            return rest[slash:]
     return path
 
 
-def error_body(fmt: str, status: int, message: str, err_type: str = "") -> bytes:
+def error_body(fmt: str, status: int, message: str, err_type: str = "",
+               code: Optional[str] = None) -> bytes:
     """The one renderer of every error the proxy answers, in the client's format."""
-    return FORMATS[fmt].error_body(status, message, err_type)
+    return FORMATS[fmt].error_body(status, message, err_type, code)
 
 
 def upstream_message(body: bytes) -> Tuple[str, str]:
@@ -1927,6 +1971,10 @@ def tool_args(arguments: Any) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list_or_none(value: Any) -> List[Any]:
+    return value if isinstance(value, list) else []
+
+
 def as_list(value: Any, where: str) -> List[Any]:
     if value is None:
         return []
@@ -2157,7 +2205,7 @@ def _openai_choice(body: Dict[str, Any], chat: Chat) -> None:
     if isinstance(choice, dict):
         function = choice.get("function") if isinstance(choice.get("function"), dict) else {}
         chat.tool_choice, chat.tool_name = "tool", str(function.get("name") or "")
-    elif choice in OPENAI_TOOL_CHOICES:
+    elif isinstance(choice, str) and choice in OPENAI_TOOL_CHOICES:
         chat.tool_choice = OPENAI_TOOL_CHOICES[choice]
     elif choice is not None:
         raise ClientError(f"tool_choice {choice!r} is unknown: use auto, required, none or "
@@ -2827,7 +2875,7 @@ def _anthropic_choice(choice: Any, chat: Chat) -> None:
     if choice is None:
         return
     kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind not in ANTHROPIC_CHOICES:
+    if not isinstance(kind, str) or kind not in ANTHROPIC_CHOICES:
         raise ClientError(f"tool_choice {_short(choice)} is unknown: use type auto, any, tool or none")
     chat.tool_choice = kind
     chat.tool_name = str(choice.get("name") or "") if kind == "tool" else ""
@@ -3405,12 +3453,13 @@ def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
            and k not in ("type", "properties", "items", "anyOf", "enum", "format", "required")}
     _schema_type(schema, out)
     _schema_enum(schema, out)
-    if schema.get("format") in GEMINI_SCHEMA_FORMATS:
+    if isinstance(schema.get("format"), str) and schema["format"] in GEMINI_SCHEMA_FORMATS:
         out["format"] = schema["format"]
     if isinstance(schema.get("properties"), dict) and schema["properties"]:
         out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
                              for name, sub in schema["properties"].items()}
-        required = [r for r in schema.get("required") or [] if r in out["properties"]]
+        required = [r for r in _list_or_none(schema.get("required"))
+                    if isinstance(r, str) and r in out["properties"]]
         if required:
             out["required"] = required
     items = schema.get("items")
@@ -3500,8 +3549,9 @@ def read_gemini_request(body: Dict[str, Any]) -> Chat:
     functionResponse answers the earliest unanswered call with its id, else its name."""
     chat = Chat(cap_includes_reasoning=False)
     instruction = body.get("systemInstruction") or body.get("system_instruction")
-    parts = instruction.get("parts") if isinstance(instruction, dict) else None
-    chat.system = [Text(p["text"]) for p in parts or []
+    parts = as_list(instruction.get("parts"), "systemInstruction.parts") \
+        if isinstance(instruction, dict) else []
+    chat.system = [Text(p["text"]) for p in parts
                    if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]]
     pending: List[Tuple[str, str]] = []
     for i, content in enumerate(as_list(body.get("contents"), "contents")):
@@ -4103,7 +4153,8 @@ def _responses_item(item: Dict[str, Any], where: str, names: Dict[str, str], cha
             _responses_parts(output, where + ".output") if isinstance(output, list) else []
         return [Turn("user", [ToolResult(call_id, names.get(call_id, ""), parts, where=where)])]
     if kind == "reasoning":
-        texts = [p.get("text") for p in (item.get("summary") or []) + (item.get("content") or [])
+        texts = [p.get("text") for p in as_list(item.get("summary"), where + ".summary")
+                 + as_list(item.get("content"), where + ".content")
                  if isinstance(p, dict) and isinstance(p.get("text"), str)]
         origin, value, redacted = uncarry(item.get("encrypted_content"), "responses")
         return [Turn("assistant", [Reasoning("\n".join(texts), value, origin, redacted)])]
@@ -4207,7 +4258,7 @@ def _responses_settings(body: Dict[str, Any], chat: Chat) -> None:
             chat.tool_choice = {"required": "any"}.get(choice.get("mode"), "auto")
         else:
             chat.tool_choice = "auto"
-    elif choice in OPENAI_TOOL_CHOICES:
+    elif isinstance(choice, str) and choice in OPENAI_TOOL_CHOICES:
         chat.tool_choice = OPENAI_TOOL_CHOICES[choice]
     if isinstance(body.get("parallel_tool_calls"), bool):
         chat.parallel = body["parallel_tool_calls"]
@@ -4873,17 +4924,17 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
     """For a same-format relay: opaque values another format made (tagged pp1:) and
     thinking without a signature (made from another provider's reasoning) cannot be
     verified by this upstream, so they go. True if the body changed."""
-    changed = False
-    if fmt == "anthropic":
-        for message in body.get("messages") or ():
+    changed = False                        # (a body of the wrong shape goes on as it is: the
+    if fmt == "anthropic":                 # upstream says what is wrong with it)
+        for message in _list_or_none(body.get("messages")):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
                 kept = [b for b in content if not _foreign_thinking(b)]
                 changed |= len(kept) != len(content)
                 message["content"] = kept
     elif fmt == "gemini":
-        for content in body.get("contents") or ():
-            for part in (content.get("parts") or ()) if isinstance(content, dict) else ():
+        for content in _list_or_none(body.get("contents")):
+            for part in _list_or_none(content.get("parts") if isinstance(content, dict) else None):
                 value = part.get("thoughtSignature") if isinstance(part, dict) else None
                 if isinstance(value, str) and value.startswith(OPAQUE_TAG):
                     del part["thoughtSignature"]
@@ -6377,7 +6428,10 @@ class Connection:
         self.reader.feed_eof()              # ...so its pending read can end now
 
     async def _read(self) -> bytes:
-        data = await self.reader.read(READ_SIZE)
+        try:
+            data = await self.reader.read(READ_SIZE)
+        except (ConnectionError, OSError):  # a reset: the client is gone, as after a close
+            data = b""
         if not data and not self.expired:
             self.eof = True
         return data
@@ -6505,7 +6559,8 @@ class Connection:
 
 def error_reply(call: Call, exc: ProxypalError) -> Reply:
     call.record.error = exc.message
-    return Reply(exc.status, error_body(call.fmt, exc.status, exc.message), exc.headers)
+    return Reply(exc.status, error_body(call.fmt, exc.status, exc.message, code=exc.code),
+                 exc.headers)
 
 
 # -- 10.2 Endpoints and dispatch ----------------------------------------------------
@@ -6551,12 +6606,15 @@ def dispatch(endpoints: Sequence[Endpoint], method: str, path: str) -> Tuple[End
 def no_route(method: str, path: str) -> ClientError:
     if path.rstrip("/") in ("/chat/completions", "/messages", "/models", "/embeddings",
                             "/responses"):
-        return ClientError(f"no such route {method} {printable(path, 80)}: set your client's base "
-                           "URL to http://HOST:PORT/v1 for OpenAI clients, or http://HOST:PORT "
-                           "(no /v1) for Anthropic clients", 404)
-    return ClientError(f"no such route {method} {printable(path, 80)}; this proxy serves "
-                       "POST /v1/chat/completions, POST /v1/messages, GET /v1/models and the "
-                       "Gemini /v1beta routes", 404)
+        error = ClientError(f"no such route {method} {printable(path, 80)}: set your client's "
+                            "base URL to http://HOST:PORT/v1 for OpenAI clients, or "
+                            "http://HOST:PORT (no /v1) for Anthropic clients", 404)
+    else:
+        error = ClientError(f"no such route {method} {printable(path, 80)}; this proxy serves "
+                            "POST /v1/chat/completions, POST /v1/messages, GET /v1/models and "
+                            "the Gemini /v1beta routes", 404)
+    error.code = ""                        # a wrong URL, not a model OpenAI lacks
+    return error
 
 
 def presented_key(req: Request) -> str:
@@ -6574,10 +6632,10 @@ def presented_key(req: Request) -> str:
 
 def key_matches(key: str, accepted: Sequence[str]) -> bool:
     """Constant-time comparison against every accepted key."""
-    given = key.encode("utf-8")
+    given = key.encode("utf-8", "surrogatepass")
     found = False
     for candidate in accepted:
-        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
+        found |= hmac.compare_digest(given, candidate.encode("utf-8", "surrogatepass"))
     return found
 
 
@@ -7542,7 +7600,7 @@ class UsageStore:
             '"t":%d,"s":3600,"m":%s,"p":%s,"run":"%s"}\n' % (
                 f'"{error}":1' if error else "", *tokens, late, f'"{first}":1' if first else "",
                 self.tag, key[0], _JSON.encode(key[2]), _JSON.encode(key[3]), self.run)
-        ).encode("utf-8"))
+        ).encode("utf-8", JSON_ESCAPE))
         if not self.refused:               # (else the next flush tries, not every request)
             self._write()
 
@@ -7950,7 +8008,7 @@ async def entry_upstream(server: "Server", call: Call) -> "Upstream":
     validated as the file's entries are (ConfigError names the field)."""
     body = await management_body(call)
     kind, entry = body.get("list"), body.get("entry")
-    if kind not in CREDENTIAL_LISTS:
+    if not isinstance(kind, str) or kind not in CREDENTIAL_LISTS:
         raise ConfigError("list", "must be " + ", ".join(CREDENTIAL_LISTS))
     cred = _parse_credential(CREDENTIAL_LISTS[kind], entry, f"{kind}[new]")
     config = dataclasses.replace(call.config, credentials=(cred,))
@@ -8970,7 +9028,7 @@ def request_log_entry(record: Record, now: Optional[float] = None,
 
 def guess_path(buf: bytes) -> str:
     """The path of a request whose head could not be parsed, to answer in its format."""
-    match = re.match(rb"[A-Z]{3,7} (/[^ ?\r\n]{0,200})", buf)
+    match = re.match(rb"[A-Z]{3,7} (?:https?://[^/ ?\r\n]*)?(/[^ ?\r\n]{0,200})", buf)
     return match.group(1).decode("latin-1") if match else "/"
 
 
@@ -8992,7 +9050,6 @@ def check_target(req: Request, own_host: str) -> None:
             raise WireError(f"absolute-form request for another host "
                             f"{printable(parts.hostname or '', 60)!r} is refused: proxypal "
                             "is not a forward proxy")
-        req.path, req.query = parts.path or "/", parts.query
     elif not req.target.startswith("/") and not (req.method == "OPTIONS" and req.target == "*"):
         raise WireError(f"invalid request target {printable(req.target, 60)!r}")
 
@@ -9562,7 +9619,8 @@ def setup_logging(config: Config) -> None:
         each = config.logs_max_total_size_mb * 1024 * 1024 // (LOG_FILE_BACKUPS + 1)
         handlers.append(logging.handlers.RotatingFileHandler(
             os.path.join(folder, "proxypal.log"), maxBytes=max(each, 64 * 1024),
-            backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+            backupCount=LOG_FILE_BACKUPS, encoding="utf-8",
+            **({"errors": "backslashreplace"} if sys.version_info >= (3, 9) else {})))
     for handler in handlers:
         handler.setFormatter(formatter)
     global LOGGING_OWNED

@@ -216,6 +216,7 @@ BAD_CHUNKED = [
     ("long-burst-over-limit", chunked_body(EVENTS), 413),
     ("over-limit-in-small-chunks", b"3\r\nabc\r\n" * 40 + b"0\r\n\r\n", 413),
     ("missing-crlf-after-whole-chunks", b"1\r\na\r\n1\r\nbXX0\r\n\r\n", 400),
+    ("size-line-over-limit", b"5;" + b"ext=val;" * 600 + b"x\r\nhello\r\n0\r\n\r\n", 400),
 ]
 
 

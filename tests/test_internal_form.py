@@ -288,3 +288,80 @@ def test_carry_and_uncarry_are_inverses():
 ])
 def test_event_object_is_one_json_object_or_none(data, expected):
     assert proxypal.event_object(data) == expected
+
+
+# A Responses request with every kind of input item the reader knows.
+RESPONSES_REQUEST = {
+    "model": "gpt-x", "instructions": "Be terse.", "stream": True,
+    "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"},
+                                     {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}"},
+                                     {"type": "input_file", "filename": "a.pdf", "file_data": "JVBE"}]},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Paris."}],
+         "encrypted_content": "gAAA"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+         "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+        {"type": "custom_tool_call", "call_id": "call_2", "name": "patch", "input": "x"},
+        {"type": "custom_tool_call_output", "call_id": "call_2",
+         "output": [{"type": "input_text", "text": "ok"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hi"}]}],
+    "tools": [{"type": "function", "name": "get_weather", "parameters": SCHEMA},
+              {"type": "custom", "name": "patch", "description": "Patch"},
+              {"type": "web_search"}],
+    "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": False,
+    "reasoning": {"effort": "high", "summary": "auto"}, "max_output_tokens": 300,
+    "text": {"format": {"type": "json_schema", "name": "w", "schema": SCHEMA}},
+    "temperature": 0.5, "top_p": 0.9, "user": "u1", "prompt_cache_key": "k",
+}
+WRONG_TYPES = [None, True, 7, 1.5, "x", [], {}, [1], [{}], {"a": []}]
+
+
+def paths(value: Any, at: Tuple[Any, ...] = ()):
+    yield at
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from paths(item, at + (key,))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from paths(item, at + (i,))
+
+
+def replaced(value: Any, at: Tuple[Any, ...], new: Any) -> Any:
+    if not at:
+        return new
+    copy = json.loads(json.dumps(value))
+    holder = copy
+    for key in at[:-1]:
+        holder = holder[key]
+    holder[at[-1]] = new
+    return copy
+
+
+@pytest.mark.parametrize("fmt", ["anthropic", "openai", "gemini", "responses"])
+def test_a_field_of_any_wrong_type_is_a_client_error_never_a_crash(fmt):
+    """Every field of a full request, replaced by every JSON type, read for every upstream
+    format as the server reads it: the request is used or refused with a ClientError
+    (a 400 in the client's format); nothing else may escape (it would be a 500)."""
+    base = RESPONSES_REQUEST if fmt == "responses" else REQUESTS[fmt]
+    crashes = []
+    for at in paths(base):
+        if not at:
+            continue
+        for new in WRONG_TYPES:
+            body = replaced(base, at, new)
+            for upstream in sorted(CODECS):
+                translator = proxypal.TRANSLATORS[(fmt, upstream)]
+                try:
+                    proxypal.session_key(proxypal.Request("POST", "/", "/", "", "HTTP/1.1", {}, [], True), body)
+                    proxypal.local_count(fmt, body)
+                    if translator.passthrough:
+                        proxypal.foreign_reasoning_dropped(fmt, body)
+                    else:
+                        translator.write(translator.read(body))
+                except proxypal.ClientError:
+                    pass
+                except Exception as exc:
+                    crashes.append(f"{fmt}->{upstream} {'.'.join(map(str, at))}={new!r}: "
+                                   f"{type(exc).__name__}: {exc}")
+    assert not crashes, f"{len(crashes)} crashes, e.g.:\n" + "\n".join(crashes[:15])

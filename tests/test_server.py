@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -807,3 +808,88 @@ def test_translator_bug_ends_stream_with_error_and_closes_upstream(upstream, pro
     assert b"internal error in proxypal (RuntimeError)" in events[-1]
     assert closed.wait(TIMEOUT)
     assert request(p, "GET", "/health", key=None)[0] == 200
+
+
+# -- client input that once escaped as a 500 ---------------------------------------------
+
+def test_a_lone_surrogate_is_quoted_in_a_400_or_sent_on_as_its_escape(upstream, proxy):
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which has no UTF-8 form. An error
+    quoting it is still answered (it went out as nothing at all), and a translated request
+    carries it on as the escape it came as (it was a 500)."""
+    up = upstream(json_answer(200, openai_completion("m")))
+    running = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, body = request(running, "POST", "/v1/chat/completions",
+                              b'{"model":"m","stream":"\\ud800","messages":[]}')
+    assert status == 400
+    assert b'got \\"\\ud800\\"' in body     # the escape, inside the JSON message
+    assert json.loads(body)["error"]["message"].endswith('got "\ud800"')
+    raw = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"a\\ud83d"}]}'
+    status, _, body = request(running, "POST", "/v1/messages", raw, headers=ANTHROPIC_HEADERS)
+    assert status == 200, body
+    assert json.loads(body)["type"] == "message"
+    sent = up.last().body
+    assert b'"a\\ud83d"' in sent
+    assert json.loads(sent)["messages"][0]["content"] == "a\ud83d"
+
+
+@pytest.mark.parametrize("path,body,fmt", [
+    ("/v1/messages", {"model": "m", "max_tokens": 5, "messages": [], "tool_choice": {"type": []}},
+     "anthropic"),
+    ("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": True}, "anthropic"),
+    ("/v1/chat/completions", {"model": "claude-x", "messages": [{"role": "user", "content": "hi"}],
+                              "tool_choice": []}, "openai"),
+    ("/v1/responses", {"model": "m", "input": "hi", "tool_choice": []}, "openai"),
+    ("/v1/responses", {"model": "m", "input": [{"type": "reasoning", "summary": 1}]}, "openai"),
+    ("/v1beta/models/m:generateContent", {"contents": [], "systemInstruction": {"parts": 1}},
+     "gemini"),
+])
+def test_a_field_of_the_wrong_type_is_a_400_in_the_clients_format(upstream, proxy, path, body, fmt):
+    up = upstream(json_answer(200, openai_completion("m")))
+    running = proxy({"ampOpenaiProviders": [openai_provider(up.url)],
+                     "claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["claude-x"]}]})
+    status, _, raw = request(running, "POST", path, body, headers=ANTHROPIC_HEADERS)
+    answer = json.loads(raw)
+    if status == 200:                      # relayed as it came, or the field is optional
+        return                             # and left out: either way, not a 500
+    assert status == 400, raw
+    assert (answer["type"] == "error") if fmt == "anthropic" else \
+        (answer["error"]["status"] == "INVALID_ARGUMENT") if fmt == "gemini" else \
+        (answer["error"]["type"] == "invalid_request_error")
+
+
+def test_a_wrong_url_is_a_404_without_the_code_of_a_missing_model(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion("m")))
+    running = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, body = request(running, "POST", "/v1/nope", chat())
+    assert status == 404 and json.loads(body)["error"]["code"] is None
+    status, _, body = request(running, "POST", "/v1/chat/completions", chat("not-served"))
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    for path in ("/api/provider/openai", "/api/provider/openai/"):   # Amp's prefix, no route
+        status, _, body = request(running, "GET", path)
+        assert status == 404, (path, body[:80])
+    status, _, body = request(running, "POST", "/api/provider/openai/v1/chat/completions", chat())
+    assert status == 200
+
+
+def test_a_client_that_resets_mid_body_is_a_client_error_not_a_500(upstream, proxy):
+    up = upstream(json_answer(200, openai_completion("m")))
+    running = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    body = json.dumps(chat()).encode()
+    sock = socket.create_connection(("127.0.0.1", running.port), timeout=TIMEOUT)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 b"proxypal-local\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:-5])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()                           # SO_LINGER 0: a reset, not a close
+    key = {"x-management-key": running.server.management_key}
+
+    def logged():
+        status, _, answer = request(running, "GET", "/v0/management/requests", key=None,
+                                    headers=key)
+        assert status == 200
+        return [r for r in json.loads(answer)["requests"] if r["path"] == "/v1/chat/completions"]
+    deadline = time.monotonic() + TIMEOUT
+    while not logged() and time.monotonic() < deadline:
+        time.sleep(0.02)                   # (the server notices the reset on its own time)
+    [entry] = logged()
+    assert entry["status"] == 400 and "closed after" in entry["error"], entry
+    assert up.all == []

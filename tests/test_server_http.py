@@ -779,6 +779,12 @@ BAD_TARGETS = [
                  id="absolute-form-userinfo-trick"),
     pytest.param(build("POST", "http://127.0.0.1.evil.example" + CHAT, [AUTH], OPENAI_BODY),
                  id="absolute-form-loopback-lookalike"),
+    pytest.param(build("POST", "http://[::1" + CHAT, [AUTH], OPENAI_BODY),
+                 id="absolute-form-unclosed-ipv6"),
+    pytest.param(build("POST", "http://127.0.0.1:port" + CHAT, [AUTH], OPENAI_BODY),
+                 id="absolute-form-port-not-a-number"),
+    pytest.param(raw_post(b"").replace(b"Host: x", b"Host: a b@c"), id="host-with-space-and-at"),
+    pytest.param(raw_post(b"").replace(b"Host: x", b"Host: [::1"), id="host-unclosed-ipv6"),
 ]
 
 MALFORMED = BAD_FRAMING + BAD_CHUNKS + BAD_HEADS + BAD_LENGTHS + BAD_TARGETS
@@ -820,6 +826,11 @@ def test_connect_is_refused_and_closed(env, target):
                  MESSAGES, id="bad-chunk-size"),
     pytest.param(build("POST", MESSAGES, [AUTH, ("Content-Length", "abc")], b"hello"),
                  MESSAGES, id="non-numeric-content-length"),
+    # absolute-form (RFC 9112 3.2.2): the format is its path's, as in origin-form
+    pytest.param(build("POST", "http://127.0.0.1" + MESSAGES, [AUTH, TE], b"zz\r\n"),
+                 MESSAGES, id="absolute-form-bad-chunk-size"),
+    pytest.param(b"POST http://127.0.0.1/v1/messages HTTP/1.1\r\nHost: x\r\nX-A: \x00\r\n\r\n",
+                 MESSAGES, id="absolute-form-unparsable-head"),
 ])
 def test_malformed_anthropic_request_is_refused_in_anthropic_format(env, data, path):
     with Client(env.port) as client:
