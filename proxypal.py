@@ -125,6 +125,7 @@ DEFAULT_READ_TIMEOUT = 300.0             # silence between two chunks of one res
 READ_SIZE = 64 * 1024                    # one socket read
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than this is refused
 MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
+MAX_STREAM_EVENT = MAX_UPSTREAM_BODY     # one stream event is held whole: as large as an answer
 CACHED_TEXT_MAX = 512                    # longer paths and URLs are not remembered: a
 #   cache of strings clients choose must stay small (256 entries of this at most)
 POOL_IDLE_PER_HOST = 128                 # idle keep-alive connections kept per upstream: up
@@ -1283,9 +1284,36 @@ class SSESplitter:
 
     def __init__(self) -> None:
         self.rest = b""                      # the start of an event still arriving
+        self._held: List[bytes] = []         # ...and its later reads, not joined yet
+        self._size = 0
+
+    def holds(self, data: bytes) -> bool:
+        """True when `data` only lengthens an event still arriving (no blank line can end
+        in it): kept aside, so that a long event costs one join at its end rather than one
+        per read. Refuses an event over MAX_STREAM_EVENT."""
+        if not (self.rest or self._held):
+            return False
+        before = (self._held[-1] if self._held else self.rest)[-1:]
+        if b"\r" in data or before == b"\r" or b"\n\n" in data \
+                or (before == b"\n" and data[:1] == b"\n"):
+            return False
+        self._held.append(data)
+        self._size += len(data)
+        if len(self.rest) + self._size > MAX_STREAM_EVENT:
+            raise UpstreamError(f"upstream sent a stream event over {size_text(MAX_STREAM_EVENT)} "
+                                "without its end")
+        return True
+
+    def pending(self, data: bytes) -> bytes:
+        """What has arrived of the events not yet split off, with `data`."""
+        if self._held:
+            self.rest, self._held, self._size = b"".join([self.rest, *self._held]), [], 0
+        return self.rest + data if self.rest else data
 
     def feed(self, data: bytes) -> List[bytes]:
-        buf = self.rest + data if self.rest else data
+        if self.holds(data):
+            return []
+        buf = self.pending(data)
         if b"\r" not in buf:              # LF only, as nearly every upstream: one split
             *whole, self.rest = buf.split(b"\n\n")
             return [event + b"\n\n" for event in whole]
@@ -1303,7 +1331,7 @@ class SSESplitter:
 
     def close(self) -> List[bytes]:
         """At end of stream: a final event left without its blank line, if any."""
-        rest, self.rest = self.rest, b""
+        rest, self.rest = self.pending(b""), b""
         return [rest] if rest.strip() else []
 
 
@@ -1423,7 +1451,8 @@ _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 def _responses_failure(status: int, message: str, last: bytes = b"") -> bytes:
     """A relayed Responses stream that failed: error, then response.failed (what Codex
-    acts on), numbered after the last event relayed."""
+    acts on), numbered after the last event relayed; only response.failed when that last
+    event was the upstream's own error."""
     found = _SEQUENCE.findall(last)
     seq = int(found[-1]) + 1 if found else 0
     code = "rate_limit_exceeded" if status == 429 else "server_error"
@@ -1431,6 +1460,9 @@ def _responses_failure(status: int, message: str, last: bytes = b"") -> bytes:
     failed = {"type": "response.failed", "sequence_number": seq + 1, "response": {
         "id": "resp_proxypal", "object": "response", "status": "failed",
         "error": {"code": code, "message": message}, "output": [], "usage": None}}
+    if last.startswith((b"event: error\n", b"event:error\n")):     # said already
+        failed["sequence_number"] = seq
+        return _named_event("response.failed", dumps(failed).decode())
     return _named_event("error", dumps(error).decode()) + \
         _named_event("response.failed", dumps(failed).decode())
 
@@ -4963,7 +4995,9 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
         splitter = self._splitter
-        buf = splitter.rest + data if splitter.rest else data
+        if splitter.holds(data):
+            return []
+        buf = splitter.pending(data)
         if b"\r" not in buf:              # the common case: no loop over events here
             end = buf.rfind(b"\n\n") + 2
             text = buf[:end].decode("utf-8", "replace") if end > 1 else ""
@@ -4972,7 +5006,8 @@ class SSEDecoder:
                 splitter.rest = buf[end:] if end > 1 else buf
                 return [(event or "message", value)
                         for event, value in zip(parts[1::3], parts[2::3])]
-        return [e for e in map(parse_sse_event, splitter.feed(data)) if e]
+        splitter.rest = b""
+        return [e for e in map(parse_sse_event, splitter.feed(buf)) if e]
 
     def close(self) -> List[Tuple[str, str]]:
         return [e for e in map(parse_sse_event, self._splitter.close()) if e]
@@ -5015,6 +5050,18 @@ class EventRelay:
         return [("error", json_text(self.fmt.error(status, named(self.provider, message), "")))]
 
 
+def check_opening(event: str, data: str) -> None:
+    """A stream whose first event is an error (Anthropic's overloaded_error inside a 200)
+    failed before anything reached the client: an UpstreamError, so that the client gets
+    an HTTP error, or the next credential its turn."""
+    if event == "error" or data.lstrip().startswith('{"error"'):
+        obj = event_object(data)
+        status, message = stream_error_of(obj) if obj and isinstance(obj.get("error"), dict) \
+            else (502, printable(str(obj.get("message")) if obj and obj.get("message")
+                                 else data, 200))
+        raise UpstreamError(message, status, failover=status in FAILOVER_STATUSES)
+
+
 class StreamPipe:
     """Upstream stream bytes in, client stream bytes out: a decoder (SSE, or Bedrock's
     event stream), a reader of the upstream's events feeding a writer of the client's,
@@ -5029,12 +5076,8 @@ class StreamPipe:
     def first(self, data: bytes) -> bytes:
         """The first bytes: an error event before anything else is an HTTP error instead."""
         events = self.decoder.feed(data)
-        if events and (events[0][0] == "error" or events[0][1].lstrip().startswith('{"error"')):
-            try:
-                status, message = stream_error_of(json.loads(events[0][1]))
-            except (ValueError, AttributeError):
-                status, message = 502, printable(events[0][1], 200)
-            raise UpstreamError(message, status, failover=status in FAILOVER_STATUSES)
+        if events:
+            check_opening(*events[0])
         return self._out(events)
 
     def feed(self, data: bytes) -> bytes:
@@ -5053,6 +5096,11 @@ class StreamPipe:
     @property
     def failed(self) -> bool:
         return self.writer.failed
+
+    @property
+    def complete(self) -> bool:
+        """The client's stream has had its last event."""
+        return self.writer.done and not self.writer.failed
 
     def committed(self) -> None:
         """The client's stream was opened before the upstream answered: a relayed
@@ -5655,8 +5703,11 @@ class _Link:
 
     @property
     def usable(self) -> bool:
-        """An idle connection the server has not closed (EOF arrives as at_eof)."""
-        return not self.writer.transport.is_closing() and not self.reader.at_eof()
+        """An idle connection the server has not closed (EOF arrives as at_eof), holding no
+        bytes nobody asked for: bytes past the body (a wrong Content-Length), or sent while
+        it was idle (a 408 before a close), would be read as the next request's answer."""
+        return not self.writer.transport.is_closing() and not self.reader.at_eof() \
+            and not self.reader._buffer         # (asyncio has no public peek at it)
 
     def close(self) -> None:
         if self._timer is not None:
@@ -7013,8 +7064,14 @@ class ModelCall:
                     continue
             try:
                 return await self.answer(attempt, resp)
-            except UpstreamError as exc:
+            except UpstreamError as exc:   # nothing of this answer reached the client yet
                 resp.abort()
+                if exc.status in FAILOVER_STATUSES:     # (an overloaded_error as a 200
+                    self.server.balancer.cool(cred, exc.status, None)   # stream's first event)
+                if more and exc.failover:
+                    last_error = exc
+                    log.warning("%s: %s; trying the next credential", cred.label, exc.message)
+                    continue
                 raise UpstreamError(f"{cred.name}: {exc.message}", exc.status, cred.name,
                                     ureq.url) from None
             except BaseException:          # cancelled, or a bug: the upstream stops too
@@ -7029,6 +7086,10 @@ class ModelCall:
         content_type = resp.header("content-type").split(";")[0].strip().lower()
         decoder = attempt.upstream.decoder(content_type)
         headers = passed_headers(resp, attempt.upstream.name)
+        if decoder is not None and not self.stream:
+            raise UpstreamError(f"answered a request without stream: true with a stream "
+                                f"({content_type}), which this proxy does not gather into one "
+                                "answer: check the provider's settings, or ask for a stream")
         if decoder is not None:
             pipe = self.pipe_made = self.pipe(attempt, decoder)
             data = await resp.read1()
@@ -7198,7 +7259,10 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
                 committing.stop()
         if isinstance(reply, StreamReply):
             await relay(call, reply)
-        elif call.started:             # committed: the answer goes in the stream
+        elif call.started and reply.status < 400:   # committed, and answered whole (an
+            call.record.status = reply.status        # upstream that ignored stream: true):
+            finish_stream(call, reply.body, False)   # its events, replayed, end the stream
+        elif call.started:             # committed: the error goes in the stream
             fail_call(call, ProxypalError(upstream_message(reply.body)[0], reply.status))
         else:
             return reply
@@ -7287,11 +7351,25 @@ class RelayPipe:
     def usage(self) -> Tokens:
         return self.tokens
 
+    @property
+    def complete(self) -> bool:
+        """The client's stream has had its last event."""
+        return not self.failed and self.fmt.finished(self.recent)
+
     def committed(self) -> None:
         self.skip = [f"event: {name}\n".encode("ascii") for name in self.fmt.opening]
 
     def first(self, data: bytes) -> bytes:
-        return self.feed(data)
+        out, start = self.feed(data), 0
+        while True:                        # the first event that is not a comment
+            end = _SSE_BOUNDARY.search(out, start)
+            if end is None:
+                return out
+            parsed = parse_sse_event(out[start:end.end()])
+            if parsed:
+                check_opening(*parsed)
+                return out
+            start = end.end()
 
     def feed(self, data: bytes) -> bytes:
         """The complete events of what arrived, as one piece. The common case (LF line
@@ -7299,7 +7377,9 @@ class RelayPipe:
         the ones that mention usage are looked at: a burst of hundreds of events costs
         a few scans, not a parse each."""
         splitter = self.splitter
-        buf = splitter.rest + data if splitter.rest else data
+        if splitter.holds(data):
+            return b""
+        buf = splitter.pending(data)
         if self.skip or b"\r" in buf:
             splitter.rest = b""
             return self._feed_events(buf)
@@ -7334,6 +7414,12 @@ class RelayPipe:
                 out, self.recent = tail + b"\n\n", (self.recent + [tail])[-3:]
         if self.fmt.finished(self.recent):
             return out
+        said = parse_sse_event(self.recent[-1]) if self.recent else None
+        obj = event_object(said[1]) if said and said[0] == "error" else None
+        if obj:                            # the upstream's own error event ended it: its words
+            status, message = stream_error_of(obj) if isinstance(obj.get("error"), dict) \
+                else (502, str(obj.get("message") or said[1]))
+            return out + self.fail(status, message)
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def _skipped(self, event: bytes) -> bool:
@@ -7381,7 +7467,13 @@ async def relay(call: Call, reply: StreamReply) -> None:
         resp.release()
     except UpstreamError as exc:
         resp.abort()
-        record.error, call.keep_alive = exc.message, False
+        call.keep_alive = False
+        if exc.status != 499 and pipe.complete:     # broke after the last event: the
+            log.warning("%s: after the stream's end: %s", record.id, exc.message)  # client
+            record.count(pipe.usage)                # has the whole answer, and ends it well
+            finish_stream(call, b"", False)
+            return
+        record.error = exc.message
         if exc.status != 499:
             last = pipe.fail(exc.status, exc.message)
             record.count(pipe.usage)

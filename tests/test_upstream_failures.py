@@ -1090,3 +1090,153 @@ def test_a_non_stream_client_that_leaves_stops_the_upstream_request(rig, client,
     if how == "half-close":
         sock.close()
     alive(p)
+
+
+# -- bytes nobody asked for, stream answers to plain requests, ends after the end ---------
+
+@pytest.mark.parametrize("extra", ["second-answer-behind-the-body", "408-while-idle"])
+def test_a_pooled_connection_with_unasked_bytes_is_never_reused(rig, extra):
+    """Bytes past an answer's body (a wrong Content-Length, a second answer) or sent while
+    the connection sat idle (a 408 before a close) must not become the next request's
+    answer: such a connection goes, and the next request gets its own answer."""
+    stale = json.dumps(openai_completion("m", "STALE")).encode()
+    sent_late = threading.Event()
+
+    def handler(peer, req):
+        if peer.conn_no > 1:
+            return normal(peer, req)
+        if extra == "second-answer-behind-the-body":
+            peer.send(full_answer(req) + head(200, (("Content-Type", "application/json"),
+                                                    ("Content-Length", str(len(stale))))) + stale)
+        else:
+            peer.send(full_answer(req))
+            peer.send(head(408, (("Connection", "close"), ("Content-Length", "15")),
+                           "Request Timeout") + b"Request Timeout")
+            sent_late.set()
+            peer.wait_closed()
+    p, raw = rig(handler)
+    assert_ok_answer("openai", *ask(p, "openai", "m")[::2])
+    if extra == "408-while-idle":
+        assert sent_late.wait(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while not p.call(_buffered(p)) and time.monotonic() < deadline:
+            time.sleep(0.01)                # (the loop reads the late bytes on its own time)
+    for client in ("openai", "anthropic"):
+        status, _, body = ask(p, client, "m")
+        assert_ok_answer(client, status, body)
+    assert raw.connections >= 2 and [r.conn_no for r in raw.all][1:] != [1, 1]
+
+
+async def _buffered(p: Any) -> bool:
+    """Some pooled connection holds bytes it was sent while idle."""
+    return any(link.reader._buffer for links in p.server.client._idle.values() for link in links)
+
+
+@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
+def test_a_stream_answering_a_plain_request_is_a_clear_502_and_the_upstream_closed(rig, client,
+                                                                                    kind):
+    closed = threading.Event()
+
+    def handler(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in first_events(req)))
+        if peer.wait_closed():
+            closed.set()
+    p, _ = rig(handler)
+    status, _, body = ask(p, client, MODEL[kind])
+    assert status == 502 and "stream" in error_message(client, body)
+    assert PROVIDER[kind] in error_message(client, body)
+    assert closed.wait(TIMEOUT)                 # not left generating until readTimeoutSeconds
+    alive(p)
+
+
+@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
+def test_a_committed_stream_answered_whole_gets_the_answer_as_events(rig, client, kind):
+    """firstByteCommitSeconds opened the client's stream; the upstream then ignores
+    stream: true and answers with one JSON body: its content is replayed into the open
+    stream, which ends as a complete stream (it was an error event holding SSE text)."""
+    def handler(peer, req):
+        time.sleep(SHORT * 3)                   # past the commit
+        peer.send(full_answer(req))
+    p, _ = rig(handler, firstByteCommitSeconds=SHORT)
+    status, _, body = ask(p, client, MODEL[kind], stream=True)
+    assert status == 200
+    assert_complete_stream(client, body)
+    alive(p)
+
+
+@pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
+@pytest.mark.parametrize("how", ["close-without-last-chunk", "reset"])
+def test_a_failure_after_the_streams_last_event_leaves_the_stream_complete(rig, client, kind, how):
+    def handler(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in stream_events(req)))
+        peer.close() if how == "close-without-last-chunk" else peer.reset()
+    p, _ = rig(handler)
+    status, _, body = ask(p, client, MODEL[kind], stream=True)
+    assert status == 200
+    assert_complete_stream(client, body)
+    alive(p)
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_an_error_as_a_streams_first_event_fails_over_to_the_next_credential(proxy, raw_upstream,
+                                                                            client):
+    """Anthropic documents overloaded_error arriving inside a 200 stream; before anything
+    went to the client, it is the next credential's turn, as for a 529 status."""
+    overloaded = (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+                  b'"message":"Overloaded"}}\n\n')
+
+    def busy(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + chunk(overloaded) + b"0\r\n\r\n")
+    first, second = raw_upstream(busy), raw_upstream(normal)
+    p = proxy({"requestRetry": 1, "routingStrategy": "fill-first", "claudeApiKeys": [
+        {"name": "First", "apiKey": "k1", "baseUrl": first.url, "models": ["c"]},
+        {"name": "Second", "apiKey": "k2", "baseUrl": second.url, "models": ["c"]}]})
+    status, _, body = ask(p, client, "c", stream=True)
+    assert status == 200
+    assert_complete_stream(client, body)
+    assert len(first.all) == 1 and len(second.all) == 1
+
+
+def test_a_responses_relay_ended_by_the_upstreams_error_fails_with_its_words(proxy, raw_upstream):
+    """A Responses stream whose upstream stopped at its own error event: one
+    response.failed (what Codex acts on) with the upstream's words, numbered after it; not a
+    second error, nor a message about a missing response.completed."""
+    events = [b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+              b'"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n',
+              b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+              b'"sequence_number":1,"item_id":"m1","output_index":0,"content_index":0,"delta":"Hel"}\n\n',
+              b'event: error\ndata: {"type":"error","sequence_number":2,"code":"server_error",'
+              b'"message":"boom","param":null}\n\n']
+
+    def handler(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+    raw = raw_upstream(handler)
+    p = proxy({"ampOpenaiProviders": [{"name": "RawResponses", "baseUrl": raw.url + "/v1",
+                                       "apiKey": "k", "models": ["r"], "wireApi": "responses"}]})
+    status, _, body = request(p, "POST", "/v1/responses", {"model": "r", "input": "Hello",
+                                                           "stream": True})
+    assert status == 200 and raw.last().path == "/v1/responses"
+    got = events_of(body)
+    assert [e for e, _ in got].count("error") == 1, got
+    assert got[-1][0] == "response.failed"
+    assert "boom" in got[-1][1]["response"]["error"]["message"]
+    assert got[-1][1]["sequence_number"] == 3
+
+
+def test_a_stream_event_over_the_limit_ends_the_stream(rig, monkeypatch):
+    import proxypal
+    monkeypatch.setattr(proxypal, "MAX_STREAM_EVENT", 64 * 1024)
+
+    def handler(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + chunk(first_events(req)[0]))
+        piece = b"x" * 16384
+        peer.send(chunk(b'data: {"id":"c1","choices":[{"delta":{"content":"'))
+        for _ in range(8):
+            if not peer.send(chunk(piece)):
+                return
+        peer.wait_closed()
+    p, _ = rig(handler)
+    status, _, body = ask(p, "openai", "m", stream=True)
+    assert status == 200
+    assert "stream event over 65536 bytes" in stream_error("openai", body)["message"]
+    alive(p)
