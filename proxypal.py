@@ -1148,7 +1148,7 @@ def body_framing(req: Request) -> Tuple[str, int]:
 # chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ( token / quoted-string ) ] )
 _CHUNK_LINE = re.compile(
     rb'^([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*[!#$%&\'*+\-.^_`|~0-9A-Za-z]+'
-    rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~])*"))?)*)[ \t]*$')
+    rb'(?:[ \t]*=[ \t]*(?:[!#$%&\'*+\-.^_`|~0-9A-Za-z]+|"(?:[^"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t -~\x80-\xff])*"))?)*)[ \t]*\Z')
 
 
 _HEX_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})")
@@ -1224,7 +1224,8 @@ class ChunkedDecoder:
         parts = (buf[pos:] if pos else buf).split(b"\r\n")
         pairs = (len(parts) - 1) // 2
         sizes = parts[0:2 * pairs:2]
-        if not pairs or not _HEX_SIZES.fullmatch(b",".join(sizes)):
+        joined = b",".join(sizes)
+        if not pairs or not _HEX_SIZES.fullmatch(joined) or joined.count(b",") != pairs - 1:
             self._split = pairs == 0
             return pos
         numbers = list(map(int, sizes, itertools.repeat(16)))
@@ -1291,6 +1292,8 @@ class SSESplitter:
         """True when `data` only lengthens an event still arriving (no blank line can end
         in it): kept aside, so that a long event costs one join at its end rather than one
         per read. Refuses an event over MAX_STREAM_EVENT."""
+        if not data:
+            return True                      # nothing arrived: nothing to split
         if not (self.rest or self._held):
             return False
         before = (self._held[-1] if self._held else self.rest)[-1:]
@@ -1352,7 +1355,7 @@ def parse_sse_event(block: bytes) -> Optional[Tuple[str, str]]:
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "event":
-            event = value
+            event = value or "message"     # (an empty type is "message": WHATWG dispatch)
         elif name == "data":
             data.append(value)
     return (event, "\n".join(data)) if data else None
@@ -5026,19 +5029,20 @@ class EventRelay:
         self.skip: List[str] = []
         self.recent: List[bytes] = []
         self.usage: Optional[Usage] = None
+        self._tokens = NO_TOKENS
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         if self.done or not event:
             return []
+        if '"usage' in data:               # (each event says some counts: they add up)
+            self._tokens = tokens = merged_tokens(self._tokens, usage_counts(event_object(data)))
+            self.usage = Usage(tokens[0] or 0, tokens[2] or 0, output=tokens[1] or 0,
+                               reasoning=tokens[3] or 0)
         if event in self.skip:             # the commit sent its own opening events
             self.skip.remove(event)
             return []
         self.started = True
         self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
-        if '"usage' in data:
-            tokens = usage_counts(json.loads(data))
-            self.usage = Usage(tokens[0] or 0, tokens[2] or 0, output=tokens[1] or 0,
-                               reasoning=tokens[3] or 0)
         self.done = self.fmt.finished(self.recent)
         return [(event, data)]
 
@@ -7334,6 +7338,12 @@ def complete_json(data: str) -> bool:
     return True
 
 
+def _is_event(block: bytes) -> bool:
+    """A block that is an event: not blank lines alone, nor a comment."""
+    block = block.lstrip(b"\r\n")
+    return bool(block) and not (block[:1] == b":" and b"data" not in block)
+
+
 class RelayPipe:
     """Same format on both sides: SSE bytes relayed event by event, untouched; each
     complete event goes out as soon as it arrived. A stream that ends without its
@@ -7357,7 +7367,7 @@ class RelayPipe:
         return not self.failed and self.fmt.finished(self.recent)
 
     def committed(self) -> None:
-        self.skip = [f"event: {name}\n".encode("ascii") for name in self.fmt.opening]
+        self.skip = list(self.fmt.opening)
 
     def first(self, data: bytes) -> bytes:
         out, start = self.feed(data), 0
@@ -7395,16 +7405,15 @@ class RelayPipe:
 
     def _feed_events(self, buf: bytes) -> bytes:
         events = self.splitter.feed(buf)
-        if self.skip and events:
-            events = [e for e in events if not self._skipped(e)]
-        real = [e for e in events if not (e[:1] == b":" and b"data" not in e)]   # no comments
-        if real:
-            self.recent = (self.recent + real)[-3:]
-        out = b"".join(events)
-        found = stream_usage(out)
+        found = stream_usage(b"".join(events))       # (a skipped opening has input tokens)
         if found != NO_TOKENS:
             self.tokens = merged_tokens(self.tokens, found)
-        return out
+        if self.skip and events:
+            events = [e for e in events if not self._skipped(e)]
+        real = [e for e in events if _is_event(e)]
+        if real:
+            self.recent = (self.recent + real)[-3:]
+        return b"".join(events)
 
     def close(self) -> bytes:
         out = b""
@@ -7412,6 +7421,7 @@ class RelayPipe:
             parsed = parse_sse_event(tail)
             if parsed and complete_json(parsed[1]):
                 out, self.recent = tail + b"\n\n", (self.recent + [tail])[-3:]
+                self.tokens = merged_tokens(self.tokens, stream_usage(tail))
         if self.fmt.finished(self.recent):
             return out
         said = parse_sse_event(self.recent[-1]) if self.recent else None
@@ -7423,10 +7433,10 @@ class RelayPipe:
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def _skipped(self, event: bytes) -> bool:
-        for marker in self.skip:
-            if event.startswith(marker):
-                self.skip.remove(marker)
-                return True
+        parsed = parse_sse_event(event) if self.skip else None
+        if parsed and parsed[0] in self.skip:
+            self.skip.remove(parsed[0])
+            return True
         return False
 
     def fail(self, status: int, message: str) -> bytes:

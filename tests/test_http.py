@@ -2,6 +2,8 @@
 decoding and SSE splitting, each decoder fed whole, bytewise and cut everywhere."""
 from __future__ import annotations
 
+from typing import List
+
 import pytest
 
 from helpers import feed_all_ways, proxypal, splits
@@ -182,6 +184,7 @@ CHUNKED = [
     ("trailers", b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abc", b""),
     ("pipelined-rest", b"3\r\nabc\r\n0\r\n\r\nGET / HTTP/1.1\r\n", b"abc", b"GET / HTTP/1.1\r\n"),
     ("burst-with-extension", b"1\r\na\r\n2\r\nbc\r\n3;x=y\r\ndef\r\n1\r\ng\r\n0\r\n\r\n", b"abcdefg", b""),
+    ("quoted-pair-obs-text", b'3;y="\\\x80"\r\nabc\r\n0\r\n\r\n', b"abc", b""),   # RFC 9110 5.6.4
     ("long-burst", chunked_body(EVENTS), b"".join(EVENTS), b""),
     ("long-burst-crlf-in-data", chunked_body(CRLF_EVENTS), b"".join(CRLF_EVENTS), b""),
     ("long-burst-upper-hex-and-zeros", chunked_body(EVENTS, lambda n: b"00%X" % n),
@@ -216,6 +219,9 @@ BAD_CHUNKED = [
     ("long-burst-over-limit", chunked_body(EVENTS), 413),
     ("over-limit-in-small-chunks", b"3\r\nabc\r\n" * 40 + b"0\r\n\r\n", 413),
     ("missing-crlf-after-whole-chunks", b"1\r\na\r\n1\r\nbXX0\r\n\r\n", 400),
+    ("comma-in-a-size-of-a-burst", b"1,1\r\n" + b"q" * 2100 + b"\r\n0\r\n\r\n", 400),
+    ("lf-before-the-crlf-of-a-size", b"5\n\r\nhello\r\n0\r\n\r\n", 400),
+    ("lf-before-the-crlf-of-the-last-size", b"0\n\r\n\r\n", 400),
     ("size-line-over-limit", b"5;" + b"ext=val;" * 600 + b"x\r\nhello\r\n0\r\n\r\n", 400),
 ]
 
@@ -275,6 +281,7 @@ SSE_DECODED = [
     ("id-first", b"id: 7\ndata: x\n\n", [("message", "x")]),
     ("extra-blank-lines", b"data: a\n\n\n\ndata: b\n\n\n", [("message", "a"), ("message", "b")]),
     ("no-space", b"data:x\n\nevent:y\ndata:\n\n", [("message", "x"), ("y", "")]),
+    ("empty-event-field", b"event:\r\ndata: x\r\n\r\nevent\ndata: y\n\n", [("message", "x"), ("message", "y")]),
     ("bom", b"\xef\xbb\xbfdata: bom\n\n", [("message", "bom")]),
     ("utf8-and-invalid", "data: h\u00e9llo\n\ndata: \xff\n\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"),
      [("message", "h\u00e9llo"), ("message", "\ufffd")]),
@@ -354,3 +361,70 @@ def test_parse_response_head(head, expected):
 def test_parse_response_head_refuses_a_bad_status_line(head):
     with pytest.raises(proxypal.UpstreamError, match="malformed status line"):
         proxypal.parse_response_head(head)
+
+
+def relay_all(data: bytes, pieces: List[bytes], committed: bool = False):
+    pipe = proxypal.RelayPipe("anthropic", "p")
+    if committed:
+        pipe.committed()
+    out = pipe.first(pieces[0]) + b"".join(pipe.feed(piece) for piece in pieces[1:])
+    return out + pipe.close(), pipe
+
+
+ANTHROPIC_CRLF = (b'event: message_start\r\ndata: {"type":"message_start","message":{"id":"m",'
+                  b'"usage":{"input_tokens":10,"output_tokens":1}}}\r\n\r\n'
+                  b'event: content_block_delta\r\ndata: {"type":"content_block_delta","index":0,'
+                  b'"delta":{"type":"text_delta","text":"Hi"}}\r\n\r\n'
+                  b'event: message_delta\r\ndata: {"type":"message_delta","delta":{"stop_reason":'
+                  b'"end_turn"},"usage":{"output_tokens":7}}\r\n\r\n'
+                  b'event: message_stop\r\ndata: {"type":"message_stop"}\r\n\r\n')
+
+
+@pytest.mark.parametrize("after", [b"\r\n\r\n", b"\r\n\r\n: ping\r\n\r\n", b"\r\n" * 7])
+def test_a_finished_relayed_stream_stays_finished_whatever_blank_lines_follow(after):
+    data = ANTHROPIC_CRLF + after
+    for pieces in list(splits(data))[:40]:
+        out, pipe = relay_all(data, pieces)
+        assert b"event: error" not in out and not pipe.failed, pieces
+        assert out.startswith(ANTHROPIC_CRLF)
+
+
+@pytest.mark.parametrize("form", ["crlf", "no-space", "lf"])
+def test_a_committed_relay_drops_the_upstreams_opening_once_and_still_counts_its_usage(form):
+    data = ANTHROPIC_CRLF
+    if form == "no-space":
+        data = data.replace(b"event: ", b"event:")
+    elif form == "lf":
+        data = data.replace(b"\r\n", b"\n")
+    out, pipe = relay_all(data, [data], committed=True)
+    assert b"message_start" not in out and b"message_stop" in out
+    assert pipe.usage[:2] == (10, 7) and not pipe.failed
+
+
+def test_a_last_event_without_its_blank_line_is_counted_too():
+    data = (b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":4}}\n')
+    pipe = proxypal.RelayPipe("openai", "p")
+    out = pipe.first(data) + pipe.close()
+    assert out == data + b"\n\n"            # relayed whole, a blank line to end it
+    assert pipe.usage[:2] == (10, 4)
+
+
+def test_an_empty_read_changes_nothing():
+    for pieces in ([b"data: a\n", b"", b"\n"], [b"event:ping\n", b"", b"\ndata: x\n\n"]):
+        whole = proxypal.SSEDecoder().feed(b"".join(pieces))
+        decoder = proxypal.SSEDecoder()
+        assert [e for piece in pieces for e in decoder.feed(piece)] == whole, pieces
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_relayed_events_add_up_their_usage_even_the_ones_a_commit_drops(committed):
+    """Bedrock's frames to an Anthropic client: message_start says the input tokens,
+    message_delta the output ones; neither erases the other, a dropped opening included."""
+    relay = proxypal.EventRelay("anthropic")
+    if committed:
+        relay.skip = list(relay.fmt.opening)
+    relay.feed("message_start", '{"type":"message_start","message":{"usage":{"input_tokens":10,'
+                                '"output_tokens":1}}}')
+    relay.feed("message_delta", '{"type":"message_delta","usage":{"output_tokens":7}}')
+    assert (relay.usage.input, relay.usage.output) == (10, 7)
