@@ -250,7 +250,6 @@ def dumps(obj: Any) -> bytes:
     return _JSON.encode(obj).encode("utf-8", JSON_ESCAPE)
 
 
-
 _SECRET_PATTERNS = re.compile(
     r"(?i)((?:authorization|proxy-authorization)\s*[:=]\s*(?:bearer|basic)?\s*"
     r"|(?:x-api-key|x-goog-api-key|api-key|x-management-key|x-amz-secret-key"
@@ -716,7 +715,7 @@ def _parse_mappings(root: _Reader) -> Tuple[Mapping, ...]:
 
 
 PRESENTED_KEYS = ("proxyApiKey", "apiKeys", "managementKey")   # clients send them in headers
-_KEY_TEXT = re.compile("[\x21-\x7e\xa1-\xff]*")
+_KEY_TEXT = re.compile("(?:[\x21-\x7e\xa1-\xff](?:[\x20-\x7e\xa0-\xff]*[\x21-\x7e\xa1-\xff])?)?")
 
 
 def _setting(r: _Reader, setting: Setting) -> Any:
@@ -727,7 +726,7 @@ def _setting(r: _Reader, setting: Setting) -> Any:
         for key in [value] if isinstance(value, str) else value:
             if _KEY_TEXT.fullmatch(key) is None:
                 raise ConfigError(setting.key, "must be text a client can send in a header: "
-                                  "printable, without spaces or characters beyond Latin-1")
+                                  "printable Latin-1, without spaces at either end")
         return tuple(value) if isinstance(value, list) else value
     if setting.kind is list:
         return r.strings(setting.key)
@@ -1095,11 +1094,11 @@ def parse_request_head(head: bytes) -> Request:
     path, _, query = target.partition("?")
     if path.startswith(("http://", "https://")):   # absolute-form (RFC 9112 3.2.2); its
         try:                                        # host is checked by check_target
-            parts = urllib.parse.urlsplit(target)
-            parts.port                     # (raises for a port that is not a number)
+            url = urllib.parse.urlsplit(target)
+            url.port                       # (raises for a port that is not a number)
         except ValueError:
             raise WireError(f"invalid request target {printable(target, 60)!r}") from None
-        path, query = parts.path or "/", parts.query
+        path, query = url.path or "/", url.query
     return Request(method, target, path, query, f"HTTP/1.{version.group(2).decode()}",
                    headers, raw, keep_alive)
 
@@ -2006,7 +2005,7 @@ def tool_args(arguments: Any) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _list_or_none(value: Any) -> List[Any]:
+def _list_or_empty(value: Any) -> List[Any]:
     return value if isinstance(value, list) else []
 
 
@@ -3493,7 +3492,7 @@ def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
     if isinstance(schema.get("properties"), dict) and schema["properties"]:
         out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
                              for name, sub in schema["properties"].items()}
-        required = [r for r in _list_or_none(schema.get("required"))
+        required = [r for r in _list_or_empty(schema.get("required"))
                     if isinstance(r, str) and r in out["properties"]]
         if required:
             out["required"] = required
@@ -4961,15 +4960,15 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
     verified by this upstream, so they go. True if the body changed."""
     changed = False                        # (a body of the wrong shape goes on as it is: the
     if fmt == "anthropic":                 # upstream says what is wrong with it)
-        for message in _list_or_none(body.get("messages")):
+        for message in _list_or_empty(body.get("messages")):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
                 kept = [b for b in content if not _foreign_thinking(b)]
                 changed |= len(kept) != len(content)
                 message["content"] = kept
     elif fmt == "gemini":
-        for content in _list_or_none(body.get("contents")):
-            for part in _list_or_none(content.get("parts") if isinstance(content, dict) else None):
+        for content in _list_or_empty(body.get("contents")):
+            for part in _list_or_empty(content.get("parts") if isinstance(content, dict) else None):
                 value = part.get("thoughtSignature") if isinstance(part, dict) else None
                 if isinstance(value, str) and value.startswith(OPAQUE_TAG):
                     del part["thoughtSignature"]

@@ -115,7 +115,7 @@ ERRORS = [
     ("proxy-url", {"proxyUrl": "ftp://x"}, 'proxyUrl: must be a URL starting with http:// or socks5://'),
     ("root-type", [], "must be an object, got a list"),
     # keys clients present in headers: text a header can carry
-    ("key-space", {"proxyApiKey": "my key"}, "proxyApiKey: must be text a client can send"),
+    ("key-space-at-an-end", {"proxyApiKey": "my key "}, "proxyApiKey: must be text a client can send"),
     ("key-surrogate", {"managementKey": "pp-\ud800"}, "managementKey: must be text a client can send"),
     ("key-beyond-latin-1", {"apiKeys": ["ok", "ключ"]}, "apiKeys: must be text a client can send"),
     ("key-control", {"managementKey": "a\tb"}, "managementKey: must be text a client can send"),
