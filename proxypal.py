@@ -430,6 +430,13 @@ class Credential:
     def label(self) -> str:
         return f"'{self.name}' ({self.path})"
 
+    @property
+    def secrets(self) -> Tuple[str, ...]:
+        """What must never be shown: its key, secret headers, passwords in its URLs."""
+        return tuple(s for s in (self.api_key, _url_password(self.proxy_url),
+                                 _url_password(self.base_url),
+                                 *(v for k, v in self.headers if _is_secret_header(k))) if s)
+
 
 @dataclasses.dataclass(frozen=True)
 class Mapping:
@@ -480,9 +487,7 @@ class Config:
         found = [self.management_key, self.proxy_password]
         found += [k for k in self.local_keys if k != DEFAULT_LOCAL_KEY]
         for cred in self.credentials:
-            found.append(cred.api_key)
-            found += [v for k, v in cred.headers if _is_secret_header(k)]
-            found.append(_url_password(cred.proxy_url))
+            found += cred.secrets
         found.append(_url_password(self.proxy_url))
         return tuple(sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True))
 
@@ -502,6 +507,9 @@ def _url_password(url: str) -> str:
 
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "a whole number",
                float: "a number", list: "a list", dict: "an object"}
+SECRET_KEYS = frozenset({"apiKey", "apiKeys", "proxyApiKey", "managementKey", "proxyPassword",
+                         "proxyUrl", "baseUrl"})      # their values are never echoed in errors
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Reader:
@@ -534,7 +542,11 @@ class _Reader:
             except OverflowError:
                 raise self.fail(key, f"is far too large: {_short(value)}") from None
         if not ok:
-            raise self.fail(key, f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)} {_short(value)}")
+            shown = "" if key in SECRET_KEYS else " " + _short(value)
+            raise self.fail(key, f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)}{shown}")
+        if kind is str and _SURROGATE.search(value):
+            raise self.fail(key, "holds a lone UTF-16 surrogate (half of an emoji?), which is "
+                                 "not text")
         if required and kind is str and not value.strip():
             raise self.fail(key, "must not be empty")
         return value
@@ -548,8 +560,10 @@ class _Reader:
     def strings(self, key: str) -> Tuple[str, ...]:
         items = self.get(key, list, [])
         for i, item in enumerate(items):
-            if not isinstance(item, str):
-                raise ConfigError(f"{self.at(key)}[{i}]", f"must be a string, got {_json_type(item)}")
+            if not isinstance(item, str) or _SURROGATE.search(item):
+                raise ConfigError(f"{self.at(key)}[{i}]", "must be a string of text, got "
+                                  + ("a lone UTF-16 surrogate" if isinstance(item, str)
+                                     else _json_type(item)))
         return tuple(items)
 
 
@@ -571,15 +585,35 @@ def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
     def fail(message: str) -> ConfigError:
         return ConfigError(path, f'"{key}" {message}', f"{path}.{key}") if path \
             else ConfigError(key, message)
+    shown = re.sub(r"//[^/@]*@", "//***@", value)   # (no user name or password echoed)
     try:
         parts = urllib.parse.urlsplit(value.strip())
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError as exc:
-        raise fail(f"is not a valid URL: {value!r} ({exc})") from None
+        raise fail(f"is not a valid URL: {shown!r} ({exc})") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise fail(f'must be a URL starting with {" or ".join(s + "://" for s in schemes)}, '
-                   f"got {value!r}")
+                   f"got {shown!r}")
+    if not _valid_host(parts.hostname):
+        raise fail(f"names no host a connection can be made to: {printable(parts.hostname, 80)!r}")
     return value.strip()
+
+
+def _valid_host(host: str) -> bool:
+    """An IP literal, or a name DNS can carry (IDNA: labels of at most 63 characters)."""
+    if ":" in host:
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+            return True
+        except ValueError:
+            return False
+    if not host or re.search(r"[\s\x00-\x1f\x7f\\/?#@\ud800-\udfff]", host):
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def _parse_headers(reader: _Reader) -> Tuple[Tuple[str, str], ...]:
@@ -591,8 +625,9 @@ def _parse_headers(reader: _Reader) -> Tuple[Tuple[str, str], ...]:
             raise ConfigError(where, f"{name!r} is not a valid header name")
         if not isinstance(value, str):
             raise ConfigError(where, f'"{name}" must be a string, got {_json_type(value)}')
-        if _BAD_HEADER_TEXT.search(value):
-            raise ConfigError(where, f'"{name}" must not contain line breaks or control characters')
+        if _BAD_HEADER_TEXT.search(value) or _SURROGATE.search(value):
+            raise ConfigError(where, f'"{name}" must not contain line breaks, control characters '
+                                     "or lone UTF-16 surrogates")
         result.append((name, value.strip()))
     return tuple(result)
 
@@ -760,9 +795,22 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
             (values["proxy_api_key"],) + tuple(values["api_keys"]):
         raise ConfigError("managementKey", "must differ from proxyApiKey and apiKeys: the "
                                            "clients' key must not open the management page")
-    return Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
-                  path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
-                  raw=raw)
+    if not _valid_host(values["host"].strip("[]")):
+        raise ConfigError("host", f"must be an IP address or a host name, got "
+                                  f"{printable(values['host'], 80)!r}")
+    config = Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
+                    path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
+                    raw=raw)
+    check_exposure(config, config.host)    # (a save that the next start would refuse)
+    return config
+
+
+def check_exposure(config: Config, host: str) -> None:
+    """Refuse to listen beyond loopback when the only key is the public default."""
+    if not is_loopback(host) and DEFAULT_LOCAL_KEY in config.local_keys:
+        raise ConfigError("host", f"{host!r} is reachable from other machines, but the public "
+                                  f"default key {DEFAULT_LOCAL_KEY!r} is accepted: "
+                                  'set "proxyApiKey" to a secret of your own')
 
 
 def default_config_path(environ: Optional[Dict[str, str]] = None,
@@ -882,7 +930,9 @@ class ConfigStore:
 
     @staticmethod
     def write_file(path: str, data: bytes) -> None:
-        """Write aside in the same folder, fsync, rename into place: whole, old or new."""
+        """Write aside in the same folder, fsync, rename into place: whole, old or new. A
+        symbolic link (a dotfiles setup) is followed: its target gets the new text."""
+        path = os.path.realpath(path)
         folder = os.path.dirname(path)
         try:
             os.makedirs(folder, exist_ok=True)
@@ -6743,8 +6793,8 @@ def cors_headers(req: Request, config: Config) -> List[Tuple[str, str]]:
     """CORS for browser clients. With the public default key only loopback pages may
     call the proxy, so a web page cannot spend the user's upstream keys."""
     origin = req.header("origin")
-    if not origin or not origin_allowed(origin, config):
-        return []
+    if not origin or not origin_allowed(origin, config) or req.path.startswith("/v0/management/"):
+        return []                          # (the page is same-origin: its API needs no CORS)
     return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
             ("Access-Control-Expose-Headers", "request-id, x-request-id, retry-after")]
 
@@ -8031,7 +8081,8 @@ async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> 
         cool = server.balancer.cooldowns.get(cred.key)
         last = latest.get(cred.name, {})
         providers.append({
-            "name": cred.name, "entry": cred.path, "kind": cred.dialect, "base_url": cred.base_url,
+            "name": cred.name, "entry": cred.path, "kind": cred.dialect,
+            "base_url": mask_secrets(cred.base_url, cred.secrets),
             "models": len(cred.models),
             "requests": since_start["providers"].get(cred.name, {}).get("requests", 0),
             "last_status": last.get("status"), "last_error": last.get("error"),
@@ -8159,9 +8210,10 @@ async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
                    else f"HTTP {status}: {upstream_message(body)[0]}")
             hint = upstream.hint(status, req.url, body, name, name)
             why += f" ({hint})" if hint else ""
-        rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
+        rows.append({"provider": cred.name, "entry": cred.path,
+                     "base_url": mask_secrets(cred.base_url, cred.secrets),
                      "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
-                     "detail": mask_secrets(why, (cred.api_key,)) if why else ""})
+                     "detail": mask_secrets(why, cred.secrets) if why else ""})
     return rows
 
 
@@ -8200,12 +8252,12 @@ async def handle_fetch_models(server: "Server", call: Call, params: Dict[str, st
         return management_error(504, f"{req.url} gave no answer within "
                                      f"{MANAGEMENT_PROBE_TIMEOUT:g}s")
     except UpstreamError as exc:
-        return management_error(502, mask_secrets(exc.message, (cred.api_key,)))
+        return management_error(502, mask_secrets(exc.message, cred.secrets))
     listed = listed_models(data) if resp.status == 200 else None
     if listed is None:
         hint = upstream.hint(resp.status, req.url, data, "", "")
         why = f"HTTP {resp.status}: {upstream_message(data)[0]}" + (f" ({hint})" if hint else "")
-        return management_error(502, mask_secrets(f"{req.url} answered {why}", (cred.api_key,)))
+        return management_error(502, mask_secrets(f"{req.url} answered {why}", cred.secrets))
     return json_reply({"models": sorted(listed)})
 
 
@@ -8241,7 +8293,9 @@ async def handle_routes(server: "Server", call: Call, params: Dict[str, str]) ->
 
 async def handle_requests(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
     """The request log of the last REQUEST_RING requests, newest first."""
-    return json_reply({"requests": server.journal.recent_requests()})
+    text = dumps({"requests": server.journal.recent_requests()}).decode("utf-8")
+    return Reply(200, mask_secrets(text, server.setup.config.secrets, patterns=False).encode(
+        "utf-8"), MANAGEMENT_HEADERS)
 
 
 async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
@@ -9131,14 +9185,6 @@ def guess_path(buf: bytes) -> str:
     """The path of a request whose head could not be parsed, to answer in its format."""
     match = re.match(rb"[A-Z]{3,7} (?:https?://[^/ ?\r\n]*)?(/[^ ?\r\n]{0,200})", buf)
     return match.group(1).decode("latin-1") if match else "/"
-
-
-def check_exposure(config: Config, host: str) -> None:
-    """Refuse to listen beyond loopback when the only key is the public default."""
-    if not is_loopback(host) and DEFAULT_LOCAL_KEY in config.local_keys:
-        raise ConfigError("host", f"{host!r} is reachable from other machines, but the public "
-                                  f"default key {DEFAULT_LOCAL_KEY!r} is accepted: "
-                                  'set "proxyApiKey" to a secret of your own')
 
 
 def check_target(req: Request, own_host: str) -> None:

@@ -116,7 +116,24 @@ ERRORS = [
     ("root-type", [], "must be an object, got a list"),
     # keys clients present in headers: text a header can carry
     ("key-space-at-an-end", {"proxyApiKey": "my key "}, "proxyApiKey: must be text a client can send"),
-    ("key-surrogate", {"managementKey": "pp-\ud800"}, "managementKey: must be text a client can send"),
+    ("key-surrogate", {"managementKey": "pp-\ud800"}, "managementKey: holds a lone UTF-16 surrogate"),
+    # text that cannot go on the wire, and hosts nothing can connect to
+    ("api-key-surrogate", {"claudeApiKeys": [{"apiKey": "sk-\ud83d"}]},
+     'claudeApiKeys[0]: "apiKey" holds a lone UTF-16 surrogate'),
+    ("header-surrogate", {"claudeApiKeys": [{"apiKey": "a", "headers": {"X": "\udc00"}}]},
+     'claudeApiKeys[0].headers: "X" must not contain line breaks, control characters or lone'),
+    ("host-label-too-long", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://" + "a" * 64 + ".com/v1",
+                                                     "models": ["m"]}]},
+     'ampOpenaiProviders[0]: "baseUrl" names no host a connection can be made to'),
+    ("host-nul", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://\x00x/v1", "models": ["m"]}]},
+     'ampOpenaiProviders[0]: "baseUrl" names no host'),
+    ("host-space", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://a b/v1", "models": ["m"]}]},
+     'ampOpenaiProviders[0]: "baseUrl" names no host'),
+    ("listen-host-nul", {"host": "h\x00"}, "host: must be an IP address or a host name"),
+    ("listen-host-public-with-default-key", {"host": "0.0.0.0"}, "host: '0.0.0.0' is reachable"),
+    # secrets are never echoed back in an error
+    ("password-type", {"proxyPassword": ["sk-NEW-secret"]}, "proxyPassword: must be a string, got a list"),
+    ("url-password", {"proxyUrl": "ftp://u:sk-NEW-secret@h"}, "got 'ftp://***@h'"),
     ("key-beyond-latin-1", {"apiKeys": ["ok", "ключ"]}, "apiKeys: must be text a client can send"),
     ("key-control", {"managementKey": "a\tb"}, "managementKey: must be text a client can send"),
 ]
@@ -321,3 +338,31 @@ def test_create_never_overwrites(tmp_path):
     assert store.create({"port": 2}) is False
     assert json.loads(path.read_text()) == {"port": 1}
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("raw", [
+    {"proxyPassword": ["sk-NEW-secret"]}, {"proxyApiKey": ["sk-NEW-secret"]},
+    {"apiKeys": "sk-NEW-secret"}, {"proxyUrl": "ftp://u:sk-NEW-secret@h"},
+    {"claudeApiKeys": [{"apiKey": ["sk-NEW-secret"]}]},
+    {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://u:sk-NEW-secret@h:xx/v1", "models": []}]},
+])
+def test_a_config_error_never_shows_a_secret(raw):
+    with pytest.raises(ConfigError) as info:
+        proxypal.parse_config(raw)
+    assert "sk-NEW-secret" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="symbolic links")
+def test_a_save_through_a_symbolic_link_writes_its_target(tmp_path):
+    """A dotfiles setup links config.json to a file kept elsewhere: the link stays, the
+    file it names gets the save."""
+    (tmp_path / "dotfiles").mkdir()
+    target = tmp_path / "dotfiles" / "proxypal.json"
+    target.write_text(json.dumps({"port": 8317, "theme": "dark"}))
+    link = tmp_path / "config.json"
+    os.symlink(target, link)
+    store = proxypal.ConfigStore(str(link))
+    raw, version = store.read()
+    store.save(dict(raw, port=9000), version)
+    assert os.path.islink(link)
+    assert json.loads(target.read_text()) == {"port": 9000, "theme": "dark"}

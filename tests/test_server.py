@@ -669,11 +669,15 @@ def test_foreign_web_page_refused_with_public_key(upstream, proxy):
 
 
 def test_public_host_refused_while_default_key_accepted():
-    config = proxypal.parse_config({"host": "0.0.0.0", "apiKeys": ["private-one"]})
+    """In the file (a save the next start would refuse is refused at once), and as --host."""
     with pytest.raises(proxypal.ConfigError) as info:
-        proxypal.Server(config)
+        proxypal.parse_config({"host": "0.0.0.0", "apiKeys": ["private-one"]})
+    assert "proxyApiKey" in str(info.value) and info.value.field == "host"
+    with pytest.raises(proxypal.ConfigError) as info:
+        proxypal.check_exposure(proxypal.parse_config({"apiKeys": ["private-one"]}), "0.0.0.0")
     assert "proxyApiKey" in str(info.value)
     proxypal.check_exposure(proxypal.parse_config({"proxyApiKey": "s3cret"}), "0.0.0.0")
+    proxypal.parse_config({"host": "0.0.0.0", "proxyApiKey": "s3cret"})
 
 
 def test_aws_signing_headers_never_forwarded(upstream, proxy):
