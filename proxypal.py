@@ -2113,6 +2113,9 @@ def named(provider: str, message: str) -> str:
         else message
 
 
+CUT_OFF = ("length", "context")          # stop reasons of an answer the output cap cut short
+
+
 # -- 7.2 OpenAI Chat Completions -------------------------------------------------
 # https://platform.openai.com/docs/api-reference/chat and .../chat-streaming
 
@@ -2512,7 +2515,8 @@ def read_openai_response(body: Dict[str, Any]) -> Answer:
         calls = calls + [{"function": message["function_call"]}]
     for i, call in enumerate(c for c in calls if isinstance(c, dict)):
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        parts.append(ToolCall(safe_id(call.get("id"), f"toolu_{i}"), str(function.get("name") or ""),
+        fallback = f"toolu_{safe_id(body.get('id'), 'x')}_{i}"   # (as OpenAIStreamReader)
+        parts.append(ToolCall(safe_id(call.get("id"), fallback), str(function.get("name") or ""),
                               tool_args(function.get("arguments"))))
     return Answer(str(body.get("id") or short_hash(json_text(body))), parts,
                   OPENAI_STOP_IN.get(choices[0].get("finish_reason"), "end"),
@@ -2533,7 +2537,8 @@ def write_openai_response(answer: Answer, model: str, ask: Optional[Chat] = None
     reply = message[0]
     if reply.get("tool_calls") and not any(isinstance(p, Text) for p in answer.parts):
         reply["content"] = None
-    finish = "tool_calls" if reply.get("tool_calls") else OPENAI_STOP_OUT.get(answer.stop, "stop")
+    finish = "tool_calls" if reply.get("tool_calls") and answer.stop not in CUT_OFF else \
+        OPENAI_STOP_OUT.get(answer.stop, "stop")
     return {"id": _prefixed(answer.id, "chatcmpl-"), "object": "chat.completion",
             "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason": finish}],
@@ -2757,6 +2762,7 @@ class OpenAIStreamWriter:
         self.started = self.done = False
         self.stopped = ""
         self.tools: Dict[Any, int] = {}
+        self.argued: set = set()           # the tool calls that had arguments
         self.usage: Optional[Usage] = None
         self._base = ""
 
@@ -2797,11 +2803,13 @@ class OpenAIStreamWriter:
     def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
         if not fragment or key not in self.tools:
             return []
+        self.argued.add(key)
         return [self._chunk({"tool_calls": [{"index": self.tools[key],
                                              "function": {"arguments": fragment}}]})]
 
     def tool_end(self, key: Any) -> List[Tuple[str, str]]:
-        return []
+        # A call without arguments has "{}" (a JSON object), as OpenAI sends it
+        return self.tool_args(key, "{}") if key in self.tools and key not in self.argued else []
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
@@ -2814,7 +2822,8 @@ class OpenAIStreamWriter:
         if self.stopped or self.done:
             return []
         self.stopped = reason
-        finish = "tool_calls" if self.tools else OPENAI_STOP_OUT.get(reason, "stop")
+        finish = "tool_calls" if self.tools and reason not in CUT_OFF else \
+            OPENAI_STOP_OUT.get(reason, "stop")
         return self._begin() + [self._chunk({}, finish)]
 
     def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
@@ -3219,8 +3228,9 @@ def write_anthropic_response(answer: Answer, model: str, ask: Optional[Chat] = N
 
 def anthropic_stop(stop: str, tools: bool) -> str:
     """tool_use whenever a tool_use block went out, never without one (Claude Code loops
-    or hangs on a wrong stop reason)."""
-    if tools:
+    or hangs on a wrong stop reason); but an answer cut off by the output cap says so,
+    even mid tool call, as Anthropic's own API does (its input may be incomplete)."""
+    if tools and stop not in CUT_OFF:
         return "tool_use"
     reason = ANTHROPIC_STOP_OUT.get(stop, "end_turn")
     return "end_turn" if reason == "tool_use" else reason
@@ -3267,11 +3277,12 @@ class AnthropicStreamReader:
             return self.w.signature(str(block.get("data") or ""), "anthropic", True)
         if kind != "tool_use":
             return []
+        call_id = safe_id(block.get("id"), f"toolu_{index}")   # (as read_anthropic_response)
         if isinstance(block.get("input"), dict) and block["input"]:
             self.whole.add(index)                  # complete already: no deltas follow
-            return self.w.tool_call(str(block.get("id") or ""), str(block.get("name") or ""),
+            return self.w.tool_call(call_id, str(block.get("name") or ""),
                                     json_text(block["input"]))
-        return self.w.tool_start(index, str(block.get("id") or ""), str(block.get("name") or ""))
+        return self.w.tool_start(index, call_id, str(block.get("name") or ""))
 
     def _block_delta(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
         delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
@@ -3381,8 +3392,9 @@ class AnthropicStreamWriter:
         return out
 
     def reasoning(self, text: str) -> List[Tuple[str, str]]:
-        out = [] if self.open == "thinking" else self._open(
-            "thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        # (a signed block is whole: thinking after its signature is a block of its own)
+        out = [] if self.open == "thinking" and not (text and self.held_signature) else \
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
         if text:
             out.append(self._event("content_block_delta", index=self.index,
                                    delta={"type": "thinking_delta", "thinking": text}))
@@ -4052,9 +4064,9 @@ class GeminiStreamReader:
         if not self.stopped:
             out += self._parts(_gemini_candidate_parts(obj))
             finish = _gemini_finish(obj)
-            if finish:
-                self.stopped = True
-                out += self.w.stop(GEMINI_STOP_IN.get(finish, "end"))
+            if finish:                     # (calls arrive whole: with one, a tool turn,
+                self.stopped = True        # as read_gemini_response says too)
+                out += self.w.stop("tool" if self.calls else GEMINI_STOP_IN.get(finish, "end"))
         if self.stopped and isinstance(meta, dict):
             out += self.w.end(self.usage)
         return out
@@ -4691,8 +4703,9 @@ class ResponsesStreamWriter:
     def reasoning(self, text: str) -> List[Tuple[str, str]]:
         if not text:
             return []
-        out = self._open_thought()
-        t = self.thought
+        signed = self.thought is not None and self.thought["signature"][0]
+        out = (self._close_thought("completed") if signed else []) + self._open_thought()
+        t = self.thought                   # (a signed thought is whole: more is a new one)
         if not t["text"]:
             out.append(self._event("response.reasoning_summary_part.added", item_id=t["id"],
                                    output_index=t["index"], summary_index=0,
@@ -4857,6 +4870,13 @@ class ResponsesStreamReader:
         return self._delta(obj, self.w.text)
 
     def _reasoning(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
+        item = self.items.setdefault(obj.get("output_index"), {})
+        part, delta = obj.get("summary_index", obj.get("content_index")), obj.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return []
+        if "part" in item and part != item["part"]:      # a new part: a new line, as the
+            obj = dict(obj, delta="\n" + delta)           # whole item's parts are joined
+        item["part"] = part
         return self._delta(obj, self.w.reasoning)
 
     def _arguments(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:

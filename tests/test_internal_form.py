@@ -365,3 +365,143 @@ def test_a_field_of_any_wrong_type_is_a_client_error_never_a_crash(fmt):
                     crashes.append(f"{fmt}->{upstream} {'.'.join(map(str, at))}={new!r}: "
                                    f"{type(exc).__name__}: {exc}")
     assert not crashes, f"{len(crashes)} crashes, e.g.:\n" + "\n".join(crashes[:15])
+
+
+# -- a stream and the same answer whole say the same thing ----------------------------
+
+def streamed(client: str, upstream: str, items: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+    """The client's events for the upstream's events, data parsed ([DONE] kept as is)."""
+    reader = proxypal.TRANSLATORS[(client, upstream)].stream("m")
+    out: List[Tuple[str, str]] = []
+    for event, data in items:
+        out += reader.feed(event, data if isinstance(data, str) else json.dumps(data))
+    out += reader.close()
+    return [(e, d if d == "[DONE]" else json.loads(d)) for e, d in out]
+
+
+def _a(kind: str, **fields: Any) -> Tuple[str, Dict[str, Any]]:
+    return kind, dict(type=kind, **fields)
+
+
+A_START = _a("message_start", message={"id": "msg_1", "type": "message", "role": "assistant",
+                                       "content": [], "model": "x", "stop_reason": None,
+                                       "usage": {"input_tokens": 5, "output_tokens": 1}})
+
+
+def anthropic_tool_stream(call_id: str, partial: str) -> List[Tuple[str, Any]]:
+    return [A_START, _a("content_block_start", index=0, content_block={
+                "type": "tool_use", "id": call_id, "name": "now", "input": {}}),
+            _a("content_block_delta", index=0, delta={"type": "input_json_delta",
+                                                      "partial_json": partial}),
+            _a("content_block_stop", index=0),
+            _a("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 3}),
+            _a("message_stop")]
+
+
+def openai_arguments(events: List[Tuple[str, Any]]) -> Dict[int, Tuple[str, str]]:
+    calls: Dict[int, List[str]] = {}
+    for _, data in events:
+        for choice in (data.get("choices") or []) if isinstance(data, dict) else []:
+            for call in choice["delta"].get("tool_calls") or []:
+                got = calls.setdefault(call["index"], [call.get("id", ""), ""])
+                got[1] += call["function"].get("arguments", "")
+    return {i: tuple(v) for i, v in calls.items()}
+
+
+def test_a_tool_without_arguments_streams_an_empty_object_as_openai_sends_it():
+    assert openai_arguments(streamed("openai", "anthropic", anthropic_tool_stream("toolu_1", ""))) \
+        == {0: ("toolu_1", "{}")}
+
+
+def test_a_tool_id_other_apis_refuse_is_made_safe_streamed_as_whole():
+    whole = CODECS["anthropic"].read_response({"id": "msg_1", "type": "message", "content": [
+        {"type": "tool_use", "id": "call.1:x", "name": "now", "input": {}}],
+        "stop_reason": "tool_use", "usage": {"input_tokens": 5, "output_tokens": 3}})
+    events = streamed("openai", "anthropic", anthropic_tool_stream("call.1:x", "{}"))
+    assert openai_arguments(events)[0][0] == whole.parts[0].id == "call_1_x"
+
+
+def _c(delta: Dict[str, Any], finish: Any = None) -> Tuple[str, Dict[str, Any]]:
+    return "", {"id": "c1", "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def test_an_answer_the_cap_cut_mid_tool_call_says_max_tokens_streamed_and_whole():
+    """Anthropic's own API ends such an answer with max_tokens (the input may be cut): a
+    client told tool_use would run a tool with broken input."""
+    call = {"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "Bash", "arguments": '{"command": "ls -'}}
+    events = streamed("anthropic", "openai", [_c({"role": "assistant"}), _c({"tool_calls": [call]}),
+                                              _c({}, "length"), ("", "[DONE]")])
+    [delta] = [d for e, d in events if e == "message_delta"]
+    assert delta["delta"]["stop_reason"] == "max_tokens"
+    whole = proxypal.TRANSLATORS[("anthropic", "openai")].response({"id": "c1", "choices": [{
+        "index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": None,
+                                                           "tool_calls": [call]}}]}, "m")
+    assert whole["stop_reason"] == "max_tokens"
+    back = streamed("openai", "anthropic", anthropic_tool_stream("toolu_1", '{"a":')[:-2] + [
+        _a("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 9}),
+        _a("message_stop")])
+    assert [c["finish_reason"] for _, d in back if isinstance(d, dict) for c in d.get("choices", [])
+            if c["finish_reason"]] == ["length"]
+
+
+def test_an_openai_call_without_an_id_has_one_id_streamed_and_whole():
+    call = {"index": 0, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    events = streamed("anthropic", "openai", [_c({"role": "assistant"}), _c({"tool_calls": [call]}),
+                                              _c({}, "tool_calls"), ("", "[DONE]")])
+    [block] = [d["content_block"] for e, d in events if e == "content_block_start"]
+    whole = proxypal.TRANSLATORS[("anthropic", "openai")].response({"id": "c1", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+                                                               "tool_calls": [call]}}]}, "m")
+    assert block["id"] == whole["content"][0]["id"] == "toolu_c1_0"
+
+
+GEMINI_CALL_CUT = {"candidates": [{"content": {"role": "model", "parts": [
+    {"functionCall": {"name": "f", "args": {"a": 1}}}]}, "finishReason": "MAX_TOKENS"}],
+    "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2}, "responseId": "r1"}
+
+
+def test_a_whole_gemini_call_is_a_tool_turn_streamed_as_whole_whatever_the_finish():
+    """Gemini's calls arrive whole: a Responses client (Codex) must not drop one as
+    incomplete."""
+    events = streamed("responses", "gemini", [("", GEMINI_CALL_CUT)])
+    assert events[-1][0] == "response.completed"
+    whole = proxypal.TRANSLATORS[("responses", "gemini")].response(GEMINI_CALL_CUT, "m")
+    assert whole["status"] == "completed"
+
+
+GEMINI_TWO_THOUGHTS = {"candidates": [{"content": {"role": "model", "parts": [
+    {"text": "A", "thought": True, "thoughtSignature": "S1"},
+    {"text": "B", "thought": True, "thoughtSignature": "S2"}, {"text": "ok"}]},
+    "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 3}, "responseId": "r1"}
+
+
+def test_two_signed_thoughts_stay_two_blocks_each_with_its_signature():
+    events = streamed("anthropic", "gemini", [("", GEMINI_TWO_THOUGHTS)])
+    blocks = [d["content_block"]["type"] for e, d in events if e == "content_block_start"]
+    signatures = [d["delta"]["signature"] for e, d in events
+                  if e == "content_block_delta" and d["delta"]["type"] == "signature_delta"]
+    assert blocks == ["thinking", "thinking", "text"]
+    assert [proxypal.uncarry(s, "gemini")[1] for s in signatures] == ["S1", "S2"]
+    items = [d["item"] for e, d in streamed("responses", "gemini", [("", GEMINI_TWO_THOUGHTS)])
+             if e == "response.output_item.done" and d["item"]["type"] == "reasoning"]
+    assert len(items) == 2
+
+
+def test_reasoning_summary_parts_are_lines_apart_streamed_as_whole():
+    item = {"id": "rs_1", "type": "reasoning", "summary": [
+        {"type": "summary_text", "text": "**Plan**"}, {"type": "summary_text", "text": "**Check**"}]}
+    done = {"id": "resp_1", "status": "completed", "output": [item],
+            "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2}}
+    events = [_a("response.created", response={"id": "resp_1"}),
+              _a("response.output_item.added", output_index=0,
+                 item={"id": "rs_1", "type": "reasoning", "summary": []})] + [
+        _a("response.reasoning_summary_text.delta", output_index=0, item_id="rs_1",
+           summary_index=i, delta=text) for i, text in enumerate(["**Plan**", "**Check**"])] + [
+        _a("response.output_item.done", output_index=0, item=item),
+        _a("response.completed", response=done)]
+    thinking = "".join(d["delta"]["thinking"] for e, d in streamed("anthropic", "responses", events)
+                       if e == "content_block_delta" and d["delta"]["type"] == "thinking_delta")
+    whole = proxypal.TRANSLATORS[("anthropic", "responses")].response(done, "m")
+    assert thinking == whole["content"][0]["thinking"] == "**Plan**\n**Check**"

@@ -476,7 +476,7 @@ C2_CASES = [
          {"type": "function", "function": {"name": "h", "arguments": "{oops"}}]}, "tool_calls"),
      message([{"type": "tool_use", "id": "call_a", "name": "f", "input": {"x": 1}},
               {"type": "tool_use", "id": "call_b", "name": "g", "input": {"y": 2}},
-              {"type": "tool_use", "id": "toolu_2", "name": "h", "input": {}}], "tool_use")),
+              {"type": "tool_use", "id": "toolu_chatcmpl-9_2", "name": "h", "input": {}}], "tool_use")),
     ("stop-with-tool-call-forced-to-tool-use",
      completion({"content": "Sure.", "tool_calls": [
          {"id": "c1", "function": {"name": "ls", "arguments": "{}"}}]}, "stop"),
