@@ -432,9 +432,8 @@ class Credential:
 
     @property
     def secrets(self) -> Tuple[str, ...]:
-        """What must never be shown: its key, secret headers, passwords in its URLs."""
+        """What must never be shown: its key, secret headers, its proxy's password."""
         return tuple(s for s in (self.api_key, _url_password(self.proxy_url),
-                                 _url_password(self.base_url),
                                  *(v for k, v in self.headers if _is_secret_header(k))) if s)
 
 
@@ -691,6 +690,9 @@ def _parse_credential(api: str, obj: Any, path: str) -> Credential:
                                 "(two keys pasted into one?)")
     base = r.get("baseUrl", str, None, required=is_openai) or DEFAULT_BASE_URL[api]
     base = _normalize_base(api, _parse_url(base, path, "baseUrl", ("http", "https")))
+    if "@" in urllib.parse.urlsplit(base).netloc:    # it would go out in the Host header
+        raise ConfigError(path, '"baseUrl" must not hold a user name or password: put the key '
+                                'in "apiKey", or a header in "headers"', f"{path}.baseUrl")
     proxy_url = r.get("proxyUrl", str, "") or ""
     if proxy_url:
         _parse_url(proxy_url, path, "proxyUrl", PROXY_SCHEMES)
@@ -5449,8 +5451,9 @@ def aws_credentials(headers: Sequence[Tuple[str, str]], environ: Dict[str, str]
         return AwsCredentials(given["x-amz-access-key"], given["x-amz-secret-key"],
                               given.get("x-amz-session-token") or given.get("x-amz-security-token", ""))
     if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
-        return AwsCredentials(environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"],
-                              environ.get("AWS_SESSION_TOKEN", ""))
+        return AwsCredentials(environ["AWS_ACCESS_KEY_ID"].strip(),       # (as the SDKs do:
+                              environ["AWS_SECRET_ACCESS_KEY"].strip(),   # an exported value
+                              environ.get("AWS_SESSION_TOKEN", "").strip())   # may end in a space)
     return None
 
 
@@ -5504,11 +5507,29 @@ class EventStreamDecoder:
 
     def __init__(self) -> None:
         self._buf = b""
+        self._broken: Optional[UpstreamError] = None
 
     def feed(self, data: bytes) -> List[Tuple[Dict[str, Any], bytes]]:
+        """The complete messages; a corrupt one ends the stream, but only after the good
+        messages before it went out (as botocore's decoder does)."""
+        if self._broken is not None:
+            raise self._broken
+        out: List[Tuple[Dict[str, Any], bytes]] = []
+        try:
+            self._frames(data, out)
+        except UpstreamError as exc:
+            if not out:
+                raise
+            self._broken, self._buf = exc, b""
+        return out
+
+    def close(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+
+    def _frames(self, data: bytes, out: List[Tuple[Dict[str, Any], bytes]]) -> None:
         import zlib
         buf = self._buf + data if self._buf else data
-        out = []
         while len(buf) >= 12:
             total, header_len, prelude_crc = struct.unpack(">III", buf[:12])
             if zlib.crc32(buf[:8]) != prelude_crc:
@@ -5522,7 +5543,6 @@ class EventStreamDecoder:
                 raise UpstreamError("corrupt Bedrock event stream: message CRC mismatch")
             out.append((self._headers(frame[12:12 + header_len]), frame[12 + header_len:-4]))
         self._buf = buf
-        return out
 
     @property
     def pending(self) -> int:
@@ -5568,7 +5588,11 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
     if kind == "event" and headers.get(":event-type") == "chunk":
         try:
             data = base64.b64decode(json.loads(payload)["bytes"]).decode("utf-8")
-            return json.loads(data).get("type", "message"), data
+            obj = json.loads(data)
+            kind = obj.get("type")
+            if "\n" in data or "\r" in data:        # one SSE data line: compact JSON
+                data = json_text(obj)
+            return kind if isinstance(kind, str) and kind.isprintable() and kind else "message", data
         except (ValueError, KeyError, TypeError, AttributeError):
             return "error", error_body("anthropic", 502, "malformed Bedrock chunk").decode()
     if kind == "event":
@@ -6393,6 +6417,7 @@ class BedrockDecoder:
         return [e for e in (bedrock_event(h, p) for h, p in self._decoder.feed(data)) if e[0]]
 
     def close(self) -> List[Tuple[str, str]]:
+        self._decoder.close()              # (a corrupt frame after the last good ones)
         if self._decoder.pending:
             raise UpstreamError("Bedrock event stream ended inside a frame")
         return []
@@ -8101,8 +8126,7 @@ async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> 
         cool = server.balancer.cooldowns.get(cred.key)
         last = latest.get(cred.name, {})
         providers.append({
-            "name": cred.name, "entry": cred.path, "kind": cred.dialect,
-            "base_url": mask_secrets(cred.base_url, cred.secrets),
+            "name": cred.name, "entry": cred.path, "kind": cred.dialect, "base_url": cred.base_url,
             "models": len(cred.models),
             "requests": since_start["providers"].get(cred.name, {}).get("requests", 0),
             "last_status": last.get("status"), "last_error": last.get("error"),
@@ -8230,8 +8254,7 @@ async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],
                    else f"HTTP {status}: {upstream_message(body)[0]}")
             hint = upstream.hint(status, req.url, body, name, name)
             why += f" ({hint})" if hint else ""
-        rows.append({"provider": cred.name, "entry": cred.path,
-                     "base_url": mask_secrets(cred.base_url, cred.secrets),
+        rows.append({"provider": cred.name, "entry": cred.path, "base_url": cred.base_url,
                      "model": name, "ok": ok, "status": status or None, "latency_ms": latency,
                      "detail": mask_secrets(why, cred.secrets) if why else ""})
     return rows

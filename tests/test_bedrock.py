@@ -153,6 +153,30 @@ def test_corrupt_frames_rejected(offset):
     assert "corrupt Bedrock event stream" in info.value.message
 
 
+def test_good_frames_before_a_corrupt_one_still_reach_the_client():
+    """As botocore's decoder does: the good messages of a read go out, then the error."""
+    bad = bytearray(FRAME)
+    bad[-1] ^= 0x01
+    decoder = proxypal.BedrockDecoder()
+    assert decoder.feed(FRAME * 3 + bytes(bad)) == [("content_block_delta", INNER.decode())] * 3
+    with pytest.raises(proxypal.UpstreamError, match="message CRC mismatch"):
+        decoder.close()
+
+
+def test_a_chunk_of_pretty_printed_json_stays_one_sse_data_line():
+    inner = b'{\n  "type": "content_block_delta",\n  "delta": {"type": "text_delta", "text": "hi"}\n}'
+    frame = make_frame(CHUNK_HEADERS, b'{"bytes":"' + base64.b64encode(inner) + b'"}')
+    [(event, data)] = proxypal.BedrockDecoder().feed(frame)
+    assert event == "content_block_delta" and "\n" not in data
+    assert json.loads(data) == json.loads(inner)
+
+
+def test_aws_credentials_from_the_environment_are_trimmed_as_the_sdks_trim_them():
+    creds = proxypal.aws_credentials([], {"AWS_ACCESS_KEY_ID": "AKID ", "AWS_SECRET_ACCESS_KEY":
+                                          " SECRET", "AWS_SESSION_TOKEN": "TOKEN \n"})
+    assert (creds.access_key, creds.secret_key, creds.session_token) == ("AKID", "SECRET", "TOKEN")
+
+
 @pytest.mark.parametrize("status,header,body,new_status,err_type", [
     (400, "ValidationException:http://internal.amazon.com/coral/com.amazon.bedrock/", b'{"message":"bad"}', 400, "invalid_request_error"),
     (403, "UnrecognizedClientException:http://x/", b'{"Message":"bad key"}', 401, "authentication_error"),

@@ -134,6 +134,9 @@ ERRORS = [
     # secrets are never echoed back in an error
     ("password-type", {"proxyPassword": ["sk-NEW-secret"]}, "proxyPassword: must be a string, got a list"),
     ("url-password", {"proxyUrl": "ftp://u:sk-NEW-secret@h"}, "got 'ftp://***@h'"),
+    ("base-url-user-and-password", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://u:pw@h/v1",
+                                                            "models": ["m"]}]},
+     'ampOpenaiProviders[0]: "baseUrl" must not hold a user name or password'),
     ("key-beyond-latin-1", {"apiKeys": ["ok", "ключ"]}, "apiKeys: must be text a client can send"),
     ("key-control", {"managementKey": "a\tb"}, "managementKey: must be text a client can send"),
 ]
