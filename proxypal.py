@@ -103,6 +103,7 @@ MAX_HEADERS = 100                        # 431 beyond; CPython http.client's _MA
 MAX_CHUNK_LINE = 4 * 1024                # chunk-size line incl. extensions; h11 uses 4 KiB
 MAX_TRAILER_BLOCK = 16 * 1024            # trailers are parsed and dropped
 DEFAULT_MAX_BODY_MB = 32                 # Anthropic's own request size limit (its 413)
+ANTHROPIC_MIN_THINKING_BUDGET = 1024     # budget_tokens below this is refused
 
 HEAD_TIMEOUT = 10.0                      # slowloris: the whole head must arrive in 10 s
 BODY_IDLE_TIMEOUT = 30.0                 # a body read silent this long is abandoned (408)
@@ -1767,6 +1768,15 @@ def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
         value = config.get("maxOutputTokens")
         if isinstance(value, int) and value > limit:
             config["maxOutputTokens"] = limit
+    thinking, cap = body.get("thinking"), body.get("max_tokens")
+    if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) \
+            and isinstance(cap, int) and thinking["budget_tokens"] >= cap:
+        # Anthropic's budget must stay under max_tokens: half the cap for thinking, as
+        # translated requests get, or no thinking under a cap too small for its minimum
+        if cap // 2 >= ANTHROPIC_MIN_THINKING_BUDGET:
+            body["thinking"] = dict(thinking, budget_tokens=cap // 2)
+        else:
+            del body["thinking"]
 
 
 # =============================================================================
@@ -2856,7 +2866,6 @@ ANTHROPIC_STOP_OUT = {v: k for k, v in ANTHROPIC_STOP_IN.items()}
 ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens; other clients may omit
                                          # it. 8192 is the largest cap every current Claude
                                          # model accepts, and maxOutputTokens clamps anyway.
-ANTHROPIC_MIN_THINKING_BUDGET = 1024     # budget_tokens below this is refused
 ANTHROPIC_PLACEHOLDER_TEXT = "(continue)"   # Anthropic needs a first user turn, no empty text
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"   # Claude Code's attribution text: it
                                          # means nothing to another provider (CLIProxyAPI drops it)
@@ -3036,6 +3045,13 @@ def write_anthropic_request(chat: Chat) -> Dict[str, Any]:
     if chat.user:
         out["metadata"] = {"user_id": chat.user}
     _anthropic_tools_out(chat, out)
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), [])
+    if chat.think and any(b["type"] == "tool_use" for b in last) and \
+            last[0]["type"] not in ("thinking", "redacted_thinking"):
+        # Anthropic refuses thinking while the tool turn it continues does not start with a
+        # signed thinking block (one made by another provider, or by a client that keeps
+        # none, cannot be sent): this request goes without thinking.
+        chat = dataclasses.replace(chat, think=None)
     _anthropic_budget_and_sampling(chat, out)
     if chat.output and chat.output["type"] == "json_schema":
         out["output_config"] = {"format": {"type": "json_schema", "schema": chat.output["schema"]}}
@@ -3052,8 +3068,8 @@ def _anthropic_text_out(text: Text) -> Dict[str, Any]:
 def _anthropic_blocks_out(turn: Turn) -> List[Dict[str, Any]]:
     blocks = []
     for part in turn.parts:
-        if isinstance(part, Text):
-            blocks += [_anthropic_text_out(part)] if part.text else []
+        if isinstance(part, Text):         # (Anthropic refuses whitespace-only text blocks)
+            blocks += [_anthropic_text_out(part)] if part.text.strip() else []
         elif isinstance(part, Media):
             blocks.append(_anthropic_media_out(part))
         elif isinstance(part, ToolCall):
@@ -3073,8 +3089,9 @@ def _anthropic_media_out(media: Media) -> Dict[str, Any]:
     if kind == "document" and media.mime not in ("application/pdf", "text/plain"):
         raise ClientError(f"{media.where}: {media.mime or 'this file'} cannot be sent to an "
                           "Anthropic upstream: send images or PDF documents")
-    if media.data:
-        source = {"type": "base64", "media_type": media.mime, "data": media.data}
+    if media.data:                         # (image/jpg is common and not a registered type)
+        mime = "image/jpeg" if media.mime == "image/jpg" else media.mime
+        source = {"type": "base64", "media_type": mime, "data": media.data}
     elif media.url.startswith(("http://", "https://")):
         source = {"type": "url", "url": media.url}
     else:
@@ -3537,11 +3554,12 @@ def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
     if not isinstance(schema, dict):
         return {}
     if defs is None:
-        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+        defs = {name: sub for key in ("definitions", "$defs") if isinstance(schema.get(key), dict)
+                for name, sub in schema[key].items()}
     ref = schema.get("$ref")
     if isinstance(ref, str):
         name = ref.rsplit("/", 1)[-1]
-        if name in seen or name not in defs:
+        if name in seen or not isinstance(defs.get(name), dict):
             return {"type": "object"}
         return gemini_schema({**defs[name], **{k: v for k, v in schema.items() if k != "$ref"}},
                              defs, seen + (name,))
@@ -3553,6 +3571,9 @@ def gemini_schema(schema: Any, defs: Optional[Dict[str, Any]] = None,
     _schema_enum(schema, out)
     if isinstance(schema.get("format"), str) and schema["format"] in GEMINI_SCHEMA_FORMATS:
         out["format"] = schema["format"]
+    if out.get("type") == "array" and not isinstance(schema.get("items"), (dict, list)):
+        out["items"] = {"type": "string"}  # (Gemini refuses an array without items; JSON
+                                           # Schema's "anything" has no Gemini form)
     if isinstance(schema.get("properties"), dict) and schema["properties"]:
         out["properties"] = {name: gemini_schema(sub, defs, seen)       # names are data
                              for name, sub in schema["properties"].items()}
@@ -3666,6 +3687,20 @@ def read_gemini_request(body: Dict[str, Any]) -> Chat:
     return chat
 
 
+def _gemini_media(part: Any, where: str) -> Optional["Media"]:
+    """An inlineData or fileData part as Media; None for any other."""
+    if not isinstance(part, dict):
+        return None
+    if isinstance(part.get("inlineData"), dict):
+        data = part["inlineData"]
+        return Media(str(data.get("mimeType") or ""), data=str(data.get("data") or ""), where=where)
+    if isinstance(part.get("fileData"), dict):
+        data = part["fileData"]
+        return Media(str(data.get("mimeType") or ""), url=str(data.get("fileUri") or ""),
+                     where=where)
+    return None
+
+
 def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]],
                  items: List[Any]) -> None:
     if isinstance(part.get("functionCall"), dict):
@@ -3679,16 +3714,13 @@ def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]
     elif isinstance(part.get("functionResponse"), dict):
         answer = part["functionResponse"]
         text, is_error = _result_text(answer.get("response"))
+        # (Gemini 3 takes a result's images as its own parts: Gemini CLI sends them so)
+        media = [m for i, p in enumerate(_list_or_empty(answer.get("parts")))
+                 for m in [_gemini_media(p, f"{where}.functionResponse.parts[{i}]")] if m]
         items.append(ToolResult(_answered_id(pending, answer, where), str(answer.get("name") or ""),
-                                [Text(text)] if text else [], is_error, where))
-    elif isinstance(part.get("inlineData"), dict):
-        data = part["inlineData"]
-        items.append(Media(str(data.get("mimeType") or ""), data=str(data.get("data") or ""),
-                           where=where))
-    elif isinstance(part.get("fileData"), dict):
-        data = part["fileData"]
-        items.append(Media(str(data.get("mimeType") or ""), url=str(data.get("fileUri") or ""),
-                           where=where))
+                                ([Text(text)] if text else []) + media, is_error, where))
+    elif _gemini_media(part, where):
+        items.append(_gemini_media(part, where))
     elif part.get("thought") is True:
         origin, signature, redacted = uncarry(part.get("thoughtSignature"), "gemini")
         last = items[-1] if items else None
@@ -3729,8 +3761,9 @@ def _gemini_tools(body: Dict[str, Any], chat: Chat) -> None:
         for decl in as_list(tool.get("functionDeclarations") or tool.get("function_declarations"),
                             f"tools[{i}].functionDeclarations"):
             if isinstance(decl, dict):
-                schema = decl.get("parametersJsonSchema") or json_schema_from_gemini(
-                    decl.get("parameters"))
+                schema = decl.get("parametersJsonSchema")
+                schema = schema if isinstance(schema, dict) and schema else \
+                    json_schema_from_gemini(decl.get("parameters"))
                 chat.tools.append(Tool(str(decl.get("name") or ""), str(decl.get("description") or ""),
                                        schema or {"type": "object", "properties": {}}))
         chat.tools += [Tool(key, server=kind) for key, kind in GEMINI_SERVER_TOOLS.items()
@@ -3797,6 +3830,8 @@ def write_gemini_request(chat: Chat) -> Dict[str, Any]:
         parts = _gemini_parts_out(turn)
         if parts:
             contents.append({"role": "model" if turn.role == "assistant" else "user", "parts": parts})
+    if not contents or contents[0]["role"] != "user":   # (a model turn first is refused:
+        contents.insert(0, {"role": "user", "parts": [{"text": ANTHROPIC_PLACEHOLDER_TEXT}]})
     out: Dict[str, Any] = {"contents": contents}
     system = [{"text": t.text} for t in system_texts(chat)]
     if system:

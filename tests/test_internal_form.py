@@ -505,3 +505,87 @@ def test_reasoning_summary_parts_are_lines_apart_streamed_as_whole():
                        if e == "content_block_delta" and d["delta"]["type"] == "thinking_delta")
     whole = proxypal.TRANSLATORS[("anthropic", "responses")].response(done, "m")
     assert thinking == whole["content"][0]["thinking"] == "**Plan**\n**Check**"
+
+
+# -- requests the target API would refuse -------------------------------------------------
+
+TOOL_LOOP = [{"role": "user", "content": "ls"},
+             {"role": "assistant", "content": None, "reasoning_content": "t", "tool_calls": [
+                 {"id": "call_1", "type": "function", "function": {"name": "sh", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "a"}]
+
+
+def test_thinking_goes_only_where_the_tool_turn_it_continues_starts_with_signed_thinking():
+    """Anthropic: with thinking on, the assistant turn a tool loop continues must start
+    with a thinking block; a Chat client keeps no signature, so that request goes without
+    thinking rather than fail at the second step of every tool loop."""
+    out = proxypal.TRANSLATORS[("openai", "anthropic")].request(
+        {"model": "m", "reasoning_effort": "high", "messages": TOOL_LOOP})
+    assert "thinking" not in out and out["max_tokens"] == proxypal.ANTHROPIC_DEFAULT_MAX_TOKENS
+    first = proxypal.TRANSLATORS[("openai", "anthropic")].request(
+        {"model": "m", "reasoning_effort": "high", "messages": TOOL_LOOP[:1]})
+    assert first["thinking"]["type"] == "enabled"
+    signed = dict(REQUESTS["anthropic"], messages=REQUESTS["anthropic"]["messages"][:2] + [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "18C"}]}],
+        thinking={"type": "enabled", "budget_tokens": 2048}, tool_choice={"type": "auto"},
+        max_tokens=8000)
+    assert CODECS["anthropic"].write_request(CODECS["anthropic"].read_request(signed))["thinking"]
+
+
+@pytest.mark.parametrize("budget,cap,expected", [(31999, 8192, 4096), (8192, 8192, 4096),
+                                                 (4000, 1500, None), (2048, 8192, 2048)])
+def test_a_cap_under_the_thinking_budget_keeps_the_budget_under_the_cap(budget, cap, expected):
+    body = {"max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": budget}}
+    proxypal.clamp_output_tokens(body, cap)
+    assert body["max_tokens"] == min(cap, 32000)
+    assert (body.get("thinking") or {}).get("budget_tokens") == expected
+
+
+def test_whitespace_only_text_never_reaches_anthropic():
+    out = proxypal.TRANSLATORS[("openai", "anthropic")].request({"model": "m", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "\n\n", "tool_calls": TOOL_LOOP[1]["tool_calls"]},
+        TOOL_LOOP[2]]})
+    texts = [b["text"] for m in out["messages"] for b in m["content"] if b["type"] == "text"]
+    assert texts == ["hi"]
+
+
+def test_gemini_gets_a_user_turn_first_and_arrays_with_their_items():
+    out = proxypal.TRANSLATORS[("openai", "gemini")].request({"model": "m", "messages": [
+        {"role": "system", "content": "s"}] + TOOL_LOOP[1:], "tools": [{"type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "x": {"type": "array"}}}}}]})
+    assert out["contents"][0]["role"] == "user" and out["contents"][1]["role"] == "model"
+    params = out["tools"][0]["functionDeclarations"][0]["parameters"]
+    assert params["properties"]["x"] == {"type": "array", "items": {"type": "string"}}
+    alone = proxypal.TRANSLATORS[("openai", "gemini")].request(
+        {"model": "m", "messages": [{"role": "system", "content": "s"}]})
+    assert alone["contents"] == [{"role": "user", "parts": [{"text": "(continue)"}]}]
+
+
+@pytest.mark.parametrize("decl", [{"name": "f", "parametersJsonSchema": True},
+                                  {"name": "f", "parametersJsonSchema": "{}"},
+                                  {"name": "f", "parameters": {"type": "OBJECT"},
+                                   "parametersJsonSchema": {"$defs": {"a": True}, "$ref": "#/$defs/a"}}])
+def test_a_schema_that_is_no_object_is_read_as_none_not_a_crash(decl):
+    for upstream in ("anthropic", "openai", "responses", "gemini"):
+        proxypal.TRANSLATORS[("gemini", upstream)].request(
+            {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+             "tools": [{"functionDeclarations": [decl]}]})
+
+
+def test_a_gemini_results_images_reach_every_upstream():
+    """Gemini CLI sends a result's images as the functionResponse's own parts (Gemini 3)."""
+    request = {"contents": [
+        {"role": "user", "parts": [{"text": "read"}]},
+        {"role": "model", "parts": [{"functionCall": {"name": "read_file", "args": {"p": "a.jpg"}}}]},
+        {"role": "user", "parts": [{"functionResponse": {
+            "name": "read_file", "response": {"output": "Binary content provided"},
+            "parts": [{"inlineData": {"mimeType": "image/jpg", "data": PNG}}]}}]}]}
+    out = proxypal.TRANSLATORS[("gemini", "anthropic")].request(request)
+    result = out["messages"][-1]["content"][0]
+    assert result["type"] == "tool_result" and result["content"][1]["source"] == {
+        "type": "base64", "media_type": "image/jpeg", "data": PNG}
+    out = proxypal.TRANSLATORS[("gemini", "openai")].request(request)
+    assert out["messages"][-1]["content"][0]["image_url"]["url"].endswith(PNG)
