@@ -1983,13 +1983,27 @@ def merged_turns(turns: Sequence[Turn]) -> List[Turn]:
     Gemini all want user and assistant to alternate); empty turns dropped; in a user
     turn tool results come first (each answers the assistant turn before it)."""
     out: List[Turn] = []
-    for turn in turns:
+    held: List[Turn] = []                  # system turns between a call and its results
+
+    def add(turn: Turn) -> None:
         if not turn.parts:
-            continue
+            return
         if out and out[-1].role == turn.role:
             out[-1] = Turn(turn.role, out[-1].parts + turn.parts)
         else:
             out.append(Turn(turn.role, list(turn.parts)))
+    for turn in turns:
+        if turn.role == "system" and out and out[-1].role == "assistant" and \
+                any(isinstance(p, ToolCall) for p in out[-1].parts):
+            held.append(turn)              # (OpenAI wants a call's results right after it:
+            continue                       # the system text waits until they came)
+        add(turn)
+        if turn.role == "user":
+            for waiting in held:
+                add(waiting)
+            held = []
+    for waiting in held:
+        add(waiting)
     for turn in out:
         if turn.role == "user" and any(isinstance(p, ToolResult) for p in turn.parts):
             turn.parts.sort(key=lambda p: not isinstance(p, ToolResult))

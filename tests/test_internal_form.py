@@ -589,3 +589,15 @@ def test_a_gemini_results_images_reach_every_upstream():
         "type": "base64", "media_type": "image/jpeg", "data": PNG}
     out = proxypal.TRANSLATORS[("gemini", "openai")].request(request)
     assert out["messages"][-1]["content"][0]["image_url"]["url"].endswith(PNG)
+
+
+def test_a_system_message_between_a_call_and_its_result_waits_until_after_the_result():
+    """OpenAI wants a call's tool messages right after it (Codex can send a developer
+    message in between)."""
+    out = proxypal.TRANSLATORS[("responses", "openai")].request({"model": "m", "input": [
+        {"role": "user", "content": "ls"},
+        {"type": "function_call", "call_id": "c1", "name": "sh", "arguments": "{}"},
+        {"role": "developer", "content": "be careful"},
+        {"type": "function_call_output", "call_id": "c1", "output": "a"}]})
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "tool", "system"]
+    assert out["messages"][-1]["content"] == "be careful"
