@@ -1341,16 +1341,14 @@ class SSESplitter:
         self._size = 0
 
     def holds(self, data: bytes) -> bool:
-        """True when `data` only lengthens an event still arriving (no blank line can end
-        in it): kept aside, so that a long event costs one join at its end rather than one
-        per read. Refuses an event over MAX_STREAM_EVENT."""
+        """With an event begun (rest), True when `data` only lengthens it (no blank line can
+        end in it): kept aside, so that a long event costs one join at its end rather than
+        one per read. Refuses an event over MAX_STREAM_EVENT."""
         if not data:
             return True                      # nothing arrived: nothing to split
-        if not (self.rest or self._held):
-            return False
         before = (self._held[-1] if self._held else self.rest)[-1:]
-        if b"\r" in data or before == b"\r" or b"\n\n" in data \
-                or (before == b"\n" and data[:1] == b"\n"):
+        if b"\n\n" in data or (before == b"\n" and data[:1] == b"\n") \
+                or before == b"\r" or b"\r" in data:   # (cheapest first: most reads end events)
             return False
         self._held.append(data)
         self._size += len(data)
@@ -1366,9 +1364,11 @@ class SSESplitter:
         return self.rest + data if self.rest else data
 
     def feed(self, data: bytes) -> List[bytes]:
-        if self.holds(data):
-            return []
-        buf = self.pending(data)
+        if self.rest or self._held:
+            if self.holds(data):
+                return []
+            data = self.pending(data)
+        buf = data
         if b"\r" not in buf:              # LF only, as nearly every upstream: one split
             *whole, self.rest = buf.split(b"\n\n")
             return [event + b"\n\n" for event in whole]
@@ -5117,10 +5117,11 @@ class SSEDecoder:
         self._splitter = SSESplitter()
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
-        splitter = self._splitter
-        if splitter.holds(data):
-            return []
-        buf = splitter.pending(data)
+        splitter, buf = self._splitter, data
+        if splitter.rest or splitter._held:   # (an event begun in an earlier read)
+            if splitter.holds(data):
+                return []
+            buf = splitter.pending(data)
         if b"\r" not in buf:              # the common case: no loop over events here
             end = buf.rfind(b"\n\n") + 2
             text = buf[:end].decode("utf-8", "replace") if end > 1 else ""
@@ -7518,9 +7519,11 @@ class RelayPipe:
             end = _SSE_BOUNDARY.search(out, start)
             if end is None:
                 return out
-            parsed = parse_sse_event(out[start:end.end()])
-            if parsed:
-                check_opening(*parsed)
+            block = out[start:end.end()]
+            parsed = parse_sse_event(block) if b"error" in block or b":" == block[:1] else ()
+            if parsed is not None:
+                if parsed:
+                    check_opening(*parsed)
                 return out
             start = end.end()
 
@@ -7529,10 +7532,11 @@ class RelayPipe:
         ends, nothing to skip) is cut at the last blank line and only its last events and
         the ones that mention usage are looked at: a burst of hundreds of events costs
         a few scans, not a parse each."""
-        splitter = self.splitter
-        if splitter.holds(data):
-            return b""
-        buf = splitter.pending(data)
+        splitter, buf = self.splitter, data
+        if splitter.rest or splitter._held:   # (an event begun in an earlier read)
+            if splitter.holds(data):
+                return b""
+            buf = splitter.pending(data)
         if self.skip or b"\r" in buf:
             splitter.rest = b""
             return self._feed_events(buf)
