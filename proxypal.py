@@ -221,8 +221,11 @@ class WireError(ClientError):
 
 
 class UpstreamError(ProxypalError):
-    """An upstream could not be reached or failed; 502 unless said otherwise."""
+    """An upstream could not be reached or failed; 502 unless said otherwise. `unanswered`:
+    it failed before giving any answer (a stream's opening error), so another credential
+    may be asked without the request having run twice."""
     status = 502
+    unanswered = False
 
     def __init__(self, message: str, status: Optional[int] = None, provider: str = "",
                  url: str = "", failover: bool = True):
@@ -585,12 +588,15 @@ def _parse_url(value: str, path: str, key: str, schemes: Sequence[str]) -> str:
     def fail(message: str) -> ConfigError:
         return ConfigError(path, f'"{key}" {message}', f"{path}.{key}") if path \
             else ConfigError(key, message)
-    shown = re.sub(r"//[^/@]*@", "//***@", value)   # (no user name or password echoed)
+    # (no user name or password in an error, however the URL is broken)
+    shown = value.split("://", 1)[0] + "://***@" + value.rsplit("@", 1)[1] if "@" in value \
+        else value
     try:
         parts = urllib.parse.urlsplit(value.strip())
         parts.port  # noqa: B018 -- raises ValueError on a bad port
     except ValueError as exc:
-        raise fail(f"is not a valid URL: {shown!r} ({exc})") from None
+        raise fail(f"is not a valid URL: {shown!r}" + ("" if "@" in value else f" ({exc})")) \
+            from None
     if parts.scheme not in schemes or not parts.hostname:
         raise fail(f'must be a URL starting with {" or ".join(s + "://" for s in schemes)}, '
                    f"got {shown!r}")
@@ -801,11 +807,9 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     if not _valid_host(values["host"].strip("[]")):
         raise ConfigError("host", f"must be an IP address or a host name, got "
                                   f"{printable(values['host'], 80)!r}")
-    config = Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
-                    path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
-                    raw=raw)
-    check_exposure(config, config.host)    # (a save that the next start would refuse)
-    return config
+    return Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
+                  path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
+                  raw=raw)
 
 
 def check_exposure(config: Config, host: str) -> None:
@@ -899,6 +903,7 @@ class ConfigStore:
         """Validate and write `raw`; base_version is the version the caller edited (None:
         whatever is there). Returns (the new Config, the new version)."""
         config = parse_config(raw, path=self.path)
+        check_exposure(config, config.host)   # (a file the next start would refuse)
         data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8", JSON_ESCAPE)
         with self._lock, _FolderLock(os.path.dirname(self.path)):
             current = self.read_bytes()
@@ -913,7 +918,8 @@ class ConfigStore:
     def create(self, raw: Dict[str, Any]) -> bool:
         """Write a new file; False (and nothing written) when one exists already. The file
         appears whole or not at all: written aside, then linked into place."""
-        parse_config(raw, path=self.path)
+        config = parse_config(raw, path=self.path)
+        check_exposure(config, config.host)
         data = (json.dumps(raw, indent=2, ensure_ascii=False) + "\n").encode("utf-8", JSON_ESCAPE)
         with self._lock, _FolderLock(os.path.dirname(self.path)):
             if os.path.exists(self.path):
@@ -1755,10 +1761,14 @@ def last_events(out: bytes, count: int = 3) -> List[bytes]:
     return events
 
 
-def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
-    """Apply a model entry's maxOutputTokens to whichever field the format uses."""
+def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int],
+                        interleaved: bool = False) -> None:
+    """Apply a model entry's maxOutputTokens to whichever field the format uses.
+    `interleaved`: the client asked for Anthropic's interleaved thinking, whose budget may
+    exceed max_tokens (it spans the whole turn)."""
     if not limit:
         return
+    lowered = isinstance(body.get("max_tokens"), int) and body["max_tokens"] > limit
     for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
@@ -1769,8 +1779,9 @@ def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int]) -> None:
         if isinstance(value, int) and value > limit:
             config["maxOutputTokens"] = limit
     thinking, cap = body.get("thinking"), body.get("max_tokens")
-    if isinstance(thinking, dict) and isinstance(thinking.get("budget_tokens"), int) \
-            and isinstance(cap, int) and thinking["budget_tokens"] >= cap:
+    if lowered and not interleaved and isinstance(thinking, dict) and \
+            thinking.get("type") == "enabled" and isinstance(thinking.get("budget_tokens"), int) \
+            and thinking["budget_tokens"] >= cap:
         # Anthropic's budget must stay under max_tokens: half the cap for thinking, as
         # translated requests get, or no thinking under a cap too small for its minimum
         if cap // 2 >= ANTHROPIC_MIN_THINKING_BUDGET:
@@ -3682,8 +3693,8 @@ def read_gemini_request(body: Dict[str, Any]) -> Chat:
     functionResponse answers the earliest unanswered call with its id, else its name."""
     chat = Chat(cap_includes_reasoning=False)
     instruction = body.get("systemInstruction") or body.get("system_instruction")
-    parts = as_list(instruction.get("parts"), "systemInstruction.parts") \
-        if isinstance(instruction, dict) else []
+    parts = instruction.get("parts") if isinstance(instruction, dict) else None
+    parts = as_list([parts] if isinstance(parts, dict) else parts, "systemInstruction.parts")
     chat.system = [Text(p["text"]) for p in parts
                    if isinstance(p, dict) and isinstance(p.get("text"), str) and p["text"]]
     pending: List[Tuple[str, str]] = []
@@ -3733,7 +3744,7 @@ def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]
                  for m in [_gemini_media(p, f"{where}.functionResponse.parts[{i}]")] if m]
         items.append(ToolResult(_answered_id(pending, answer, where), str(answer.get("name") or ""),
                                 ([Text(text)] if text else []) + media, is_error, where))
-    elif _gemini_media(part, where):
+    elif isinstance(part.get("inlineData"), dict) or isinstance(part.get("fileData"), dict):
         items.append(_gemini_media(part, where))
     elif part.get("thought") is True:
         origin, signature, redacted = uncarry(part.get("thoughtSignature"), "gemini")
@@ -5175,16 +5186,24 @@ class EventRelay:
         return [("error", json_text(self.fmt.error(status, named(self.provider, message), "")))]
 
 
+def event_error(data: str) -> Tuple[int, str]:
+    """(status, message) of an upstream's error event: {"error": {...}} (Anthropic, OpenAI,
+    Gemini) or Responses' {"type": "error", "message"}; the data itself otherwise."""
+    obj = event_object(data)
+    if obj and isinstance(obj.get("error"), dict):
+        return stream_error_of(obj)
+    return 502, printable(str(obj["message"]) if obj and obj.get("message") else data, 200)
+
+
 def check_opening(event: str, data: str) -> None:
     """A stream whose first event is an error (Anthropic's overloaded_error inside a 200)
     failed before anything reached the client: an UpstreamError, so that the client gets
     an HTTP error, or the next credential its turn."""
     if event == "error" or data.lstrip().startswith('{"error"'):
-        obj = event_object(data)
-        status, message = stream_error_of(obj) if obj and isinstance(obj.get("error"), dict) \
-            else (502, printable(str(obj.get("message")) if obj and obj.get("message")
-                                 else data, 200))
-        raise UpstreamError(message, status, failover=status in FAILOVER_STATUSES)
+        status, message = event_error(data)
+        error = UpstreamError(message, status, failover=status in FAILOVER_STATUSES)
+        error.unanswered = True
+        raise error
 
 
 class StreamPipe:
@@ -7178,7 +7197,8 @@ class ModelCall:
             except ClientError as exc:
                 raise ClientError(f"model {self.requested!r} goes to {target.cred.label} "
                                   f"as {target.model!r}: {exc.message}") from None
-        clamp_output_tokens(out, target.max_output_tokens)
+        clamp_output_tokens(out, target.max_output_tokens, "interleaved-thinking" in
+                            self.call.req.headers.get("anthropic-beta", ""))
         as_sent = (self.body, self.raw) if translator.passthrough and self.raw else None
         return attempt.upstream.request(self.op, target.model, out, self.stream,
                                         self.call.req.headers, self.call.req.query,
@@ -7216,7 +7236,7 @@ class ModelCall:
                 resp.abort()
                 if exc.status in FAILOVER_STATUSES:     # (an overloaded_error as a 200
                     self.server.balancer.cool(cred, exc.status, None)   # stream's first event)
-                if more and exc.failover:
+                if more and exc.failover and exc.unanswered:   # (else the request ran: once)
                     last_error = exc
                     log.warning("%s: %s; trying the next credential", cred.label, exc.message)
                     continue
@@ -7240,10 +7260,15 @@ class ModelCall:
                                 "answer: check the provider's settings, or ask for a stream")
         if decoder is not None:
             pipe = self.pipe_made = self.pipe(attempt, decoder)
-            data = await resp.read1()
-            if not data:
-                raise UpstreamError("upstream ended the stream before sending any event", 502)
-            return StreamReply(resp, pipe, headers, pipe.first(data))
+            first = b""
+            while not first:               # (until a whole event: it may be an error)
+                data = await resp.read1()
+                if not data:
+                    error = UpstreamError("upstream ended the stream before sending any event")
+                    error.unanswered = True
+                    raise error
+                first = pipe.first(data)
+            return StreamReply(resp, pipe, headers, first)
         body = attempt.upstream.answer(self.op, await resp.read_all(MAX_UPSTREAM_BODY))
         obj = answer_object(resp, body)
         if self.stream and self.op == "generate":
@@ -7552,15 +7577,17 @@ class RelayPipe:
 
     def _feed_events(self, buf: bytes) -> bytes:
         events = self.splitter.feed(buf)
-        found = stream_usage(b"".join(events))       # (a skipped opening has input tokens)
+        out = b"".join(events)
+        found = stream_usage(out)          # (before a skip: an opening has input tokens)
         if found != NO_TOKENS:
             self.tokens = merged_tokens(self.tokens, found)
         if self.skip and events:
             events = [e for e in events if not self._skipped(e)]
+            out = b"".join(events)
         real = [e for e in events if _is_event(e)]
         if real:
             self.recent = (self.recent + real)[-3:]
-        return b"".join(events)
+        return out
 
     def close(self) -> bytes:
         out = b""
@@ -7572,11 +7599,8 @@ class RelayPipe:
         if self.fmt.finished(self.recent):
             return out
         said = parse_sse_event(self.recent[-1]) if self.recent else None
-        obj = event_object(said[1]) if said and said[0] == "error" else None
-        if obj:                            # the upstream's own error event ended it: its words
-            status, message = stream_error_of(obj) if isinstance(obj.get("error"), dict) \
-                else (502, str(obj.get("message") or said[1]))
-            return out + self.fail(status, message)
+        if said and said[0] == "error":    # the upstream's own error event ended it: its words
+            return out + self.fail(*event_error(said[1]))
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def _skipped(self, event: bytes) -> bool:
@@ -7584,6 +7608,8 @@ class RelayPipe:
         if parsed and parsed[0] in self.skip:
             self.skip.remove(parsed[0])
             return True
+        if parsed:
+            self.skip = []                 # another event: the opening is over
         return False
 
     def fail(self, status: int, message: str) -> bytes:
@@ -8389,9 +8415,10 @@ async def handle_routes(server: "Server", call: Call, params: Dict[str, str]) ->
 
 async def handle_requests(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
     """The request log of the last REQUEST_RING requests, newest first."""
-    text = dumps({"requests": server.journal.recent_requests()}).decode("utf-8")
-    return Reply(200, mask_secrets(text, server.setup.config.secrets, patterns=False).encode(
-        "utf-8"), MANAGEMENT_HEADERS)
+    secrets = server.setup.config.secrets
+    return json_reply({"requests": [
+        {k: mask_secrets(v, secrets, patterns=False) if isinstance(v, str) else v
+         for k, v in entry.items()} for entry in server.journal.recent_requests()]})
 
 
 async def handle_usage(server: "Server", call: Call, params: Dict[str, str]) -> Reply:

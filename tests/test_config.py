@@ -130,10 +130,11 @@ ERRORS = [
     ("host-space", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://a b/v1", "models": ["m"]}]},
      'ampOpenaiProviders[0]: "baseUrl" names no host'),
     ("listen-host-nul", {"host": "h\x00"}, "host: must be an IP address or a host name"),
-    ("listen-host-public-with-default-key", {"host": "0.0.0.0"}, "host: '0.0.0.0' is reachable"),
     # secrets are never echoed back in an error
     ("password-type", {"proxyPassword": ["sk-NEW-secret"]}, "proxyPassword: must be a string, got a list"),
     ("url-password", {"proxyUrl": "ftp://u:sk-NEW-secret@h"}, "got 'ftp://***@h'"),
+    ("url-password-that-breaks-the-url", {"proxyUrl": "http://user:s3cr/etpw@proxy:8080"},
+     "proxyUrl: is not a valid URL: 'http://***@proxy:8080'"),
     ("base-url-user-and-password", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://u:pw@h/v1",
                                                             "models": ["m"]}]},
      'ampOpenaiProviders[0]: "baseUrl" must not hold a user name or password'),
@@ -348,11 +349,12 @@ def test_create_never_overwrites(tmp_path):
     {"apiKeys": "sk-NEW-secret"}, {"proxyUrl": "ftp://u:sk-NEW-secret@h"},
     {"claudeApiKeys": [{"apiKey": ["sk-NEW-secret"]}]},
     {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://u:sk-NEW-secret@h:xx/v1", "models": []}]},
+    {"proxyUrl": "http://user:sk-NEW/secret@proxy:8080"}, {"proxyUrl": "http://user:sk-NEW#secret@proxy:8080"},
 ])
 def test_a_config_error_never_shows_a_secret(raw):
     with pytest.raises(ConfigError) as info:
         proxypal.parse_config(raw)
-    assert "sk-NEW-secret" not in str(info.value)
+    assert "sk-NEW" not in str(info.value) and "secret" not in str(info.value)
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink") or os.name == "nt", reason="symbolic links")
@@ -369,3 +371,13 @@ def test_a_save_through_a_symbolic_link_writes_its_target(tmp_path):
     store.save(dict(raw, port=9000), version)
     assert os.path.islink(link)
     assert json.loads(target.read_text()) == {"port": 9000, "theme": "dark"}
+
+
+def test_a_file_the_next_start_would_refuse_is_never_written(tmp_path):
+    """host 0.0.0.0 with the public key: refused at save (the page), but a file that
+    has it still loads, for --host 127.0.0.1 to override."""
+    store = proxypal.ConfigStore(str(tmp_path / "config.json"))
+    with pytest.raises(ConfigError) as info:
+        store.save({"host": "0.0.0.0"})
+    assert info.value.field == "host" and not (tmp_path / "config.json").exists()
+    assert proxypal.parse_config({"host": "0.0.0.0"}).host == "0.0.0.0"

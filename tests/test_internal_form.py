@@ -601,3 +601,18 @@ def test_a_system_message_between_a_call_and_its_result_waits_until_after_the_re
         {"type": "function_call_output", "call_id": "c1", "output": "a"}]})
     assert [m["role"] for m in out["messages"]] == ["user", "assistant", "tool", "system"]
     assert out["messages"][-1]["content"] == "be careful"
+
+
+def test_a_cap_changes_no_budget_it_did_not_lower_nor_an_interleaved_one():
+    body = {"max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 6000}}
+    proxypal.clamp_output_tokens(body, 8192)          # (interleaved thinking allows this)
+    assert body["thinking"]["budget_tokens"] == 6000
+    body = {"max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 31999}}
+    proxypal.clamp_output_tokens(body, 8192, interleaved=True)
+    assert body == {"max_tokens": 8192, "thinking": {"type": "enabled", "budget_tokens": 31999}}
+
+
+def test_a_system_instruction_with_one_part_object_as_googles_samples_send_it():
+    chat = CODECS["gemini"].read_request({"systemInstruction": {"parts": {"text": "Be terse."}},
+                                          "contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert [t.text for t in chat.system] == ["Be terse."]

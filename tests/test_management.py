@@ -295,8 +295,20 @@ def test_the_api_answers_no_other_origin_and_shows_no_key_a_client_sent(upstream
                                   "Access-Control-Request-Headers": "x-management-key"}, key=None)
     assert "access-control-allow-origin" not in headers
     request(p, "GET", "/nope/client-secret-key", key="client-secret-key")
-    _, _, records = mgmt(p, "GET", "requests")
+    _, _, records = mgmt(p, "GET", "requests")      # (mgmt parses it: still JSON)
     assert records["requests"] and "client-secret-key" not in json.dumps(records)
+
+
+def test_the_request_log_stays_json_whatever_the_secrets_look_like(upstream, proxy):
+    """A key that is also JSON text ("null", a local server's placeholder "1234") is
+    masked in the values, never inside the JSON around them."""
+    up = upstream(json_answer(200, openai_completion("m")))
+    p = proxy({"managementKey": KEY, "ampOpenaiProviders": [dict(provider(up.url), apiKey="null")]})
+    for _ in range(3):
+        request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]})
+    status, _, raw = request(p, "GET", "/v0/management/requests", None, H, key=None)
+    assert status == 200 and len(json.loads(raw)["requests"]) == 3
 
 
 @pytest.mark.parametrize("body,status,says", [

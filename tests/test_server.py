@@ -669,9 +669,9 @@ def test_foreign_web_page_refused_with_public_key(upstream, proxy):
 
 
 def test_public_host_refused_while_default_key_accepted():
-    """In the file (a save the next start would refuse is refused at once), and as --host."""
+    config = proxypal.parse_config({"host": "0.0.0.0", "apiKeys": ["private-one"]})
     with pytest.raises(proxypal.ConfigError) as info:
-        proxypal.parse_config({"host": "0.0.0.0", "apiKeys": ["private-one"]})
+        proxypal.Server(config)
     assert "proxyApiKey" in str(info.value) and info.value.field == "host"
     with pytest.raises(proxypal.ConfigError) as info:
         proxypal.check_exposure(proxypal.parse_config({"apiKeys": ["private-one"]}), "0.0.0.0")

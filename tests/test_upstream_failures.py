@@ -906,15 +906,16 @@ def test_translated_stream_skips_events_that_are_not_json_objects(rig, client, k
 
 @pytest.mark.parametrize("client,kind", [("anthropic", "openai"), ("openai", "claude")],
                          ids=["anthropic-to-openai", "openai-to-anthropic"])
-def test_translated_stream_of_only_garbage_ends_with_error_event(rig, client, kind):
+def test_translated_stream_of_only_garbage_is_an_http_error(rig, client, kind):
     def handler(peer, req):
         peer.send(head(200, SSE_CHUNKED) + chunk(b"data: [1]\n\n") + chunk(b"data: nope\n\n")
                   + b"0\r\n\r\n")
     p, _ = rig(handler)
     status, _, body = ask(p, client, MODEL[kind], stream=True)
-    assert status == 200
-    assert "ended the stream before" in stream_error(client, body)["message"]
-    assert streamed_text(client, body) == ""
+    # nothing the client could use came before the end: an HTTP error, as for any
+    # failure before the stream's first event (another credential could be asked)
+    assert status == 502
+    assert "ended the stream before sending any event" in error_message(client, body)
     alive(p)
 
 
@@ -1240,3 +1241,40 @@ def test_a_stream_event_over_the_limit_ends_the_stream(rig, monkeypatch):
     assert status == 200
     assert "stream event over 65536 bytes" in stream_error("openai", body)["message"]
     alive(p)
+
+
+def test_an_answer_that_breaks_after_it_began_is_never_asked_of_another_credential(proxy,
+                                                                                    raw_upstream):
+    """The first upstream ran the request (200, then its body broke): asking the next
+    credential would run and bill it twice."""
+    def broken(peer, req):
+        body = answer_body(req)
+        peer.send(head(200, (("Content-Type", "application/json"),
+                             ("Content-Length", str(len(body) + 500)))) + body)
+        peer.close()
+    first, second = raw_upstream(broken), raw_upstream(normal)
+    p = proxy({"requestRetry": 1, "routingStrategy": "fill-first", "claudeApiKeys": [
+        {"name": "First", "apiKey": "k1", "baseUrl": first.url, "models": ["c"]},
+        {"name": "Second", "apiKey": "k2", "baseUrl": second.url, "models": ["c"]}]})
+    status, _, body = ask(p, "anthropic", "c")
+    assert status == 502 and "broke mid-response" in error_message("anthropic", body)
+    assert len(first.all) == 1 and len(second.all) == 0
+
+
+@pytest.mark.parametrize("client", ["anthropic", "openai"])
+def test_an_opening_error_split_across_reads_still_fails_over(proxy, raw_upstream, client):
+    overloaded = (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+                  b'"message":"Overloaded"}}\n\n')
+
+    def busy(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + chunk(overloaded[:30]))
+        time.sleep(0.05)                     # (a second read for the rest)
+        peer.send(chunk(overloaded[30:]) + b"0\r\n\r\n")
+    first, second = raw_upstream(busy), raw_upstream(normal)
+    p = proxy({"requestRetry": 1, "routingStrategy": "fill-first", "claudeApiKeys": [
+        {"name": "First", "apiKey": "k1", "baseUrl": first.url, "models": ["c"]},
+        {"name": "Second", "apiKey": "k2", "baseUrl": second.url, "models": ["c"]}]})
+    status, _, body = ask(p, client, "c", stream=True)
+    assert status == 200
+    assert_complete_stream(client, body)
+    assert len(first.all) == 1 and len(second.all) == 1
