@@ -1346,35 +1346,38 @@ class SSESplitter:
         self._held: List[bytes] = []         # ...and its later reads, not joined yet
         self._size = 0
 
-    def holds(self, data: bytes) -> bool:
-        """With an event begun (rest), True when `data` only lengthens it (no blank line can
-        end in it): kept aside, so that a long event costs one join at its end rather than
-        one per read. Refuses an event over MAX_STREAM_EVENT."""
+    def take(self, data: bytes) -> Optional[bytes]:
+        """What has arrived of the events not split off yet, `data` included, for the caller
+        to split (it sets `rest` to what is left); None when `data` only lengthens an event
+        begun in an earlier read (no blank line can end in it): it is kept aside, so that
+        a long event costs one join at its end, not one per read. Refuses an event over
+        MAX_STREAM_EVENT."""
+        if not (self.rest or self._held):
+            return data                      # the common case: every read ends its events
         if not data:
-            return True                      # nothing arrived: nothing to split
+            return None
         before = (self._held[-1] if self._held else self.rest)[-1:]
-        if b"\n\n" in data or (before == b"\n" and data[:1] == b"\n") \
-                or before == b"\r" or b"\r" in data:   # (cheapest first: most reads end events)
-            return False
-        self._held.append(data)
-        self._size += len(data)
-        if len(self.rest) + self._size > MAX_STREAM_EVENT:
-            raise UpstreamError(f"upstream sent a stream event over {size_text(MAX_STREAM_EVENT)} "
-                                "without its end")
-        return True
+        if b"\n\n" not in data and not (before == b"\n" and data[:1] == b"\n") \
+                and before != b"\r" and b"\r" not in data:   # (cheapest first)
+            self._held.append(data)
+            self._size += len(data)
+            if len(self.rest) + self._size > MAX_STREAM_EVENT:
+                raise UpstreamError(f"upstream sent a stream event over "
+                                    f"{size_text(MAX_STREAM_EVENT)} without its end")
+            return None
+        buf = b"".join([self.rest, *self._held, data])
+        self.rest, self._held, self._size = b"", [], 0
+        return buf
 
-    def pending(self, data: bytes) -> bytes:
-        """What has arrived of the events not yet split off, with `data`."""
-        if self._held:
-            self.rest, self._held, self._size = b"".join([self.rest, *self._held]), [], 0
-        return self.rest + data if self.rest else data
+    @property
+    def waiting(self) -> bytes:
+        """What has arrived of an event not complete yet."""
+        return b"".join([self.rest, *self._held]) if self._held else self.rest
 
     def feed(self, data: bytes) -> List[bytes]:
-        if self.rest or self._held:
-            if self.holds(data):
-                return []
-            data = self.pending(data)
-        buf = data
+        buf = self.take(data)
+        if buf is None:
+            return []
         if b"\r" not in buf:              # LF only, as nearly every upstream: one split
             *whole, self.rest = buf.split(b"\n\n")
             return [event + b"\n\n" for event in whole]
@@ -1392,7 +1395,7 @@ class SSESplitter:
 
     def close(self) -> List[bytes]:
         """At end of stream: a final event left without its blank line, if any."""
-        rest, self.rest = self.pending(b""), b""
+        rest, self.rest, self._held = self.waiting, b"", []
         return [rest] if rest.strip() else []
 
 
@@ -5128,11 +5131,10 @@ class SSEDecoder:
         self._splitter = SSESplitter()
 
     def feed(self, data: bytes) -> List[Tuple[str, str]]:
-        splitter, buf = self._splitter, data
-        if splitter.rest or splitter._held:   # (an event begun in an earlier read)
-            if splitter.holds(data):
-                return []
-            buf = splitter.pending(data)
+        splitter = self._splitter
+        buf = splitter.take(data)
+        if buf is None:
+            return []
         if b"\r" not in buf:              # the common case: no loop over events here
             end = buf.rfind(b"\n\n") + 2
             text = buf[:end].decode("utf-8", "replace") if end > 1 else ""
@@ -5160,16 +5162,19 @@ class EventRelay:
         self.done = self.started = False
         self.skip: List[str] = []
         self.recent: List[bytes] = []
-        self.usage: Optional[Usage] = None
-        self._tokens = NO_TOKENS
+        self.tokens = NO_TOKENS
+
+    @property
+    def usage(self) -> Optional[Usage]:
+        tokens = self.tokens
+        return None if tokens == NO_TOKENS else Usage(
+            tokens[0] or 0, tokens[2] or 0, output=tokens[1] or 0, reasoning=tokens[3] or 0)
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         if self.done or not event:
             return []
         if '"usage' in data:               # (each event says some counts: they add up)
-            self._tokens = tokens = merged_tokens(self._tokens, usage_counts(event_object(data)))
-            self.usage = Usage(tokens[0] or 0, tokens[2] or 0, output=tokens[1] or 0,
-                               reasoning=tokens[3] or 0)
+            self.tokens = merged_tokens(self.tokens, usage_counts(event_object(data)))
         if event in self.skip:             # the commit sent its own opening events
             self.skip.remove(event)
             return []
@@ -6850,10 +6855,10 @@ def presented_key(req: Request) -> str:
 
 def key_matches(key: str, accepted: Sequence[str]) -> bool:
     """Constant-time comparison against every accepted key."""
-    given = key.encode("utf-8", "surrogatepass")
+    given = key.encode("utf-8")
     found = False
     for candidate in accepted:
-        found |= hmac.compare_digest(given, candidate.encode("utf-8", "surrogatepass"))
+        found |= hmac.compare_digest(given, candidate.encode("utf-8"))
     return found
 
 
@@ -7197,8 +7202,9 @@ class ModelCall:
             except ClientError as exc:
                 raise ClientError(f"model {self.requested!r} goes to {target.cred.label} "
                                   f"as {target.model!r}: {exc.message}") from None
-        clamp_output_tokens(out, target.max_output_tokens, "interleaved-thinking" in
-                            self.call.req.headers.get("anthropic-beta", ""))
+        if target.max_output_tokens:
+            clamp_output_tokens(out, target.max_output_tokens, "interleaved-thinking" in
+                                self.call.req.headers.get("anthropic-beta", ""))
         as_sent = (self.body, self.raw) if translator.passthrough and self.raw else None
         return attempt.upstream.request(self.op, target.model, out, self.stream,
                                         self.call.req.headers, self.call.req.query,
@@ -7545,10 +7551,9 @@ class RelayPipe:
             if end is None:
                 return out
             block = out[start:end.end()]
-            parsed = parse_sse_event(block) if b"error" in block or b":" == block[:1] else ()
-            if parsed is not None:
-                if parsed:
-                    check_opening(*parsed)
+            if block[:1] != b":":          # (a comment's block: the next one, then)
+                if b"error" in block:      # (only an error needs parsing)
+                    check_opening(*(parse_sse_event(block) or ("", "")))
                 return out
             start = end.end()
 
@@ -7557,11 +7562,10 @@ class RelayPipe:
         ends, nothing to skip) is cut at the last blank line and only its last events and
         the ones that mention usage are looked at: a burst of hundreds of events costs
         a few scans, not a parse each."""
-        splitter, buf = self.splitter, data
-        if splitter.rest or splitter._held:   # (an event begun in an earlier read)
-            if splitter.holds(data):
-                return b""
-            buf = splitter.pending(data)
+        splitter = self.splitter
+        buf = splitter.take(data)
+        if buf is None:
+            return b""
         if self.skip or b"\r" in buf:
             splitter.rest = b""
             return self._feed_events(buf)

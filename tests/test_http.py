@@ -252,7 +252,7 @@ def sse_result(data: bytes):
     order (events, then what is still pending at the end), and the same events parse
     from them. Block edges may move by a CR/LF that only ends an empty line."""
     def finish(splitter):
-        pending = splitter.pending(b"")
+        pending = splitter.waiting
         return [("tail", pending, splitter.close())]
 
     def normalize(out):
