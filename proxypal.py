@@ -123,6 +123,9 @@ WRITE_BUFFER_HIGH = 64 * 1024            # asyncio's own high-water mark for wri
 DEFAULT_CONNECT_TIMEOUT = 10.0           # TCP + TLS handshake to an upstream
 DEFAULT_FIRST_BYTE_TIMEOUT = 600.0       # a reasoning model may think for minutes
 DEFAULT_READ_TIMEOUT = 300.0             # silence between two chunks of one response
+STREAM_END_GRACE = 2.0                   # after a stream's last event its body ends at once;
+#   an upstream (or a proxy before it) that holds it open is let go after this much
+#   silence, not readTimeoutSeconds: the client's SDK reads to the end of the body.
 READ_SIZE = 64 * 1024                    # one socket read
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024     # a non-streamed answer larger than this is refused
 MAX_UPSTREAM_ERROR_BODY = 1024 * 1024    # error bodies are read up to this, then cut
@@ -1592,6 +1595,8 @@ class Format:
     ping: bytes = b": keep-alive\n\n"     # what keeps a silent stream alive
     abort_on_error: bool = False           # end a failed stream without the chunked body's
                                            # last chunk, so the client's HTTP layer raises
+    ends: Tuple[bytes, ...] = ()           # bytes one of which a stream's end holds: a cheap
+                                           # test before `finished`, for every read
 
     def error_body(self, status: int, message: str, err_type: str = "",
                    code: Optional[str] = None) -> bytes:
@@ -1612,11 +1617,11 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            {"/v1/chat/completions": "generate", "/v1/completions": "completions",
             "/v1/embeddings": "embeddings"},
            _openai_error, _data_event, "a finish_reason",
-           lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent)),
+           lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent), ends=(b"[DONE]",)),
     Format("anthropic", "Anthropic Messages",
            {"/v1/messages": "generate", "/v1/messages/count_tokens": "count"},
            _anthropic_error, _named_event, "message_stop", _anthropic_finished, ("message_start",),
-           b'event: ping\ndata: {"type":"ping"}\n\n'),
+           b'event: ping\ndata: {"type":"ping"}\n\n', ends=(b"message_stop",)),
     Format("gemini", "Gemini",
            {"generateContent": "generate", "streamGenerateContent": "stream",
             "countTokens": "count"},
@@ -1624,12 +1629,13 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent),
            # google-genai 3.x raises on an error object, but older SDKs and plain HTTP
            # clients read it as a normal end: a broken chunked body makes every one raise
-           abort_on_error=True),
+           abort_on_error=True, ends=(b"finishReason",)),
     Format("responses", "OpenAI Responses",
            {"/v1/responses": "generate", "/v1/responses/input_tokens": "count"},
            _openai_error, _named_event, "response.completed",
            lambda recent: any(_RESPONSES_FINISHED.search(e) for e in recent),
-           ("response.created", "response.in_progress"), failure=_responses_failure),
+           ("response.created", "response.in_progress"), failure=_responses_failure,
+           ends=(b"response.completed", b"response.incomplete")),
 )}
 
 
@@ -5920,7 +5926,7 @@ class UpstreamResponse:
         self.status, self.headers = status, headers
         self._first = dict(reversed(headers))   # each name's first value, for header()
         self.aborted = self.released = False
-        self.done = False
+        self.done = self.ending = False
         te = self.header("transfer-encoding").lower()
         length = self.header("content-length").strip()
         self._chunked = ChunkedDecoder(1 << 62) if "chunked" in te else None
@@ -5975,11 +5981,21 @@ class UpstreamResponse:
                 return out
         return b""
 
+    def expect_end(self) -> None:
+        """The stream's last event came, so its body should end now: an upstream that holds
+        it open is let go after STREAM_END_GRACE of silence, not readTimeoutSeconds."""
+        if not self.done and not self.ending:
+            self.ending = True
+            self._link.arm(STREAM_END_GRACE)
+
     def _broken(self, why: str) -> UpstreamError:
         """The error for a body that cannot be read to its end; the connection is closed."""
         self._link.close()
         if self.aborted:
             return UpstreamError(CLIENT_GONE, 499, self.req.provider)
+        if self._link.timed_out and self.ending:
+            return UpstreamError(f"upstream held the stream open {STREAM_END_GRACE:g}s after "
+                                 "its last event", 502, self.req.provider)
         if self._link.timed_out:
             return UpstreamError(f"upstream sent nothing for {self.req.read_timeout:g}s "
                                  "(readTimeoutSeconds)", 504, self.req.provider)
@@ -7629,7 +7645,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
     are written at once. A client that goes away aborts the upstream read."""
     conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
     call.on_gone = resp.abort              # the client leaving now ends the upstream read
-    chunked = call.req.version == "HTTP/1.1"
+    chunked, ends = call.req.version == "HTTP/1.1", FORMATS[call.fmt].ends
     pinger: Optional[KeepAlive] = None
     try:
         out = reply.first
@@ -7639,6 +7655,8 @@ async def relay(call: Call, reply: StreamReply) -> None:
             pinger = KeepAlive(conn.writer, call.config.stream_keepalive_seconds, chunked)
         while True:
             if out or head:
+                if any(end in out for end in ends) and pipe.complete:
+                    resp.expect_end()      # (an upstream that holds it open is let go)
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+import proxypal
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, openai_completion,
                      request, send, mock_provider)
 
@@ -1166,15 +1167,27 @@ def test_a_committed_stream_answered_whole_gets_the_answer_as_events(rig, client
 
 
 @pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
-@pytest.mark.parametrize("how", ["close-without-last-chunk", "reset"])
-def test_a_failure_after_the_streams_last_event_leaves_the_stream_complete(rig, client, kind, how):
+@pytest.mark.parametrize("how", ["close-without-last-chunk", "reset", "held-open"])
+def test_a_failure_after_the_streams_last_event_leaves_the_stream_complete(rig, client, kind, how,
+                                                                            monkeypatch):
+    """Held open: the last event came but the body never ends. The client's SDK reads to
+    the body's end, so the proxy ends it after STREAM_END_GRACE, not readTimeoutSeconds
+    (here longer than the test client waits), and hangs up on the upstream."""
+    monkeypatch.setattr(proxypal, "STREAM_END_GRACE", SHORT)
+    hung_up = threading.Event()
+
     def handler(peer, req):
         peer.send(head(200, SSE_CHUNKED) + b"".join(chunk(e) for e in stream_events(req)))
-        peer.close() if how == "close-without-last-chunk" else peer.reset()
-    p, _ = rig(handler)
+        if how == "held-open":
+            if peer.wait_closed():
+                hung_up.set()
+        else:
+            peer.close() if how == "close-without-last-chunk" else peer.reset()
+    p, _ = rig(handler, readTimeoutSeconds=TIMEOUT * 3)
     status, _, body = ask(p, client, MODEL[kind], stream=True)
     assert status == 200
     assert_complete_stream(client, body)
+    assert how != "held-open" or hung_up.wait(TIMEOUT)
     alive(p)
 
 
@@ -1233,7 +1246,6 @@ def test_a_responses_relay_ended_by_the_upstreams_error_fails_with_its_words(pro
 
 
 def test_a_stream_event_over_the_limit_ends_the_stream(rig, monkeypatch):
-    import proxypal
     monkeypatch.setattr(proxypal, "MAX_STREAM_EVENT", 64 * 1024)
 
     def handler(peer, req):
