@@ -7639,10 +7639,9 @@ class RelayPipe:
 
 
 async def relay(call: Call, reply: StreamReply) -> None:
-    """The one loop for every stream. ModelCall.answer read the upstream's first bytes
-    before any head went out (an early failure is still an HTTP error); the head goes out
-    with them, unless a long wait committed it already; then each read's complete events
-    are written at once. A client that goes away aborts the upstream read."""
+    """The one loop for every stream: the head (unless a commit sent it) with the first
+    bytes ModelCall.answer read, then each read's complete events at once. A client that
+    goes away aborts the upstream read."""
     conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
     call.on_gone = resp.abort              # the client leaving now ends the upstream read
     chunked, ends = call.req.version == "HTTP/1.1", FORMATS[call.fmt].ends
