@@ -8254,14 +8254,20 @@ async def handle_state(server: "Server", call: Call, params: Dict[str, str]) -> 
 
 
 async def handle_get_config(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
-    store = server.config_store()
-    raw, version = store.read() if store is not None else (call.config.raw or {}, "")
+    """The document and its version. A file that is not JSON (a hand edit gone wrong) gives
+    the config the proxy runs on, with the broken file's version and `error`: a save
+    from the page repairs the file, and the broken text is kept as config.json.bak."""
+    store, error = server.config_store(), ""
+    try:
+        raw, version = store.read() if store is not None else (call.config.raw or {}, "")
+    except ConfigError as exc:
+        raw, version, error = call.config.raw or {}, store.version_of(store.read_bytes()), exc.message
     settings = [{"key": s.key, "kind": s.kind.__name__, "default": list(s.default)
                  if isinstance(s.default, tuple) else s.default, "low": s.low, "high": s.high,
                  "live": s.live, "help": s.help, "choices": list(s.choices), "secret": s.secret,
                  "override": server.overrides.get(s.attr)} for s in SETTINGS]
     return json_reply({"config": raw, "version": version, "path": call.config.path,
-                       "writable": store is not None, "settings": settings})
+                       "writable": store is not None, "settings": settings, "error": error})
 
 
 async def handle_put_config(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
@@ -8730,7 +8736,7 @@ function drawBanner() {
   const b = $("#banner"); b.replaceChildren();
   const st = S.state;
   if (st && st.config.reload_error)
-    b.append(h("div", {class: "notice bad"}, `The config file has an error; the proxy keeps running on the last good one: ${st.config.reload_error}`));
+    b.append(h("div", {class: "notice bad"}, `The config file has an error; the proxy keeps running on the last good one, which this page shows (a save replaces the file and keeps the broken one as config.json.bak): ${st.config.reload_error}`));
   if (S.changedOnDisk)
     b.append(h("div", {class: "notice warn"}, "The config file changed on disk while you were editing. Saving now would be refused: ",
       h("button", {class: "link", onclick: async () => { closeModal(); await loadConfig(); render(); }}, "reload it"), " and redo the change."));

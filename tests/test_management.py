@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import time
 from typing import Any, Dict
 
 import pytest
@@ -179,6 +180,32 @@ def test_a_save_over_an_external_edit_is_refused_and_the_edit_is_seen(proxy, con
     assert state["config"]["version"] == proxypal.ConfigStore.version_of(path.read_bytes())
     _, _, again = mgmt(p, "GET", "config")
     assert again["config"] == edited and save(p, dict(edited, requestRetry=2), again["version"])[0] == 200
+
+
+def test_a_file_broken_by_hand_is_shown_as_the_running_config_and_a_save_repairs_it(proxy,
+                                                                                   config_file):
+    good = {"managementKey": KEY, "requestRetry": 1}
+    path = config_file(good)
+    p = proxy(str(path))
+    broken = json.dumps(good)[:-1] + ', "requestRetry": 2,'       # cut off while editing
+    path.write_text(broken)
+    deadline = time.monotonic() + TIMEOUT      # the file watcher notices within a second
+    while not mgmt(p, "GET", "state")[2]["config"]["reload_error"]:
+        assert time.monotonic() < deadline, "the broken file was never noticed"
+        time.sleep(0.05)
+    status, _, got = mgmt(p, "GET", "config")
+    assert status == 200 and got["config"] == good and "JSON" in got["error"]
+    assert got["version"] == proxypal.ConfigStore.version_of(broken.encode())
+    _, _, state = mgmt(p, "GET", "state")
+    assert state["config"]["reload_error"] and state["config"]["version"] == got["version"]
+    status, _, res = save(p, dict(got["config"], requestRetry=2), got["version"])
+    assert status == 200, res
+    assert json.loads(path.read_text()) == dict(good, requestRetry=2)
+    assert (path.parent / "config.json.bak").read_text() == broken    # nothing the user typed is lost
+    _, _, again = mgmt(p, "GET", "config")
+    assert again["error"] == "" and again["config"]["requestRetry"] == 2
+    _, _, state = mgmt(p, "GET", "state")
+    assert state["config"]["reload_error"] == ""
 
 
 def test_a_failed_write_keeps_the_old_file_and_says_why(proxy, config_file, monkeypatch):
