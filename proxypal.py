@@ -2060,6 +2060,54 @@ def safe_id(value: Any, fallback: str) -> str:
     return _UNSAFE_ID.sub("_", text) or fallback
 
 
+# Tool names each API accepts: OpenAI and Anthropic ^[a-zA-Z0-9_-]{1,64}$; Gemini
+# ^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$ (ai.google.dev FunctionDeclaration.name). Clients
+# send others (Gemini CLI's MCP tools hold dots, Codex's namespaced tools pass 64).
+_GEMINI_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,63}\Z")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
+
+
+@functools.lru_cache(maxsize=1024)
+def stand_in_name(name: str) -> str:
+    """A name every API accepts for one it may not: the invalid characters as "_", cut
+    to fit, and a hash of the whole name so that two names never meet."""
+    safe = _UNSAFE_ID.sub("_", name)[:54]
+    safe = safe if safe[:1].isalpha() or safe[:1] == "_" else "_" + safe[:53]
+    return f"{safe}_{hashlib.sha256(name.encode('utf-8', JSON_ESCAPE)).hexdigest()[:8]}"
+
+
+def upstream_tool_names(chat: Chat, fmt: str) -> Chat:
+    """The request with every tool name the upstream's API refuses replaced by its stand-in,
+    in the tools, the tool choice and the history alike; the answer's calls are named
+    back (names_back). Most requests need none: then the same Chat."""
+    valid = (_GEMINI_NAME if fmt == "gemini" else _TOOL_NAME).match
+    named = {t.name for t in chat.tools if not t.server}
+    named.update([p.name for turn in chat.turns for p in turn.parts     # (the history can be
+                  if p.__class__ is ToolCall or p.__class__ is ToolResult] + [chat.tool_name])   # long)
+    renamed = {name: stand_in_name(name) for name in named if name and not valid(name)}
+    if not renamed:
+        return chat
+
+    def part(p: Any) -> Any:
+        return dataclasses.replace(p, name=renamed[p.name]) if isinstance(
+            p, (ToolCall, ToolResult)) and p.name in renamed else p
+    return dataclasses.replace(
+        chat, tools=[dataclasses.replace(t, name=renamed.get(t.name, t.name)) for t in chat.tools],
+        tool_name=renamed.get(chat.tool_name, chat.tool_name),
+        turns=[Turn(turn.role, [part(p) for p in turn.parts]) for turn in chat.turns])
+
+
+def names_back(ask: Optional[Chat]) -> Dict[str, str]:
+    """Stand-in -> the client's own tool name, for the answer's calls."""
+    return _names_back(tuple(t.name for t in ask.tools) if ask is not None else ())
+
+
+@functools.lru_cache(maxsize=64)           # (a client sends the same tools every turn)
+def _names_back(names: Tuple[str, ...]) -> Dict[str, str]:
+    return {stand_in_name(name): name for name in names
+            if name and not (_TOOL_NAME.match(name) and _GEMINI_NAME.match(name))}
+
+
 _DATA_URL = re.compile(r"^data:([^;,]+)?((?:;[^;,]*)*?);base64,(.*)$", re.S)
 
 
@@ -2808,6 +2856,7 @@ class OpenAIStreamWriter:
         self.started = self.done = False
         self.stopped = ""
         self.tools: Dict[Any, int] = {}
+        self.names = names_back(ask)
         self.argued: set = set()           # the tool calls that had arguments
         self.usage: Optional[Usage] = None
         self._base = ""
@@ -2844,7 +2893,7 @@ class OpenAIStreamWriter:
         index = self.tools[key] = len(self.tools)
         return self._begin() + [self._chunk({"tool_calls": [{
             "index": index, "id": call_id, "type": "function",
-            "function": {"name": name, "arguments": ""}}]})]
+            "function": {"name": self.names.get(name, name), "arguments": ""}}]})]
 
     def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
         if not fragment or key not in self.tools:
@@ -2862,7 +2911,7 @@ class OpenAIStreamWriter:
         index = self.tools[object()] = len(self.tools)
         return self._begin() + [self._chunk({"tool_calls": [{
             "index": index, "id": call_id, "type": "function",
-            "function": {"name": name, "arguments": arguments}}]})]
+            "function": {"name": self.names.get(name, name), "arguments": arguments}}]})]
 
     def stop(self, reason: str) -> List[Tuple[str, str]]:
         if self.stopped or self.done:
@@ -3392,6 +3441,7 @@ class AnthropicStreamWriter:
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
         self.model, self.input_estimate = model, input_estimate
+        self.names = names_back(ask)
         self.started = self.done = self.tools = False
         self.stopped = ""
         self.index = 0
@@ -3462,7 +3512,7 @@ class AnthropicStreamWriter:
         return out
 
     def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
-        self.calls[key] = _PendingCall(call_id, name)
+        self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
         self.queue.append(key)
         return self._flush()
 
@@ -3484,7 +3534,7 @@ class AnthropicStreamWriter:
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
         key = object()
-        self.calls[key] = _PendingCall(call_id, name)
+        self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
         self.calls[key].args.append(arguments)
         self.calls[key].ended = True
         self.queue.append(key)
@@ -3551,7 +3601,6 @@ GEMINI_SCHEMA_KEYS = frozenset({
     "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
     "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum"})
 GEMINI_SCHEMA_FORMATS = frozenset({"enum", "date-time", "float", "double", "int32", "int64"})
-GEMINI_FUNCTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 GEMINI_MAX_STOP_SEQUENCES = 5
 GEMINI_MIN_THINKING_BUDGET = 128         # Gemini 2.5 Pro's smallest budget
 # Google's documented stand-in for a thoughtSignature a proxy cannot give back: without
@@ -3870,7 +3919,7 @@ def write_gemini_request(chat: Chat) -> Dict[str, Any]:
     system = [{"text": t.text} for t in system_texts(chat)]
     if system:
         out["systemInstruction"] = {"parts": system}
-    declarations = [_gemini_declaration(t, i) for i, t in enumerate(chat.tools) if not t.server]
+    declarations = [_gemini_declaration(t) for t in chat.tools if not t.server]
     tools: List[Dict[str, Any]] = [{"functionDeclarations": declarations}] if declarations else []
     # Gemini 2.x refuses built-in tools beside function declarations: a default one goes.
     tools += [{GEMINI_TOOLS_OUT[t.server]: {}} for t in chat.tools if t.server in GEMINI_TOOLS_OUT
@@ -3938,10 +3987,7 @@ def _gemini_result_out(result: ToolResult) -> List[Dict[str, Any]]:
     return [{"functionResponse": {"name": result.name, "response": response}}] + extra
 
 
-def _gemini_declaration(tool: Tool, i: int) -> Dict[str, Any]:
-    if not GEMINI_FUNCTION_NAME.match(tool.name):
-        raise ClientError(f"tools[{i}]: tool name {tool.name!r} is not a valid Gemini function "
-                          "name: use a letter or _ first, then up to 63 of A-Z a-z 0-9 _ . : -")
+def _gemini_declaration(tool: Tool) -> Dict[str, Any]:
     decl: Dict[str, Any] = {"name": tool.name}
     if tool.description:
         decl["description"] = tool.description
@@ -4177,6 +4223,7 @@ class GeminiStreamWriter:
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
         self.model, self.response_id = model, ""
+        self.names = names_back(ask)
         self.started = self.done = False
         self.stopped = ""
         self.calls: Dict[Any, _PendingCall] = {}
@@ -4201,7 +4248,7 @@ class GeminiStreamWriter:
                               "thoughtSignature": carry(value, origin, "gemini", redacted)}])]
 
     def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
-        self.calls[key] = _PendingCall(call_id, name)
+        self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
         return []
 
     def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
@@ -4217,8 +4264,8 @@ class GeminiStreamWriter:
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        return [self._chunk([_gemini_call_part(call_id, name, tool_args(arguments),
-                                               carry(signature, origin, "gemini"))])]
+        return [self._chunk([_gemini_call_part(call_id, self.names.get(name, name),
+                                               tool_args(arguments), carry(signature, origin, "gemini"))])]
 
     def stop(self, reason: str) -> List[Tuple[str, str]]:
         if self.stopped or self.done:
@@ -4697,7 +4744,7 @@ class ResponsesStreamWriter:
     provider = ""                          # named in the errors it writes
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
-        self.model, self.ask = model, ask
+        self.model, self.ask, self.names = model, ask, names_back(ask)
         self.seq, self.created, self.id = 0, int(time.time()), ""
         self.started = self.done = False
         self.stopped = ""
@@ -4807,6 +4854,7 @@ class ResponsesStreamWriter:
 
     def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
         out = self._begin() + self._close_message("completed") + self._close_thought("completed")
+        name = self.names.get(name, name)
         item = _responses_call_item(call_id, name, "", self.ask, "in_progress")
         index, added = self._add(item)
         self.calls[key] = {"index": index, "item": item, "name": name, "args": []}
@@ -5035,13 +5083,16 @@ class Translator:
         return CODECS[self.client].read_request(body)
 
     def write(self, chat: Chat) -> Dict[str, Any]:
-        return CODECS[self.upstream].write_request(chat)
+        return CODECS[self.upstream].write_request(upstream_tool_names(chat, self.upstream))
 
     def request(self, body: Dict[str, Any]) -> Dict[str, Any]:
         return self.write(self.read(body))
 
     def response(self, body: Dict[str, Any], model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
-        answer = CODECS[self.upstream].read_response(body)
+        answer, names = CODECS[self.upstream].read_response(body), names_back(ask)
+        for part in answer.parts if names else ():
+            if isinstance(part, ToolCall):
+                part.name = names.get(part.name, part.name)
         return CODECS[self.client].write_response(answer, model, ask)
 
     def writer(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None) -> Any:

@@ -108,6 +108,24 @@ def test_namespace_tools_are_flattened_and_requalified():
     assert item["name"] == "search" and item["namespace"] == "mcp_github" and item["call_id"] == "call_9"
 
 
+def test_a_namespaced_name_over_64_characters_goes_as_a_stand_in_and_comes_back_requalified():
+    namespace, name = "mcp__" + "very_long_server_name_" * 2, "search_issues_and_pull_requests"
+    flat = f"{namespace}__{name}"
+    assert len(flat) > 64
+    body = codex(tools=[{"type": "namespace", "name": namespace, "tools": [
+        {"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}]}])
+    stand_in = R_AN.request(body)["tools"][0]["name"]
+    assert stand_in == proxypal.stand_in_name(flat) and len(stand_in) <= 64
+    answer = {"id": "msg_1", "type": "message", "role": "assistant", "model": "c", "stop_reason": "tool_use",
+              "content": [{"type": "tool_use", "id": "toolu_1", "name": stand_in, "input": {}}],
+              "usage": {"input_tokens": 5, "output_tokens": 3}}
+    item = R_AN.response(answer, "m", R_AN.read(body))["output"][0]
+    assert (item["namespace"], item["name"]) == (namespace, name)
+    events = R_AN.replay(answer, "m", 0, R_AN.read(body))
+    done = [json.loads(d)["item"] for e, d in events if e == "response.output_item.done"]
+    assert [(i["namespace"], i["name"]) for i in done] == [(namespace, name)]
+
+
 @pytest.mark.parametrize("body,message", [
     (codex(previous_response_id="resp_1"), '"previous_response_id" refers to a response'),
     (codex(store=True), '"store": true asks to keep the response'),
