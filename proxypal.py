@@ -1953,6 +1953,7 @@ STOPS = ("end", "stop_sequence", "length", "tool", "refusal", "pause", "context"
 EFFORT_BUDGETS = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 32768,
                   "max": 32768}
 EFFORTS = ("none",) + tuple(EFFORT_BUDGETS)
+OPENAI_EFFORT = {"max": "xhigh"}           # OpenAI's highest effort is xhigh; Anthropic's, max
 
 
 def budget_of(think: Think) -> Optional[int]:
@@ -2459,8 +2460,8 @@ def write_openai_request(chat: Chat) -> Dict[str, Any]:
             out["stream_options"] = {"include_usage": True}
     _openai_tools_out(chat, out)
     effort = effort_of(chat.think) if chat.think else ""
-    if effort and effort != "none":
-        out["reasoning_effort"] = effort
+    if effort and effort != "none":        # (left out, not "none": models before GPT-5.1 refuse it)
+        out["reasoning_effort"] = OPENAI_EFFORT.get(effort, effort)
     if chat.output:
         out["response_format"] = _openai_format_out(chat.output)
     if chat.user:
@@ -4521,7 +4522,7 @@ def write_responses_request(chat: Chat) -> Dict[str, Any]:
     _responses_tools_out(chat, out)
     effort = effort_of(chat.think) if chat.think else ""
     if effort:
-        out["reasoning"] = {"effort": "xhigh" if effort == "max" else effort}
+        out["reasoning"] = {"effort": OPENAI_EFFORT.get(effort, effort)}
         if effort != "none":
             out["reasoning"]["summary"] = chat.think.summary or "auto"
             out["include"] = ["reasoning.encrypted_content"]
@@ -5994,10 +5995,6 @@ class UpstreamResponse:
     def header(self, name: str) -> str:
         return self._first.get(name, "")
 
-    @property
-    def is_event_stream(self) -> bool:
-        return self.header("content-type").split(";")[0].strip().lower() == "text/event-stream"
-
     async def read1(self) -> bytes:
         """The next body bytes as they arrive; b"" at the end; UpstreamError on failure."""
         while not self.done:
@@ -6108,7 +6105,6 @@ class UpstreamClient:
     def __init__(self, ssl_context: Optional[ssl.SSLContext] = None):
         self._ssl = ssl_context
         self._idle: Dict[tuple, List[_Link]] = {}
-        self.opened = 0                    # connections ever opened: reuse is observable
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -6221,7 +6217,6 @@ class UpstreamClient:
             raise
         except BaseException as exc:
             raise connect_error(exc, req, where) from None
-        self.opened += 1
         return _Link(reader, writer)
 
     def close(self) -> None:
@@ -6614,14 +6609,6 @@ class Record:
     ttfb: Optional[float] = None
     tokens: Tokens = NO_TOKENS             # input, output, cached, reasoning
     error: str = ""
-
-    @property
-    def tokens_in(self) -> Optional[int]:
-        return self.tokens[0]
-
-    @property
-    def tokens_out(self) -> Optional[int]:
-        return self.tokens[1]
 
     def count(self, usage: Any) -> None:
         """Keep the token counts an answer reported: a Usage, or Tokens."""

@@ -1047,3 +1047,16 @@ def test_anthropic_stream_to_openai(name, events, expected):
     assert out == expected
     assert all(name == "" for name, _ in out)
     assert out[-1] == ("", "[DONE]") or "error" in out[-1][1]
+
+
+@pytest.mark.parametrize("effort, chat_effort, responses_effort", [
+    ("low", "low", "low"), ("high", "high", "high"),
+    ("max", "xhigh", "xhigh"),         # Anthropic's top effort is OpenAI's xhigh
+    ("none", None, "none"),            # Chat: left out (models before GPT-5.1 refuse "none")
+])
+def test_an_anthropic_effort_reaches_openai_in_its_words(effort, chat_effort, responses_effort):
+    body = {"model": "c", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}],
+            "thinking": {"type": "adaptive"}, "output_config": {"effort": effort}}
+    assert A2O.request(body).get("reasoning_effort") == chat_effort
+    to_responses = proxypal.TRANSLATORS[("anthropic", "responses")].request(body)
+    assert to_responses["reasoning"]["effort"] == responses_effort
