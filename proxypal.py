@@ -893,7 +893,10 @@ class ConfigStore:
 
     def read(self) -> Tuple[Dict[str, Any], str]:
         """(the document, its version); ({}, "") when the file does not exist."""
-        data = self.read_bytes()
+        return self.document(self.read_bytes())
+
+    def document(self, data: Optional[bytes]) -> Tuple[Dict[str, Any], str]:
+        """(the document, its version) of the file's bytes; ({}, "") for no file."""
         if data is None:
             return {}, ""
         text = data.decode("utf-8-sig", "replace")
@@ -1595,8 +1598,10 @@ class Format:
     ping: bytes = b": keep-alive\n\n"     # what keeps a silent stream alive
     abort_on_error: bool = False           # end a failed stream without the chunked body's
                                            # last chunk, so the client's HTTP layer raises
-    ends: Tuple[bytes, ...] = ()           # bytes one of which a stream's end holds: a cheap
-                                           # test before `finished`, for every read
+    end: bytes = b""                       # bytes a stream's last event holds: a cheap test,
+                                           # for every read, before `last_event`
+    last_event: Optional[Any] = None       # matches bytes that end with the stream's last event
+                                           # (none for Gemini: its last chunk is like the others)
 
     def error_body(self, status: int, message: str, err_type: str = "",
                    code: Optional[str] = None) -> bytes:
@@ -1617,11 +1622,13 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            {"/v1/chat/completions": "generate", "/v1/completions": "completions",
             "/v1/embeddings": "embeddings"},
            _openai_error, _data_event, "a finish_reason",
-           lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent), ends=(b"[DONE]",)),
+           lambda recent: any(_OPENAI_FINISHED.search(e) for e in recent), end=b"[DONE]",
+           last_event=re.compile(rb"(?:\A|\n)data:[ ]?\[DONE\][ \t]*\r?\n\r?\n\Z")),
     Format("anthropic", "Anthropic Messages",
            {"/v1/messages": "generate", "/v1/messages/count_tokens": "count"},
            _anthropic_error, _named_event, "message_stop", _anthropic_finished, ("message_start",),
-           b'event: ping\ndata: {"type":"ping"}\n\n', ends=(b"message_stop",)),
+           b'event: ping\ndata: {"type":"ping"}\n\n', end=b"message_stop",
+           last_event=re.compile(rb"(?:\A|\n)event:[ ]?message_stop\r?\ndata:[^\n]*\n\r?\n\Z")),
     Format("gemini", "Gemini",
            {"generateContent": "generate", "streamGenerateContent": "stream",
             "countTokens": "count"},
@@ -1629,13 +1636,14 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
            lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent),
            # google-genai 3.x raises on an error object, but older SDKs and plain HTTP
            # clients read it as a normal end: a broken chunked body makes every one raise
-           abort_on_error=True, ends=(b"finishReason",)),
+           abort_on_error=True, end=b"finishReason"),
     Format("responses", "OpenAI Responses",
            {"/v1/responses": "generate", "/v1/responses/input_tokens": "count"},
            _openai_error, _named_event, "response.completed",
            lambda recent: any(_RESPONSES_FINISHED.search(e) for e in recent),
            ("response.created", "response.in_progress"), failure=_responses_failure,
-           ends=(b"response.completed", b"response.incomplete")),
+           end=b"usage", last_event=re.compile(         # (only the last events carry usage)
+               rb"(?:\A|\n)event:[ ]?response\.(?:completed|incomplete)\r?\ndata:[^\n]*\n\r?\n\Z")),
 )}
 
 
@@ -2083,6 +2091,8 @@ def upstream_tool_names(chat: Chat, fmt: str) -> Chat:
     back (names_back). Most requests need none: then the same Chat."""
     valid = (_GEMINI_NAME if fmt == "gemini" else _TOOL_NAME).match
     named = {t.name for t in chat.tools if not t.server}
+    if "" in named:
+        raise ClientError("a tool has an empty name: every API needs one")
     named.update([p.name for turn in chat.turns for p in turn.parts     # (the history can be
                   if p.__class__ is ToolCall or p.__class__ is ToolResult] + [chat.tool_name])   # long)
     renamed = {name: stand_in_name(name) for name in named if name and not valid(name)}
@@ -5309,6 +5319,9 @@ class StreamPipe:
         """The client's stream has had its last event."""
         return self.writer.done and not self.writer.failed
 
+    def ended(self, out: bytes) -> bool:
+        return self.complete               # (the writer knows: it wrote the last event)
+
     def committed(self) -> None:
         """The client's stream was opened before the upstream answered: a relayed
         upstream's own opening event must not come twice."""
@@ -7238,6 +7251,15 @@ class ModelCall:
     def _upstream(self, target: "Target") -> "Upstream":
         return self.setup.upstreams[target.cred.key]
 
+    def ask(self) -> Optional[Chat]:
+        """The client's request in the internal form, read once: a writer of the client's
+        stream needs it (tool names, custom tools). None for a body only an upstream of
+        its own format can judge (relayed as it is)."""
+        if self.chat is None:
+            with contextlib.suppress(ClientError):
+                self.chat = TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.body)
+        return self.chat
+
     def upstream_request(self, attempt: Attempt) -> UpstreamRequest:
         """The request one attempt sends: the client's body relayed (same format) or
         translated, with the upstream's model name and output cap."""
@@ -7340,7 +7362,7 @@ class ModelCall:
         silence): from now on the writer that made it writes the rest."""
         fmt = self.call.fmt
         self.writer = TRANSLATORS[(fmt, fmt)].writer(self.requested or "proxypal",
-                                                    estimate_tokens(self.body), self.chat)
+                                                    estimate_tokens(self.body), self.ask())
         if self.pipe_made is not None:
             self.pipe_made.committed()
         return b"".join(FORMATS[fmt].encode(e, d) for e, d in self.writer.start(
@@ -7350,9 +7372,8 @@ class ModelCall:
                         obj: Dict[str, Any]) -> Reply:
         """A whole answer to a streaming request (an upstream that ignored stream: true)
         as the client's stream."""
-        chat = self.chat or TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.body)
         writer = self.writer or attempt.translator.writer(self.requested, estimate_tokens(self.body),
-                                                          chat)
+                                                          self.ask())
         events = replay(CODECS[attempt.translator.upstream].read_response(obj), writer)
         self.call.record.count(writer.usage)
         encode = FORMATS[self.call.fmt].encode
@@ -7595,6 +7616,11 @@ class RelayPipe:
         """The client's stream has had its last event."""
         return not self.failed and self.fmt.finished(self.recent)
 
+    def ended(self, out: bytes) -> bool:
+        """These bytes, just relayed, end with the stream's last event."""
+        last = self.fmt.last_event
+        return last is not None and not self.failed and bool(last.search(out, len(out) - 4096))
+
     def committed(self) -> None:
         self.skip = list(self.fmt.opening)
 
@@ -7682,7 +7708,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
     goes away aborts the upstream read."""
     conn, resp, pipe, record = call.conn, reply.resp, reply.pipe, call.record
     call.on_gone = resp.abort              # the client leaving now ends the upstream read
-    chunked, ends = call.req.version == "HTTP/1.1", FORMATS[call.fmt].ends
+    chunked, end = call.req.version == "HTTP/1.1", FORMATS[call.fmt].end
     pinger: Optional[KeepAlive] = None
     try:
         out = reply.first
@@ -7692,7 +7718,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
             pinger = KeepAlive(conn.writer, call.config.stream_keepalive_seconds, chunked)
         while True:
             if out or head:
-                if any(end in out for end in ends) and pipe.complete:
+                if end in out and pipe.ended(out):
                     resp.expect_end()      # (an upstream that holds it open is let go)
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
@@ -7709,12 +7735,12 @@ async def relay(call: Call, reply: StreamReply) -> None:
         resp.release()
     except UpstreamError as exc:
         resp.abort()
-        call.keep_alive = False
         if exc.status != 499 and pipe.complete:     # broke after the last event: the
             log.warning("%s: after the stream's end: %s", record.id, exc.message)  # client
             record.count(pipe.usage)                # has the whole answer, and ends it well
             finish_stream(call, b"", False)
             return
+        call.keep_alive = False
         record.error = exc.message
         if exc.status != 499:
             last = pipe.fail(exc.status, exc.message)
@@ -8296,10 +8322,16 @@ async def handle_get_config(server: "Server", call: Call, params: Dict[str, str]
     the config the proxy runs on, with the broken file's version and `error`: a save
     from the page repairs the file, and the broken text is kept as config.json.bak."""
     store, error = server.config_store(), ""
-    try:
-        raw, version = store.read() if store is not None else (call.config.raw or {}, "")
-    except ConfigError as exc:
-        raw, version, error = call.config.raw or {}, store.version_of(store.read_bytes()), exc.message
+    raw, version = call.config.raw or {}, ""
+    if store is not None:
+        try:
+            data = store.read_bytes()
+        except ConfigError as exc:         # (unreadable: the page says why)
+            return management_error(500, exc.message)
+        try:
+            raw, version = store.document(data)
+        except ConfigError as exc:
+            version, error = store.version_of(data), exc.message
     settings = [{"key": s.key, "kind": s.kind.__name__, "default": list(s.default)
                  if isinstance(s.default, tuple) else s.default, "low": s.low, "high": s.high,
                  "live": s.live, "help": s.help, "choices": list(s.choices), "secret": s.secret,
@@ -8755,6 +8787,7 @@ async function unlock() {
 async function loadConfig() {
   const data = await api("GET", "/v0/management/config");
   S.cfg = data.config; S.version = data.version; S.settings = data.settings; S.writable = data.writable;
+  S.cfgError = data.error;
   S.changedOnDisk = false;
 }
 
@@ -8774,7 +8807,8 @@ function drawBanner() {
   const b = $("#banner"); b.replaceChildren();
   const st = S.state;
   if (st && st.config.reload_error)
-    b.append(h("div", {class: "notice bad"}, `The config file has an error; the proxy keeps running on the last good one, which this page shows (a save replaces the file and keeps the broken one as config.json.bak): ${st.config.reload_error}`));
+    b.append(h("div", {class: "notice bad"}, `The config file has an error; the proxy keeps running on the last good one: ${st.config.reload_error}` +
+      (S.cfgError ? " This page shows the last good one: a save replaces the file, and keeps the broken one as config.json.bak." : "")));
   if (S.changedOnDisk)
     b.append(h("div", {class: "notice warn"}, "The config file changed on disk while you were editing. Saving now would be refused: ",
       h("button", {class: "link", onclick: async () => { closeModal(); await loadConfig(); render(); }}, "reload it"), " and redo the change."));

@@ -1301,3 +1301,11 @@ def test_an_openai_tool_name_gemini_refuses_goes_as_a_stand_in_and_comes_back():
     assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "1st"
     assert OA_GEM.request(oa(HI, tools=[{"type": "function", "function": {"name": "a.b:c"}}])
                           )["tools"][0]["functionDeclarations"][0]["name"] == "a.b:c"   # Gemini's own
+
+
+@pytest.mark.parametrize("translator", [OA_GEM, proxypal.TRANSLATORS[("openai", "anthropic")]],
+                         ids=["to-gemini", "to-anthropic"])
+def test_a_tool_without_a_name_is_a_clear_400(translator):
+    with pytest.raises(proxypal.ClientError) as info:
+        translator.request(oa(HI, tools=[{"type": "function", "function": {"name": ""}}]))
+    assert info.value.status == 400 and "empty name" in info.value.message

@@ -24,7 +24,7 @@ import pytest
 
 import proxypal
 from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, openai_completion,
-                     request, send, mock_provider)
+                     request, request_stream, send, sse_answer, mock_provider)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 SHORT = 0.2            # the small timeout the timeout tests configure, seconds
@@ -1279,3 +1279,82 @@ def test_an_answer_that_breaks_after_it_began_is_never_asked_of_another_credenti
     status, _, body = ask(p, "anthropic", "c")
     assert status == 502 and "broke mid-response" in error_message("anthropic", body)
     assert len(first.all) == 1 and len(second.all) == 0
+
+
+# -- what is not a stream's end: the grace after the last event must not cut it ----------
+
+def paused_before(index: int, seconds: float = SHORT * 3):
+    def gate(i: int) -> None:
+        if i == index:
+            time.sleep(seconds)             # the model pauses, longer than the grace
+    return gate
+
+
+def data_event(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def test_a_gemini_relay_whose_call_has_an_argument_named_finishReason_is_not_cut(upstream, proxy,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(proxypal, "STREAM_END_GRACE", SHORT)
+    events = [data_event({"candidates": [{"content": {"role": "model", "parts": [
+                  {"functionCall": {"name": "set_job", "args": {"finishReason": "manual"}}}]}}]}),
+              data_event({"candidates": [{"content": {"role": "model", "parts": [
+                  {"functionCall": {"name": "notify", "args": {}}}]}, "finishReason": "STOP"}]})]
+    up = upstream(sse_answer(events, gate=paused_before(1)))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["gemini-x"]}]})
+    status, _, body, complete = request_stream(
+        p, "POST", "/v1beta/models/gemini-x:streamGenerateContent?alt=sse",
+        {"contents": [{"role": "user", "parts": [{"text": "go"}]}]})
+    assert status == 200 and complete
+    assert b'"notify"' in body and b'"STOP"' in body, body
+
+
+def test_an_openai_relay_whose_text_quotes_done_is_not_cut(upstream, proxy, monkeypatch):
+    monkeypatch.setattr(proxypal, "STREAM_END_GRACE", SHORT)
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events = [data_event(dict(base, choices=[{"index": 0, "delta": {"content": "A"}, "finish_reason": "stop"}])),
+              data_event(dict(base, choices=[{"index": 1, "delta": {
+                  "content": 'a stream ends with "data: [DONE]\n\n"'}, "finish_reason": None}])),
+              data_event(dict(base, choices=[{"index": 1, "delta": {"content": " then closes."},
+                                              "finish_reason": "stop"}])),
+              b"data: [DONE]\n\n"]
+    up = upstream(sse_answer(events, gate=paused_before(2)))
+    p = proxy({"ampOpenaiProviders": [{"name": "O", "baseUrl": up.url + "/v1", "apiKey": "k", "models": ["m"]}]})
+    status, _, body, complete = request_stream(p, "POST", "/v1/chat/completions", {
+        "model": "m", "n": 2, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and complete
+    assert b"then closes" in body and body.rstrip().endswith(b"data: [DONE]"), body
+
+
+@pytest.mark.parametrize("commit", [False, True], ids=["not-committed", "committed"])
+def test_a_stream_failed_over_to_a_translated_upstream_names_tools_back(upstream, proxy, commit):
+    """Gemini CLI's files.read goes to an OpenAI upstream as a stand-in, after the Gemini
+    credential answered 503; committed first or not, the client sees its own name."""
+    stand_in = proxypal.stand_in_name("files.read")
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "g"}
+    answer = [data_event(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "tool_calls": [
+                  {"index": 0, "id": "call_1", "type": "function",
+                   "function": {"name": stand_in, "arguments": '{"path":"a"}'}}]}, "finish_reason": None}])),
+              data_event(dict(base, choices=[{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])),
+              b"data: [DONE]\n\n"]
+
+    def gemini_busy(handler, rec):
+        if commit:
+            time.sleep(SHORT * 3)           # silent past firstByteCommitSeconds
+        send(handler, 503, json.dumps({"error": {"code": 503, "message": "overloaded",
+                                                 "status": "UNAVAILABLE"}}).encode())
+    g, o = upstream(gemini_busy), upstream(sse_answer(answer))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": g.url, "models": ["g"]}],
+               "ampOpenaiProviders": [{"name": "O", "baseUrl": o.url + "/v1", "apiKey": "k", "models": ["g"]}],
+               "requestRetry": 1, "routingStrategy": "fill-first", "firstByteCommitSeconds": SHORT})
+    status, _, body, _ = request_stream(p, "POST", "/v1beta/models/g:streamGenerateContent?alt=sse", {
+        "contents": [{"role": "user", "parts": [{"text": "read a"}]}],
+        "tools": [{"functionDeclarations": [{"name": "files.read", "parameters": {
+            "type": "object", "properties": {"path": {"type": "string"}}}}]}]})
+    assert status == 200
+    assert json.loads(o.last().body)["tools"][0]["function"]["name"] == stand_in
+    names = [part["functionCall"]["name"] for line in body.split(b"\n") if line.startswith(b"data: ")
+             for c in json.loads(line[6:]).get("candidates", [])
+             for part in c.get("content", {}).get("parts", []) if "functionCall" in part]
+    assert names == ["files.read"], body
