@@ -5533,9 +5533,13 @@ def describe_cooling(cooling: Sequence[Tuple[Target, Cooldown]], now: float,
 # -- 9.1 Amazon Bedrock's wire ---------------------------------------------------------
 
 BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
-# Betas Bedrock accepts in the body; others make it answer 400 ValidationException.
+# Betas Bedrock accepts in the body's anthropic_beta; others make it answer 400
+# ValidationException. Claude Code's context_management and output_config.effort need
+# theirs there too, else Bedrock refuses the field ("Extra inputs are not permitted").
 BEDROCK_BETA_PREFIXES = ("interleaved-thinking-", "context-1m-", "computer-use-",
-                         "token-efficient-tools-", "fine-grained-tool-streaming-")
+                         "token-efficient-tools-", "fine-grained-tool-streaming-",
+                         "context-management-", "effort-", "compact-", "tool-search-tool-")
+BEDROCK_BETA_NAMES = {"advanced-tool-use-2025-11-20": "tool-search-tool-2025-10-19"}   # (Bedrock's)
 BEDROCK_ERRORS = {   # x-amzn-ErrorType -> (HTTP status for the client, Anthropic error type)
     "ValidationException": (400, "invalid_request_error"),
     "ServiceQuotaExceededException": (429, "rate_limit_error"),
@@ -5567,7 +5571,8 @@ def bedrock_body(body: Dict[str, Any], beta_header: str) -> Dict[str, Any]:
     """An Anthropic Messages body as Bedrock's InvokeModel takes it."""
     out = {k: v for k, v in body.items() if k not in ("model", "stream")}
     out["anthropic_version"] = BEDROCK_ANTHROPIC_VERSION
-    betas = [b.strip() for b in beta_header.split(",") if b.strip().startswith(BEDROCK_BETA_PREFIXES)]
+    betas = [BEDROCK_BETA_NAMES.get(b.strip(), b.strip()) for b in beta_header.split(",")]
+    betas = [b for b in dict.fromkeys(betas) if b.startswith(BEDROCK_BETA_PREFIXES)]
     if betas:
         out["anthropic_beta"] = betas
     return out

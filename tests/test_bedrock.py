@@ -71,6 +71,13 @@ def test_bedrock_body():
                    "anthropic_version": "bedrock-2023-05-31",
                    "anthropic_beta": ["interleaved-thinking-2025-05-14"]}
     assert "anthropic_beta" not in proxypal.bedrock_body(body, "")
+    # Claude Code's betas for context_management and output_config.effort go along, tool
+    # search under Bedrock's own name; the rest would be a 400 ValidationException
+    claude_code = ("claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+                   "effort-2025-11-24,advanced-tool-use-2025-11-20,prompt-caching-scope-2026-01-05")
+    assert proxypal.bedrock_body(body, claude_code)["anthropic_beta"] == [
+        "interleaved-thinking-2025-05-14", "context-management-2025-06-27", "effort-2025-11-24",
+        "tool-search-tool-2025-10-19"]
     counted = proxypal.bedrock_count_body({"model": "m", "messages": []}, "")
     inner = json.loads(base64.b64decode(counted["input"]["invokeModel"]["body"]))
     assert inner == {"messages": [], "max_tokens": 1, "anthropic_version": "bedrock-2023-05-31"}
