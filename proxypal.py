@@ -1481,14 +1481,30 @@ GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMIS
 
 def _openai_error(status: int, message: str, err_type: str = "",
                   code: Optional[str] = None) -> Dict[str, Any]:
+    if code is None and context_overflow(status, message):
+        status, code = 400, "context_length_exceeded"
     kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None,
                       "code": OPENAI_ERROR_CODES.get(status) if code is None else code or None}}
 
 
+# A prompt over the model's context window, in any API's words. Clients recover only
+# from their own API's: Claude Code compacts on Anthropic's "prompt is too long", Codex
+# on OpenAI's code context_length_exceeded; other words leave a session stuck at its limit.
+_CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|prompt is too long|too many tokens|"
+                               r"context (?:length|window|size|limit)|input token count .{0,40}exceeds",
+                               re.I)
+
+
+def context_overflow(status: int, message: str) -> bool:
+    return status in (400, 413) and bool(_CONTEXT_OVERFLOW.search(message))
+
+
 def _anthropic_error(status: int, message: str, err_type: str = "",
                      code: Optional[str] = None) -> Dict[str, Any]:
+    if context_overflow(status, message) and "prompt is too long" not in message:
+        status, message = 400, f"prompt is too long: {message}"
     kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
@@ -4733,16 +4749,15 @@ def write_responses_response(answer: Answer, model: str, ask: Optional[Chat] = N
                             incomplete_details={"reason": reason} if reason else None)
 
 
+RESPONSES_FAILURES = {"rate_limit_exceeded": 429, "context_length_exceeded": 400}   # code -> status
+
+
 def responses_error_code(status: int, message: str) -> str:
     """The code Codex acts on: rate limits retried with their delay, a context overflow
     not retried (it compacts), everything else retried."""
-    lowered = message.lower()
     if status == 429:
         return "rate_limit_exceeded"
-    if "prompt is too long" in lowered or "context length" in lowered or \
-            "context_length" in lowered or "too many tokens" in lowered:
-        return "context_length_exceeded"
-    return "server_error"
+    return "context_length_exceeded" if _CONTEXT_OVERFLOW.search(message) else "server_error"
 
 
 class ResponsesStreamWriter:
@@ -4960,13 +4975,13 @@ class ResponsesStreamReader:
             return self.w.start(str(response.get("id") or short_hash(data)), None)
         if kind in ("response.completed", "response.incomplete"):
             return self._end(response)
-        if kind == "response.failed":
-            error = response.get("error") if isinstance(response.get("error"), dict) else {}
-            return self.w.fail(429 if error.get("code") == "rate_limit_exceeded" else 502,
-                               str(error.get("message") or "upstream response failed"))
-        if kind == "error":
-            return self.w.fail(429 if obj.get("code") == "rate_limit_exceeded" else 502,
-                               str(obj.get("message") or data))
+        if kind in ("response.failed", "error"):
+            error = response.get("error") if kind == "response.failed" else obj
+            error = error if isinstance(error, dict) else {}
+            code, message = error.get("code"), error.get("message") or (
+                "upstream response failed" if kind == "response.failed" else data)
+            return self.w.fail(RESPONSES_FAILURES.get(code if isinstance(code, str) else "", 502),
+                               f"{code}: {message}" if isinstance(code, str) else str(message))
         out = [] if self.w.started else self.w.start(short_hash(data), None)
         handler = self.HANDLERS.get(kind)
         return out + handler(self, obj) if handler else out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from typing import Any, Dict
 
 import pytest
 
@@ -272,3 +273,72 @@ def test_gemini_v1_paths_as_google_genai_sends_them(upstream, proxy):
     status, _, out = request(p, "POST", "/v1/models/nope:generateContent", {"contents": []},
                              {"x-goog-api-key": "proxypal-local"}, key=None)
     assert status == 404 and json.loads(out)["error"]["status"] == "NOT_FOUND"
+
+
+# -- a prompt over the context window, in the client's own words --------------------------
+# Claude Code compacts (or lowers max_tokens) only on Anthropic's "prompt is too long";
+# Codex compacts on OpenAI's code context_length_exceeded. Other APIs' words for the same
+# failure would leave a session stuck at its limit, failing every turn.
+
+OVERFLOWS = [
+    ("openai", {"error": {"message": "This model's maximum context length is 131072 tokens. However, you "
+                                     "requested 140000 tokens.", "type": "invalid_request_error",
+                          "param": "messages", "code": "context_length_exceeded"}}),
+    ("gemini", {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message":
+                          "The input token count (1200000) exceeds the maximum number of tokens allowed "
+                          "(1048576)."}}),
+    ("llama.cpp", {"error": {"code": 400, "type": "exceed_context_size_error",
+                             "message": "the request exceeds the available context size, try increasing it"}}),
+]
+
+
+def overflow_config(kind: str, url: str) -> Dict[str, Any]:
+    if kind == "gemini":
+        return {"geminiApiKeys": [{"apiKey": "k", "baseUrl": url, "models": ["m"]}]}
+    return {"ampOpenaiProviders": [{"name": "Local", "baseUrl": url + "/v1", "apiKey": "k", "models": ["m"]}]}
+
+
+@pytest.mark.parametrize("kind, answer", OVERFLOWS, ids=[o[0] for o in OVERFLOWS])
+def test_a_context_overflow_reaches_claude_code_and_codex_in_their_words(upstream, proxy, kind, answer):
+    p = proxy(overflow_config(kind, upstream(json_answer(400, answer)).url))
+    status, _, out = request(p, "POST", "/v1/messages", {
+        "model": "m", "max_tokens": 32000, "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ANTHROPIC_HEADERS, key=None)
+    err = json.loads(out)["error"]
+    assert status == 400 and err["type"] == "invalid_request_error"
+    assert err["message"].startswith("prompt is too long: "), err
+    status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x", "stream": True})
+    assert status == 400 and json.loads(out)["error"]["code"] == "context_length_exceeded", out
+
+
+def test_a_context_overflow_in_a_responses_stream_reaches_claude_code_in_its_words(upstream, proxy):
+    events = [b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+              b'"response":{"id":"resp_1","object":"response","status":"in_progress","output":[]}}\n\n',
+              b'event: response.failed\ndata: {"type":"response.failed","sequence_number":1,"response":'
+              b'{"id":"resp_1","object":"response","status":"failed","output":[],"error":{"code":'
+              b'"context_length_exceeded","message":"Your input exceeds the context window of this model."}}}\n\n']
+    up = upstream(sse_answer(events))
+    p = proxy({"ampOpenaiProviders": [{"name": "R", "baseUrl": up.url + "/v1", "apiKey": "k", "models": ["m"],
+                                       "wireApi": "responses"}]})
+    status, _, out = request(p, "POST", "/v1/messages", {
+        "model": "m", "max_tokens": 100, "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ANTHROPIC_HEADERS, key=None)
+    errors = [json.loads(block.split("data: ", 1)[1]) for block in out.decode().split("\n\n")
+              if block.startswith("event: error")]
+    assert status == 200 and errors, out
+    assert errors[-1]["error"]["type"] == "invalid_request_error"
+    assert errors[-1]["error"]["message"].startswith("prompt is too long: "), errors
+
+
+@pytest.mark.parametrize("fmt, status, message, expected", [
+    ("anthropic", 400, "Local: context_length_exceeded: max context length is 8192", "prompt is too long: Local:"),
+    ("anthropic", 400, "prompt is too long: 210000 tokens > 200000 maximum", "prompt is too long: 210000"),
+    ("openai", 400, "input length and `max_tokens` exceed context limit: 190000 + 32000 > 200000", "input"),
+    ("anthropic", 400, "messages: text content blocks must be non-empty", "messages: text"),
+    ("anthropic", 500, "context window of the worker died", "context window of"),      # not a 4xx
+])
+def test_overflow_wording_is_added_once_and_only_to_a_4xx(fmt, status, message, expected):
+    body = json.loads(proxypal.error_body(fmt, status, message))
+    assert body["error"]["message"].startswith(expected)
+    if fmt == "openai":                    # (Anthropic's other overflow wording, for Codex)
+        assert body["error"]["code"] == "context_length_exceeded"
