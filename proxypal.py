@@ -5184,6 +5184,10 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
                 kept = [b for b in content if not _foreign_thinking(b)]
                 changed |= len(kept) != len(content)
                 message["content"] = kept
+    elif fmt == "responses" and isinstance(body.get("input"), list):
+        kept = [i for i in body["input"] if not _foreign_reasoning_item(i, body.get("store"))]
+        changed = len(kept) != len(body["input"])
+        body["input"] = kept
     elif fmt == "gemini":
         for content in _list_or_empty(body.get("contents")):
             for part in _list_or_empty(content.get("parts") if isinstance(content, dict) else None):
@@ -5192,6 +5196,16 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
                     del part["thoughtSignature"]
                     changed = True
     return changed
+
+
+def _foreign_reasoning_item(item: Any, store: Any) -> bool:
+    """A Responses reasoning item another format made: its encrypted_content tagged pp1:,
+    or none at all while store is false (OpenAI then has nothing to look its id up in:
+    the item came from reasoning without a signature, such as DeepSeek's)."""
+    if not isinstance(item, dict) or item.get("type") != "reasoning":
+        return False
+    value = item.get("encrypted_content")
+    return (value.startswith(OPAQUE_TAG) if isinstance(value, str) and value else store is False)
 
 
 def _foreign_thinking(block: Any) -> bool:

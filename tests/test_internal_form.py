@@ -273,6 +273,21 @@ def test_unsigned_thinking_is_dropped_before_an_anthropic_relay():
     assert not proxypal.foreign_reasoning_dropped("anthropic", body)
 
 
+def test_reasoning_another_format_made_never_reaches_a_responses_relay():
+    """A Codex thread that ran on Claude, then /model to a relayed OpenAI model: the
+    items Claude's thinking became would be 400 invalid_encrypted_content there."""
+    own = {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAAAB"}
+    claude = {"type": "reasoning", "id": "rs_x_0", "summary": [], "encrypted_content": "pp1:anthropic:EqQB"}
+    unsigned = {"type": "reasoning", "id": "rs_x_1", "summary": [{"type": "summary_text", "text": "DeepSeek"}]}
+    call = {"type": "function_call", "name": "shell", "arguments": "{}", "call_id": "c1"}
+    body = {"store": False, "input": [own, claude, unsigned, call]}
+    assert proxypal.foreign_reasoning_dropped("responses", body)
+    assert body["input"] == [own, call]
+    assert not proxypal.foreign_reasoning_dropped("responses", body)
+    stored = {"store": True, "input": [unsigned]}      # OpenAI keeps the items: the id finds it
+    assert not proxypal.foreign_reasoning_dropped("responses", stored)
+
+
 def test_carry_and_uncarry_are_inverses():
     for value, origin, redacted in (("EqQB", "anthropic", False), ("Rk9P", "anthropic", True),
                                     ("CiQB", "gemini", False), ("gAAAA:x", "responses", False)):
