@@ -3082,7 +3082,10 @@ def _anthropic_tool(tool: Dict[str, Any]) -> Tool:
                     cache=tool.get("cache_control"))
     server = next((s for s in ("web_search", "web_fetch", "code_execution") if kind.startswith(s)),
                   kind)
-    return Tool(str(tool.get("name") or kind), server=server)
+    # Tool search (Claude Code's ENABLE_TOOL_SEARCH) only spares context: elsewhere it is
+    # left out and the deferred tools go as ordinary ones (defer_loading is not sent on).
+    return Tool(str(tool.get("name") or kind), server=server,
+                optional=kind.startswith("tool_search_tool_"))
 
 
 def _anthropic_choice(choice: Any, chat: Chat) -> None:

@@ -1060,3 +1060,16 @@ def test_an_anthropic_effort_reaches_openai_in_its_words(effort, chat_effort, re
     assert A2O.request(body).get("reasoning_effort") == chat_effort
     to_responses = proxypal.TRANSLATORS[("anthropic", "responses")].request(body)
     assert to_responses["reasoning"]["effort"] == responses_effort
+
+
+@pytest.mark.parametrize("upstream", ["openai", "gemini", "responses"])
+def test_claude_codes_tool_search_is_left_out_and_the_deferred_tools_go_as_ordinary_ones(upstream):
+    """ENABLE_TOOL_SEARCH: the tool search tool runs on Anthropic's servers and only spares
+    context; elsewhere the request goes without it rather than failing every turn."""
+    body = anth(tools=[{"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"},
+                       {"name": "Bash", "description": "run", "input_schema": {"type": "object", "properties": {}}},
+                       {"name": "mcp__github__create_issue", "description": "issue", "defer_loading": True,
+                        "input_schema": {"type": "object", "properties": {}}}])
+    out = json.dumps(proxypal.TRANSLATORS[("anthropic", upstream)].request(body))
+    assert "Bash" in out and "mcp__github__create_issue" in out
+    assert "tool_search" not in out and "defer_loading" not in out
