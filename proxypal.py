@@ -3874,9 +3874,9 @@ def _gemini_tools(body: Dict[str, Any], chat: Chat) -> None:
         for decl in as_list(tool.get("functionDeclarations") or tool.get("function_declarations"),
                             f"tools[{i}].functionDeclarations"):
             if isinstance(decl, dict):
-                schema = decl.get("parametersJsonSchema")
-                schema = schema if isinstance(schema, dict) and schema else \
-                    json_schema_from_gemini(decl.get("parameters"))
+                schema = decl.get("parametersJsonSchema")     # (Gemini CLI's may say "OBJECT")
+                schema = json_schema_from_gemini(schema if isinstance(schema, dict) and schema
+                                                 else decl.get("parameters"))
                 chat.tools.append(Tool(str(decl.get("name") or ""), str(decl.get("description") or ""),
                                        schema or {"type": "object", "properties": {}}))
         chat.tools += [Tool(key, server=kind) for key, kind in GEMINI_SERVER_TOOLS.items()
@@ -3901,9 +3901,9 @@ def _gemini_settings(body: Dict[str, Any], chat: Chat) -> None:
     stops = config.get("stopSequences")
     chat.stop = [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
     schema = config.get("responseJsonSchema") or config.get("response_json_schema")
-    if not isinstance(schema, dict) and isinstance(config.get("responseSchema"), dict):
-        schema = json_schema_from_gemini(config["responseSchema"])
-    if isinstance(schema, dict):
+    schema = schema if isinstance(schema, dict) else config.get("responseSchema")
+    if isinstance(schema, dict):           # (Gemini CLI's helpers write Type.OBJECT: "OBJECT")
+        schema = json_schema_from_gemini(schema)
         chat.output = {"type": "json_schema", "schema": schema, "name": "response"}
     elif config.get("responseMimeType") == "application/json":
         chat.output = {"type": "json_object"}

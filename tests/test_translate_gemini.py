@@ -1309,3 +1309,22 @@ def test_a_tool_without_a_name_is_a_clear_400(translator):
     with pytest.raises(proxypal.ClientError) as info:
         translator.request(oa(HI, tools=[{"type": "function", "function": {"name": ""}}]))
     assert info.value.status == 400 and "empty name" in info.value.message
+
+
+def test_gemini_clis_upper_case_schema_types_reach_other_apis_as_json_schema():
+    """Gemini CLI's router, edit fixer and compression write responseJsonSchema with the
+    SDK's Type enum ("OBJECT", "STRING"); JSON Schema's type names are lower case."""
+    classifier = {"type": "OBJECT", "properties": {
+        "reasoning": {"type": "STRING"}, "model_choice": {"type": "STRING", "enum": ["flash", "pro"]},
+        "scores": {"type": "ARRAY", "items": {"type": "INTEGER"}}}, "required": ["reasoning"]}
+    expected = {"type": "object", "properties": {
+        "reasoning": {"type": "string"}, "model_choice": {"type": "string", "enum": ["flash", "pro"]},
+        "scores": {"type": "array", "items": {"type": "integer"}}}, "required": ["reasoning"]}
+    body = gem([user({"text": "route"})], generationConfig={
+        "responseMimeType": "application/json", "responseJsonSchema": classifier},
+        tools=[{"functionDeclarations": [{"name": "pick", "parametersJsonSchema": classifier}]}])
+    to_openai = GEM_OA.request(body)
+    assert to_openai["response_format"]["json_schema"]["schema"] == expected
+    assert to_openai["tools"][0]["function"]["parameters"] == expected
+    to_anthropic = GEM_AN.request(body)
+    assert to_anthropic["tools"][0]["input_schema"] == expected
