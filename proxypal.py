@@ -6895,7 +6895,8 @@ def error_reply(call: Call, exc: ProxypalError) -> Reply:
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     method: str
-    pattern: str                           # a path; {name} matches a segment, {name+} the rest
+    pattern: str                           # a path; {name} matches a segment up to a ':',
+                                           # {name+} the rest
     handler: Callable[..., Any]            # async (server, call, params) -> Reply | StreamReply
     gate: str = "local"                    # "": open; "local": the client keys; "management"
     op: str = ""                           # the model operation, for model endpoints
@@ -6909,7 +6910,7 @@ class Endpoint:
 @functools.lru_cache(maxsize=None)
 def _endpoint_regex(pattern: str) -> Any:
     regex = re.sub(r"\\\{(\w+)\\\+\\\}", r"(?P<\1>.+)", re.escape(pattern))
-    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", regex)
+    regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/:]+)", regex)
     return re.compile(regex + r"\Z")
 
 
@@ -7075,6 +7076,14 @@ async def handle_gemini_models(server: "Server", call: Call, params: Dict[str, s
     return Reply(200, dumps(gemini_models_payload(call.setup.router)))
 
 
+async def handle_gemini_model(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    """GET /v1beta/models/{model}: the google-genai SDKs' models.get."""
+    name = urllib.parse.unquote(params["id"])
+    if not call.setup.router.resolve(name).targets:
+        raise unknown_model(call.setup, name)
+    return Reply(200, dumps(gemini_model_item(name)))
+
+
 async def handle_model_call(server: "Server", call: Call, params: Dict[str, str]) -> Any:
     endpoint_op = params.get("op", "")
     if "method" in params:                 # Gemini: /v1beta/models/{model}:{method}
@@ -7113,6 +7122,7 @@ ENDPOINTS: List[Endpoint] = [
     Endpoint("GET", "/v1/models/{id+}", handle_model),
     Endpoint("GET", "/v1beta/models", handle_gemini_models, fmt="gemini"),
     Endpoint("GET", "/v1beta/models/", handle_gemini_models, fmt="gemini"),
+    Endpoint("GET", "/v1beta/models/{id}", handle_gemini_model, fmt="gemini"),
 ] + model_endpoints()
 
 
@@ -7143,10 +7153,12 @@ def models_payload(router: "Router", created: int) -> Dict[str, Any]:
 
 def gemini_models_payload(router: "Router") -> Dict[str, Any]:
     """GET /v1beta/models in Gemini's shape, for Gemini CLI and the Google SDKs."""
-    return {"models": [{"name": f"models/{name}", "baseModelId": name, "displayName": name,
-                        "supportedGenerationMethods": ["generateContent", "streamGenerateContent",
-                                                       "countTokens"]}
-                       for name in router.names()]}
+    return {"models": [gemini_model_item(name) for name in router.names()]}
+
+
+def gemini_model_item(name: str) -> Dict[str, Any]:
+    return {"name": f"models/{name}", "baseModelId": name, "displayName": name,
+            "supportedGenerationMethods": ["generateContent", "streamGenerateContent", "countTokens"]}
 
 
 def model_item(router: "Router", name: str, created: int, stamp: str) -> Dict[str, Any]:

@@ -223,6 +223,13 @@ def test_gemini_models_list(upstream, proxy):
     status, _, body = request(p, "GET", "/v1beta/models?key=proxypal-local", key=None)
     names = [m["name"] for m in json.loads(body)["models"]]
     assert status == 200 and names == ["models/gemini-2.5-pro", "models/gemini-2.5-flash"]
+    # one model, as google-genai's models.get asks; a name no provider serves: Gemini's 404
+    status, _, body = request(p, "GET", "/v1beta/models/gemini-2.5-flash?key=proxypal-local", key=None)
+    assert status == 200 and json.loads(body)["name"] == "models/gemini-2.5-flash"
+    status, _, body = request(p, "GET", "/v1beta/models/gemini-9?key=proxypal-local", key=None)
+    assert status == 404 and json.loads(body)["error"]["status"] == "NOT_FOUND"
+    status, headers, _ = request(p, "GET", "/v1beta/models/gemini-2.5-flash:generateContent", key=None)
+    assert status == 405 and headers["allow"] == "POST"          # a POST route, not a model
 
 
 def test_translated_requests_to_openai_itself_use_max_completion_tokens(upstream, proxy):
