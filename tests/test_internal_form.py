@@ -3,6 +3,7 @@ everything that format can express (requests, whole answers, streams), and opaqu
 only ever go back to the format that made them."""
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any, Dict, List, Tuple
 
@@ -631,3 +632,26 @@ def test_a_system_instruction_with_one_part_object_as_googles_samples_send_it():
     chat = CODECS["gemini"].read_request({"systemInstruction": {"parts": {"text": "Be terse."}},
                                           "contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
     assert [t.text for t in chat.system] == ["Be terse."]
+
+
+IMAGE = base64.b64encode(bytes(range(256)) * 1200).decode()       # 300 KB, 400,000 base64 chars
+
+
+@pytest.mark.parametrize("fmt, body", [
+    ("gemini", {"contents": [{"role": "user", "parts": [
+        {"text": "what is this"}, {"inlineData": {"mimeType": "image/png", "data": IMAGE}}]}]}),
+    ("gemini", {"generateContentRequest": {"model": "models/m", "contents": [{"role": "user", "parts": [
+        {"text": "what is this"}, {"inlineData": {"mimeType": "image/png", "data": IMAGE}}]}]}}),
+    ("anthropic", {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMAGE}},
+        {"type": "text", "text": "what is this"}]}]}),
+    ("openai", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + IMAGE}},
+        {"type": "text", "text": "what is this"}]}]}),
+], ids=["gemini", "gemini-generateContentRequest", "anthropic", "openai-data-url"])
+def test_an_inline_image_counts_as_an_image_not_as_its_base64(fmt, body):
+    """Gemini CLI refuses a prompt, and Claude Code compacts, on these estimates: a 300 KB
+    image as text would be 100,000 tokens."""
+    counted = proxypal.local_count(fmt, body)
+    tokens = counted.get("totalTokens", counted.get("input_tokens"))
+    assert proxypal.MEDIA_TOKENS < tokens < proxypal.MEDIA_TOKENS + 60, counted
