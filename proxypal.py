@@ -4378,6 +4378,12 @@ def _responses_item(item: Dict[str, Any], where: str, names: Dict[str, str], cha
         custom = kind == "custom_tool_call"
         args = str(item.get("input") or "") if custom else tool_args(item.get("arguments"))
         return [Turn("assistant", [ToolCall(call_id, name, args, custom=custom)])]
+    if kind == "local_shell_call":         # (a relayed codex-mini's; history for the others)
+        call_id = safe_id(item.get("call_id"), f"call_{len(names)}")
+        names[call_id] = "local_shell"
+        action = item.get("action") if isinstance(item.get("action"), dict) else {}
+        return [Turn("assistant", [ToolCall(call_id, "local_shell",
+                                            {k: v for k, v in action.items() if k != "type"})])]
     if kind == "tool_search_call":
         call_id = safe_id(item.get("call_id"), f"call_{len(names)}")
         names[call_id] = TOOL_SEARCH

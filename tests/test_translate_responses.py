@@ -96,6 +96,25 @@ def test_codex_turn_to_gemini():
     assert out["generationConfig"]["responseMimeType"] == "application/json"
 
 
+def test_a_local_shell_call_in_the_history_stays_paired_with_its_output():
+    """A thread that used local_shell (codex-mini, relayed), then moved to a translated
+    model: a result without its call is a 400 on every turn (Anthropic, OpenAI, Gemini)."""
+    history = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "ls"}]},
+               {"type": "local_shell_call", "id": "lsh_1", "call_id": "call_ls", "status": "completed",
+                "action": {"type": "exec", "command": ["ls", "-a"], "working_directory": "/w"}},
+               {"type": "function_call_output", "call_id": "call_ls", "output": "a.txt"},
+               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "next"}]}]
+    out = R_AN.request(codex(input=history, tools=[SHELL]))
+    uses = [b for m in out["messages"] for b in m["content"] if b.get("type") == "tool_use"]
+    assert [(u["id"], u["name"], u["input"]) for u in uses] == [
+        ("call_ls", "local_shell", {"command": ["ls", "-a"], "working_directory": "/w"})]
+    assert [b["tool_use_id"] for m in out["messages"] for b in m["content"]
+            if b.get("type") == "tool_result"] == ["call_ls"]
+    chat = R_OA.request(codex(input=history, tools=[SHELL]))
+    assert [c["id"] for m in chat["messages"] for c in m.get("tool_calls") or []] == ["call_ls"]
+    assert R_GE.request(codex(input=history, tools=[SHELL]))["contents"]     # (not a 400)
+
+
 def test_namespace_tools_are_flattened_and_requalified():
     body = codex(tools=[{"type": "namespace", "name": "mcp_github", "tools": [
         {"type": "function", "name": "search", "parameters": {"type": "object", "properties": {}}}]}])
