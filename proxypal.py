@@ -1733,7 +1733,10 @@ def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: b
         message = f"{code}: {message}"
     err_type = "not_found_error" if client_fmt == "anthropic" and code == "DeploymentNotFound" else ""
     message = f"{provider}: {message}" + (f" ({hint})" if hint else "")
-    return error_body(client_fmt, status, message, err_type), False
+    openai_family = ("openai", "responses")       # (one vocabulary of codes: insufficient_quota...)
+    kept = code if client_fmt in openai_family and upstream_fmt in openai_family and code and \
+        not code.isdigit() else None
+    return error_body(client_fmt, status, message, err_type, kept), False
 
 
 def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[float]:

@@ -342,3 +342,13 @@ def test_overflow_wording_is_added_once_and_only_to_a_4xx(fmt, status, message, 
     assert body["error"]["message"].startswith(expected)
     if fmt == "openai":                    # (Anthropic's other overflow wording, for Codex)
         assert body["error"]["code"] == "context_length_exceeded"
+
+
+def test_an_openai_compatible_upstreams_error_code_reaches_a_responses_client(upstream, proxy):
+    """Codex acts on OpenAI's codes (insufficient_quota stops, rate_limit_exceeded waits)."""
+    up = upstream(json_answer(429, {"error": {"message": "You exceeded your current quota.",
+                                              "type": "insufficient_quota", "param": None,
+                                              "code": "insufficient_quota"}}))
+    p = proxy({"ampOpenaiProviders": [{"name": "O", "baseUrl": up.url + "/v1", "apiKey": "k", "models": ["m"]}]})
+    status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x"})
+    assert status == 429 and json.loads(out)["error"]["code"] == "insufficient_quota", out
