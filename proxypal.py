@@ -2179,6 +2179,14 @@ def tool_args(arguments: Any) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _whole_arguments(text: str) -> bool:
+    """Streamed arguments that are a whole JSON object (or none at all)."""
+    try:
+        return not text.strip() or isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _list_or_empty(value: Any) -> List[Any]:
     return value if isinstance(value, list) else []
 
@@ -4248,8 +4256,10 @@ class GeminiStreamReader:
 
 class GeminiStreamWriter:
     """The writer's calls in, Gemini alt=sse chunks out: "" events, no [DONE]. Text and
-    thoughts go out as they come; each tool call whole once its arguments are complete;
-    the finishReason and usage in the last chunk."""
+    thoughts go out as they come; each tool call whole once its arguments are complete,
+    with the next event (only the stop reason says whether the output cap cut it short:
+    Gemini never sends a partial call, and Gemini CLI would run one with {}); the
+    finishReason and usage in the last chunk."""
 
     failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
@@ -4260,6 +4270,7 @@ class GeminiStreamWriter:
         self.started = self.done = False
         self.stopped = ""
         self.calls: Dict[Any, _PendingCall] = {}
+        self.ended: List[_PendingCall] = []         # calls complete, not sent yet
         self.usage: Optional[Usage] = None
 
     def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
@@ -4270,15 +4281,21 @@ class GeminiStreamWriter:
         self.started, self.response_id = True, resp_id
         return []
 
+    def _released(self) -> List[Tuple[str, str]]:
+        ended, self.ended = self.ended, []
+        return [self._chunk([_gemini_call_part(call.id, call.name, tool_args("".join(call.args)))])
+                for call in ended]
+
     def text(self, text: str) -> List[Tuple[str, str]]:
-        return [self._chunk([{"text": text}])]
+        return self._released() + [self._chunk([{"text": text}])]
 
     def reasoning(self, text: str) -> List[Tuple[str, str]]:
-        return [self._chunk([{"text": text, "thought": True}])] if text else []
+        return self._released() + [self._chunk([{"text": text, "thought": True}])] if text else []
 
     def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
-        return [self._chunk([{"text": "", "thought": True,
-                              "thoughtSignature": carry(value, origin, "gemini", redacted)}])]
+        return self._released() + [self._chunk([{"text": "", "thought": True,
+                                                 "thoughtSignature": carry(value, origin, "gemini",
+                                                                           redacted)}])]
 
     def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
         self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
@@ -4290,26 +4307,29 @@ class GeminiStreamWriter:
         return []
 
     def tool_end(self, key: Any) -> List[Tuple[str, str]]:
-        call = self.calls.pop(key, None)
-        if call is None:
-            return []
-        return [self._chunk([_gemini_call_part(call.id, call.name, tool_args("".join(call.args)))])]
+        if key in self.calls:
+            self.ended.append(self.calls.pop(key))
+        return []
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        return [self._chunk([_gemini_call_part(call_id, self.names.get(name, name),
+        return self._released() + [self._chunk([_gemini_call_part(call_id, self.names.get(name, name),
                                                tool_args(arguments), carry(signature, origin, "gemini"))])]
 
     def stop(self, reason: str) -> List[Tuple[str, str]]:
         if self.stopped or self.done:
             return []
         self.stopped = reason
-        return [event for key in list(self.calls) for event in self.tool_end(key)]
+        for key in list(self.calls):
+            self.tool_end(key)
+        if reason in CUT_OFF:              # a call the cap cut mid-arguments goes no further
+            self.ended = [call for call in self.ended if _whole_arguments("".join(call.args))]
+        return self._released()
 
     def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
         if self.done:
             return []
-        out = self.stop("end")
+        out = self.stop("end") + self._released()
         self.done, self.usage = True, usage or self.usage
         return out + [self._chunk([], GEMINI_STOP_OUT.get(self.stopped, "STOP"), self.usage)]
 

@@ -1328,3 +1328,30 @@ def test_gemini_clis_upper_case_schema_types_reach_other_apis_as_json_schema():
     assert to_openai["tools"][0]["function"]["parameters"] == expected
     to_anthropic = GEM_AN.request(body)
     assert to_anthropic["tools"][0]["input_schema"] == expected
+
+
+def oa_args_chunk(fragment: str, start: bool = False, finish: str = None) -> str:
+    call: Dict[str, Any] = {"index": 0, "function": {"arguments": fragment}}
+    if start:
+        call.update(id="call_a", type="function")
+        call["function"]["name"] = "write_file"
+    return json.dumps({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-x",
+                       "choices": [{"index": 0, "delta": {"tool_calls": [call]} if fragment or start else {},
+                                    "finish_reason": finish}]})
+
+
+@pytest.mark.parametrize("arguments, kept", [
+    ('{"file_path": "a.py", "content": "import os\\nprint(', False),    # cut by the cap
+    ('{"file_path": "a.py", "content": ""}', True),                       # whole, then the cap
+], ids=["cut-mid-arguments", "whole-before-the-cap"])
+def test_a_call_the_output_cap_cut_short_never_reaches_gemini_cli(arguments, kept):
+    """Gemini never sends a partial call; Gemini CLI would run write_file with {}."""
+    stream = GEM_OA.stream(MODEL, 0, GEM_OA.read(gem([user({"text": "write a.py"})])))
+    events = stream.feed("message", oa_args_chunk("", start=True)) + \
+        stream.feed("message", oa_args_chunk(arguments)) + \
+        stream.feed("message", oa_args_chunk("", finish="length")) + \
+        stream.feed("message", "[DONE]") + stream.close()
+    chunks = [json.loads(data)["candidates"][0] for _, data in events]
+    calls = [p["functionCall"] for c in chunks for p in c["content"]["parts"] if "functionCall" in p]
+    assert calls == ([{"id": "call_a", "name": "write_file", "args": json.loads(arguments)}] if kept else [])
+    assert chunks[-1]["finishReason"] == "MAX_TOKENS"
