@@ -1425,7 +1425,9 @@ def parse_sse_event(block: bytes) -> Optional[Tuple[str, str]]:
             event = value or "message"     # (an empty type is "message": WHATWG dispatch)
         elif name == "data":
             data.append(value)
-    return (event, "\n".join(data)) if data else None
+    if not data and block.lstrip()[:1] == b"{" and block.rstrip()[-1:] == b"}":
+        return "message", block.decode("utf-8", "replace").strip()   # Google's error mid-stream:
+    return (event, "\n".join(data)) if data else None                  # a bare JSON object
 
 
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
@@ -1553,6 +1555,13 @@ def _responses_failure(status: int, message: str, last: bytes = b"") -> bytes:
         _named_event("response.failed", dumps(failed).decode())
 
 
+def _gemini_event(event: str, data: str) -> bytes:
+    """A Gemini stream chunk; an error as a bare JSON object, not an SSE event, the way
+    Google's API sends one mid-stream: @google/genai (Gemini CLI) raises an ApiError with
+    its status, which Gemini CLI retries, only for a read that is such an object."""
+    return (data + "\n\n").encode("utf-8", JSON_ESCAPE) if event == "error" else _data_event(event, data)
+
+
 def _anthropic_finished(recent: Sequence[bytes]) -> bool:
     last = parse_sse_event(recent[-1]) if recent else None
     return bool(last) and last[0] in ("message_stop", "error")
@@ -1612,8 +1621,6 @@ class Format:
     finished: Callable[[Sequence[bytes]], bool]   # do these last events end the stream?
     opening: Tuple[str, ...] = ()          # the events that open a stream, if it has any
     ping: bytes = b": keep-alive\n\n"     # what keeps a silent stream alive
-    abort_on_error: bool = False           # end a failed stream without the chunked body's
-                                           # last chunk, so the client's HTTP layer raises
     end: bytes = b""                       # bytes a stream's last event holds: a cheap test,
                                            # for every read, before `last_event`
     last_event: Optional[Any] = None       # matches bytes that end with the stream's last event
@@ -1648,11 +1655,8 @@ FORMATS: Dict[str, Format] = {f.name: f for f in (
     Format("gemini", "Gemini",
            {"generateContent": "generate", "streamGenerateContent": "stream",
             "countTokens": "count"},
-           _gemini_error, _data_event, "a finishReason",
-           lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent),
-           # google-genai 3.x raises on an error object, but older SDKs and plain HTTP
-           # clients read it as a normal end: a broken chunked body makes every one raise
-           abort_on_error=True, end=b"finishReason"),
+           _gemini_error, _gemini_event, "a finishReason",
+           lambda recent: any(_GEMINI_FINISHED.search(e) for e in recent), end=b"finishReason"),
     Format("responses", "OpenAI Responses",
            {"/v1/responses": "generate", "/v1/responses/input_tokens": "count"},
            _openai_error, _named_event, "response.completed",
@@ -4338,7 +4342,7 @@ class GeminiStreamWriter:
             return []
         self.done = self.failed = True
         message = named(self.provider, message)
-        return [("", json_text(_gemini_error(status, message)))]
+        return [("error", json_text(_gemini_error(status, message)))]
 
 
 # -- 7.5 OpenAI Responses ----------------------------------------------------------
@@ -7687,6 +7691,11 @@ def complete_json(data: str) -> bool:
     return True
 
 
+def _error_object(data: str) -> bool:
+    obj = event_object(data) if data[:1] == "{" else None
+    return bool(obj) and isinstance(obj.get("error"), dict)
+
+
 def _is_event(block: bytes) -> bool:
     """A block that is an event: not blank lines alone, nor a comment."""
     block = block.lstrip(b"\r\n")
@@ -7773,17 +7782,19 @@ class RelayPipe:
         return out
 
     def close(self) -> bytes:
-        out = b""
+        out, said = b"", None
         for tail in self.splitter.close():  # a last event left without its blank line
             parsed = parse_sse_event(tail)
-            if parsed and complete_json(parsed[1]):
+            if parsed and _error_object(parsed[1]):
+                said = parsed               # (Google's bare error: said below, in its words)
+            elif parsed and complete_json(parsed[1]):
                 out, self.recent = tail + b"\n\n", (self.recent + [tail])[-3:]
                 self.tokens = merged_tokens(self.tokens, stream_usage(tail))
         if self.fmt.finished(self.recent):
             return out
-        said = parse_sse_event(self.recent[-1]) if self.recent else None
-        if said and said[0] == "error":    # the upstream's own error event ended it: its words
-            return out + self.fail(*event_error(said[1]))
+        said = said or (parse_sse_event(self.recent[-1]) if self.recent else None)
+        if said and (said[0] == "error" or _error_object(said[1])):  # the upstream's own error
+            return out + self.fail(*event_error(said[1]))               # ended it: its words
         return out + self.fail(502, STREAM_CUT.format(end=self.fmt.end_marker))
 
     def _skipped(self, event: bytes) -> bool:
@@ -7876,11 +7887,10 @@ def stream_head(call: Call, headers: Sequence[Tuple[str, str]], content_type: st
 
 
 def finish_stream(call: Call, last: bytes, failed: bool) -> None:
-    """A stream's last events and the end of its body. A failed stream of a format whose
-    clients read a bare error as a normal end (Gemini) loses its last chunk instead, so
-    that the client's HTTP layer raises; every failure is a WARNING line."""
+    """A stream's last events and the end of its body (a failed one's too: the SDKs raise
+    on the error event, and a body cut short could lose it); every failure is a WARNING
+    line."""
     writer = call.conn.writer
-    abort = failed and FORMATS[call.fmt].abort_on_error
     if failed:
         call.keep_alive = False
         call.record.error = call.record.error or printable(last.decode("utf-8", "replace"), 300)
@@ -7890,7 +7900,7 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
     if writer.transport.is_closing():
         return
     chunked = call.req.version == "HTTP/1.1"
-    ending = b"0\r\n\r\n" if chunked and not abort else b""
+    ending = b"0\r\n\r\n" if chunked else b""
     writer.write((chunk(last) if chunked and last else last) + ending)
 
 

@@ -1123,7 +1123,8 @@ def gc(parts: List[Dict[str, Any]], finish: str = None, usage: Dict[str, Any] = 
 
 
 def gerr(code: int, message: str, status: str) -> Tuple[str, Dict[str, Any]]:
-    return "", {"error": {"code": code, "message": message, "status": status}}
+    """An expected error for the client: a bare JSON object, as Google sends one mid-stream."""
+    return "error", {"error": {"code": code, "message": message, "status": status}}
 
 
 def ochunk(delta_: Dict[str, Any], finish: str = None, **extra: Any) -> Dict[str, Any]:

@@ -1358,3 +1358,31 @@ def test_a_stream_failed_over_to_a_translated_upstream_names_tools_back(upstream
              for c in json.loads(line[6:]).get("candidates", [])
              for part in c.get("content", {}).get("parts", []) if "functionCall" in part]
     assert names == ["files.read"], body
+
+
+GOOGLE_ERROR = (b'{\n  "error": {\n    "code": 503,\n    "message": "The model is overloaded. '
+                b'Please try again later.",\n    "status": "UNAVAILABLE"\n  }\n}\n')
+
+
+@pytest.mark.parametrize("client", ["gemini", "anthropic"])
+def test_googles_own_error_mid_stream_keeps_its_status_and_words(upstream, proxy, client):
+    """Google ends a failing alt=sse stream with a bare JSON object, line by line, not a
+    data: event. A Gemini client gets it as such (its SDK raises ApiError 503, which Gemini
+    CLI retries), in a body that ends cleanly; another client gets it in its own format."""
+    up = upstream(sse_answer([b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Hel"}]},'
+                              b'"index":0}]}\r\n\r\n', GOOGLE_ERROR]))
+    p = proxy({"geminiApiKeys": [{"apiKey": "g", "baseUrl": up.url, "models": ["gemini-x"]}]})
+    if client == "gemini":
+        status, _, body, complete = request_stream(
+            p, "POST", "/v1beta/models/gemini-x:streamGenerateContent?alt=sse",
+            {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]})
+        error = json.loads(body.rstrip().rsplit(b"\n", 1)[-1])   # bare: no "data: "
+    else:
+        status, _, body, complete = request_stream(p, "POST", "/v1/messages", {
+            "model": "gemini-x", "max_tokens": 50, "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]}, ANTHROPIC_HEADERS, key=None)
+        error = json.loads(body.split(b"\n\n")[-2].split(b"data: ", 1)[1])
+        assert error["error"]["type"] == "overloaded_error"
+    assert status == 200 and complete
+    assert "The model is overloaded" in error["error"]["message"]
+    assert client != "gemini" or (error["error"]["code"], error["error"]["status"]) == (503, "UNAVAILABLE")
