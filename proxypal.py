@@ -3365,6 +3365,9 @@ def write_anthropic_response(answer: Answer, model: str, ask: Optional[Chat] = N
             else:
                 content.append({"type": "text", "text": part.text})
         elif isinstance(part, ToolCall):
+            if part.signature:             # (a signed call: as the stream writer does)
+                content.append({"type": "thinking", "thinking": "",
+                                "signature": carry(part.signature, part.origin, "anthropic")})
             content.append({"type": "tool_use", "id": part.id, "name": part.name,
                             "input": call_arguments(part)})
     return {"id": _message_id(answer.id), "type": "message", "role": "assistant", "model": model,
@@ -3578,12 +3581,15 @@ class AnthropicStreamWriter:
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
+        # A call's own signature (Gemini 3 signs its functionCall parts) rides in an empty
+        # thinking block before it: the client sends it back, and Gemini gets it again.
+        out = self._close() + self.signature(signature, origin) if signature else []
         key = object()
         self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
         self.calls[key].args.append(arguments)
         self.calls[key].ended = True
         self.queue.append(key)
-        out = self._flush()
+        out += self._flush()
         return out + self._close() if self.open == "tool_use" and self.open_key == ("ended", key) \
             else out
 
@@ -4777,6 +4783,9 @@ def write_responses_response(answer: Answer, model: str, ask: Optional[Chat] = N
             else:
                 output.append(_responses_message_item(f"msg_{resp_id[5:]}_{n}", part.text))
         elif isinstance(part, ToolCall):
+            if part.signature:             # (a signed call: as the stream writer does)
+                output.append(_responses_reasoning_item(f"rs_{resp_id[5:]}_{n}s", "", part.signature,
+                                                        part.origin, False))
             output.append(_responses_call_item(part.id, part.name, part.args if part.custom
                                                else call_arguments(part), ask))
     reason = RESPONSES_INCOMPLETE.get(answer.stop)
@@ -4952,8 +4961,9 @@ class ResponsesStreamWriter:
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        key = object()
-        return self.tool_start(key, call_id, name) + self.tool_args(key, arguments) + \
+        key = object()                     # (a call's own signature: a reasoning item before it)
+        out = self._close_thought("completed") + self.signature(signature, origin) if signature else []
+        return out + self.tool_start(key, call_id, name) + self.tool_args(key, arguments) + \
             self.tool_end(key)
 
     def stop(self, reason: str) -> List[Tuple[str, str]]:

@@ -254,12 +254,15 @@ def test_gemini_signature_never_reaches_anthropic_and_returns_to_gemini():
     gemini = proxypal.TRANSLATORS[("anthropic", "gemini")].response(ANSWERS["gemini"], "m")
     thinking = gemini["content"][0]
     assert thinking == {"type": "thinking", "thinking": "Hm", "signature": "pp1:gemini:CiQB"}
+    assert gemini["content"][2] == {"type": "thinking", "thinking": "", "signature": "pp1:gemini:Zz"}
     history = {"model": "claude-x", "max_tokens": 10, "messages": [
         {"role": "user", "content": "go"}, {"role": "assistant", "content": gemini["content"]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": gemini["content"][2]["id"],
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": gemini["content"][3]["id"],
                                       "content": "ok"}]}]}
     to_gemini = proxypal.TRANSLATORS[("anthropic", "gemini")].request(history)
     assert to_gemini["contents"][1]["parts"][0] == {"text": "Hm", "thought": True, "thoughtSignature": "CiQB"}
+    call = [p for p in to_gemini["contents"][1]["parts"] if "functionCall" in p]
+    assert call[0]["thoughtSignature"] == "Zz"     # the call's own, not the documented stand-in
     relayed = json.loads(json.dumps(history))
     assert proxypal.foreign_reasoning_dropped("anthropic", relayed)
     assert all(b["type"] != "thinking" for b in relayed["messages"][1]["content"])

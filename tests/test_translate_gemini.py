@@ -510,6 +510,9 @@ TOOLU_PARIS = CALL_PARIS = "call_f1cc4d6ed759"
 TOOLU_TIME = CALL_TIME = "call_39d2784282cb"
 PARIS = {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "CiQB"}
 TIME = {"functionCall": {"name": "get_time", "args": {"tz": "CET"}}}
+# A signed call's signature goes to an Anthropic client in an empty thinking block before
+# it: sent back, it reaches Gemini again on that call (not the documented stand-in).
+SIGNED_PARIS = {"type": "thinking", "thinking": "", "signature": "pp1:gemini:CiQB"}
 
 
 def an_msg(content: List[Dict[str, Any]], stop: str, usage: Dict[str, Any] = AN_USAGE,
@@ -544,13 +547,14 @@ RESPONSE_CASES = [
      oa_msg({"content": "Ok", "reasoning_content": "Hm"}, "stop")),
     ("function-call-with-STOP-is-tool-use",
      chunk([PARIS], "STOP", USAGE, rid="r3"),
-     an_msg([{"type": "tool_use", "id": TOOLU_PARIS, "name": "get_weather", "input": {"city": "Paris"}}],
+     an_msg([SIGNED_PARIS,
+             {"type": "tool_use", "id": TOOLU_PARIS, "name": "get_weather", "input": {"city": "Paris"}}],
             "tool_use", rid="r3"),
      oa_msg({"content": None, "tool_calls": [{"id": CALL_PARIS, "type": "function", "function": {
          "name": "get_weather", "arguments": '{"city":"Paris"}'}}]}, "tool_calls", rid="r3")),
     ("text-and-parallel-calls",
      chunk([{"text": "Checking."}, PARIS, TIME], "STOP", USAGE, rid="r3"),
-     an_msg([{"type": "text", "text": "Checking."},
+     an_msg([{"type": "text", "text": "Checking."}, SIGNED_PARIS,
              {"type": "tool_use", "id": TOOLU_PARIS, "name": "get_weather", "input": {"city": "Paris"}},
              {"type": "tool_use", "id": TOOLU_TIME, "name": "get_time", "input": {"tz": "CET"}}],
             "tool_use", rid="r3"),
@@ -600,9 +604,9 @@ def test_finish_reason(reason, stop_reason, finish_reason):
 
 
 def test_tool_ids_differ_between_answers_and_repeat_for_the_same_answer():
-    first = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="a"), MODEL)["content"][0]["id"]
-    again = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="a"), MODEL)["content"][0]["id"]
-    other = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="b"), MODEL)["content"][0]["id"]
+    first = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="a"), MODEL)["content"][-1]["id"]
+    again = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="a"), MODEL)["content"][-1]["id"]
+    other = AN_GEM.response(chunk([PARIS], "STOP", USAGE, rid="b"), MODEL)["content"][-1]["id"]
     assert first == again != other
 
 
@@ -641,6 +645,12 @@ def stop(index: int) -> Tuple[str, Dict[str, Any]]:
 def tool(index: int, call_id: str, name: str, args: str) -> List[Tuple[str, Dict[str, Any]]]:
     return [block(index, "tool_use", id=call_id, name=name, input={}),
             delta(index, "input_json_delta", "partial_json", args), stop(index)]
+
+
+def signed(index: int, signature: str) -> List[Tuple[str, Dict[str, Any]]]:
+    """The empty thinking block that carries a signed functionCall's signature before it."""
+    return [block(index, "thinking"), delta(index, "signature_delta", "signature", signature),
+            stop(index)]
 
 
 def end(reason: str, usage: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
@@ -691,8 +701,8 @@ STREAM_CASES = [
       oc({}, "stop"), *oc_end(OA_USAGE_CACHED)]),
     ("function-call-whole",
      [chunk([PARIS], "STOP", USAGE, rid="r3")],
-     [start(40, rid="r3"), *tool(0, TOOLU_PARIS, "get_weather", '{"city":"Paris"}'),
-      *end("tool_use", AN_USAGE)],
+     [start(40, rid="r3"), *signed(0, "pp1:gemini:CiQB"),
+      *tool(1, TOOLU_PARIS, "get_weather", '{"city":"Paris"}'), *end("tool_use", AN_USAGE)],
      [oc({"role": "assistant", "content": ""}, rid="r3"),
       oc({"tool_calls": [{"index": 0, "id": CALL_PARIS, "type": "function",
                           "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}, rid="r3"),
@@ -700,8 +710,8 @@ STREAM_CASES = [
     ("text-then-parallel-calls",
      [chunk([{"text": "Checking."}], usage=PROMPT_ONLY, rid="r3"), chunk([PARIS], rid="r3"),
       chunk([TIME], "STOP", USAGE, rid="r3")],
-     [start(40, rid="r3"), block(0, "text"), text(0, "Checking."), stop(0),
-      *tool(1, TOOLU_PARIS, "get_weather", '{"city":"Paris"}'), *tool(2, TOOLU_TIME, "get_time", '{"tz":"CET"}'),
+     [start(40, rid="r3"), block(0, "text"), text(0, "Checking."), stop(0), *signed(1, "pp1:gemini:CiQB"),
+      *tool(2, TOOLU_PARIS, "get_weather", '{"city":"Paris"}'), *tool(3, TOOLU_TIME, "get_time", '{"tz":"CET"}'),
       *end("tool_use", AN_USAGE)],
      [oc({"role": "assistant", "content": ""}, rid="r3"), oc({"content": "Checking."}, rid="r3"),
       oc({"tool_calls": [{"index": 0, "id": CALL_PARIS, "type": "function",

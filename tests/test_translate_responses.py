@@ -598,3 +598,23 @@ def test_responses_stream_for_an_openai_client_and_its_cut():
 def test_a_failed_responses_stream_fails_the_client_stream(terminal, status):
     out = client_events(GE_R, RESPONSES_STREAM[:7] + [terminal])
     assert out[-1][1]["error"]["code"] == status
+
+
+def test_a_gemini_calls_own_signature_goes_to_codex_and_back():
+    """Gemini 3 signs its functionCall parts; Codex keeps reasoning items, so the signature
+    rides in one before the call and reaches Gemini again on that call."""
+    answer = {"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"id": "call_1", "name": "shell", "args": {"command": ["ls"]}},
+         "thoughtSignature": "Zz"}]}, "index": 0, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}, "responseId": "r1"}
+    whole = R_GE.response(answer, "m", R_GE.read(codex(tools=[SHELL])))["output"]
+    streamed = [json.loads(d)["item"] for e, d in R_GE.replay(answer, "m", 0, R_GE.read(codex(tools=[SHELL])))
+                if e == "response.output_item.done"]
+    for output in (whole, streamed):
+        assert [i["type"] for i in output] == ["reasoning", "function_call"]
+        assert output[0]["encrypted_content"] == "pp1:gemini:Zz"
+    history = codex(tools=[SHELL], input=[{"type": "message", "role": "user", "content": "ls"},
+                                          *whole, {"type": "function_call_output", "call_id": "call_1",
+                                                   "output": "a.txt"}])
+    parts = R_GE.request(history)["contents"][1]["parts"]
+    assert [p.get("thoughtSignature") for p in parts if "functionCall" in p] == ["Zz"]
