@@ -7543,7 +7543,20 @@ class ModelCall:
         headers = passed_headers(resp, upstream.name)
         if relayed and hint:
             headers.append(("x-proxypal-hint", printable(mask_secrets(hint, secrets), 300)))
+        if self.stream and self.call.fmt == "responses" and context_overflow(status, message):
+            return self.failed_stream(status, mask_secrets(message, secrets), headers)
         return Reply(status, out, headers)
+
+    def failed_stream(self, status: int, message: str, headers: List[Tuple[str, str]]) -> Reply:
+        """An error as a stream that fails: Codex compacts on context_length_exceeded only
+        in a response.failed event (codex-api sse/responses.rs); an HTTP 400 stops it."""
+        writer = self.writer or TRANSLATORS[(self.call.fmt, self.call.fmt)].writer(
+            self.requested, estimate_tokens(self.body), self.ask())
+        writer.provider = self.call.record.provider
+        events = writer.start("resp_" + safe_id(self.call.record.id, "x"), None) + \
+            writer.fail(status, message)
+        encode = FORMATS[self.call.fmt].encode
+        return Reply(200, b"".join(encode(e, d) for e, d in events), headers, "text/event-stream")
 
 
 def answer_object(resp: "UpstreamResponse", body: bytes) -> Dict[str, Any]:
@@ -7568,15 +7581,19 @@ def passed_headers(resp: "UpstreamResponse", provider: str) -> List[Tuple[str, s
         ("x-proxypal-provider", printable(provider, 100))]
 
 
-def fail_call(call: Call, exc: ProxypalError) -> None:
-    """An error for a call: its answer, or, once the answer started, the end of its stream."""
+def fail_call(call: Call, exc: ProxypalError, writer: Any = None) -> None:
+    """An error for a call: its answer, or, once the answer started, the end of its stream
+    (by the writer that began it, when there is one: it numbers the events it sent)."""
     if not call.started:
         call.conn.write_reply(call, error_reply(call, exc))
         return
     call.record.error = exc.message
     call.keep_alive = False
     if call.record.status == 0:       # committed, relay never began: end the stream here
-        finish_stream(call, FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
+        encode = FORMATS[call.fmt].encode
+        finish_stream(call, b"".join(encode(e, d) for e, d in writer.fail(exc.status, exc.message))
+                      if writer is not None else
+                      FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
 
 
 async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
@@ -7630,9 +7647,14 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
             call.record.status = reply.status        # upstream that ignored stream: true):
             finish_stream(call, reply.body, False)   # its events, replayed, end the stream
         elif call.started:             # committed: the error goes in the stream
-            fail_call(call, ProxypalError(upstream_message(reply.body)[0], reply.status))
+            fail_call(call, ProxypalError(upstream_message(reply.body)[0], reply.status),
+                      model_call.writer)
         else:
             return reply
+    except ProxypalError as exc:
+        if not call.started:
+            raise
+        fail_call(call, exc, model_call.writer)
     except asyncio.CancelledError:
         if not call.client_gone:
             raise                      # shutdown

@@ -307,8 +307,16 @@ def test_a_context_overflow_reaches_claude_code_and_codex_in_their_words(upstrea
     err = json.loads(out)["error"]
     assert status == 400 and err["type"] == "invalid_request_error"
     assert err["message"].startswith("prompt is too long: "), err
-    status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x", "stream": True})
+    status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x"})
     assert status == 400 and json.loads(out)["error"]["code"] == "context_length_exceeded", out
+    # streamed, as Codex asks: a response.failed event, the only place Codex reads that code
+    status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x", "stream": True})
+    events = [json.loads(block.split("data: ", 1)[1]) for block in out.decode().split("\n\n") if "data: " in block]
+    assert status == 200 and [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == [0, 1, 2, 3]
+    assert events[-1]["response"]["id"] == events[0]["response"]["id"]
+    assert events[-1]["response"]["error"]["code"] == "context_length_exceeded", events
 
 
 def test_a_context_overflow_in_a_responses_stream_reaches_claude_code_in_its_words(upstream, proxy):

@@ -5,12 +5,13 @@ format reaching a provider whose entry says wireApi "responses"."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Dict, List, Tuple
 
 import pytest
 
 from helpers import (ANTHROPIC_STREAM, anthropic_message, json_answer, openai_completion,
-                     proxypal, request, sse_answer)
+                     proxypal, request, request_stream, send, sse_answer)
 from test_translate_responses import (PATCH, RESPONSE, RESPONSES_STREAM, SHELL,
                                       assert_responses_grammar, codex, sse)
 
@@ -198,3 +199,28 @@ def test_which_api_a_provider_is_spoken_to_in(base, wire, client, expected):
     upstream = list(proxypal.make_upstreams(config, {}).values())[0]
     assert upstream.api_for(client) == expected
     assert upstream.api_for(client, "embeddings") == "openai"
+
+
+@pytest.mark.parametrize("status, error, code", [
+    (400, {"type": "invalid_request_error", "message": "prompt is too long: 210000 tokens > 200000 maximum"},
+     "context_length_exceeded"),
+    (529, {"type": "overloaded_error", "message": "Overloaded"}, "server_error"),
+], ids=["too-long", "overloaded"])
+def test_a_committed_stream_that_fails_keeps_its_numbering_its_id_and_the_failures_code(upstream, proxy, status,
+                                                                                       error, code):
+    """Silent past firstByteCommitSeconds, the stream opened (response.created); then the
+    upstream failed. The failure continues that stream: numbered after it, the same
+    response id, and the code Codex acts on (it compacts on context_length_exceeded)."""
+    def slow(handler, rec):
+        time.sleep(0.6)                    # past the commit below
+        send(handler, status, json.dumps({"type": "error", "error": error}).encode())
+    up = upstream(slow)
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["gpt-x"]}],
+               "firstByteCommitSeconds": 0.2})
+    status, _, body, complete = request_stream(p, "POST", "/v1/responses", codex(model="gpt-x"))
+    events = named_events(body)
+    assert status == 200 and complete and events[0][0] == "response.created"
+    assert [e["sequence_number"] for _, e in events] == list(range(len(events)))
+    assert events[-1][0] == "response.failed"
+    assert events[-1][1]["response"]["id"] == events[0][1]["response"]["id"]
+    assert events[-1][1]["response"]["error"]["code"] == code
