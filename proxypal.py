@@ -2989,8 +2989,18 @@ ANTHROPIC_STOP_IN = {"end_turn": "end", "stop_sequence": "stop_sequence", "max_t
                      "model_context_window_exceeded": "context"}
 ANTHROPIC_STOP_OUT = {v: k for k, v in ANTHROPIC_STOP_IN.items()}
 ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens; other clients may omit
-                                         # it. 8192 is the largest cap every current Claude
-                                         # model accepts, and maxOutputTokens clamps anyway.
+                                         # it (Codex always does): each model's own cap where
+# the name says which (docs.claude.com, models overview; a larger one is a 400, a smaller
+# one cuts long edits short), else 8192; an entry's maxOutputTokens clamps it anyway.
+ANTHROPIC_MODEL_CAPS = ((re.compile(r"claude-3-(?:haiku|opus|sonnet)-"), 4096),
+                        (re.compile(r"claude-opus-4-[5-9]|claude-(?:sonnet|haiku)-4|claude-3-7-sonnet"
+                                    r"|claude-(?:opus|sonnet|haiku)-[5-9]"), 64000),
+                        (re.compile(r"claude-opus-4"), 32000))
+
+
+def anthropic_default_cap(model: str) -> int:
+    return next((cap for name, cap in ANTHROPIC_MODEL_CAPS if name.search(model)),
+                ANTHROPIC_DEFAULT_MAX_TOKENS)
 ANTHROPIC_PLACEHOLDER_TEXT = "(continue)"   # Anthropic needs a first user turn, no empty text
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"   # Claude Code's attribution text: it
                                          # means nothing to another provider (CLIProxyAPI drops it)
@@ -3290,7 +3300,7 @@ def _anthropic_budget_and_sampling(chat: Chat, out: Dict[str, Any]) -> None:
     if budget and not forced:
         budget = max(budget, ANTHROPIC_MIN_THINKING_BUDGET)
         if cap is None:
-            cap = ANTHROPIC_DEFAULT_MAX_TOKENS
+            cap = anthropic_default_cap(chat.model)
             cap = cap if cap > budget else cap + budget
         elif not chat.cap_includes_reasoning:
             cap += budget
@@ -3300,7 +3310,7 @@ def _anthropic_budget_and_sampling(chat: Chat, out: Dict[str, Any]) -> None:
             out["max_tokens"] = cap
             out["thinking"] = {"type": "enabled", "budget_tokens": budget}
             return
-    out["max_tokens"] = chat.max_tokens or ANTHROPIC_DEFAULT_MAX_TOKENS
+    out["max_tokens"] = chat.max_tokens or anthropic_default_cap(chat.model)
     if chat.temperature is not None:
         out["temperature"] = min(chat.temperature, 1)       # OpenAI and Gemini go up to 2
     elif chat.top_p is not None:

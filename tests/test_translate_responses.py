@@ -618,3 +618,17 @@ def test_a_gemini_calls_own_signature_goes_to_codex_and_back():
                                                    "output": "a.txt"}])
     parts = R_GE.request(history)["contents"][1]["parts"]
     assert [p.get("thoughtSignature") for p in parts if "functionCall" in p] == ["Zz"]
+
+
+@pytest.mark.parametrize("model, cap", [
+    ("claude-sonnet-4-5-20250929", 64000), ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 64000),
+    ("claude-haiku-4-5", 64000), ("claude-opus-4-5-20251101", 64000), ("claude-sonnet-4-20250514", 64000),
+    ("claude-3-7-sonnet-20250219", 64000), ("claude-opus-4-1-20250805", 32000), ("claude-opus-4-20250514", 32000),
+    ("claude-3-5-haiku-20241022", 8192), ("anthropic.claude-3-haiku-20240307-v1:0", 4096),
+    ("my-azure-deployment", 8192),
+])
+def test_a_request_without_a_cap_gets_the_models_own(model, cap):
+    """Codex never sends max_output_tokens: a long apply_patch cut at 8192 tokens failed the
+    turn on models that allow 64,000; a cap above a model's own is a 400."""
+    assert R_AN.request(codex(model=model, tools=[SHELL, PATCH]))["max_tokens"] == cap
+    assert proxypal.anthropic_default_cap(model) == cap
