@@ -3978,9 +3978,16 @@ def write_gemini_request(chat: Chat) -> Dict[str, Any]:
         contents.insert(0, {"role": "user", "parts": [{"text": ANTHROPIC_PLACEHOLDER_TEXT}]})
     out: Dict[str, Any] = {"contents": contents}
     system = [{"text": t.text} for t in system_texts(chat)]
+    declarations = [_gemini_declaration(t) for t in chat.tools if not t.server]
+    generation = _gemini_generation_out(chat)
+    if declarations and "responseMimeType" in generation and GEMINI_2.search(chat.model):
+        # Gemini 2.x refuses JSON mode beside functions ("Function calling with a response
+        # mime type: 'application/json' is unsupported"): the schema goes in the instructions
+        schema, _ = generation.pop("responseJsonSchema", None), generation.pop("responseMimeType")
+        system.append({"text": JSON_OBJECT_INSTRUCTION + (
+            f" It follows this JSON Schema: {json_text(schema)}" if schema else "")})
     if system:
         out["systemInstruction"] = {"parts": system}
-    declarations = [_gemini_declaration(t) for t in chat.tools if not t.server]
     tools: List[Dict[str, Any]] = [{"functionDeclarations": declarations}] if declarations else []
     # Gemini 2.x refuses built-in tools beside function declarations: a default one goes.
     tools += [{GEMINI_TOOLS_OUT[t.server]: {}} for t in chat.tools if t.server in GEMINI_TOOLS_OUT
@@ -3995,7 +4002,6 @@ def write_gemini_request(chat: Chat) -> Dict[str, Any]:
         if chat.tool_choice == "tool" and chat.tool_name:
             config["allowedFunctionNames"] = [chat.tool_name]
         out["toolConfig"] = {"functionCallingConfig": config}
-    generation = _gemini_generation_out(chat)
     if generation:
         out["generationConfig"] = generation
     return out
@@ -4058,6 +4064,10 @@ def _gemini_declaration(tool: Tool) -> Dict[str, Any]:
     return decl
 
 
+GEMINI_3 = re.compile(r"gemini-(?:[3-9]|\d\d)")     # models that take thinking levels
+GEMINI_2 = re.compile(r"gemini-[12]\.")                # ...and that refuse JSON mode beside functions
+
+
 def _gemini_generation_out(chat: Chat) -> Dict[str, Any]:
     config: Dict[str, Any] = {}
     for target, source in GEMINI_GENERATION:
@@ -4082,7 +4092,7 @@ def _gemini_thinking_out(chat: Chat) -> Dict[str, Any]:
         return {"thinkingBudget": -1, "includeThoughts": True}
     if think.effort == "none":
         return {"thinkingBudget": 0}
-    if think.effort and think.budget is None and model.startswith("gemini-3"):
+    if think.effort and think.budget is None and GEMINI_3.search(model):
         return {"thinkingLevel": GEMINI_LEVELS.get(think.effort, "high"), "includeThoughts": True}
     budget = budget_of(think) or ANTHROPIC_MIN_THINKING_BUDGET
     if chat.cap_includes_reasoning and chat.max_tokens and budget >= chat.max_tokens:

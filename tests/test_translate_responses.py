@@ -632,3 +632,19 @@ def test_a_request_without_a_cap_gets_the_models_own(model, cap):
     turn on models that allow 64,000; a cap above a model's own is a 400."""
     assert R_AN.request(codex(model=model, tools=[SHELL, PATCH]))["max_tokens"] == cap
     assert proxypal.anthropic_default_cap(model) == cap
+
+
+@pytest.mark.parametrize("model, json_mode", [("gemini-2.5-flash", False), ("gemini-3-pro-preview", True),
+                                              ("my-gemini-compatible", True)])
+def test_codex_output_schema_beside_tools_is_a_request_each_gemini_takes(model, json_mode):
+    """`codex exec --output-schema` sends text.format json_schema with its tools; Gemini 2.x
+    answers 400 to JSON mode beside function declarations, so there the schema goes in the
+    instructions."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    out = R_GE.request(codex(model=model, tools=[SHELL], text={"format": {
+        "type": "json_schema", "name": "codex_output_schema", "strict": True, "schema": schema}}))
+    assert any("functionDeclarations" in t for t in out["tools"])
+    config = out.get("generationConfig", {})
+    assert (config.get("responseMimeType") == "application/json") == json_mode
+    instructions = json.dumps(out["systemInstruction"])
+    assert (json.dumps(json.dumps(schema, separators=(",", ":")))[1:-1] in instructions) != json_mode
