@@ -3193,7 +3193,28 @@ def write_anthropic_request(chat: Chat) -> Dict[str, Any]:
     _anthropic_budget_and_sampling(chat, out)
     if chat.output and chat.output["type"] == "json_schema":
         out["output_config"] = {"format": {"type": "json_schema", "schema": chat.output["schema"]}}
+    _anthropic_cache_marks(out)
     return out
+
+
+CACHEABLE = ("text", "image", "document", "tool_use", "tool_result")   # (thinking is not)
+
+
+def _anthropic_cache_marks(out: Dict[str, Any]) -> None:
+    """Prompt caching for clients of APIs that cache on their own (OpenAI, Gemini): Claude
+    caches only up to blocks marked cache_control, so an agent's turns (Codex, Gemini CLI,
+    Cursor) paid the whole prompt each time. Marked, when the request marks nothing: the
+    tools, the system prompt, and the last block of the last two user turns, where the
+    next turn's prefix ends (4 marks, Anthropic's most; under the model's minimum length
+    nothing is cached and nothing is charged extra)."""
+    tools, system = out.get("tools") or [], out.get("system") or []
+    users = [m["content"] for m in out["messages"] if m["role"] == "user"][-2:]
+    if any("cache_control" in b for b in itertools.chain(tools, system, *users)):
+        return
+    blocks = [tools[-1:], system[-1:]] + [[b for b in content if b["type"] in CACHEABLE][-1:]
+                                         for content in users]
+    for block in itertools.chain(*blocks):
+        block["cache_control"] = {"type": "ephemeral"}
 
 
 def _anthropic_text_out(text: Text) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 
-from helpers import feed_all_ways, proxypal
+from helpers import feed_all_ways, proxypal, without_cache_marks
 
 ClientError = proxypal.ClientError
 MODEL = "client-model"
@@ -400,7 +400,7 @@ D1_CASES = [
 
 @pytest.mark.parametrize("name,body,expected", D1_CASES, ids=case_ids(D1_CASES))
 def test_openai_to_anthropic_request(name, body, expected):
-    assert O2A.request(body) == expected
+    assert without_cache_marks(O2A.request(body)) == expected
 
 
 D1_ERRORS = [
@@ -1073,3 +1073,34 @@ def test_claude_codes_tool_search_is_left_out_and_the_deferred_tools_go_as_ordin
     out = json.dumps(proxypal.TRANSLATORS[("anthropic", upstream)].request(body))
     assert "Bash" in out and "mcp__github__create_issue" in out
     assert "tool_search" not in out and "defer_loading" not in out
+
+
+def marked(body: Dict[str, Any]) -> List[str]:
+    """Where a request toward Anthropic carries cache_control: tools[i], system[i],
+    messages[i].content[j]."""
+    places = [f"tools[{i}]" for i, t in enumerate(body.get("tools", [])) if "cache_control" in t]
+    places += [f"system[{i}]" for i, b in enumerate(body.get("system") or []) if "cache_control" in b]
+    return places + [f"messages[{i}].content[{j}]" for i, m in enumerate(body["messages"])
+                     for j, b in enumerate(m["content"]) if "cache_control" in b]
+
+
+OPENAI_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+TOOL_LOOP = [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Weather?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+
+
+@pytest.mark.parametrize("body, places", [
+    (chat(), ["messages[0].content[0]"]),
+    (chat(messages=TOOL_LOOP, tools=[OPENAI_WEATHER]),
+     ["tools[0]", "system[0]", "messages[0].content[0]", "messages[2].content[0]"]),
+    (chat(messages=TOOL_LOOP + [{"role": "assistant", "content": "Sunny."},
+                                {"role": "user", "content": [{"type": "text", "text": "And"},
+                                                             {"type": "text", "text": "tomorrow?"}]}]),
+     ["system[0]", "messages[2].content[0]", "messages[4].content[1]"]),
+], ids=["one-turn", "tool-loop", "next-turn"])
+def test_prompt_caching_is_asked_of_claude_for_clients_whose_apis_cache_on_their_own(body, places):
+    """Claude caches only up to marked blocks: the tools, the system prompt and the end of
+    the last two user turns (where the next request's prefix ends); 4 marks at most."""
+    assert marked(O2A.request(body)) == places

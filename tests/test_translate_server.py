@@ -92,9 +92,12 @@ def test_openai_client_on_anthropic_upstream(upstream, proxy):
     sent = up.last()
     assert sent.path == "/v1/messages" and sent.headers["x-api-key"] == "sk-ant"
     body_sent = sent.json()
-    assert body_sent["model"] == "claude-opus-4-5" and body_sent["system"] in ("Be brief.", [{"type": "text", "text": "Be brief."}])
+    # (prompt caching, which OpenAI does by itself, asked of Claude: the prefix is marked)
+    mark = {"cache_control": {"type": "ephemeral"}}
+    assert body_sent["model"] == "claude-opus-4-5"
+    assert body_sent["system"] == [{"type": "text", "text": "Be brief.", **mark}]
     assert body_sent["max_tokens"] > 0
-    assert body_sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert body_sent["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hi", **mark}]}]
 
 
 def test_openai_client_stream_on_anthropic_upstream(upstream, proxy):
