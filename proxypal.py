@@ -1483,8 +1483,8 @@ GEMINI_STATUSES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMIS
 
 def _openai_error(status: int, message: str, err_type: str = "",
                   code: Optional[str] = None) -> Dict[str, Any]:
-    if code is None and context_overflow(status, message):
-        status, code = 400, "context_length_exceeded"
+    if code in (None, "", "invalid_request_error") and context_overflow(status, message):
+        status, code = 400, "context_length_exceeded"     # (a generic code says less)
     kind = err_type or OPENAI_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None,
@@ -1530,7 +1530,7 @@ def _data_event(event: str, data: str) -> bytes:
 
 
 _OPENAI_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"|^data:\s*\[DONE\]|^data:\s*\{\s*"error"', re.M)
-_GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^data:\s*\{\s*"error"', re.M)
+_GEMINI_FINISHED = re.compile(rb'"finishReason"\s*:|^(?:data:)?\s*\{\s*"error"', re.M)
 _RESPONSES_FINISHED = re.compile(
     rb'^event:\s*response\.(?:completed|incomplete|failed)\s*$'
     rb'|^data:\s*\{\s*"type"\s*:\s*"response\.(?:completed|incomplete|failed)"', re.M)
@@ -2992,10 +2992,10 @@ ANTHROPIC_DEFAULT_MAX_TOKENS = 8192      # Anthropic requires max_tokens; other 
                                          # it (Codex always does): each model's own cap where
 # the name says which (docs.claude.com, models overview; a larger one is a 400, a smaller
 # one cuts long edits short), else 8192; an entry's maxOutputTokens clamps it anyway.
+# Only from the 4.5 models on: earlier ones refuse input + max_tokens over the window, so a
+# larger default would fail long sessions early.
 ANTHROPIC_MODEL_CAPS = ((re.compile(r"claude-3-(?:haiku|opus|sonnet)-"), 4096),
-                        (re.compile(r"claude-opus-4-[5-9]|claude-(?:sonnet|haiku)-4|claude-3-7-sonnet"
-                                    r"|claude-(?:opus|sonnet|haiku)-[5-9]"), 64000),
-                        (re.compile(r"claude-opus-4"), 32000))
+                        (re.compile(r"claude-(?:opus|sonnet|haiku)-(?:4-[5-9]|[5-9])"), 64000))
 
 
 def anthropic_default_cap(model: str) -> int:
@@ -3198,6 +3198,8 @@ def write_anthropic_request(chat: Chat) -> Dict[str, Any]:
 
 
 CACHEABLE = ("text", "image", "document", "tool_use", "tool_result")   # (thinking is not)
+NO_PROMPT_CACHE = re.compile(r"claude-3-(?:haiku|opus|sonnet)-|claude-3-5-sonnet")   # (a 400 on
+#   Bedrock, and on Anthropic for some: "does not support cache_control")
 
 
 def _anthropic_cache_marks(out: Dict[str, Any]) -> None:
@@ -3209,7 +3211,8 @@ def _anthropic_cache_marks(out: Dict[str, Any]) -> None:
     nothing is cached and nothing is charged extra)."""
     tools, system = out.get("tools") or [], out.get("system") or []
     users = [m["content"] for m in out["messages"] if m["role"] == "user"][-2:]
-    if any("cache_control" in b for b in itertools.chain(tools, system, *users)):
+    if NO_PROMPT_CACHE.search(str(out.get("model") or "")) or \
+            any("cache_control" in b for b in itertools.chain(tools, system, *users)):
         return
     blocks = [tools[-1:], system[-1:]] + [[b for b in content if b["type"] in CACHEABLE][-1:]
                                          for content in users]
@@ -4388,8 +4391,8 @@ class GeminiStreamWriter:
         if self.done:
             return []
         self.done = self.failed = True
-        message = named(self.provider, message)
-        return [("error", json_text(_gemini_error(status, message)))]
+        message = named(self.provider, message)     # (whole calls held go first, as they came)
+        return self._released() + [("error", json_text(_gemini_error(status, message)))]
 
 
 # -- 7.5 OpenAI Responses ----------------------------------------------------------
@@ -7799,8 +7802,9 @@ class RelayPipe:
 
     def ended(self, out: bytes) -> bool:
         """These bytes, just relayed, end with the stream's last event."""
-        last = self.fmt.last_event
-        return last is not None and not self.failed and bool(last.search(out, len(out) - 4096))
+        last = self.fmt.last_event          # (from the last event's start: Responses' last
+        start = out.rfind(b"\n\n", 0, len(out) - 2)   # event repeats the whole answer)
+        return last is not None and not self.failed and bool(last.search(out, max(start, 0)))
 
     def committed(self) -> None:
         self.skip = list(self.fmt.opening)

@@ -1104,3 +1104,22 @@ def test_prompt_caching_is_asked_of_claude_for_clients_whose_apis_cache_on_their
     """Claude caches only up to marked blocks: the tools, the system prompt and the end of
     the last two user turns (where the next request's prefix ends); 4 marks at most."""
     assert marked(O2A.request(body)) == places
+
+
+
+@pytest.mark.parametrize("model", ["anthropic.claude-3-haiku-20240307-v1:0", "claude-3-5-sonnet-20241022"])
+def test_no_cache_marks_for_models_that_refuse_them(model):
+    """Claude 3 and 3.5 Sonnet answer cache_control with a 400 on Bedrock ("does not
+    support cache_control" on Anthropic for some): the request that worked still works."""
+    out = O2A.request(chat(model=model, messages=TOOL_LOOP, tools=[OPENAI_WEATHER]))
+    assert marked(out) == []
+
+
+@pytest.mark.parametrize("client, upstream", [("responses", "openai"), ("openai", "responses")])
+def test_a_generic_upstream_code_does_not_hide_a_context_overflow(client, upstream):
+    """DeepSeek and many OpenAI-compatible servers put their type in `code`."""
+    body = json.dumps({"error": {"message": "This model's maximum context length is 65536 tokens. However, "
+                                            "you requested 70000 tokens", "type": "invalid_request_error",
+                                 "param": None, "code": "invalid_request_error"}}).encode()
+    out = json.loads(proxypal.upstream_error_body(client, upstream, 400, body, "DeepSeek")[0])
+    assert out["error"]["code"] == "context_length_exceeded"

@@ -623,8 +623,10 @@ def test_a_gemini_calls_own_signature_goes_to_codex_and_back():
 
 @pytest.mark.parametrize("model, cap", [
     ("claude-sonnet-4-5-20250929", 64000), ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 64000),
-    ("claude-haiku-4-5", 64000), ("claude-opus-4-5-20251101", 64000), ("claude-sonnet-4-20250514", 64000),
-    ("claude-3-7-sonnet-20250219", 64000), ("claude-opus-4-1-20250805", 32000), ("claude-opus-4-20250514", 32000),
+    ("claude-haiku-4-5", 64000), ("claude-opus-4-5-20251101", 64000),
+    # before 4.5, input + max_tokens over the window is a 400: a larger default would end
+    # long sessions early
+    ("claude-sonnet-4-20250514", 8192), ("claude-3-7-sonnet-20250219", 8192), ("claude-opus-4-1-20250805", 8192),
     ("claude-3-5-haiku-20241022", 8192), ("anthropic.claude-3-haiku-20240307-v1:0", 4096),
     ("my-azure-deployment", 8192),
 ])

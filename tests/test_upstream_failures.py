@@ -1166,6 +1166,37 @@ def test_a_committed_stream_answered_whole_gets_the_answer_as_events(rig, client
     alive(p)
 
 
+def test_a_responses_relay_held_open_after_a_large_last_event_ends_after_the_grace(raw_upstream, proxy,
+                                                                                     monkeypatch):
+    """response.completed repeats the whole answer: the last event's start may be far from
+    the end of the read."""
+    monkeypatch.setattr(proxypal, "STREAM_END_GRACE", SHORT)
+    text = "x" * 6000
+    resp = {"id": "resp_1", "object": "response", "status": "completed", "model": "r", "usage": {
+        "input_tokens": 1, "output_tokens": 1, "total_tokens": 2}, "output": [
+        {"id": "m1", "type": "message", "role": "assistant", "status": "completed",
+         "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
+    events = [(kind, dict(fields, type=kind, sequence_number=n)) for n, (kind, fields) in enumerate([
+        ("response.created", {"response": dict(resp, status="in_progress", output=[])}),
+        ("response.output_text.delta", {"item_id": "m1", "output_index": 0, "content_index": 0, "delta": text}),
+        ("response.completed", {"response": resp})])]
+    hung_up = threading.Event()
+
+    def handler(peer, req):
+        peer.send(head(200, SSE_CHUNKED) + b"".join(
+            chunk(b"event: %s\ndata: %s\n\n" % (k.encode(), json.dumps(e).encode())) for k, e in events))
+        if peer.wait_closed():
+            hung_up.set()
+    raw = raw_upstream(handler)
+    p = proxy({"ampOpenaiProviders": [{"name": "R", "baseUrl": raw.url + "/v1", "apiKey": "k",
+                                       "models": ["r"], "wireApi": "responses"}],
+               "readTimeoutSeconds": TIMEOUT * 3})      # (longer than the test client waits)
+    status, _, body, complete = request_stream(p, "POST", "/v1/responses",
+                                               {"model": "r", "input": "hi", "stream": True})
+    assert status == 200 and complete and b"response.completed" in body
+    assert hung_up.wait(TIMEOUT)
+
+
 @pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
 @pytest.mark.parametrize("how", ["close-without-last-chunk", "reset", "held-open"])
 def test_a_failure_after_the_streams_last_event_leaves_the_stream_complete(rig, client, kind, how,
@@ -1362,6 +1393,16 @@ def test_a_stream_failed_over_to_a_translated_upstream_names_tools_back(upstream
 
 GOOGLE_ERROR = (b'{\n  "error": {\n    "code": 503,\n    "message": "The model is overloaded. '
                 b'Please try again later.",\n    "status": "UNAVAILABLE"\n  }\n}\n')
+
+
+def test_googles_own_error_with_its_blank_line_is_relayed_once(upstream, proxy):
+    up = upstream(sse_answer([b'data: {"candidates":[{"content":{"role":"model","parts":[{"text":"Hel"}]},'
+                              b'"index":0}]}\n\n', GOOGLE_ERROR + b"\n"]))
+    p = proxy({"geminiApiKeys": [{"apiKey": "g", "baseUrl": up.url, "models": ["gemini-x"]}]})
+    status, _, body, complete = request_stream(
+        p, "POST", "/v1beta/models/gemini-x:streamGenerateContent?alt=sse",
+        {"contents": [{"role": "user", "parts": [{"text": "Hi"}]}]})
+    assert status == 200 and complete and body.count(b'"error"') == 1, body
 
 
 @pytest.mark.parametrize("client", ["gemini", "anthropic"])
