@@ -1630,6 +1630,11 @@ class Format:
                    code: Optional[str] = None) -> bytes:
         return dumps(self.error(status, message, err_type, code))
 
+    def events(self, events: Sequence[Tuple[str, str]]) -> bytes:
+        """A writer's (event, data) pairs as this format's stream bytes."""
+        encode = self.encode
+        return b"".join([encode(e, d) for e, d in events])
+
     failure: Optional[Callable[..., bytes]] = None   # its own way to end a failed stream
 
     def stream_error(self, status: int, message: str, last: bytes = b"") -> bytes:
@@ -5428,7 +5433,8 @@ class StreamPipe:
     def __init__(self, decoder: Any, reader: Any, client: str) -> None:
         self.decoder, self.reader = decoder, reader
         self.writer = getattr(reader, "w", reader)
-        self.encode = FORMATS[client].encode
+        self.fmt = FORMATS[client]
+        self.encode = self.fmt.encode
 
     def first(self, data: bytes) -> bytes:
         """The first bytes: an error event before anything else is an HTTP error instead."""
@@ -5444,7 +5450,7 @@ class StreamPipe:
         return self._out(self.decoder.close(), closing=True)
 
     def fail(self, status: int, message: str) -> bytes:
-        return b"".join(self.encode(e, d) for e, d in self.writer.fail(status, message))
+        return self.fmt.events(self.writer.fail(status, message))
 
     @property
     def usage(self) -> Optional[Usage]:
@@ -7517,13 +7523,17 @@ class ModelCall:
     def commit(self) -> bytes:
         """The opening of the client's stream, sent before the upstream answered (a long
         silence): from now on the writer that made it writes the rest."""
-        fmt = self.call.fmt
-        self.writer = TRANSLATORS[(fmt, fmt)].writer(self.requested or "proxypal",
-                                                    estimate_tokens(self.body), self.ask())
+        self.writer = self.client_writer()
         if self.pipe_made is not None:
             self.pipe_made.committed()
-        return b"".join(FORMATS[fmt].encode(e, d) for e, d in self.writer.start(
+        return FORMATS[self.call.fmt].events(self.writer.start(
             "msg_" + safe_id(self.call.record.id, "x"), None))
+
+    def client_writer(self) -> Any:
+        """A writer of the client's own stream format, for a stream the proxy makes."""
+        fmt = self.call.fmt
+        return TRANSLATORS[(fmt, fmt)].writer(self.requested or "proxypal",
+                                              estimate_tokens(self.body), self.ask())
 
     def replayed_answer(self, attempt: Attempt, status: int, headers: List[Tuple[str, str]],
                         obj: Dict[str, Any]) -> Reply:
@@ -7533,9 +7543,7 @@ class ModelCall:
                                                           self.ask())
         events = replay(CODECS[attempt.translator.upstream].read_response(obj), writer)
         self.call.record.count(writer.usage)
-        encode = FORMATS[self.call.fmt].encode
-        return Reply(status, b"".join(encode(e, d) for e, d in events), headers,
-                     "text/event-stream")
+        return Reply(status, FORMATS[self.call.fmt].events(events), headers, "text/event-stream")
 
     def pipe(self, attempt: Attempt, decoder: Any) -> Any:
         fmt, provider = self.call.fmt, attempt.upstream.name
@@ -7594,13 +7602,11 @@ class ModelCall:
     def failed_stream(self, status: int, message: str, headers: List[Tuple[str, str]]) -> Reply:
         """An error as a stream that fails: Codex compacts on context_length_exceeded only
         in a response.failed event (codex-api sse/responses.rs); an HTTP 400 stops it."""
-        writer = self.writer or TRANSLATORS[(self.call.fmt, self.call.fmt)].writer(
-            self.requested, estimate_tokens(self.body), self.ask())
+        writer = self.writer or self.client_writer()
         writer.provider = self.call.record.provider
         events = writer.start("resp_" + safe_id(self.call.record.id, "x"), None) + \
             writer.fail(status, message)
-        encode = FORMATS[self.call.fmt].encode
-        return Reply(200, b"".join(encode(e, d) for e, d in events), headers, "text/event-stream")
+        return Reply(200, FORMATS[self.call.fmt].events(events), headers, "text/event-stream")
 
 
 def answer_object(resp: "UpstreamResponse", body: bytes) -> Dict[str, Any]:
@@ -7634,10 +7640,9 @@ def fail_call(call: Call, exc: ProxypalError, writer: Any = None) -> None:
     call.record.error = exc.message
     call.keep_alive = False
     if call.record.status == 0:       # committed, relay never began: end the stream here
-        encode = FORMATS[call.fmt].encode
-        finish_stream(call, b"".join(encode(e, d) for e, d in writer.fail(exc.status, exc.message))
-                      if writer is not None else
-                      FORMATS[call.fmt].stream_error(exc.status, exc.message), True)
+        fmt = FORMATS[call.fmt]
+        finish_stream(call, fmt.events(writer.fail(exc.status, exc.message)) if writer is not None
+                      else fmt.stream_error(exc.status, exc.message), True)
 
 
 async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
