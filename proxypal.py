@@ -1499,14 +1499,49 @@ _CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|prompt is too long|too 
                                re.I)
 
 
+_WINDOW = re.compile(r"maximum context length is (\d+)", re.I)
+_ASKED = re.compile(r"\((\d+) in the messages, (\d+) in the completion\)|is too large: (\d+)\. This "
+                    r"model's maximum context length is \d+ tokens and your request has (\d+) input", re.I)
+# Claude Code retries with a lower max_tokens on Anthropic's own words for an output cap
+# that does not fit beside the prompt, when that leaves the window minus a 1,000 token
+# margin at least its floor of 3,000 output tokens; else only compacting can help.
+CLAUDE_CODE_OUTPUT_ROOM = 4000
+
+
+def overflow_sizes(message: str) -> Optional[Tuple[int, int, int]]:
+    """(prompt, output, window) tokens of an OpenAI-compatible server's context overflow:
+    OpenAI's and DeepSeek's "maximum context length is W tokens. However, you requested T
+    tokens (P in the messages, C in the completion)", vLLM's "'max_tokens' or
+    'max_completion_tokens' is too large: C. This model's maximum context length is W
+    tokens and your request has P input tokens"."""
+    window, asked = _WINDOW.search(message), _ASKED.search(message)
+    if not window or not asked:
+        return None
+    prompt, output = (asked.group(1), asked.group(2)) if asked.group(1) else \
+        (asked.group(4), asked.group(3))
+    return int(prompt), int(output), int(window.group(1))
+
+
 def context_overflow(status: int, message: str) -> bool:
     return status in (400, 413) and bool(_CONTEXT_OVERFLOW.search(message))
 
 
+def _anthropic_overflow(message: str) -> str:
+    """An overflow in Anthropic's words, the ones Claude Code acts on: "input length and
+    `max_tokens` exceed context limit" (it lowers max_tokens and retries) when the prompt
+    leaves room for an answer, else "prompt is too long" (it compacts)."""
+    sizes = overflow_sizes(message)
+    if sizes and sizes[0] + CLAUDE_CODE_OUTPUT_ROOM <= sizes[2]:
+        return ("input length and `max_tokens` exceed context limit: %d + %d > %d, decrease input "
+                "length or `max_tokens` and try again (%s)" % (*sizes, message))
+    return f"prompt is too long: {message}"
+
+
 def _anthropic_error(status: int, message: str, err_type: str = "",
                      code: Optional[str] = None) -> Dict[str, Any]:
-    if context_overflow(status, message) and "prompt is too long" not in message:
-        status, message = 400, f"prompt is too long: {message}"
+    if context_overflow(status, message) and "prompt is too long" not in message and \
+            "exceed context limit" not in message:
+        status, message = 400, _anthropic_overflow(message)
     kind = err_type or ANTHROPIC_ERROR_TYPES.get(status) or (
         "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
@@ -6536,6 +6571,11 @@ class Upstream:
         """The troubleshooting advice for an upstream error status."""
         if status in (401, 403):
             return f"check the apiKey of provider {self.cred.label}"
+        sizes = overflow_sizes(upstream_message(body)[0]) if status == 400 else None
+        if sizes and sizes[0] < sizes[2]:
+            return (f"the prompt fits the model's window, the output cap beside it does not: ask "
+                    f"for fewer output tokens, or set maxOutputTokens of '{model}' in "
+                    f"{self.cred.path}.models")
         if status != 404:
             return ""
         try:

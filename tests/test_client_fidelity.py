@@ -5,6 +5,7 @@ session affinity, the unauthenticated probes and the models list's limits."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from typing import Any, Dict
@@ -350,6 +351,50 @@ def test_overflow_wording_is_added_once_and_only_to_a_4xx(fmt, status, message, 
     assert body["error"]["message"].startswith(expected)
     if fmt == "openai":                    # (Anthropic's other overflow wording, for Codex)
         assert body["error"]["code"] == "context_length_exceeded"
+
+
+# Claude Code lowers max_tokens and retries on Anthropic's "input length and `max_tokens`
+# exceed context limit: P + C > W" (the regex below is its own), when W - P - 1000 leaves at
+# least 3,000 tokens; it compacts on "prompt is too long". Local models with a small window
+# (vLLM, 32k) refuse its 32,000 token cap beside any prompt: every turn failed.
+CLAUDE_CODE_OUTPUT_RETRY = re.compile(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)")
+VLLM_CAP = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context length is "
+            "%d tokens and your request has %d input tokens (32000 > %d - %d). (parameter=max_tokens, value=32000)")
+
+
+@pytest.mark.parametrize("message, sizes", [
+    (VLLM_CAP % (100001, 81126, 100001, 81126), (81126, 32000, 100001)),
+    ("This model's maximum context length is 8192 tokens. However, you requested 8500 tokens (500 in the "
+     "messages, 8000 in the completion). Please reduce the length of the messages or completion.", (500, 8000, 8192)),
+    (VLLM_CAP % (32768, 29000, 32768, 29000), None),          # 32768 - 29000 - 1000 < 3000: compact instead
+    ("This model's maximum context length is 65536 tokens. However, you requested 70000 tokens (62000 in the "
+     "messages, 8000 in the completion).", None),
+    ("This model's maximum context length is 32768 tokens. However, your request has 40000 input tokens. "
+     "Please reduce the length of the input messages.", None),
+])
+def test_an_output_cap_that_does_not_fit_reaches_claude_code_as_one_it_lowers(message, sizes):
+    said = json.loads(proxypal.error_body("anthropic", 400, "Local: " + message))["error"]["message"]
+    found = CLAUDE_CODE_OUTPUT_RETRY.search(said)
+    if sizes is None:
+        assert found is None and said.startswith("prompt is too long: Local: "), said
+    else:
+        assert found and tuple(map(int, found.groups())) == sizes and "Local: " in said, said
+    # the OpenAI family keeps OpenAI's own code for it
+    assert json.loads(proxypal.error_body("openai", 400, message))["error"]["code"] == "context_length_exceeded"
+
+
+def test_claude_code_gets_the_output_cap_words_through_the_proxy_with_the_config_hint(upstream, proxy):
+    up = upstream(json_answer(400, {"error": {"message": VLLM_CAP % (32768, 1200, 32768, 1200),
+                                              "type": "BadRequestError", "param": None, "code": 400}}))
+    p = proxy({"ampOpenaiProviders": [{"name": "Local", "baseUrl": up.url + "/v1", "apiKey": "k",
+                                       "models": ["qwen"]}]})
+    status, _, out = request(p, "POST", "/v1/messages", {
+        "model": "qwen", "max_tokens": 32000, "stream": True, "messages": [{"role": "user", "content": "x"}]},
+        ANTHROPIC_HEADERS, key=None)
+    err = json.loads(out)["error"]
+    assert status == 400 and err["type"] == "invalid_request_error"
+    assert tuple(map(int, CLAUDE_CODE_OUTPUT_RETRY.search(err["message"]).groups())) == (1200, 32000, 32768)
+    assert "maxOutputTokens of 'qwen' in ampOpenaiProviders[0].models" in err["message"], err
 
 
 def test_an_openai_compatible_upstreams_error_code_reaches_a_responses_client(upstream, proxy):

@@ -13,7 +13,9 @@ decide the `Turn`, and writes that turn in its own wire format, streamed or not:
   the schema it sent; any other side call: a short text.
 
 Faults: `cut` sends the first final answer halfway and drops the connection; `429` answers
-the first main turn with a rate-limit error without Retry-After. Every request is recorded
+the first main turn with a rate-limit error without Retry-After; `window` (OpenAI Chat only)
+refuses the first main turn the way vLLM refuses an output cap its context window cannot
+hold beside the prompt. Every request is recorded
 (method, path, headers, body, the turn given) for the tests' assertions and the captures.
 """
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Scenario:
     """One cell's script: what the agent is told to do and which fault to inject."""
     tag: str                         # unique per cell; in file contents and the marker
     mode: str = "shell"              # shell | parallel | patch | weather
-    fault: str = ""                  # "" | cut | 429
+    fault: str = ""                  # "" | cut | 429 | window
 
     @property
     def marker(self) -> str:
@@ -287,6 +289,10 @@ class ScriptedUpstream:
         """(status, headers, body) of a 429 without Retry-After."""
         raise NotImplementedError
 
+    def window_exceeded(self, body: dict) -> tuple:
+        """(status, headers, body) of an output cap the context window cannot hold."""
+        raise NotImplementedError
+
     # the request cycle
     def _decide(self, rec: Recorded, endpoint: str) -> tuple:
         if endpoint != "turn" or not isinstance(rec.body, dict):
@@ -298,8 +304,8 @@ class ScriptedUpstream:
         rec.label, rec.model = turn.label, view.model
         rec.tools, rec.results = tuple(view.tools), tuple(view.results)
         fault = self._fault_for(turn, view)
-        if fault == "429":
-            status, headers, body = self.rate_limited()
+        if fault in ("429", "window"):
+            status, headers, body = self.rate_limited() if fault == "429" else self.window_exceeded(rec.body)
             return status, headers, [body], False, fault
         status, headers, chunks, streamed = self.answer(turn, view)
         return status, headers, chunks, streamed, fault
@@ -311,7 +317,7 @@ class ScriptedUpstream:
         with self._lock:
             if not fault or fault in self.faults_fired:
                 return ""
-            if (fault == "429" and turn.label == "main-turn") or \
+            if (fault in ("429", "window") and turn.label == "main-turn") or \
                (fault == "cut" and turn.label == "tool-result-turn" and view.stream):
                 self.faults_fired.append(fault)
                 return fault
@@ -586,6 +592,25 @@ class OpenAIChatUpstream(ScriptedUpstream):
         return 429, JSON_HEADERS, json.dumps({"error": {
             "message": "e2e upstream: rate limited", "type": "requests",
             "param": None, "code": "rate_limit_exceeded"}}).encode()
+
+    WINDOW_PROMPT = 1200             # the prompt tokens the window fault says it counted
+
+    def window(self, body: dict) -> int:
+        """A window one token too small for the prompt and the cap the request asks."""
+        return self.asked(body) + self.WINDOW_PROMPT - 1
+
+    @staticmethod
+    def asked(body: dict) -> int:
+        return body.get("max_completion_tokens") or body.get("max_tokens") or 32000
+
+    def window_exceeded(self, body: dict) -> tuple:
+        """vLLM's words (serving_engine.py) for max_tokens over what the window leaves."""
+        asked, window = self.asked(body), self.window(body)
+        message = (f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum "
+                   f"context length is {window} tokens and your request has {self.WINDOW_PROMPT} input "
+                   f"tokens ({asked} > {window} - {self.WINDOW_PROMPT}). (parameter=max_tokens, value={asked})")
+        return 400, JSON_HEADERS, json.dumps({"error": {"message": message, "type": "BadRequestError",
+                                                        "param": None, "code": 400}}).encode()
 
     def tool_calls(self, turn: Turn) -> list:
         return [{"id": f"call_e2e{self.next_id()}", "type": "function",

@@ -25,6 +25,8 @@ for _kind in KINDS:
     CELLS += [(_kind, "default", "shell", ""), (_kind, "pinned", "shell", ""),
               (_kind, "pinned", "parallel", ""), (_kind, "pinned", "shell", "cut"),
               (_kind, "pinned", "shell", "429")]
+# a local model whose window cannot hold Claude Code's output cap beside the prompt (vLLM)
+CELLS.append(("openai", "pinned", "shell", "window"))
 
 
 def cell_id(route: str, model: str, mode: str, fault: str) -> str:
@@ -57,10 +59,25 @@ def test_claude_code(tools, cell, route, model, mode, fault):
     outcome = run_agent_cell("claude", exe, route, scenario, f"claude-{cell.name}", pinned, timeout)
     if route == "direct" and not fault:     # captures of the normal calls only
         harness.save_captures("claude-code", outcome.upstream, capture_name, pinned)
-    if fault:
+    if fault == "window":
+        check_lowered_cap(outcome, scenario)
+    elif fault:
         check_fault(outcome, scenario)
     else:
         check_agent(outcome, scenario)
+
+
+def check_lowered_cap(outcome, scenario) -> None:
+    """Claude Code read the refusal as Anthropic's "input length and `max_tokens` exceed
+    context limit", asked again with a cap that fits, and finished the task."""
+    fired = [r for r in outcome.upstream.requests if r.fault == "window"]
+    assert fired, f"the window fault was never reached; {outcome.diagnosis()}"
+    window = outcome.upstream.window(fired[0].body)
+    again = [r for r in outcome.upstream.requests if r.at > fired[0].at and r.label == "main-turn"]
+    assert again, f"Claude Code did not ask again after the refusal; {outcome.diagnosis()}"
+    cap = outcome.upstream.asked(again[0].body)
+    assert cap <= window - outcome.upstream.WINDOW_PROMPT, (cap, window, outcome.diagnosis())
+    check_agent(outcome, scenario)
 
 
 @pytest.mark.parametrize("route", ["direct", "anthropic"])
