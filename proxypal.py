@@ -1800,6 +1800,43 @@ def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[flo
     return max(0.0, when - (time.time() if now is None else now))
 
 
+_RETRY_DELAY = re.compile(r'"retryDelay"\s*:\s*"([0-9.]+)s"')
+_RETRY_IN = re.compile(r"Please retry in ([0-9.]+)(ms|s)\b")
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
+
+def google_retry_delay(body: bytes) -> Optional[float]:
+    """Seconds from a Google error's RetryInfo detail ("retryDelay": "35s",
+    https://cloud.google.com/apis/design/errors#error_details), else its message's
+    "Please retry in 35.8s", which Gemini CLI reads too."""
+    if b"etry" not in body:
+        return None
+    text = body.decode("utf-8", "replace")
+    found = _RETRY_DELAY.search(text)
+    if found:
+        return float(found.group(1))
+    found = _RETRY_IN.search(text)
+    return float(found.group(1)) / (1000 if found.group(2) == "ms" else 1) if found else None
+
+
+def retry_hints(fmt: str, status: int, body: bytes, headers: List[Tuple[str, str]],
+                delay: Optional[float]) -> Tuple[bytes, List[Tuple[str, str]]]:
+    """A refusal to wait on says how long in the client's own terms: a Retry-After header
+    (the Anthropic and OpenAI SDKs and Claude Code wait that long), and for a Gemini
+    client a RetryInfo detail (Gemini CLI waits that long, else guesses)."""
+    if delay is None or status not in (429, 503, 529):
+        return body, headers
+    if not any(k.lower() == "retry-after" for k, _ in headers):
+        headers = headers + [("retry-after", str(math.ceil(delay)))]
+    if fmt == "gemini" and RETRY_INFO.encode() not in body:
+        with contextlib.suppress(ValueError, AttributeError):
+            obj = json.loads(body)
+            obj["error"].setdefault("details", []).append(
+                {"@type": RETRY_INFO, "retryDelay": f"{math.ceil(delay)}s"})
+            body = dumps(obj)
+    return body, headers
+
+
 def stream_usage(events: bytes) -> Tokens:
     """Token counts from the SSE events in `events` that carry any: only the events
     around each '"usage' are parsed (cheap when none do)."""
@@ -7040,8 +7077,11 @@ class Connection:
 
 def error_reply(call: Call, exc: ProxypalError) -> Reply:
     call.record.error = exc.message
-    return Reply(exc.status, error_body(call.fmt, exc.status, exc.message, code=exc.code),
-                 exc.headers)
+    headers = list(exc.headers)
+    delay = retry_after_seconds(next((v for k, v in headers if k.lower() == "retry-after"), ""))
+    body, headers = retry_hints(call.fmt, exc.status, error_body(call.fmt, exc.status, exc.message,
+                                                                 code=exc.code), headers, delay)
+    return Reply(exc.status, body, headers)
 
 
 # -- 10.2 Endpoints and dispatch ----------------------------------------------------
@@ -7635,6 +7675,12 @@ class ModelCall:
         headers = passed_headers(resp, upstream.name)
         if relayed and hint:
             headers.append(("x-proxypal-hint", printable(mask_secrets(hint, secrets), 300)))
+        delay = retry_after_seconds(resp.header("retry-after"))
+        if delay is None:
+            delay = google_retry_delay(body)
+            if delay is not None and status == 429:    # (cooled for 30s before the body came)
+                self.server.balancer.cool(attempt.target.cred, status, delay)
+        out, headers = retry_hints(self.call.fmt, status, out, headers, delay)
         if self.stream and self.call.fmt == "responses" and context_overflow(status, message):
             return self.failed_stream(status, mask_secrets(message, secrets), headers)
         return Reply(status, out, headers)

@@ -405,3 +405,49 @@ def test_an_openai_compatible_upstreams_error_code_reaches_a_responses_client(up
     p = proxy({"ampOpenaiProviders": [{"name": "O", "baseUrl": up.url + "/v1", "apiKey": "k", "models": ["m"]}]})
     status, _, out = request(p, "POST", "/v1/responses", {"model": "m", "input": "x"})
     assert status == 429 and json.loads(out)["error"]["code"] == "insufficient_quota", out
+
+
+# -- how long to wait, in each client's terms ----------------------------------------------
+# Google says it in the body (RetryInfo; Gemini CLI waits exactly that, else guesses), the
+# others in a Retry-After header (the Anthropic and OpenAI SDKs and Claude Code wait that).
+
+GOOGLE_429 = {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message":
+                        "You exceeded your current quota. Please retry in 35.873589421s.",
+                        "details": [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                            {"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                             "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}]},
+                                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "35s"}]}}
+
+
+@pytest.mark.parametrize("body, delay", [
+    (json.dumps(GOOGLE_429).encode(), 35.0),
+    (b'{"error": {"code": 429, "message": "Please retry in 1.5s.", "status": "RESOURCE_EXHAUSTED"}}', 1.5),
+    (b'{"error": {"code": 429, "message": "Please retry in 800ms", "status": "RESOURCE_EXHAUSTED"}}', 0.8),
+    (b'{"error": {"code": 429, "message": "Resource has been exhausted", "status": "RESOURCE_EXHAUSTED"}}', None),
+])
+def test_googles_retry_delay_is_read_from_its_error(body, delay):
+    assert proxypal.google_retry_delay(body) == delay
+
+
+def test_a_gemini_429_tells_claude_code_how_long_to_wait(upstream, proxy):
+    up = upstream(json_answer(429, GOOGLE_429))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["gemini-2.5-pro"]}]})
+    status, headers, out = request(p, "POST", "/v1/messages", {
+        "model": "gemini-2.5-pro", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]},
+        ANTHROPIC_HEADERS, key=None)
+    assert status == 429 and headers.get("retry-after") == "35", headers
+    assert json.loads(out)["error"]["type"] == "rate_limit_error"
+    cooled = list(p.server.balancer.cooldowns.values())      # the credential rests 35s, not 30
+    assert len(cooled) == 1 and 30 < cooled[0].until - p.server.balancer.clock() <= 35, cooled
+
+
+def test_an_openai_429_tells_gemini_cli_how_long_to_wait(upstream, proxy):
+    up = upstream(json_answer(429, {"error": {"message": "Rate limit reached", "type": "requests",
+                                              "param": None, "code": "rate_limit_exceeded"}},
+                              headers=(("Retry-After", "12"),)))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, headers, out = request(p, "POST", "/v1beta/models/m:generateContent",
+                                   {"contents": [{"role": "user", "parts": [{"text": "x"}]}]})
+    err = json.loads(out)["error"]
+    assert status == 429 and err["status"] == "RESOURCE_EXHAUSTED" and headers.get("retry-after") == "12"
+    assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"} in err["details"], err
