@@ -5590,6 +5590,7 @@ class Router:
 
     def __init__(self, config: Config):
         self.table: Dict[str, List[Target]] = {}
+        self.by_name: Dict[str, List[Target]] = {}     # an aliased entry's own name
         self.wildcard_creds: List[Credential] = []
         for cred in config.credentials:
             entries = cred.models or tuple(ModelEntry(m, m) for m in BUILTIN_MODELS.get(cred.api, ()))
@@ -5597,22 +5598,27 @@ class Router:
                 if _excluded(cred, entry.name, entry.alias):
                     continue
                 target = Target(cred, entry.name, entry.max_output_tokens, entry.context_window)
-                self._add(entry.alias, target)
+                self._add(self.table, entry.alias, target)
+                if entry.name != entry.alias:
+                    self._add(self.by_name, entry.name, target)
                 if cred.prefix:
-                    self._add(f"{cred.prefix}/{entry.alias}", target)
+                    self._add(self.table, f"{cred.prefix}/{entry.alias}", target)
             if not cred.models and cred.api in MODEL_PREFIX:
                 self.wildcard_creds.append(cred)
         self.exact_maps = {m.source: m for m in config.mappings if "*" not in m.source}
         self.wild_maps = [m for m in config.mappings if "*" in m.source]
 
-    def _add(self, name: str, target: Target) -> None:
-        targets = self.table.setdefault(name, [])
+    @staticmethod
+    def _add(table: Dict[str, List[Target]], name: str, target: Target) -> None:
+        targets = table.setdefault(name, [])
         if target not in targets:
             targets.append(target)
 
     def lookup(self, name: str) -> List[Target]:
-        """Every target serving `name`: listed names first, then keys serving claude-*/gemini-*."""
-        found = list(self.table.get(name, ()))
+        """Every target serving `name`: listed names first (an alias; else an aliased
+        entry's own name, the one the provider knows, which a client set up for that
+        provider may still send), then keys serving claude-*/gemini-*."""
+        found = list(self.table.get(name) or self.by_name.get(name, ()))
         for cred in self.wildcard_creds:
             model = name
             if cred.prefix and model.startswith(cred.prefix + "/"):
@@ -8665,7 +8671,9 @@ async def entry_upstream(server: "Server", call: Call) -> "Upstream":
 
 
 def listed_models(body: bytes) -> Optional[set]:
-    """Model ids in an OpenAI, Anthropic or Gemini models listing; None if not one."""
+    """Model ids in an OpenAI, Anthropic or Gemini models listing; None if not one. Ollama
+    lists `llama3:latest` for what it serves as `llama3` too (a name without a tag means
+    the latest: https://docs.ollama.com/api#model-names)."""
     try:
         obj = json.loads(body)
     except ValueError:
@@ -8679,7 +8687,7 @@ def listed_models(body: bytes) -> Optional[set]:
             for key in ("id", "name"):
                 if isinstance(item.get(key), str):
                     ids.add(item[key][len("models/"):] if item[key].startswith("models/") else item[key])
-    return ids
+    return ids | {i[:-len(":latest")] for i in ids if i.endswith(":latest")}
 
 
 async def probe(client: UpstreamClient, upstream: Upstream, names: List[str],

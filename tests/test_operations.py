@@ -257,6 +257,19 @@ def test_check_command(upstream, tmp_path):
     assert table.returncode == 1 and "FAIL" in table.stdout and "gsk-secret-key" not in table.stdout
 
 
+def test_check_knows_ollamas_latest_tag(upstream, tmp_path):
+    """Ollama lists `llama3:latest` (its /v1/models) for the `llama3` it serves."""
+    up = upstream(json_answer(200, {"object": "list", "data": [
+        {"id": "llama3:latest", "object": "model", "owned_by": "library"},
+        {"id": "codellama:7b", "object": "model", "owned_by": "library"}]}))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"ampOpenaiProviders": [
+        provider(up.url, "Ollama", ["llama3", "llama3:latest", "codellama:7b", "codellama"])]}))
+    out = run_cli("check", "--config", str(config), "--json")
+    assert {r["model"]: r["ok"] for r in json.loads(out.stdout)} == {
+        "llama3": True, "llama3:latest": True, "codellama:7b": True, "codellama": False}
+
+
 def test_check_all_pass_exits_0(upstream, tmp_path):
     up = upstream(json_answer(200, {"data": [{"id": "m"}]}))
     config = tmp_path / "config.json"

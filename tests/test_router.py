@@ -48,6 +48,25 @@ def test_claude_key_without_models_serves_builtin_and_any_claude_name():
     assert "claude-opus-4-5" in r.names()
 
 
+def test_an_aliased_entrys_own_name_routes_too_after_every_alias():
+    """The seed's Azure entries alias deployment names; a Claude Code still set up for
+    Foundry (ANTHROPIC_DEFAULT_OPUS_MODEL=claude-opus-4-5) sends the deployment's name."""
+    r = router({"claudeApiKeys": [
+        {"apiKey": "k1", "baseUrl": "https://azure.example/anthropic", "models": [
+            {"name": "claude-opus-4-5", "alias": "claude-opus-4-5-20251101"},
+            {"name": "claude-opus-4-5", "alias": "claude-sonnet-4-5-20250929"}]},
+        {"apiKey": "k2", "models": [{"name": "claude-haiku-4-5", "alias": "claude-opus-4-5"}]}]})
+    assert [(t.cred.path, t.model) for t in r.resolve("claude-opus-4-5-20251101").targets] == [
+        ("claudeApiKeys[0]", "claude-opus-4-5")]
+    # an alias wins over another entry's name: the second key's alias takes the name here
+    assert [(t.cred.path, t.model) for t in r.resolve("claude-opus-4-5").targets] == [
+        ("claudeApiKeys[1]", "claude-haiku-4-5")]
+    r = router({"claudeApiKeys": [{"apiKey": "k1", "models": [
+        {"name": "claude-opus-4-5", "alias": "claude-opus-4-5-20251101"}]}]})
+    assert [t.model for t in r.resolve("claude-opus-4-5").targets] == ["claude-opus-4-5"]
+    assert r.names() == ["claude-opus-4-5-20251101"]         # listed under the alias alone
+
+
 def test_prefix_and_exclusion():
     r = router({"ampOpenaiProviders": [
         {"name": "A", "baseUrl": "http://a/v1", "models": ["m1", {"name": "up-2", "alias": "m2"}],
