@@ -2086,25 +2086,36 @@ def effort_of(think: Think) -> str:
 
 
 OPAQUE_TAG = "pp1:"
+OPAQUE_TAG_B64 = "cHAxO"                   # how base64 of "pp1:..." always begins
 
 
 def carry(value: str, origin: str, client: str, redacted: bool = False) -> str:
     """An opaque value as a client of format `client` keeps it: unchanged when the
     client's own format made it, else tagged with its origin, so that it finds its way
-    back to an upstream of that format and never to another."""
+    back to an upstream of that format and never to another. Gemini's thoughtSignature
+    is bytes in base64 (google-genai refuses anything else): the tagged value is too."""
     if not value or (origin == client and not redacted):
         return value
-    return f"{OPAQUE_TAG}{origin}{'!' if redacted else ''}:{value}"
+    tagged = f"{OPAQUE_TAG}{origin}{'!' if redacted else ''}:{value}"
+    return base64.b64encode(tagged.encode()).decode() if client == "gemini" else tagged
 
 
 def uncarry(value: Any, client: str) -> Tuple[str, str, bool]:
     """(origin, value, redacted) of an opaque value a client sent back."""
     if not isinstance(value, str) or not value:
         return "", "", False
+    if client == "gemini" and value.startswith(OPAQUE_TAG_B64):
+        with contextlib.suppress(ValueError):
+            value = base64.b64decode(value, validate=True).decode()
     if value.startswith(OPAQUE_TAG) and value.count(":") >= 2:
         _, origin, raw = value.split(":", 2)
         return origin.rstrip("!"), raw, origin.endswith("!")
     return client, value, False
+
+
+def carried(value: Any, client: str) -> bool:
+    """A non-empty opaque value another format made."""
+    return isinstance(value, str) and bool(value) and uncarry(value, client)[0] != client
 
 
 def merged_turns(turns: Sequence[Turn]) -> List[Turn]:
@@ -3890,10 +3901,12 @@ def _schema_any_of(branches: List[Any], out: Dict[str, Any], defs: Dict[str, Any
 
 
 def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
-    """A Gemini Schema as standard JSON Schema: lower-case types, nullable as a null type."""
+    """A Gemini Schema as standard JSON Schema: lower-case types, nullable as a null type;
+    Gemini's own propertyOrdering and OpenAPI's example left out (JSON Schema has
+    neither, and strict validators refuse what they do not know)."""
     if not isinstance(schema, dict):
         return {}
-    out = dict(schema)
+    out = {k: v for k, v in schema.items() if k not in ("propertyOrdering", "example")}
     if isinstance(out.get("type"), str):
         out["type"] = out["type"].lower()
         if out.pop("nullable", False) is True:
@@ -3905,6 +3918,41 @@ def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
     if isinstance(out.get("anyOf"), list):
         out["anyOf"] = [json_schema_from_gemini(b) for b in out["anyOf"]]
     return out
+
+
+# Google's JSON takes proto field names as well as lowerCamelCase, and google-genai
+# (Python) sends some so: "inlineData": {"mime_type": ...}, "thinking_config", "any_of"
+# (https://protobuf.dev/programming-guides/json/). The values that are the user's own data
+# keep their keys: call arguments, function results, property names, raw JSON schemas.
+_SNAKE_KEY = re.compile(rb'"[a-z0-9]+_[a-z0-9_]*"\s*:')
+_GEMINI_RAW = ("args", "example", "default", "labels", "responseJsonSchema",
+               "parametersJsonSchema", "responseJsonSchemaForTools")
+
+
+def gemini_camel_case(body: Dict[str, Any], raw: bytes) -> Optional[Dict[str, Any]]:
+    """The body with every field name in lowerCamelCase; None when it has none other."""
+    if not _SNAKE_KEY.search(raw):
+        return None
+    changed = [False]
+
+    def camel(obj: Any, parent: str = "") -> Any:
+        if isinstance(obj, list):
+            return [camel(item, parent) for item in obj]
+        if not isinstance(obj, dict):
+            return obj
+        out = {}
+        for key, value in obj.items():
+            name = re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), key) if "_" in key else key
+            changed[0] |= name != key
+            if name in _GEMINI_RAW or (name == "response" and parent == "functionResponse"):
+                out[name] = value
+            elif name == "properties" and isinstance(value, dict):
+                out[name] = {prop: camel(schema) for prop, schema in value.items()}
+            else:
+                out[name] = camel(value, name)
+        return out
+    out = camel(body)
+    return out if changed[0] else None
 
 
 def read_gemini_request(body: Dict[str, Any]) -> Chat:
@@ -4029,7 +4077,9 @@ def _gemini_settings(body: Dict[str, Any], chat: Chat) -> None:
                           "upstream: send 1")
     for source, target in GEMINI_GENERATION:
         if _is_number(config.get(source)):
-            setattr(chat, target, config[source])
+            value = config[source]         # (google-genai sends an integer field as 3.0)
+            setattr(chat, target, int(value) if target in ("max_tokens", "top_k", "seed") and
+                    isinstance(value, float) and value.is_integer() else value)
     stops = config.get("stopSequences")
     chat.stop = [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
     schema = config.get("responseJsonSchema") or config.get("response_json_schema")
@@ -5380,7 +5430,7 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
         for content in _list_or_empty(body.get("contents")):
             for part in _list_or_empty(content.get("parts") if isinstance(content, dict) else None):
                 value = part.get("thoughtSignature") if isinstance(part, dict) else None
-                if isinstance(value, str) and value.startswith(OPAQUE_TAG):
+                if carried(value, "gemini"):
                     del part["thoughtSignature"]
                     changed = True
     return changed
@@ -5393,14 +5443,14 @@ def _foreign_reasoning_item(item: Any, store: Any) -> bool:
     if not isinstance(item, dict) or item.get("type") != "reasoning":
         return False
     value = item.get("encrypted_content")
-    return (value.startswith(OPAQUE_TAG) if isinstance(value, str) and value else store is False)
+    return carried(value, "responses") if value else store is False
 
 
 def _foreign_thinking(block: Any) -> bool:
     if not isinstance(block, dict) or block.get("type") not in ("thinking", "redacted_thinking"):
         return False
     value = block.get("signature" if block["type"] == "thinking" else "data")
-    return not value or (isinstance(value, str) and value.startswith(OPAQUE_TAG))
+    return not value or carried(value, "anthropic")
 
 
 # The shape of event nearly every upstream sends: "event:" then one "data:" line, LF
@@ -5442,8 +5492,9 @@ class EventRelay:
     failed = False                         # ended by fail()
     provider = ""                          # named in the errors it writes
 
-    def __init__(self, fmt: str) -> None:
+    def __init__(self, fmt: str, model: str = "") -> None:
         self.fmt = FORMATS[fmt]
+        self.model = model if fmt == "anthropic" else ""   # for message_start (renamed_opening)
         self.done = self.started = False
         self.skip: List[str] = []
         self.recent: List[bytes] = []
@@ -5464,6 +5515,8 @@ class EventRelay:
             self.skip.remove(event)
             return []
         self.started = True
+        if self.model:
+            data, self.model = renamed_opening(data, self.model) if event == "message_start" else data, ""
         self.recent = (self.recent + [self.fmt.encode(event, data)])[-3:]
         self.done = self.fmt.finished(self.recent)
         return [(event, data)]
@@ -5483,6 +5536,19 @@ def event_error(data: str) -> Tuple[int, str]:
     if obj and isinstance(obj.get("error"), dict):
         return stream_error_of(obj)
     return 502, printable(str(obj["message"]) if obj and obj.get("message") else data, 200)
+
+
+def renamed_opening(data: str, model: str) -> str:
+    """An Anthropic message_start with the model name the client asked for, as a relayed
+    whole answer has it. Claude Code strips the thinking blocks of every earlier answer
+    whose model is not the one it now asks for (signatures are bound to a model), and
+    Anthropic then refuses the tool turn those blocks had to open: with an alias (an
+    Azure deployment, a Bedrock id) every tool loop with thinking failed."""
+    obj = event_object(data)
+    message = obj.get("message") if obj and obj.get("type") == "message_start" else None
+    if not isinstance(message, dict) or message.get("model") in (None, model):
+        return data
+    return json_text(dict(obj, message=dict(message, model=model)))
 
 
 def check_opening(event: str, data: str) -> None:
@@ -7454,6 +7520,10 @@ class ModelCall:
         body = self.body = parse_body(raw)
         # UTF-8 without a BOM may go on as sent; json.loads also took UTF-16 or -32
         self.raw = raw if raw[:3] != b"\xef\xbb\xbf" and b"\x00" not in raw[:4] else b""
+        if self.call.fmt == "gemini":
+            camel = gemini_camel_case(body, raw)
+            if camel is not None:              # (read once, whatever the upstream)
+                body, self.body, self.raw = camel, camel, b""
         model = self.path_model or body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ClientError('"model" is required and must be a non-empty string'
@@ -7635,11 +7705,11 @@ class ModelCall:
         fmt, provider = self.call.fmt, attempt.upstream.name
         translator = attempt.translator
         if translator.passthrough and isinstance(decoder, SSEDecoder):
-            pipe: Any = RelayPipe(fmt, provider)
+            pipe: Any = RelayPipe(fmt, provider, self.requested)
         else:
             writer = self.writer or translator.writer(self.requested, estimate_tokens(self.body),
                                                       self.chat)
-            reader = EventRelay(fmt) if translator.passthrough else \
+            reader = EventRelay(fmt, self.requested) if translator.passthrough else \
                 CODECS[translator.upstream].stream_reader(writer)
             pipe = StreamPipe(decoder, reader, fmt)
             pipe.writer.provider = provider
@@ -7880,8 +7950,9 @@ class RelayPipe:
     complete event goes out as soon as it arrived. A stream that ends without its
     format's last event gets an error event, not a quiet truncation."""
 
-    def __init__(self, fmt: str, provider: str) -> None:
+    def __init__(self, fmt: str, provider: str, model: str = "") -> None:
         self.fmt, self.provider = FORMATS[fmt], provider
+        self.model = model if fmt == "anthropic" else ""   # for message_start (renamed_opening)
         self.splitter = SSESplitter()
         self.recent: List[bytes] = []      # the last few events: where the end markers are
         self.tokens = NO_TOKENS
@@ -7936,13 +8007,35 @@ class RelayPipe:
             splitter.rest = buf
             return b""
         out, splitter.rest = (buf, b"") if cut == len(buf) else (buf[:cut], buf[cut:])
+        if self.model:
+            out = self._renamed(out)
         self.recent = (self.recent + last_events(out))[-3:]
         if b'"usage' in out:
             self.tokens = merged_tokens(self.tokens, stream_usage(out))
         return out
 
+    def _renamed(self, out: bytes) -> bytes:
+        """`out` with its message_start naming the model the client asked for; the first
+        event that is not a comment ends the search."""
+        start = 0
+        while True:
+            end = _SSE_BOUNDARY.search(out, start)
+            if end is None:
+                return out
+            block = out[start:end.end()]
+            if block[:1] != b":":
+                self.model, model = "", self.model
+                parsed = parse_sse_event(block)
+                if not parsed or parsed[0] != "message_start":
+                    return out
+                return out[:start] + self.fmt.encode(parsed[0], renamed_opening(parsed[1], model)) + \
+                    out[end.end():]
+            start = end.end()
+
     def _feed_events(self, buf: bytes) -> bytes:
         events = self.splitter.feed(buf)
+        if self.model and events:
+            events = [self._renamed(e) if _is_event(e) else e for e in events]
         out = b"".join(events)
         found = stream_usage(out)          # (before a skip: an opening has input tokens)
         if found != NO_TOKENS:

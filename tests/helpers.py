@@ -181,6 +181,13 @@ ANTHROPIC_STREAM = [
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
 ]
 
+
+def anthropic_stream_named(model: str) -> List[bytes]:
+    """ANTHROPIC_STREAM as a relay gives it to a client that asked for `model`: its
+    message_start names that model (Claude Code keeps thinking only from its own model)."""
+    return [ANTHROPIC_STREAM[0].replace(b'"model":"claude-x"', b'"model":"%s"' % model.encode())] + \
+        ANTHROPIC_STREAM[1:]
+
 OPENAI_STREAM = [
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-x","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n',
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-x","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}\n\n',

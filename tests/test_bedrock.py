@@ -202,7 +202,7 @@ def test_bedrock_errors_map_to_anthropic(status, header, body, new_status, err_t
 # -- end to end through a mock Bedrock that checks the signature --------------------
 
 
-from helpers import ANTHROPIC_STREAM, request, send  # noqa: E402
+from helpers import ANTHROPIC_STREAM, anthropic_stream_named, request, send  # noqa: E402
 
 ACCESS, SECRET = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 
@@ -288,7 +288,7 @@ def test_bedrock_stream_decoded_to_anthropic_sse(upstream, proxy):
     status, headers, body = request(p, "POST", "/v1/messages", ask("claude-sonnet-4-5-20250929", stream=True),
                                     HEADERS, key=None)
     assert status == 200 and headers["content-type"] == "text/event-stream"
-    assert body == b"".join(ANTHROPIC_STREAM)
+    assert body == b"".join(anthropic_stream_named("claude-sonnet-4-5-20250929"))
     rec = mock.last()
     assert rec.path.endswith("/model/us.anthropic.claude-sonnet-4-20250514-v1:0/invoke-with-response-stream")
     assert rec.headers["x-amzn-bedrock-accept"] == "application/json"

@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 import pytest
 
-from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, json_answer,
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, anthropic_stream_named, json_answer,
                      openai_completion, proxypal, request, sse_answer)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
@@ -451,3 +451,82 @@ def test_an_openai_429_tells_gemini_cli_how_long_to_wait(upstream, proxy):
     err = json.loads(out)["error"]
     assert status == 429 and err["status"] == "RESOURCE_EXHAUSTED" and headers.get("retry-after") == "12"
     assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"} in err["details"], err
+
+
+# -- google-genai (Python) writes some field names in snake_case -----------------------------
+# Google's JSON parser takes proto field names too, and google-genai 3.6 sends them inside
+# inlineData, fileData, thinkingConfig and Schema. Translated, they were dropped: an image
+# without its type, thinking off, schema constraints lost.
+
+GENAI_BODY = {
+    "contents": [{"role": "user", "parts": [
+        {"text": "Look"},
+        {"inlineData": {"data": "iVBORw0KGgo=", "mime_type": "image/png"}},
+        {"fileData": {"file_uri": "https://example.com/cat.png", "mime_type": "image/png"}}]},
+        {"role": "model", "parts": [{"function_call": {"name": "read_file", "args": {"file_path": "a.txt"}}}]},
+        {"role": "user", "parts": [{"function_response": {"name": "read_file",
+                                                          "response": {"output_text": "hi"}}}]}],
+    "system_instruction": {"parts": [{"text": "Be brief"}]},
+    "tools": [{"function_declarations": [{"name": "read_file", "parameters": {
+        "type": "OBJECT", "required": ["file_path"], "property_ordering": ["file_path"],
+        "properties": {"file_path": {"type": "STRING", "max_length": 200},
+                       "tags": {"type": "ARRAY", "max_items": 3, "items": {"any_of": [{"type": "STRING"}]}}}}}]}],
+    "generationConfig": {"max_output_tokens": 100, "top_k": 3.0,
+                         "thinkingConfig": {"include_thoughts": True, "thinking_budget": 2048}},
+}
+
+
+def test_google_genais_snake_case_fields_are_read_when_translated(upstream, proxy):
+    up = upstream(json_answer(200, anthropic_message("claude-x")))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["claude-x"]}]})
+    status, _, out = request(p, "POST", "/v1beta/models/claude-x:generateContent", GENAI_BODY)
+    assert status == 200, out
+    sent = up.last().json()
+    messages = sent["messages"]
+    assert messages[0]["content"][1] == {"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    assert messages[0]["content"][2]["source"] == {"type": "url", "url": "https://example.com/cat.png"}
+    assert messages[1]["content"][0]["input"] == {"file_path": "a.txt"}          # the user's keys stay
+    assert "output_text" in json.dumps(messages[2]["content"][0])
+    assert sent["system"][0]["text"] == "Be brief"
+    assert sent["top_k"] == 3 and isinstance(sent["top_k"], int)
+    # (thinking stays off while the tool turn it continues has no signed thinking)
+    first_turn = dict(GENAI_BODY, contents=GENAI_BODY["contents"][:1])
+    assert request(p, "POST", "/v1beta/models/claude-x:generateContent", first_turn)[0] == 200
+    assert up.last().json()["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    schema = sent["tools"][0]["input_schema"]
+    assert schema["required"] == ["file_path"] and "propertyOrdering" not in schema
+    assert schema["properties"]["file_path"] == {"type": "string", "maxLength": 200}
+    assert schema["properties"]["tags"] == {"type": "array", "maxItems": 3, "items": {"anyOf": [{"type": "string"}]}}
+
+
+def test_a_gemini_relay_sends_snake_case_on_as_camel_case_and_plain_bodies_byte_for_byte():
+    body = {"contents": [{"parts": [{"functionCall": {"name": "f", "args": {"snake_key": 1}}}]}]}
+    raw = json.dumps(body).encode()
+    assert proxypal.gemini_camel_case(body, raw) is None          # only the user's own keys
+    fixed = proxypal.gemini_camel_case(GENAI_BODY, json.dumps(GENAI_BODY).encode())
+    assert fixed["generationConfig"] == {"maxOutputTokens": 100, "topK": 3.0, "thinkingConfig": {
+        "includeThoughts": True, "thinkingBudget": 2048}}
+    assert fixed["contents"][2]["parts"][0] == {"functionResponse": {"name": "read_file",
+                                                                     "response": {"output_text": "hi"}}}
+
+
+# -- a relayed Anthropic stream names the model Claude Code asked for -------------------------
+# Claude Code drops the thinking blocks of every earlier answer whose model is not the one it
+# asks for now; Anthropic then refuses the tool turn those blocks must open ("Expected
+# `thinking` or `redacted_thinking`, but found `tool_use`"). With an alias (Azure
+# deployments, Bedrock ids) every tool loop with thinking failed.
+
+@pytest.mark.parametrize("split", [None, 40, 1])
+def test_a_relayed_anthropic_stream_names_the_model_asked_for(upstream, proxy, split):
+    events = [b": hello\n\n"] + ANTHROPIC_STREAM      # (a comment first, as some gateways send)
+    wire = b"".join(events)
+    pieces = [wire] if split is None else [wire[i:i + split] for i in range(0, len(wire), split)]
+    up = upstream(sse_answer(pieces))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": [
+        {"name": "claude-x", "alias": "claude-opus-4-8"}]}]})
+    status, _, out = request(p, "POST", "/v1/messages", {
+        "model": "claude-opus-4-8", "max_tokens": 10, "stream": True,
+        "messages": [{"role": "user", "content": "x"}]}, ANTHROPIC_HEADERS, key=None)
+    assert status == 200
+    assert out == b": hello\n\n" + b"".join(anthropic_stream_named("claude-opus-4-8")), out[:300]

@@ -240,7 +240,7 @@ def anthropic_answer_with(signature: str) -> Dict[str, Any]:
 def test_anthropic_signature_crosses_a_gemini_client_and_comes_back_whole():
     to_client = proxypal.TRANSLATORS[("gemini", "anthropic")].response(anthropic_answer_with("EqQB"), "m")
     parts = to_client["candidates"][0]["content"]["parts"]
-    assert parts[0] == {"text": "Hm", "thought": True, "thoughtSignature": "pp1:anthropic:EqQB"}
+    assert parts[0] == {"text": "Hm", "thought": True, "thoughtSignature": "cHAxOmFudGhyb3BpYzpFcVFC"}
     replayed = {"contents": [{"role": "user", "parts": [{"text": "go"}]},
                              {"role": "model", "parts": parts},
                              {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {"result": "ok"}}}]}]}
@@ -248,6 +248,18 @@ def test_anthropic_signature_crosses_a_gemini_client_and_comes_back_whole():
     assert to_anthropic["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Hm", "signature": "EqQB"}
     to_openai = proxypal.TRANSLATORS[("gemini", "openai")].request(replayed)
     assert "pp1:" not in json.dumps(to_openai) and "EqQB" not in json.dumps(to_openai)
+
+
+def test_a_gemini_client_keeps_a_foreign_signature_as_the_base64_it_types_it_as():
+    """google-genai (Python) parses thoughtSignature as base64 bytes: `pp1:anthropic:…`
+    as text failed its validation and lost the whole answer."""
+    value = proxypal.carry("EqQB", "anthropic", "gemini")
+    assert base64.b64decode(value, validate=True) == b"pp1:anthropic:EqQB"
+    assert proxypal.uncarry(value, "gemini") == ("anthropic", "EqQB", False)
+    assert proxypal.uncarry("pp1:anthropic:EqQB", "gemini") == ("anthropic", "EqQB", False)   # as sent before
+    assert proxypal.uncarry("CiQBjz1rX", "gemini") == ("gemini", "CiQBjz1rX", False)          # Google's own
+    assert proxypal.uncarry("cHAxO!!", "gemini") == ("gemini", "cHAxO!!", False)              # not base64
+    assert proxypal.carry("EqQB", "anthropic", "responses") == "pp1:anthropic:EqQB"
 
 
 def test_gemini_signature_never_reaches_anthropic_and_returns_to_gemini():

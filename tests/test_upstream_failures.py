@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import pytest
 
 import proxypal
-from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, openai_completion,
-                     request, request_stream, send, sse_answer, mock_provider)
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, anthropic_stream_named,
+                     openai_completion, request, request_stream, send, sse_answer, mock_provider)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 SHORT = 0.2            # the small timeout the timeout tests configure, seconds
@@ -1015,8 +1015,10 @@ def test_comments_after_final_event_are_not_an_early_end(rig, client, kind):
     status, _, body = ask(p, client, MODEL[kind], stream=True)
     assert status == 200
     assert_complete_stream(client, body)
-    if (client, kind) in (("openai", "openai"), ("anthropic", "claude")):
+    if (client, kind) == ("openai", "openai"):
         assert body == b"".join(events(raw.last()))
+    if (client, kind) == ("anthropic", "claude"):
+        assert body == b"".join(anthropic_stream_named(MODEL[kind]) + [b": ping\n\n"] * 3)
     alive(p)
 
 

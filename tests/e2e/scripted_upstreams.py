@@ -76,6 +76,8 @@ class View:
     stream: bool = False
     model: str = ""
     include_usage: bool = False      # OpenAI stream_options.include_usage
+    thinking: bool = False           # Anthropic: extended thinking asked for
+    refusal: str = ""                # why the API would refuse the request (400), if it would
 
 
 @dataclass
@@ -418,6 +420,36 @@ def anthropic_schema(body: dict):
     return fmt.get("schema") if fmt.get("type") == "json_schema" else None
 
 
+THINKING_SIGNATURE = "RTJFIHRoaW5raW5nIHNpZ25hdHVyZQ=="    # what this upstream signs its thinking with
+
+
+def anthropic_view(body: dict, tools_path_stream: tuple) -> View:
+    """What Anthropic would check of extended thinking: every thinking block carries a
+    signature it made, and with thinking on, an assistant turn that called tools (the
+    one the tool results answer) starts with its thinking block."""
+    stream, model = tools_path_stream
+    thinking = (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+    refusal = ""
+    messages = body.get("messages") or []
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message.get("content"), list) else []
+        for j, block in enumerate(content):
+            if block.get("type") == "thinking" and block.get("signature") != THINKING_SIGNATURE:
+                refusal = f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+            media = (block.get("source") or {}).get("media_type") if block.get("type") == "image" else None
+            if media is not None and media not in ("image/jpeg", "image/png", "image/gif", "image/webp"):
+                refusal = (f"messages.{i}.content.{j}.image.source.base64.media_type: Input should be "
+                           "'image/jpeg', 'image/png', 'image/gif' or 'image/webp'")
+        last_call = message.get("role") == "assistant" and any(b.get("type") == "tool_use" for b in content)
+        if thinking and last_call and i == len(messages) - 2 and \
+                content[0].get("type") not in ("thinking", "redacted_thinking"):
+            refusal = (f"messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                       f"`{content[0].get('type')}`. When `thinking` is enabled, a final `assistant` message "
+                       "must start with a thinking block")
+    return View(anthropic_tools(body), anthropic_results(body), anthropic_schema(body), stream, model,
+                thinking=thinking, refusal=refusal)
+
+
 class AnthropicUpstream(ScriptedUpstream):
     kind = "anthropic"
     model_name = "claude-e2e-upstream"
@@ -435,8 +467,7 @@ class AnthropicUpstream(ScriptedUpstream):
         return "unknown"
 
     def view(self, path: str, body: dict) -> View:
-        return View(anthropic_tools(body), anthropic_results(body), anthropic_schema(body),
-                    bool(body.get("stream")), body.get("model", ""))
+        return anthropic_view(body, (bool(body.get("stream")), body.get("model", "")))
 
     def side_answer(self, endpoint: str, body: Any) -> tuple:
         if endpoint == "count_tokens":
@@ -452,8 +483,10 @@ class AnthropicUpstream(ScriptedUpstream):
         return 429, JSON_HEADERS, json.dumps({"type": "error", "error": {
             "type": "rate_limit_error", "message": "e2e upstream: rate limited"}}).encode()
 
-    def message(self, turn: Turn, model: str) -> dict:
-        content = [{"type": "text", "text": turn.text}] if turn.text else []
+    def message(self, turn: Turn, model: str, thinking: bool = False) -> dict:
+        content = [{"type": "thinking", "thinking": "Planning the answer.",
+                    "signature": THINKING_SIGNATURE}] if thinking else []
+        content += [{"type": "text", "text": turn.text}] if turn.text else []
         for call in turn.calls:
             content.append({"type": "tool_use", "id": f"toolu_e2e{self.next_id()}",
                             "name": call.name, "input": call.args})
@@ -462,13 +495,23 @@ class AnthropicUpstream(ScriptedUpstream):
                 "stop_reason": "tool_use" if turn.calls else "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": 40, "output_tokens": 12}}
 
-    def events(self, turn: Turn, model: str) -> list:
+    def events(self, turn: Turn, model: str, thinking: bool = False) -> list:
         """The Anthropic stream of a turn as (event type, data) pairs."""
-        msg = self.message(turn, model)
+        msg = self.message(turn, model, thinking)
         start = dict(msg, content=[], stop_reason=None, usage={"input_tokens": 40, "output_tokens": 1})
         out = [("message_start", {"type": "message_start", "message": start})]
         for index, block in enumerate(msg["content"]):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                out.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                                    "content_block": {"type": "thinking", "thinking": "",
+                                                                      "signature": ""}}))
+                out.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": {"type": "thinking_delta",
+                                                              "thinking": block["thinking"]}}))
+                out.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": {"type": "signature_delta",
+                                                              "signature": block["signature"]}}))
+            elif block["type"] == "text":
                 out.append(("content_block_start", {"type": "content_block_start", "index": index,
                                                     "content_block": {"type": "text", "text": ""}}))
                 for piece in turn.pieces or (turn.text,):
@@ -488,10 +531,17 @@ class AnthropicUpstream(ScriptedUpstream):
         out.append(("message_stop", {"type": "message_stop"}))
         return out
 
+    def refused(self, view: View) -> tuple:
+        return 400, JSON_HEADERS, [json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error", "message": view.refusal}}).encode()], False
+
     def answer(self, turn: Turn, view: View) -> tuple:
+        if view.refusal:
+            return self.refused(view)
         if not view.stream:
-            return 200, JSON_HEADERS, [json.dumps(self.message(turn, view.model)).encode()], False
-        return 200, SSE_HEADERS, [sse(name, data) for name, data in self.events(turn, view.model)], True
+            return 200, JSON_HEADERS, [json.dumps(self.message(turn, view.model, view.thinking)).encode()], False
+        return 200, SSE_HEADERS, [sse(name, data) for name, data in
+                                  self.events(turn, view.model, view.thinking)], True
 
 
 # -- Amazon Bedrock (Anthropic bodies, event-stream framing) -------------------------
@@ -525,8 +575,7 @@ class BedrockUpstream(AnthropicUpstream):
 
     def view(self, path: str, body: dict) -> View:
         model = urllib.parse.unquote(urllib.parse.urlsplit(path).path.split("/model/", 1)[-1].rsplit("/", 1)[0])
-        return View(anthropic_tools(body), anthropic_results(body), anthropic_schema(body),
-                    path.endswith("/invoke-with-response-stream"), model)
+        return anthropic_view(body, (path.endswith("/invoke-with-response-stream"), model))
 
     def side_answer(self, endpoint: str, body: Any) -> tuple:
         if endpoint == "count_tokens":
@@ -539,12 +588,15 @@ class BedrockUpstream(AnthropicUpstream):
             b'{"message":"Too many requests, please wait before trying again."}'
 
     def answer(self, turn: Turn, view: View) -> tuple:
+        if view.refusal:
+            return 400, dict(JSON_HEADERS, **{"x-amzn-ErrorType": "ValidationException"}), \
+                [json.dumps({"message": view.refusal}).encode()], False
         if not view.stream:
-            msg = self.message(turn, view.model)
+            msg = self.message(turn, view.model, view.thinking)
             msg["id"] = msg["id"].replace("msg_", "msg_bdrk_")
             return 200, JSON_HEADERS, [json.dumps(msg).encode()], False
         frames = []
-        for name, data in self.events(turn, view.model):
+        for name, data in self.events(turn, view.model, view.thinking):
             if name == "message_stop":
                 data = dict(data, **{"amazon-bedrock-invocationMetrics": {
                     "inputTokenCount": 40, "outputTokenCount": 12,

@@ -6,6 +6,7 @@ for it, the test sends the result back, the upstream answers with the cell's mar
 Assertions cover what the SDK returned and what the upstream received."""
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import dataclass
@@ -205,11 +206,24 @@ def genai_client(url: str):
 
 
 def genai_config():
+    """The tool, and thinking with its thoughts shown: google-genai writes thinking_config's
+    fields (and inline_data's) in snake_case, and types thought_signature as base64 bytes."""
     _, types = genai_parts()
     tool = types.Tool(function_declarations=[types.FunctionDeclaration(
         name="get_weather", description="Weather for a city", parameters_json_schema=WEATHER_SCHEMA)])
     return types.GenerateContentConfig(
-        tools=[tool], automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True))
+        tools=[tool], automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+        thinking_config=types.ThinkingConfig(thinking_budget=1024, include_thoughts=True))
+
+
+# a 1x1 PNG: sent with the question, so each upstream gets an image in its own form
+PIXEL = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+def genai_question():
+    _, types = genai_parts()
+    return [types.Content(role="user", parts=[types.Part(text=QUESTION),
+                                              types.Part.from_bytes(data=PIXEL, mime_type="image/png")])]
 
 
 def genai_followup(call_content, call) -> list:
@@ -221,7 +235,7 @@ def genai_followup(call_content, call) -> list:
 
 def genai_generate_content(url: str) -> Exchange:
     client = genai_client(url)
-    first = client.models.generate_content(model=MODEL, contents=QUESTION, config=genai_config())
+    first = client.models.generate_content(model=MODEL, contents=genai_question(), config=genai_config())
     assert first.function_calls, f"no function call in {first}"
     call = first.function_calls[0]
     second = client.models.generate_content(model=MODEL, config=genai_config(),
@@ -233,7 +247,8 @@ def genai_generate_content_stream(url: str) -> Exchange:
     _, types = genai_parts()
     client = genai_client(url)
     calls, parts = [], []
-    for chunk in client.models.generate_content_stream(model=MODEL, contents=QUESTION, config=genai_config()):
+    for chunk in client.models.generate_content_stream(model=MODEL, contents=genai_question(),
+                                                       config=genai_config()):
         calls += chunk.function_calls or []
         parts += (chunk.candidates[0].content.parts or []) if chunk.candidates and chunk.candidates[0].content else []
     assert len(calls) == 1, f"stream gave function calls {calls}"
