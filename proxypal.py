@@ -266,6 +266,15 @@ _SECRET_PATTERNS = re.compile(
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def loads_json(data: Any) -> Any:
+    """json.loads for what others send: JSON nested deeper than Python recurses is a
+    ValueError like any other that cannot be used, not a RecursionError."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def mask_secrets(text: str, secrets: Sequence[str] = (), patterns: bool = True) -> str:
     """Replace every known secret, and (with `patterns`) anything that looks like a
     credential in a header, query or JSON field, with ***."""
@@ -273,6 +282,15 @@ def mask_secrets(text: str, secrets: Sequence[str] = (), patterns: bool = True) 
         if secret and len(secret) >= 4 and secret in text:
             text = text.replace(secret, "***")
     return _SECRET_PATTERNS.sub(lambda m: m.group(1) + "***", text) if patterns else text
+
+
+def mask_bytes(data: bytes, secrets: Sequence[str]) -> bytes:
+    """mask_secrets for bytes on their way to a client, known secrets only."""
+    for secret in secrets:
+        raw = secret.encode("utf-8")
+        if raw in data:
+            data = data.replace(raw, b"***")
+    return data
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -1739,7 +1757,7 @@ def upstream_message(body: bytes) -> Tuple[str, str]:
     """(message, code) out of any upstream error body: OpenAI, Anthropic, Gemini,
     Azure ({"error": {"code": "DeploymentNotFound"}}), Ollama ({"error": "..."}), text."""
     try:
-        obj = json.loads(body)
+        obj = loads_json(body)
     except ValueError:
         text = body.decode("utf-8", "replace").strip()
         text = re.sub(r"<[^>]+>", " ", text) if text.startswith("<") else text
@@ -1765,7 +1783,7 @@ def upstream_error_body(client_fmt: str, upstream_fmt: str, status: int, body: b
     client format's own types: the provider, the upstream's message and the hint."""
     if client_fmt == upstream_fmt:
         try:
-            obj = json.loads(body)
+            obj = loads_json(body)
         except ValueError:
             obj = None
         err = obj.get("error") if isinstance(obj, dict) else None
@@ -1830,7 +1848,7 @@ def retry_hints(fmt: str, status: int, body: bytes, headers: List[Tuple[str, str
         headers = headers + [("retry-after", str(math.ceil(delay)))]
     if fmt == "gemini" and RETRY_INFO.encode() not in body:
         with contextlib.suppress(ValueError, AttributeError):
-            obj = json.loads(body)
+            obj = loads_json(body)
             obj["error"].setdefault("details", []).append(
                 {"@type": RETRY_INFO, "retryDelay": f"{math.ceil(delay)}s"})
             body = dumps(obj)
@@ -1856,7 +1874,7 @@ def stream_usage(events: bytes) -> Tokens:
     for block in blocks:
         parsed = parse_sse_event(block)
         try:
-            found = merged_tokens(found, usage_counts(json.loads(parsed[1])) if parsed
+            found = merged_tokens(found, usage_counts(loads_json(parsed[1])) if parsed
                                   else NO_TOKENS)
         except ValueError:
             continue
@@ -2265,7 +2283,7 @@ def tool_args(arguments: Any) -> Dict[str, Any]:
     if isinstance(arguments, dict):
         return arguments
     try:
-        value = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
+        value = loads_json(arguments) if isinstance(arguments, str) and arguments.strip() else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
@@ -2274,7 +2292,7 @@ def tool_args(arguments: Any) -> Dict[str, Any]:
 def _whole_arguments(text: str) -> bool:
     """Streamed arguments that are a whole JSON object (or none at all)."""
     try:
-        return not text.strip() or isinstance(json.loads(text), dict)
+        return not text.strip() or isinstance(loads_json(text), dict)
     except ValueError:
         return False
 
@@ -2829,11 +2847,11 @@ def event_object(data: str) -> Optional[Dict[str, Any]]:
     nearly always exactly one object, and this is the hot path of translated streams."""
     try:
         obj, end = _EVENT_DECODER.raw_decode(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         obj, end = None, -1
     if end != len(data):                   # whitespace around it, or not JSON
         try:
-            obj = json.loads(data)
+            obj = loads_json(data)
         except ValueError:
             return None
     return obj if isinstance(obj, dict) else None
@@ -6027,8 +6045,8 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
     kind = headers.get(":message-type")
     if kind == "event" and headers.get(":event-type") == "chunk":
         try:
-            data = base64.b64decode(json.loads(payload)["bytes"]).decode("utf-8")
-            obj = json.loads(data)
+            data = base64.b64decode(loads_json(payload)["bytes"]).decode("utf-8")
+            obj = loads_json(data)
             kind = obj.get("type")
             if "\n" in data or "\r" in data:        # one SSE data line: compact JSON
                 data = json_text(obj)
@@ -6039,7 +6057,7 @@ def bedrock_event(headers: Dict[str, Any], payload: bytes) -> Tuple[str, str]:
         return "", ""                      # other event types carry nothing for the client
     name = headers.get(":exception-type") or headers.get(":error-code") or "InternalServerException"
     try:
-        message = json.loads(payload).get("message") or headers.get(":error-message") or name
+        message = loads_json(payload).get("message") or headers.get(":error-message") or name
     except (ValueError, AttributeError):
         message = headers.get(":error-message") or name
     _, err_type = BEDROCK_ERRORS.get(name[:1].upper() + name[1:], (500, "api_error"))
@@ -6050,7 +6068,7 @@ def bedrock_error(status: int, error_type_header: str, body: bytes) -> Tuple[int
     """A Bedrock HTTP error as (status, Anthropic error body), by its x-amzn-ErrorType."""
     name = (error_type_header or "").split(":")[0]
     try:
-        obj = json.loads(body)
+        obj = loads_json(body)
     except ValueError:
         obj = {}
     if not name and isinstance(obj, dict):
@@ -6688,7 +6706,7 @@ class Upstream:
         if status != 404:
             return ""
         try:
-            json.loads(body)
+            loads_json(body)
             api_answered = True
         except ValueError:
             api_answered = False
@@ -6816,7 +6834,7 @@ class BedrockUpstream(AnthropicUpstream):
         if op != "count":
             return body
         try:                               # CountTokens' {"inputTokens": N}
-            return dumps({"input_tokens": int(json.loads(body)["inputTokens"])})
+            return dumps({"input_tokens": int(loads_json(body)["inputTokens"])})
         except (ValueError, KeyError, TypeError):
             raise UpstreamError("Bedrock CountTokens answered without inputTokens") from None
 
@@ -7148,10 +7166,11 @@ class Connection:
 
 
 def error_reply(call: Call, exc: ProxypalError) -> Reply:
-    call.record.error = exc.message
+    """The client's answer for an error; any secret an upstream echoed in it masked."""
+    message = call.record.error = mask_secrets(exc.message, call.config.secrets, patterns=False)
     headers = list(exc.headers)
     delay = retry_after_seconds(next((v for k, v in headers if k.lower() == "retry-after"), ""))
-    body, headers = retry_hints(call.fmt, exc.status, error_body(call.fmt, exc.status, exc.message,
+    body, headers = retry_hints(call.fmt, exc.status, error_body(call.fmt, exc.status, message,
                                                                  code=exc.code), headers, delay)
     return Reply(exc.status, body, headers)
 
@@ -7775,7 +7794,7 @@ def answer_object(resp: "UpstreamResponse", body: bytes) -> Dict[str, Any]:
     """A successful answer's JSON object; anything else (a captive portal's HTML, a cut
     body) is the upstream's failure, said with what it sent."""
     try:
-        obj = json.loads(body)
+        obj = loads_json(body)
     except (ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
@@ -7799,12 +7818,12 @@ def fail_call(call: Call, exc: ProxypalError, writer: Any = None) -> None:
     if not call.started:
         call.conn.write_reply(call, error_reply(call, exc))
         return
-    call.record.error = exc.message
+    message = call.record.error = mask_secrets(exc.message, call.config.secrets, patterns=False)
     call.keep_alive = False
     if call.record.status == 0:       # committed, relay never began: end the stream here
         fmt = FORMATS[call.fmt]
-        finish_stream(call, fmt.events(writer.fail(exc.status, exc.message)) if writer is not None
-                      else fmt.stream_error(exc.status, exc.message), True)
+        finish_stream(call, fmt.events(writer.fail(exc.status, message)) if writer is not None
+                      else fmt.stream_error(exc.status, message), True)
 
 
 async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
@@ -7928,7 +7947,7 @@ def complete_json(data: str) -> bool:
     if data.strip() == "[DONE]":
         return True
     try:
-        json.loads(data)
+        loads_json(data)
     except ValueError:
         return False
     return True
@@ -8097,6 +8116,8 @@ async def relay(call: Call, reply: StreamReply) -> None:
             if out or head:
                 if end in out and pipe.ended(out):
                     resp.expect_end()      # (an upstream that holds it open is let go)
+                if b"rror" in out:         # (an upstream's error event may echo its key)
+                    out = mask_bytes(out, call.config.secrets)
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()
@@ -8118,7 +8139,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
             finish_stream(call, b"", False)
             return
         call.keep_alive = False
-        record.error = exc.message
+        record.error = mask_secrets(exc.message, call.config.secrets, patterns=False)
         if exc.status != 499:
             last = pipe.fail(exc.status, exc.message)
             record.count(pipe.usage)
@@ -8158,6 +8179,8 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
     on the error event, and a body cut short could lose it); every failure is a WARNING
     line."""
     writer = call.conn.writer
+    if failed or b"rror" in last:
+        last = mask_bytes(last, call.config.secrets)
     if failed:
         call.keep_alive = False
         call.record.error = call.record.error or printable(last.decode("utf-8", "replace"), 300)
@@ -8432,7 +8455,7 @@ class UsageStore:
             if skip and skip in line:
                 continue
             try:
-                item = json.loads(line)
+                item = loads_json(line)
                 key = (int(item["t"]), int(item["s"]), str(item["m"]), str(item["p"]),
                        str(item.get("run", "")))
             except (ValueError, KeyError, TypeError):
@@ -8589,7 +8612,7 @@ class Journal(logging.Handler):
         items = []
         for raw in data[:end].splitlines()[1 if start and start != after else 0:]:
             with contextlib.suppress(ValueError):
-                items.append(json.loads(raw))
+                items.append(loads_json(raw))
         return items, start + end
 
     def since(self, after: int, level: str = "", text: str = "",
@@ -8639,7 +8662,7 @@ async def management_body(call: Call) -> Dict[str, Any]:
     body = await call.conn.read_body(call.req, int(call.config.max_body_mb * 1024 * 1024))
     call.body_read = True
     try:
-        obj = json.loads(body) if body.strip() else {}
+        obj = loads_json(body) if body.strip() else {}
     except (ValueError, RecursionError):
         raise ClientError("the body must be a JSON object") from None
     if not isinstance(obj, dict):
@@ -8768,7 +8791,7 @@ def listed_models(body: bytes) -> Optional[set]:
     lists `llama3:latest` for what it serves as `llama3` too (a name without a tag means
     the latest: https://docs.ollama.com/api#model-names)."""
     try:
-        obj = json.loads(body)
+        obj = loads_json(body)
     except ValueError:
         return None
     items = obj.get("data") or obj.get("models") if isinstance(obj, dict) else None
@@ -9727,7 +9750,7 @@ class CooldownFile:
     def _read(self) -> Dict[str, Any]:
         try:
             with open(self.path, "rb") as f:
-                state = json.loads(f.read())
+                state = loads_json(f.read())
         except (OSError, ValueError):
             return {}
         known = state.get("cooldowns") if isinstance(state, dict) else None

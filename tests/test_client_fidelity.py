@@ -530,3 +530,46 @@ def test_a_relayed_anthropic_stream_names_the_model_asked_for(upstream, proxy, s
         "messages": [{"role": "user", "content": "x"}]}, ANTHROPIC_HEADERS, key=None)
     assert status == 200
     assert out == b": hello\n\n" + b"".join(anthropic_stream_named("claude-opus-4-8")), out[:300]
+
+
+# -- an upstream that echoes its key never shows it to the client ---------------------------
+
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+
+
+@pytest.mark.parametrize("client", ["openai", "anthropic"])
+def test_a_key_echoed_in_a_midstream_error_or_a_login_page_is_masked(upstream, proxy, client):
+    events = [OPENAI_STREAM[0], b'data: {"error":{"message":"key %s overloaded","type":"server_error"}}\n\n'
+              % UPSTREAM_KEY.encode()]
+    page = b"<html><body>Proxy login. Your key %s was rejected</body></html>" % UPSTREAM_KEY.encode()
+
+    def answer(handler, rec):
+        if rec.json().get("stream"):
+            return sse_answer(events)(handler, rec)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", str(len(page)))
+        handler.end_headers()
+        handler.wfile.write(page)
+    up = upstream(answer)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, apiKey=UPSTREAM_KEY)]})
+    path, headers = ("/v1/messages", ANTHROPIC_HEADERS) if client == "anthropic" else ("/v1/chat/completions", None)
+    for stream in (True, False):
+        status, _, out = request(p, "POST", path, {"model": "m", "max_tokens": 10, "stream": stream,
+                                                   "messages": [{"role": "user", "content": "x"}]},
+                                 headers, key=None if headers else "proxypal-local")
+        assert UPSTREAM_KEY.encode() not in out and b"***" in out, out
+        assert status == (200 if stream else 502)
+
+
+def test_an_upstreams_json_nested_past_pythons_limit_is_its_failure_not_the_clients(upstream, proxy):
+    deep = '{"error":' * 100000 + "1" + "}" * 100000
+    assert proxypal.event_object(deep) is None
+    assert proxypal.upstream_message(deep.encode())[0].startswith('{"error":{"error":')
+    up = upstream(sse_answer([b"event: error\ndata: " + deep.encode() + b"\n\n"]))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, out = request(p, "POST", "/v1/messages", {"model": "m", "max_tokens": 10, "stream": True,
+                                                        "messages": [{"role": "user", "content": "x"}]},
+                             ANTHROPIC_HEADERS, key=None)
+    err = json.loads(out)["error"]
+    assert status == 502 and err["type"] == "api_error" and "nests too deeply" not in err["message"], out[:200]
