@@ -6294,6 +6294,20 @@ def parse_response_head(head: bytes) -> Tuple[str, int, List[Tuple[str, str]]]:
 _CONTROL_IN_FIELD = re.compile("[\x00\r\n]")
 
 
+def response_length(headers: List[Tuple[str, str]], link: "_Link") -> str:
+    """The one Content-Length of a response that may repeat it ("5, 5" or two fields, as
+    RFC 9110 8.6 allows when they agree); any other value cannot frame the body (RFC 9112
+    6.3): the connection is closed and the answer fails at once, not at a timeout."""
+    values = {v.strip() for k, value in headers if k == "content-length" for v in value.split(",")}
+    if len(values) == 1:
+        length = values.pop()
+        if length.isdigit() and length.isascii() and len(length) <= 15:
+            return length
+    link.close()
+    raise UpstreamError(f"upstream sent an invalid Content-Length "
+                        f"{printable(', '.join(sorted(values)), 60)!r}", 502)
+
+
 class UpstreamResponse:
     """A response whose body is still on the wire: read it with read1()/read_all(),
     then release() it to the pool, or abort() it."""
@@ -6308,10 +6322,14 @@ class UpstreamResponse:
         te = self.header("transfer-encoding").lower()
         length = self.header("content-length").strip()
         self._chunked = ChunkedDecoder(1 << 62) if "chunked" in te else None
-        self._left = int(length) if length.isdigit() and not self._chunked else -1
+        if length and not self._chunked and (not (length.isdigit() and length.isascii()) or
+                                             len(self._first) < len(headers)):
+            length = response_length(headers, link)
+        self._left = int(length) if length and not self._chunked else -1
         connection = self.header("connection").lower()
         self.will_close = "close" in connection or (version == "HTTP/1.0" and
-                                                    "keep-alive" not in connection)
+                                                    "keep-alive" not in connection) or \
+            bool(length and self._chunked)         # both: a smuggling sign (RFC 9112 6.3)
         if status in (204, 304) or req.method == "HEAD" or self._left == 0:
             self.done, self._left = True, 0
         elif self._left < 0 and not self._chunked:
@@ -6492,6 +6510,9 @@ class UpstreamClient:
                 head = await self._read_head(link)
                 version, status, resp_headers = parse_response_head(head)
                 while 100 <= status < 200:          # interim answers carry no body
+                    if status == 101:               # (only ever after an Upgrade, never sent)
+                        raise UpstreamError(f"upstream at {where} switched protocols (101) "
+                                            "though no upgrade was asked for", 502, req.provider)
                     head = await self._read_head(link)
                     version, status, resp_headers = parse_response_head(head)
             except (asyncio.IncompleteReadError, ConnectionError, OSError) as exc:

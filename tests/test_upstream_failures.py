@@ -486,6 +486,47 @@ def test_garbage_status_line_is_502_in_client_format(rig, client, kind):
     alive(p)
 
 
+@pytest.mark.parametrize("lengths, ok", [(("{n}", "{n}"), True), (("{n}, {n}",), True),
+                                         (("{n}", "{m}"), False), (("{n}, {m}",), False), (("abc",), False),
+                                         (("+{n}",), False)])
+def test_an_upstreams_content_length_is_one_number_or_the_answer_fails_at_once(rig, lengths, ok):
+    """RFC 9112 6.3: an invalid Content-Length cannot frame the body: 502 at once, never a
+    wait for a timeout (repeated equal values are one, RFC 9110 8.6)."""
+    def handler(peer, req):
+        body = answer_body(req)
+        fields = tuple(("Content-Length", v.format(n=len(body), m=len(body) + 50)) for v in lengths)
+        peer.send(head(200, (("Content-Type", "application/json"),) + fields) + body)
+    p, _ = rig(handler)
+    status, _, body = ask(p, "openai", "m")
+    if ok:
+        assert_ok_answer("openai", status, body)
+    else:
+        assert status == 502 and "invalid Content-Length" in error_message("openai", body), body
+    alive(p)
+
+
+def test_an_upstream_answer_with_both_length_and_chunked_is_never_followed_on_its_connection(rig):
+    """RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and the connection is
+    closed after such a message (a response-splitting sign)."""
+    def handler(peer, req):
+        body = answer_body(req)
+        peer.send(head(200, (("Content-Type", "application/json"), ("Content-Length", "5"),
+                             ("Transfer-Encoding", "chunked"))) + chunk(body) + b"0\r\n\r\n")
+    p, raw = rig(handler)
+    for _ in range(3):
+        assert_ok_answer("openai", *ask(p, "openai", "m")[::2])
+    assert raw.connections == 3
+
+
+def test_a_101_from_an_upstream_is_502_at_once(rig):
+    def handler(peer, req):
+        peer.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    p, _ = rig(handler)
+    status, _, body = ask(p, "anthropic", "c")
+    assert status == 502 and "switched protocols (101)" in error_message("anthropic", body)
+    alive(p)
+
+
 @pytest.mark.parametrize("client,kind", COMBOS, ids=COMBO_IDS)
 def test_status_line_then_close_is_502(rig, client, kind):
     def handler(peer, req):
