@@ -1565,10 +1565,15 @@ def _anthropic_error(status: int, message: str, err_type: str = "",
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
+def client_status(fmt: str, status: int) -> int:
+    """The HTTP status an error goes to a client with: Anthropic's 529 "overloaded" is
+    Gemini's 503 (google-genai retries 408, 429, 500, 502, 503 and 504, not 529)."""
+    return 503 if status == 529 and fmt == "gemini" else status
+
+
 def _gemini_error(status: int, message: str, err_type: str = "",
                   code: Optional[str] = None) -> Dict[str, Any]:
-    if status == 529:                      # Anthropic's "overloaded" is Gemini's 503
-        status = 503
+    status = client_status("gemini", status)
     return {"error": {"code": status, "message": message,
                       "status": GEMINI_STATUSES.get(status, "INTERNAL" if status >= 500
                                                     else "FAILED_PRECONDITION")}}
@@ -7193,7 +7198,7 @@ def error_reply(call: Call, exc: ProxypalError) -> Reply:
     delay = retry_after_seconds(next((v for k, v in headers if k.lower() == "retry-after"), ""))
     body, headers = retry_hints(call.fmt, exc.status, error_body(call.fmt, exc.status, message,
                                                                  code=exc.code), headers, delay)
-    return Reply(exc.status, body, headers)
+    return Reply(client_status(call.fmt, exc.status), body, headers)
 
 
 # -- 10.2 Endpoints and dispatch ----------------------------------------------------
@@ -7358,7 +7363,19 @@ async def handle_health(server: "Server", call: Call, params: Dict[str, str]) ->
     return Reply(200, b'{"status":"ok"}')
 
 
+def google_sdk(call: Call) -> bool:
+    """A Google SDK's request on a path it shares with OpenAI's: google-genai (Python) lists
+    and gets models at /v1/models unless told v1beta, with its key as x-goog-api-key (or
+    ?key=); it reads only Gemini's shape there ({"models": [...]})."""
+    if "x-goog-api-key" in call.req.headers or "key" in call.req.query_params():
+        call.fmt = "gemini"                # (its errors too)
+        return True
+    return False
+
+
 async def handle_models(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    if google_sdk(call):
+        return await handle_gemini_models(server, call, params)
     payload = models_payload(call.setup.router, server.started_at)
     if "client_version" in call.req.query_params():
         # Codex asks for its own catalogue ({"models": [ModelInfo...]}). Each ModelInfo must
@@ -7370,6 +7387,8 @@ async def handle_models(server: "Server", call: Call, params: Dict[str, str]) ->
 
 
 async def handle_model(server: "Server", call: Call, params: Dict[str, str]) -> Reply:
+    if google_sdk(call):
+        return await handle_gemini_model(server, call, params)
     name = urllib.parse.unquote(params["id"])
     router = call.setup.router
     if not router.resolve(name).targets:
@@ -7799,7 +7818,7 @@ class ModelCall:
         out, headers = retry_hints(self.call.fmt, status, out, headers, delay)
         if self.stream and self.call.fmt == "responses" and context_overflow(status, message):
             return self.failed_stream(status, mask_secrets(message, secrets), headers)
-        return Reply(status, out, headers)
+        return Reply(client_status(self.call.fmt, status), out, headers)
 
     def failed_stream(self, status: int, message: str, headers: List[Tuple[str, str]]) -> Reply:
         """An error as a stream that fails: Codex compacts on context_length_exceeded only

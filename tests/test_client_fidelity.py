@@ -573,3 +573,28 @@ def test_an_upstreams_json_nested_past_pythons_limit_is_its_failure_not_the_clie
                              ANTHROPIC_HEADERS, key=None)
     err = json.loads(out)["error"]
     assert status == 502 and err["type"] == "api_error" and "nests too deeply" not in err["message"], out[:200]
+
+
+def test_google_genai_lists_and_gets_models_at_v1_in_geminis_shape(upstream, proxy):
+    """google-genai (Python) defaults to api_version v1: GET /v1/models with x-goog-api-key."""
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, out = request(p, "GET", "/v1/models", headers={"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 200 and [m["name"] for m in json.loads(out)["models"]] == ["models/m"], out
+    status, _, out = request(p, "GET", "/v1/models/m?key=proxypal-local", key=None)
+    assert status == 200 and json.loads(out)["name"] == "models/m", out
+    status, _, out = request(p, "GET", "/v1/models/nope", headers={"x-goog-api-key": "proxypal-local"}, key=None)
+    assert status == 404 and json.loads(out)["error"]["status"] == "NOT_FOUND", out
+    status, _, out = request(p, "GET", "/v1/models")                    # the OpenAI SDK's, as before
+    assert status == 200 and json.loads(out)["data"][0]["id"] == "m"
+
+
+def test_an_anthropic_overloaded_529_reaches_a_gemini_client_as_503_which_it_retries(upstream, proxy):
+    up = upstream(json_answer(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["claude-x"]}]})
+    status, _, out = request(p, "POST", "/v1beta/models/claude-x:generateContent",
+                             {"contents": [{"role": "user", "parts": [{"text": "x"}]}]})
+    assert status == 503 and json.loads(out)["error"]["status"] == "UNAVAILABLE", out
+    status, _, out = request(p, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"}]}, ANTHROPIC_HEADERS, key=None)
+    assert status == 529                                                # Anthropic's own, for its clients
