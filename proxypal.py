@@ -1764,6 +1764,10 @@ def upstream_message(body: bytes) -> Tuple[str, str]:
     try:
         obj = loads_json(body)
     except ValueError:
+        if body.lstrip().startswith((b"event:", b"data:")):    # an error sent as a stream
+            parsed = parse_sse_event(body.lstrip().split(b"\n\n", 1)[0])
+            if parsed and parsed[1].lstrip().startswith("{"):
+                return upstream_message(parsed[1].encode("utf-8"))
         text = body.decode("utf-8", "replace").strip()
         text = re.sub(r"<[^>]+>", " ", text) if text.startswith("<") else text
         return printable(" ".join(text.split()), 300), ""
@@ -7839,6 +7843,11 @@ def answer_object(resp: "UpstreamResponse", body: bytes) -> Dict[str, Any]:
         obj = None
     if not isinstance(obj, dict):
         kind = resp.header("content-type").split(";")[0].strip() or "no Content-Type"
+        encoding = resp.header("content-encoding").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UpstreamError(f"answered {resp.status} compressed as {printable(encoding, 30)!r} "
+                                "though the proxy asked for none (Accept-Encoding: identity); a "
+                                "network proxy in between may have done it")
         raise UpstreamError(f"answered {resp.status} with {kind} that is not a JSON object "
                             f"(a login page of a network proxy, or a cut answer?): "
                             f"{printable(body.decode('utf-8', 'replace'), 120)!r}")

@@ -12,8 +12,8 @@ from typing import Any, Dict
 
 import pytest
 
-from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, anthropic_stream_named, json_answer,
-                     openai_completion, proxypal, request, sse_answer)
+from helpers import (ANTHROPIC_STREAM, OPENAI_STREAM, TIMEOUT, anthropic_message, anthropic_stream_named,
+                     json_answer, openai_completion, proxypal, request, send, sse_answer)
 
 ANTHROPIC_HEADERS = {"x-api-key": "proxypal-local", "anthropic-version": "2023-06-01"}
 
@@ -598,3 +598,21 @@ def test_an_anthropic_overloaded_529_reaches_a_gemini_client_as_503_which_it_ret
     status, _, out = request(p, "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": [
         {"role": "user", "content": "x"}]}, ANTHROPIC_HEADERS, key=None)
     assert status == 529                                                # Anthropic's own, for its clients
+
+
+@pytest.mark.parametrize("body, headers, said", [
+    (b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+     (("Content-Type", "text/event-stream"),), "Overloaded"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", (("Content-Type", "application/json"), ("Content-Encoding", "gzip")),
+     "compressed as 'gzip'"),
+])
+def test_an_upstreams_odd_body_is_said_in_plain_words(upstream, proxy, body, headers, said):
+    status = 529 if b"event:" in body else 200
+
+    def answer(handler, rec):
+        send(handler, status, body, dict(headers)["Content-Type"], tuple(h for h in headers if h[0] != "Content-Type"))
+    up = upstream(answer)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    got, _, out = request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    message = json.loads(out)["error"]["message"]
+    assert got in (529, 502) and said in message and "event:" not in message, message
