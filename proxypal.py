@@ -161,7 +161,8 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "server", "alt-svc", "strict-transport-security"})
 
 # Models served by a key that lists none: current ids, plus any claude-*/gemini-*.
-BUILTIN_CLAUDE_MODELS = (
+BUILTIN_CLAUDE_MODELS = (                 # (Claude Code 2.1's own names first)
+    "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-sonnet-5", "claude-sonnet-4-6",
     "claude-opus-4-5-20251101", "claude-opus-4-5", "claude-sonnet-4-5-20250929",
     "claude-sonnet-4-5", "claude-haiku-4-5-20251001", "claude-haiku-4-5",
     "claude-opus-4-1-20250805", "claude-opus-4-20250514", "claude-sonnet-4-20250514",
@@ -282,6 +283,12 @@ def mask_secrets(text: str, secrets: Sequence[str] = (), patterns: bool = True) 
         if secret and len(secret) >= 4 and secret in text:
             text = text.replace(secret, "***")
     return _SECRET_PATTERNS.sub(lambda m: m.group(1) + "***", text) if patterns else text
+
+
+# An error event in any format: Anthropic's and Responses' `event: error`, an {"error": {
+# object (OpenAI, Gemini's bare one), a "type": "error". A model's own text never matches:
+# inside a JSON string its quotes are escaped.
+_ERROR_EVENT = re.compile(rb'event:[ \t]*error\b|"error"\s*:\s*\{|"type"\s*:\s*"error"')
 
 
 def mask_bytes(data: bytes, secrets: Sequence[str]) -> bytes:
@@ -506,8 +513,9 @@ class Config:
     def local_keys(self) -> Tuple[str, ...]:
         return tuple(k for k in (self.proxy_api_key,) + self.api_keys if k)
 
-    @property
+    @functools.cached_property
     def secrets(self) -> Tuple[str, ...]:
+        """Every secret the config holds, longest first (a Config never changes)."""
         found = [self.management_key, self.proxy_password]
         found += [k for k in self.local_keys if k != DEFAULT_LOCAL_KEY]
         for cred in self.credentials:
@@ -1652,8 +1660,9 @@ def usage_counts(obj: Any) -> Tokens:
         return (total("promptTokenCount"), total("candidatesTokenCount", "thoughtsTokenCount"),
                 total("cachedContentTokenCount"), total("thoughtsTokenCount"))
     if "prompt_tokens" in usage or "completion_tokens" in usage:
+        cached = total("cached_tokens", within=usage.get("prompt_tokens_details"))
         return (total("prompt_tokens"), total("completion_tokens"),
-                total("cached_tokens", within=usage.get("prompt_tokens_details")),
+                total("prompt_cache_hit_tokens") if cached is None else cached,   # (DeepSeek's)
                 total("reasoning_tokens", within=usage.get("completion_tokens_details")))
     return (total("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
             total("output_tokens"),
@@ -1840,10 +1849,12 @@ def google_retry_delay(body: bytes) -> Optional[float]:
         return None
     text = body.decode("utf-8", "replace")
     found = _RETRY_DELAY.search(text)
-    if found:
-        return float(found.group(1))
-    found = _RETRY_IN.search(text)
-    return float(found.group(1)) / (1000 if found.group(2) == "ms" else 1) if found else None
+    with contextlib.suppress(ValueError):
+        if found:
+            return float(found.group(1))
+        found = _RETRY_IN.search(text)
+        return float(found.group(1)) / (1000 if found.group(2) == "ms" else 1) if found else None
+    return None
 
 
 def retry_hints(fmt: str, status: int, body: bytes, headers: List[Tuple[str, str]],
@@ -1851,8 +1862,8 @@ def retry_hints(fmt: str, status: int, body: bytes, headers: List[Tuple[str, str
     """A refusal to wait on says how long in the client's own terms: a Retry-After header
     (the Anthropic and OpenAI SDKs and Claude Code wait that long), and for a Gemini
     client a RetryInfo detail (Gemini CLI waits that long, else guesses)."""
-    if delay is None or status not in (429, 503, 529):
-        return body, headers
+    if delay is None or status not in (429, 503, 529) or not 0 <= delay <= COOLDOWN_RETRY_AFTER_CAP * 288:
+        return body, headers               # (a day at most: a wait past it is no advice)
     if not any(k.lower() == "retry-after" for k, _ in headers):
         headers = headers + [("retry-after", str(math.ceil(delay)))]
     if fmt == "gemini" and RETRY_INFO.encode() not in body:
@@ -1917,11 +1928,12 @@ def clamp_output_tokens(body: Dict[str, Any], limit: Optional[int],
         value = body.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > limit:
             body[key] = limit
-    config = body.get("generationConfig")
-    if isinstance(config, dict):
-        value = config.get("maxOutputTokens")
-        if isinstance(value, int) and value > limit:
-            config["maxOutputTokens"] = limit
+    for name in ("generationConfig", "generation_config"):    # (Google's JSON takes proto
+        for key in ("maxOutputTokens", "max_output_tokens"):     # field names too)
+            config = body.get(name)
+            value = config.get(key) if isinstance(config, dict) else None
+            if isinstance(value, int) and value > limit:     # (a new dict: the client's body,
+                body[name] = dict(config, **{key: limit})    # shared below, stays as it came)
     thinking, cap = body.get("thinking"), body.get("max_tokens")
     if lowered and not interleaved and isinstance(thinking, dict) and \
             thinking.get("type") == "enabled" and isinstance(thinking.get("budget_tokens"), int) \
@@ -2133,7 +2145,8 @@ def uncarry(value: Any, client: str) -> Tuple[str, str, bool]:
         return "", "", False
     if client == "gemini" and value.startswith(OPAQUE_TAG_B64):
         with contextlib.suppress(ValueError):
-            value = base64.b64decode(value, validate=True).decode()
+            decoded = base64.b64decode(value, validate=True).decode()
+            value = decoded if decoded.startswith(OPAQUE_TAG) else value
     if value.startswith(OPAQUE_TAG) and value.count(":") >= 2:
         _, origin, raw = value.split(":", 2)
         return origin.rstrip("!"), raw, origin.endswith("!")
@@ -2141,8 +2154,12 @@ def uncarry(value: Any, client: str) -> Tuple[str, str, bool]:
 
 
 def carried(value: Any, client: str) -> bool:
-    """A non-empty opaque value another format made."""
-    return isinstance(value, str) and bool(value) and uncarry(value, client)[0] != client
+    """An opaque value tagged on its way to a client (another format made it, or it was
+    redacted): never one for an upstream of the client's own format to verify."""
+    if not isinstance(value, str) or not value:
+        return False
+    origin, raw, redacted = uncarry(value, client)
+    return origin != client or redacted or raw != value
 
 
 def merged_turns(turns: Sequence[Turn]) -> List[Turn]:
@@ -2738,7 +2755,8 @@ def read_openai_usage(usage: Any) -> Optional[Usage]:
         usage.get("completion_tokens_details"), dict) else {}
     write = (usage.get("cache_creation_input_tokens") or details.get("cache_write_tokens")
              or details.get("cache_creation_input_tokens"))
-    return Usage(count(usage.get("prompt_tokens")), count(details.get("cached_tokens")),
+    cached = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens")   # (DeepSeek's)
+    return Usage(count(usage.get("prompt_tokens")), count(cached),
                  count(write), count(usage.get("completion_tokens")),
                  count(output.get("reasoning_tokens")), count(usage.get("total_tokens")))
 
@@ -3951,9 +3969,14 @@ def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
 # (Python) sends some so: "inlineData": {"mime_type": ...}, "thinking_config", "any_of"
 # (https://protobuf.dev/programming-guides/json/). The values that are the user's own data
 # keep their keys: call arguments, function results, property names, raw JSON schemas.
-_SNAKE_KEY = re.compile(rb'"[a-z0-9]+_[a-z0-9_]*"\s*:')
-_GEMINI_RAW = ("args", "example", "default", "labels", "responseJsonSchema",
-               "parametersJsonSchema", "responseJsonSchemaForTools")
+# (a tool's own argument names, such as file_path, are left alone, and cost no walk)
+_SNAKE_KEY = re.compile(rb'_(?:data|type|uri|call|response|signature|instruction|config|thoughts|'
+                        rb'budget|level|tokens|p|k|sequences|schema|declarations|of|items|length|'
+                        rb'ordering|names|settings|content|count|penalty|modalities|request|'
+                        rb'properties|metadata|execution|search)"\s*:')
+_GEMINI_RAW = ("args", "example", "default", "labels", "responseJsonSchema", "parametersJsonSchema",
+               "responseJsonSchemaForTools", "$defs", "definitions", "patternProperties",
+               "partMetadata")
 
 
 def gemini_camel_case(body: Dict[str, Any], raw: bytes) -> Optional[Dict[str, Any]]:
@@ -4028,6 +4051,9 @@ def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]
         call_id = safe_id(call.get("id"), "") or f"call_{len(pending)}"
         pending.append((call_id, str(call.get("name"))))
         origin, signature, _ = uncarry(part.get("thoughtSignature"), "gemini")
+        if origin == REASONING_CARRIED:
+            restored_reasoning(signature, items)
+            origin, signature = "", ""
         args = call.get("args")
         items.append(ToolCall(call_id, str(call.get("name")), args if isinstance(args, dict) else {},
                               signature, origin))
@@ -4371,6 +4397,30 @@ def _gemini_answer(parts: List[Dict[str, Any]], finish: Optional[str], usage: Op
     return out
 
 
+# An answer's reasoning rides on its first functionCall as that call's thoughtSignature
+# (tagged "pp1:reasoning:"): Gemini CLI keeps no thought parts in its history, yet DeepSeek
+# and Kimi refuse a tool turn without its reasoning_content, and Anthropic keeps thinking
+# on only for a tool turn that opens with its signed thinking block.
+REASONING_CARRIED = "reasoning"
+
+
+def carried_reasoning(blocks: Sequence[Reasoning]) -> str:
+    return carry(json_text([{"t": b.text, "s": b.signature, "o": b.origin, "r": b.redacted}
+                            for b in blocks]), REASONING_CARRIED, "gemini")
+
+
+def restored_reasoning(value: str, items: List[Any]) -> None:
+    """The reasoning a call carried, back at the start of its turn, unless the client kept
+    the thought parts themselves."""
+    try:
+        saved = loads_json(value)
+    except ValueError:
+        return
+    if isinstance(saved, list) and not any(isinstance(i, Reasoning) for i in items):
+        items[:0] = [Reasoning(str(b.get("t") or ""), str(b.get("s") or ""), str(b.get("o") or ""),
+                               b.get("r") is True) for b in saved if isinstance(b, dict)]
+
+
 def _gemini_call_part(call_id: str, name: str, args: Any, signature: str = "") -> Dict[str, Any]:
     """The upstream's call id rides along as functionCall.id; Gemini clients send it back
     on the functionResponse, which pairs them exactly (_answered_id)."""
@@ -4397,6 +4447,10 @@ def _gemini_part_out(part: Any) -> Optional[Dict[str, Any]]:
 
 def write_gemini_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
     parts = [p for p in map(_gemini_part_out, answer.parts) if p is not None]
+    thoughts = [p for p in answer.parts if isinstance(p, Reasoning)]
+    first = next((p for p in parts if "functionCall" in p), None)
+    if thoughts and first is not None and "thoughtSignature" not in first:
+        first["thoughtSignature"] = carried_reasoning(thoughts)
     return _gemini_answer(parts, GEMINI_STOP_OUT.get(answer.stop, "STOP"), answer.usage, model,
                           answer.id)
 
@@ -4480,10 +4534,17 @@ class GeminiStreamWriter:
         self.calls: Dict[Any, _PendingCall] = {}
         self.ended: List[_PendingCall] = []         # calls complete, not sent yet
         self.usage: Optional[Usage] = None
+        self.thoughts: List[Reasoning] = []         # the answer's reasoning, for its first call
 
     def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
                usage: Optional[Usage] = None) -> Tuple[str, str]:
         return "", json_text(_gemini_answer(parts, finish, usage, self.model, self.response_id))
+
+    def _call(self, call_id: str, name: str, args: Any, signature: str = "") -> Tuple[str, str]:
+        """A functionCall chunk; the first one carries the answer's reasoning."""
+        if not signature and self.thoughts:
+            signature, self.thoughts = carried_reasoning(self.thoughts), []
+        return self._chunk([_gemini_call_part(call_id, name, args, signature)])
 
     def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
         self.started, self.response_id = True, resp_id
@@ -4491,17 +4552,27 @@ class GeminiStreamWriter:
 
     def _released(self) -> List[Tuple[str, str]]:
         ended, self.ended = self.ended, []
-        return [self._chunk([_gemini_call_part(call.id, call.name, tool_args("".join(call.args)))])
-                for call in ended]
+        return [self._call(call.id, call.name, tool_args("".join(call.args))) for call in ended]
 
     def text(self, text: str) -> List[Tuple[str, str]]:
         return self._released() + [self._chunk([{"text": text}])]
 
     def reasoning(self, text: str) -> List[Tuple[str, str]]:
-        return self._released() + [self._chunk([{"text": text, "thought": True}])] if text else []
+        if not text:
+            return []
+        out = self._released()
+        if not self.thoughts or self.thoughts[-1].signature:
+            self.thoughts.append(Reasoning())
+        self.thoughts[-1].text += text
+        return out + [self._chunk([{"text": text, "thought": True}])]
 
     def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
-        return self._released() + [self._chunk([{"text": "", "thought": True,
+        out = self._released()
+        if not self.thoughts or self.thoughts[-1].signature:
+            self.thoughts.append(Reasoning())
+        self.thoughts[-1].signature, self.thoughts[-1].origin, self.thoughts[-1].redacted = \
+            value, origin, redacted
+        return out + [self._chunk([{"text": "", "thought": True,
                                                  "thoughtSignature": carry(value, origin, "gemini",
                                                                            redacted)}])]
 
@@ -4521,8 +4592,8 @@ class GeminiStreamWriter:
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        return self._released() + [self._chunk([_gemini_call_part(call_id, self.names.get(name, name),
-                                               tool_args(arguments), carry(signature, origin, "gemini"))])]
+        return self._released() + [self._call(call_id, self.names.get(name, name), tool_args(arguments),
+                                              carry(signature, origin, "gemini"))]
 
     def stop(self, reason: str) -> List[Tuple[str, str]]:
         if self.stopped or self.done:
@@ -5456,10 +5527,10 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
     elif fmt == "gemini":
         for content in _list_or_empty(body.get("contents")):
             for part in _list_or_empty(content.get("parts") if isinstance(content, dict) else None):
-                value = part.get("thoughtSignature") if isinstance(part, dict) else None
-                if carried(value, "gemini"):
-                    del part["thoughtSignature"]
-                    changed = True
+                for key in ("thoughtSignature", "thought_signature"):     # (both spellings)
+                    if isinstance(part, dict) and carried(part.get(key), "gemini"):
+                        del part[key]
+                        changed = True
     return changed
 
 
@@ -6307,7 +6378,8 @@ def response_length(headers: List[Tuple[str, str]], link: "_Link") -> str:
     """The one Content-Length of a response that may repeat it ("5, 5" or two fields, as
     RFC 9110 8.6 allows when they agree); any other value cannot frame the body (RFC 9112
     6.3): the connection is closed and the answer fails at once, not at a timeout."""
-    values = {v.strip() for k, value in headers if k == "content-length" for v in value.split(",")}
+    values = {v.strip() for k, value in headers if k == "content-length"
+              for v in value.split(",") if v.strip()}
     if len(values) == 1:
         length = values.pop()
         if length.isdigit() and length.isascii() and len(length) <= 15:
@@ -7572,6 +7644,7 @@ class ModelCall:
         self.body: Dict[str, Any] = {}
         self.raw = b""                         # the body as the client sent it, while it says
                                                # what a relay sends
+        self.sent = b""                        # the body as the client sent it
         self.chat: Optional[Chat] = None       # the client's request, read once if translated
         self.requested = ""
         self.attempts: List[Attempt] = []
@@ -7583,10 +7656,7 @@ class ModelCall:
         body = self.body = parse_body(raw)
         # UTF-8 without a BOM may go on as sent; json.loads also took UTF-16 or -32
         self.raw = raw if raw[:3] != b"\xef\xbb\xbf" and b"\x00" not in raw[:4] else b""
-        if self.call.fmt == "gemini":
-            camel = gemini_camel_case(body, raw)
-            if camel is not None:              # (read once, whatever the upstream)
-                body, self.body, self.raw = camel, camel, b""
+        self.sent = raw                        # (gemini_camel_case looks at it)
         model = self.path_model or body.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ClientError('"model" is required and must be a non-empty string'
@@ -7639,8 +7709,16 @@ class ModelCall:
         its own format can judge (relayed as it is)."""
         if self.chat is None:
             with contextlib.suppress(ClientError):
-                self.chat = TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.body)
+                self.chat = TRANSLATORS[(self.call.fmt, self.call.fmt)].read(self.readable())
         return self.chat
+
+    def readable(self) -> Dict[str, Any]:
+        """The client's body for a reader: a Gemini one with Google's proto field names
+        (google-genai sends some) in lowerCamelCase. A relay sends it on as it came:
+        Google takes both."""
+        if self.call.fmt != "gemini":
+            return self.body
+        return gemini_camel_case(self.body, self.sent) or self.body
 
     def upstream_request(self, attempt: Attempt) -> UpstreamRequest:
         """The request one attempt sends: the client's body relayed (same format) or
@@ -7652,7 +7730,7 @@ class ModelCall:
                 self.raw = b""                 # changed inside: the client's bytes are stale
         else:
             if self.chat is None:
-                self.chat = translator.read(self.body)
+                self.chat = translator.read(self.readable())
             try:
                 out = translator.write(dataclasses.replace(
                     self.chat, model=target.model, stream=self.stream,     # the entry's cap is
@@ -7815,7 +7893,7 @@ class ModelCall:
         if relayed and hint:
             headers.append(("x-proxypal-hint", printable(mask_secrets(hint, secrets), 300)))
         delay = retry_after_seconds(resp.header("retry-after"))
-        if delay is None:
+        if delay is None and status in (429, 503, 529):
             delay = google_retry_delay(body)
             if delay is not None and status == 429:    # (cooled for 30s before the body came)
                 self.server.balancer.cool(attempt.target.cred, status, delay)
@@ -8094,10 +8172,11 @@ class RelayPipe:
             if block[:1] != b":":
                 self.model, model = "", self.model
                 parsed = parse_sse_event(block)
-                if not parsed or parsed[0] != "message_start":
-                    return out
-                return out[:start] + self.fmt.encode(parsed[0], renamed_opening(parsed[1], model)) + \
-                    out[end.end():]
+                data = renamed_opening(parsed[1], model) if parsed and parsed[0] == "message_start" \
+                    else None
+                if data is None or data == parsed[1]:
+                    return out             # (as it came: nothing to rename)
+                return out[:start] + self.fmt.encode(parsed[0], data) + out[end.end():]
             start = end.end()
 
     def _feed_events(self, buf: bytes) -> bytes:
@@ -8165,7 +8244,7 @@ async def relay(call: Call, reply: StreamReply) -> None:
             if out or head:
                 if end in out and pipe.ended(out):
                     resp.expect_end()      # (an upstream that holds it open is let go)
-                if b"rror" in out:         # (an upstream's error event may echo its key)
+                if b"rror" in out and _ERROR_EVENT.search(out):    # (it may echo a key)
                     out = mask_bytes(out, call.config.secrets)
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
@@ -8228,7 +8307,7 @@ def finish_stream(call: Call, last: bytes, failed: bool) -> None:
     on the error event, and a body cut short could lose it); every failure is a WARNING
     line."""
     writer = call.conn.writer
-    if failed or b"rror" in last:
+    if b"rror" in last and _ERROR_EVENT.search(last):
         last = mask_bytes(last, call.config.secrets)
     if failed:
         call.keep_alive = False

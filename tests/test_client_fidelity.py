@@ -500,7 +500,7 @@ def test_google_genais_snake_case_fields_are_read_when_translated(upstream, prox
     assert schema["properties"]["tags"] == {"type": "array", "maxItems": 3, "items": {"anyOf": [{"type": "string"}]}}
 
 
-def test_a_gemini_relay_sends_snake_case_on_as_camel_case_and_plain_bodies_byte_for_byte():
+def test_gemini_camel_case_renames_googles_field_names_only():
     body = {"contents": [{"parts": [{"functionCall": {"name": "f", "args": {"snake_key": 1}}}]}]}
     raw = json.dumps(body).encode()
     assert proxypal.gemini_camel_case(body, raw) is None          # only the user's own keys
@@ -616,3 +616,153 @@ def test_an_upstreams_odd_body_is_said_in_plain_words(upstream, proxy, body, hea
     got, _, out = request(p, "POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
     message = json.loads(out)["error"]["message"]
     assert got in (529, 502) and said in message and "event:" not in message, message
+
+
+# -- reasoning through Gemini CLI's history ---------------------------------------------------
+# Gemini CLI keeps no thought parts in its history (it filters `part.thought`), yet DeepSeek
+# and Kimi refuse a tool turn without its reasoning_content (api-docs.deepseek.com/guides/
+# thinking_mode), and Anthropic keeps thinking on only for a tool turn that opens with its
+# signed thinking. The answer's reasoning rides on its first functionCall's thoughtSignature.
+
+def deepseek_like(handler, rec):
+    """Streams reasoning_content and a tool call; refuses a tool turn without its reasoning."""
+    body = rec.json()
+    for message in body["messages"]:
+        if message["role"] == "assistant" and message.get("tool_calls") and not message.get("reasoning_content"):
+            return send(handler, 400, json.dumps({"error": {
+                "message": "The reasoning_content in the thinking mode must be passed back to the API.",
+                "type": "invalid_request_error"}}).encode())
+    if any(m["role"] == "tool" for m in body["messages"]):
+        return send(handler, 200, json.dumps(openai_completion("deepseek-reasoner", "Done.")).encode())
+    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "Think "}}]},
+              {"choices": [{"index": 0, "delta": {"reasoning_content": "first."}}]},
+              {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                                  "function": {"name": "ls", "arguments": "{}"}}]}}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    events = [b"data: " + json.dumps(dict(c, id="c1", object="chat.completion.chunk", created=1,
+                                          model="deepseek-reasoner")).encode() + b"\n\n" for c in chunks]
+    return sse_answer(events + [b"data: [DONE]\n\n"])(handler, rec)
+
+
+def gemini_cli_history(chunks):
+    """The model turn as Gemini CLI keeps it: every part but the thoughts."""
+    parts = [p for c in chunks for p in c["candidates"][0]["content"]["parts"] if not p.get("thought")]
+    return {"role": "model", "parts": parts}
+
+
+def test_deepseek_reasoning_survives_gemini_clis_history_to_the_next_tool_turn(upstream, proxy):
+    up = upstream(deepseek_like)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, models=["deepseek-reasoner"])]})
+    ask = {"contents": [{"role": "user", "parts": [{"text": "list files"}]}],
+           "tools": [{"functionDeclarations": [{"name": "ls", "parameters": {"type": "OBJECT", "properties": {}}}]}]}
+    status, _, out = request(p, "POST", "/v1beta/models/deepseek-reasoner:streamGenerateContent?alt=sse", ask)
+    chunks = [json.loads(line[6:]) for line in out.decode().splitlines() if line.startswith("data: ")]
+    model_turn = gemini_cli_history(chunks)
+    assert status == 200 and "functionCall" in model_turn["parts"][0], out
+    up.last()                                                           # (the first request)
+    ask["contents"] += [model_turn, {"role": "user", "parts": [
+        {"functionResponse": {"id": "call_1", "name": "ls", "response": {"output": "a.txt"}}}]}]
+    status, _, out = request(p, "POST", "/v1beta/models/deepseek-reasoner:generateContent", ask)
+    assert status == 200, out
+    assistant = [m for m in up.last().json()["messages"] if m["role"] == "assistant"][0]
+    assert assistant["reasoning_content"] == "Think first." and assistant["tool_calls"][0]["id"] == "call_1"
+
+
+def test_claudes_signed_thinking_survives_gemini_clis_history_so_thinking_stays_on(upstream, proxy):
+    answer = anthropic_message("claude-x")
+    answer.update(stop_reason="tool_use", content=[
+        {"type": "thinking", "thinking": "Plan.", "signature": "EqQBsig"},
+        {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}])
+    up = upstream(json_answer(200, answer))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["claude-x"]}]})
+    ask = {"contents": [{"role": "user", "parts": [{"text": "list files"}]}],
+           "generationConfig": {"thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": True}},
+           "tools": [{"functionDeclarations": [{"name": "ls", "parameters": {"type": "OBJECT", "properties": {}}}]}]}
+    status, _, out = request(p, "POST", "/v1beta/models/claude-x:generateContent", ask)
+    assert status == 200 and up.last().json()["thinking"]["budget_tokens"] == 2048, out
+    ask["contents"] += [gemini_cli_history([json.loads(out)]), {"role": "user", "parts": [
+        {"functionResponse": {"id": "toolu_1", "name": "ls", "response": {"output": "a.txt"}}}]}]
+    assert request(p, "POST", "/v1beta/models/claude-x:generateContent", ask)[0] == 200
+    sent = up.last().json()
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert sent["messages"][1]["content"][0] == {"type": "thinking", "thinking": "Plan.", "signature": "EqQBsig"}
+
+
+def test_deepseeks_cache_hits_count_as_cached_tokens():
+    """DeepSeek says its cache hits as prompt_cache_hit_tokens (api-docs.deepseek.com/guides/kv_cache)."""
+    usage = {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+             "prompt_cache_hit_tokens": 64, "prompt_cache_miss_tokens": 36}
+    assert proxypal.read_openai_usage(usage).cached == 64
+    assert proxypal.usage_counts({"usage": usage}) == (100, 5, 64, None)
+    out = proxypal.TRANSLATORS[("anthropic", "openai")].response(
+        dict(openai_completion("deepseek-chat"), usage=usage), "claude-x")
+    assert out["usage"]["input_tokens"] == 36 and out["usage"]["cache_read_input_tokens"] == 64
+
+
+def test_a_streamed_answer_that_names_a_placeholder_key_is_relayed_as_it_is(upstream, proxy):
+    """Only error events are masked: "ollama" is README's Ollama apiKey, and a word."""
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"That error comes from ollama."}}]}\n\n'
+    up = upstream(sse_answer([text, OPENAI_STREAM[-2], b"data: [DONE]\n\n"]))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, apiKey="ollama")]})
+    status, _, out = request(p, "POST", "/v1/chat/completions", {"model": "m", "stream": True,
+                                                                 "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and b"That error comes from ollama." in out, out
+
+
+@pytest.mark.parametrize("model", ["claude-x", "claude-opus-4-8"])
+def test_a_message_start_on_several_data_lines_stays_whole(upstream, proxy, model):
+    start = json.loads(ANTHROPIC_STREAM[0].split(b"data: ", 1)[1])
+    lines = json.dumps(start, indent=1).encode().replace(b"\n", b"\ndata: ")
+    up = upstream(sse_answer([b"event: message_start\ndata: " + lines + b"\n\n"] + ANTHROPIC_STREAM[1:]))
+    p = proxy({"claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": [{"name": "claude-x", "alias": model}]}]})
+    status, _, out = request(p, "POST", "/v1/messages", {"model": model, "max_tokens": 5, "stream": True,
+                                                        "messages": [{"role": "user", "content": "x"}]},
+                             ANTHROPIC_HEADERS, key=None)
+    first = out.split(b"\n\n", 1)[0]
+    data = json.loads(b"\n".join(line.split(b":", 1)[1] for line in first.split(b"\n")[1:]))
+    assert status == 200 and data["message"]["model"] == model, first
+
+
+def test_a_gemini_schemas_own_names_stay_as_sent():
+    body = {"tools": [{"function_declarations": [{"name": "f", "parameters": {
+        "type": "OBJECT", "$defs": {"line_item": {"type": "OBJECT"}}, "properties": {
+            "items": {"type": "ARRAY", "items": {"$ref": "#/$defs/line_item"}}}}}]}]}
+    fixed = proxypal.gemini_camel_case(body, json.dumps(body).encode())
+    assert list(fixed["tools"][0]["functionDeclarations"][0]["parameters"]["$defs"]) == ["line_item"]
+
+
+@pytest.mark.parametrize("headers, message", [
+    ((("Retry-After", "1e999"),), "slow down"),
+    ((), 'slow down, "retryDelay": "1.5.s"'),
+    ((), "slow down. Please retry in 1.5.s"),
+])
+def test_an_odd_wait_in_a_429_is_no_advice_and_no_failure(upstream, proxy, headers, message):
+    up = upstream(json_answer(429, {"error": {"message": message, "type": "requests"}}, headers=headers))
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url)]})
+    status, _, out = request(p, "POST", "/v1beta/models/m:generateContent",
+                             {"contents": [{"role": "user", "parts": [{"text": "x"}]}]})
+    assert status == 429 and "slow down" in json.loads(out)["error"]["message"], out
+
+
+def test_a_gemini_relay_sends_google_genais_body_on_as_it_came_capped_where_it_says_so(upstream, proxy):
+    """Google takes proto field names: a relay changes nothing but the cap it must."""
+    up = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                                                    "finishReason": "STOP", "index": 0}]}))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": up.url,
+                                  "models": [{"name": "gemini-2.5-pro", "maxOutputTokens": 50}]}]})
+    assert request(p, "POST", "/v1beta/models/gemini-2.5-pro:generateContent", GENAI_BODY)[0] == 200
+    sent = up.last().json()
+    assert sent["generationConfig"]["max_output_tokens"] == 50 and "system_instruction" in sent
+    assert sent["contents"] == GENAI_BODY["contents"]
+
+
+def test_a_gemini_relay_is_capped_by_the_entrys_max_output_tokens(upstream, proxy):
+    """The cap sits one level down in Gemini's body: it used to change the client's body
+    too, so the relay took it for unchanged and sent the client's bytes, uncapped."""
+    up = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                                                    "finishReason": "STOP", "index": 0}]}))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": up.url,
+                                  "models": [{"name": "gemini-2.5-pro", "maxOutputTokens": 50}]}]})
+    body = {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 100}}
+    assert request(p, "POST", "/v1beta/models/gemini-2.5-pro:generateContent", body)[0] == 200
+    assert up.last().json()["generationConfig"]["maxOutputTokens"] == 50

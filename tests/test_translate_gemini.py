@@ -4,6 +4,7 @@ and stream transcripts are tables of named cases; every stream is fed whole, byt
 byte and cut in two at every byte through SSESplitter + parse_sse_event."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any, Dict, List, Tuple
@@ -1068,6 +1069,11 @@ def an_message(content: List[Dict[str, Any]], stop_reason: str) -> Dict[str, Any
 
 AN_AS_GEMINI_USAGE = {"promptTokenCount": 100, "cachedContentTokenCount": 60, "candidatesTokenCount": 25,
                       "totalTokenCount": 125}
+# An answer's thinking rides again on its first call (Gemini CLI keeps no thought parts):
+# base64 of "pp1:reasoning:" and the blocks, so that they come back before that call's turn.
+CARRIED_THINKING = base64.b64encode(("pp1:reasoning:" + json.dumps(
+    [{"t": "Hm", "s": "EqQB", "o": "anthropic", "r": False}, {"t": "", "s": "xx", "o": "anthropic", "r": True}],
+    separators=(",", ":"))).encode()).decode()
 GEMINI_CLIENT_RESPONSE_CASES = [
     ("openai-text-and-reasoning",
      GEM_OA, oa_completion({"content": "Hi", "reasoning_content": "Hm"}, "stop", OA_USAGE_CACHED),
@@ -1089,7 +1095,8 @@ GEMINI_CLIENT_RESPONSE_CASES = [
                          a_use("toolu_1", "get_weather", {"city": "Paris"})], "tool_use"),
      g_answer([{"text": "Hm", "thought": True, "thoughtSignature": "cHAxOmFudGhyb3BpYzpFcVFC"},
                {"text": "", "thought": True, "thoughtSignature": "cHAxOmFudGhyb3BpYyE6eHg="}, {"text": "Checking."},
-               {"functionCall": {"id": "toolu_1", "name": "get_weather", "args": {"city": "Paris"}}}],
+               {"functionCall": {"id": "toolu_1", "name": "get_weather", "args": {"city": "Paris"}},
+                "thoughtSignature": CARRIED_THINKING}],      # (the thinking again, for Gemini CLI)
               "STOP", AN_AS_GEMINI_USAGE, "msg_9")),
     ("anthropic-max-tokens", GEM_AN, an_message([a_text("Cu")], "max_tokens"),
      g_answer([{"text": "Cu"}], "MAX_TOKENS", AN_AS_GEMINI_USAGE, "msg_9")),
