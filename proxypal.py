@@ -2524,12 +2524,22 @@ def _openai_file(part: Dict[str, Any], at: str) -> Media:
                           name=str(file.get("filename") or ""))
 
 
+def openai_reasoning(message: Dict[str, Any]) -> List[Reasoning]:
+    """A message's reasoning: reasoning_content (DeepSeek, Kimi, vLLM) or reasoning
+    (OpenRouter, Ollama, newer vLLM), with OpenRouter's reasoning_details kept whole as
+    its signature: they must come back unchanged on a tool turn
+    (https://openrouter.ai/docs/use-cases/reasoning-tokens#preserving-reasoning-blocks)."""
+    text = message.get("reasoning_content") or message.get("reasoning")
+    text = text if isinstance(text, str) else ""
+    details = message.get("reasoning_details")
+    if isinstance(details, list) and details:
+        return [Reasoning(text, json_text(details), "openai")]
+    return [Reasoning(text)] if text else []
+
+
 def _openai_assistant(message: Dict[str, Any], where: str, i: int,
                       names: Dict[str, str]) -> List[Any]:
-    parts: List[Any] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        parts.append(Reasoning(reasoning))
+    parts: List[Any] = openai_reasoning(message)
     text = _openai_text(message.get("content"), where + ".content")
     parts += [Text(text)] if text else []
     for j, call in enumerate(as_list(message.get("tool_calls"), where + ".tool_calls")):
@@ -2699,6 +2709,8 @@ def _openai_tool_message(result: ToolResult, carried: int) -> Tuple[Dict[str, An
 def _openai_assistant_out(parts: List[Any]) -> List[Dict[str, Any]]:
     texts = [p.text for p in parts if isinstance(p, Text)]
     thoughts = [p.text for p in parts if isinstance(p, Reasoning) and p.text]
+    details = [d for p in parts if isinstance(p, Reasoning) and p.origin == "openai" and p.signature
+               for d in _json_list(p.signature)]
     calls = [{"id": p.id, "type": "function",
               "function": {"name": p.name, "arguments": json_text(call_arguments(p))}}
              for p in parts if isinstance(p, ToolCall)]
@@ -2707,9 +2719,19 @@ def _openai_assistant_out(parts: List[Any]) -> List[Dict[str, Any]]:
     message: Dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
     if thoughts:
         message["reasoning_content"] = "\n".join(thoughts)
+    if details:
+        message["reasoning_details"] = details
     if calls:
         message["tool_calls"] = calls
     return [message]
+
+
+def _json_list(text: str) -> List[Any]:
+    try:
+        value = loads_json(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 def _openai_tools_out(chat: Chat, out: Dict[str, Any]) -> None:
@@ -2773,10 +2795,7 @@ def read_openai_response(body: Dict[str, Any]) -> Answer:
         message, _ = upstream_message(dumps(body))
         raise UpstreamError(f"answered without choices: {message}")
     message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
-    parts: List[Any] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        parts.append(Reasoning(reasoning))
+    parts: List[Any] = openai_reasoning(message)
     text = _content_text(message.get("content")) or _content_text(message.get("refusal"))
     parts += [Text(text)] if text else []
     calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else []
@@ -2910,6 +2929,7 @@ class OpenAIStreamReader:
         self.stopped = False
         self.usage: Optional[Usage] = None
         self.resp_id = ""
+        self.details: Dict[Any, Dict[str, Any]] = {}   # OpenRouter's reasoning_details, merged
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         data = data.strip()
@@ -2951,6 +2971,11 @@ class OpenAIStreamReader:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             out += self.w.reasoning(reasoning)
+        if isinstance(delta.get("reasoning_details"), list):
+            self._details(delta["reasoning_details"])
+        elif self.details and (delta.get("content") or delta.get("tool_calls") or
+                               choice.get("finish_reason")):
+            out += self._signed()
         text = delta.get("content") or delta.get("refusal")
         if isinstance(text, str) and text:
             out += self.w.text(text)
@@ -2963,10 +2988,25 @@ class OpenAIStreamReader:
             return out + self.w.fail(502, 'upstream finished with finish_reason "error"')
         return out + self._stop(reason) if reason else out
 
+    def _details(self, items: List[Any]) -> None:
+        """reasoning_details deltas merged by index: texts joined, other fields kept."""
+        for position, item in enumerate(i for i in items if isinstance(i, dict)):
+            merged = self.details.setdefault(item.get("index", position), {})
+            for key, value in item.items():
+                if key in ("text", "summary", "data") and isinstance(value, str):
+                    merged[key] = merged.get(key, "") + value
+                elif value is not None:
+                    merged[key] = value
+
+    def _signed(self) -> List[Tuple[str, str]]:
+        """The merged reasoning_details, as the signature of the reasoning they end."""
+        details, self.details = list(self.details.values()), {}
+        return self.w.signature(json_text(details), "openai")
+
     def _stop(self, reason: str) -> List[Tuple[str, str]]:
         if self.stopped:
             return []
-        out: List[Tuple[str, str]] = []
+        out: List[Tuple[str, str]] = self._signed() if self.details else []
         for call in self.order:
             if call.state == "pending":
                 out += self._open(call)
@@ -6763,6 +6803,7 @@ class Upstream:
                 body.setdefault("max_completion_tokens", body.pop("max_tokens"))
             for message in body.get("messages") or ():
                 message.pop("reasoning_content", None)
+                message.pop("reasoning_details", None)
         return body
 
     def request(self, op: str, model: str, body: Dict[str, Any], stream: bool,

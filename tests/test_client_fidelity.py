@@ -766,3 +766,78 @@ def test_a_gemini_relay_is_capped_by_the_entrys_max_output_tokens(upstream, prox
     body = {"contents": [{"role": "user", "parts": [{"text": "x"}]}], "generationConfig": {"maxOutputTokens": 100}}
     assert request(p, "POST", "/v1beta/models/gemini-2.5-pro:generateContent", body)[0] == 200
     assert up.last().json()["generationConfig"]["maxOutputTokens"] == 50
+
+
+# -- OpenRouter's reasoning_details come back unchanged on the next tool turn ------------------
+# https://openrouter.ai/docs/use-cases/reasoning-tokens#preserving-reasoning-blocks: "reasoning
+# details must be preserved when using multi-turn tool calling" (Gemini 3 and Claude through
+# OpenRouter refuse a tool turn without them).
+
+DETAILS = [{"type": "reasoning.text", "text": "Think first.", "signature": "sig-or-1", "format": "anthropic-claude-v1",
+            "index": 0}]
+
+
+def openrouter_like(handler, rec):
+    body = rec.json()
+    for message in body["messages"]:
+        if message["role"] == "assistant" and message.get("tool_calls") and message.get("reasoning_details") != DETAILS:
+            return send(handler, 400, json.dumps({"error": {
+                "message": "reasoning_details must be passed back", "code": 400}}).encode())
+    if any(m["role"] == "tool" for m in body["messages"]):
+        return send(handler, 200, json.dumps(openai_completion("or-model", "Done.")).encode())
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    if not body.get("stream"):
+        answer = openai_completion("or-model", "")
+        answer["choices"][0].update(finish_reason="tool_calls", message={
+            "role": "assistant", "content": None, "reasoning": "Think first.", "reasoning_details": DETAILS,
+            "tool_calls": [dict(call, index=None)]})
+        return send(handler, 200, json.dumps(answer).encode())
+    deltas = [{"role": "assistant", "reasoning": "Think ", "reasoning_details": [
+                  {"type": "reasoning.text", "text": "Think ", "format": "anthropic-claude-v1", "index": 0}]},
+              {"reasoning": "first.", "reasoning_details": [{"type": "reasoning.text", "text": "first.", "index": 0}]},
+              {"reasoning_details": [{"type": "reasoning.text", "signature": "sig-or-1", "index": 0}]},
+              {"tool_calls": [call]}]
+    chunks = [{"choices": [{"index": 0, "delta": d}]} for d in deltas] + \
+        [{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    return sse_answer([b"data: " + json.dumps(dict(c, id="g1", object="chat.completion.chunk", created=1,
+                                                   model="or-model")).encode() + b"\n\n" for c in chunks]
+                      + [b"data: [DONE]\n\n"])(handler, rec)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_openrouters_reasoning_details_come_back_through_claude_code(upstream, proxy, stream):
+    up = upstream(openrouter_like)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, models=["or-model"])]})
+    ask = {"model": "or-model", "max_tokens": 1000, "stream": stream, "thinking": {"type": "enabled", "budget_tokens": 1024},
+           "tools": [{"name": "ls", "input_schema": {"type": "object", "properties": {}}}],
+           "messages": [{"role": "user", "content": "list files"}]}
+    status, _, out = request(p, "POST", "/v1/messages", ask, ANTHROPIC_HEADERS, key=None)
+    assert status == 200, out
+    if stream:
+        blocks = {}
+        for block in out.decode().split("\n\n"):
+            if "data: " in block:
+                event = json.loads(block.split("data: ", 1)[1])
+                if event["type"] == "content_block_start":
+                    blocks[event["index"]] = dict(event["content_block"])
+                elif event["type"] == "content_block_delta":
+                    delta = event["delta"]
+                    target = blocks[event["index"]]
+                    for key, field in (("thinking", "thinking"), ("signature", "signature"),
+                                       ("partial_json", "input_json")):
+                        if key in delta:
+                            target[field] = target.get(field, "") + delta[key]
+        content = [blocks[i] for i in sorted(blocks)]
+        for block in content:
+            if block["type"] == "tool_use":
+                block["input"] = json.loads(block.pop("input_json", "") or "{}")
+    else:
+        content = json.loads(out)["content"]
+    assert content[0]["type"] == "thinking" and content[0]["thinking"] == "Think first.", content
+    up.last()
+    ask["messages"] += [{"role": "assistant", "content": content}, {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"}]}]
+    status, _, out = request(p, "POST", "/v1/messages", dict(ask, stream=False), ANTHROPIC_HEADERS, key=None)
+    assert status == 200, out
+    assistant = [m for m in up.last().json()["messages"] if m["role"] == "assistant"][0]
+    assert assistant["reasoning_details"] == DETAILS and assistant["reasoning_content"] == "Think first."
