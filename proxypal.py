@@ -8276,17 +8276,15 @@ async def relay(call: Call, reply: StreamReply) -> None:
     chunked, end = call.req.version == "HTTP/1.1", FORMATS[call.fmt].end
     pinger: Optional[KeepAlive] = None
     try:
-        out = reply.first
+        out, record.status = reply.first, resp.status
         head = b"" if call.started else stream_head(call, reply.headers, reply.content_type)
-        record.status = resp.status
         if call.config.stream_keepalive_seconds:
             pinger = KeepAlive(conn.writer, call.config.stream_keepalive_seconds, chunked)
         while True:
             if out or head:
                 if end in out and pipe.ended(out):
                     resp.expect_end()      # (an upstream that holds it open is let go)
-                if b"rror" in out and _ERROR_EVENT.search(out):    # (it may echo a key)
-                    out = mask_bytes(out, call.config.secrets)
+                out = masked(call, out)
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()
@@ -8343,13 +8341,19 @@ def stream_head(call: Call, headers: Sequence[Tuple[str, str]], content_type: st
     return response_head(200, head, call.keep_alive, call.req.version)
 
 
+def masked(call: Call, data: bytes) -> bytes:
+    """Stream bytes for the client: an upstream's error event may echo its key. Only a
+    read holding an error event is looked at; a model's text is relayed as it came."""
+    if b"rror" in data and _ERROR_EVENT.search(data):
+        return mask_bytes(data, call.config.secrets)
+    return data
+
+
 def finish_stream(call: Call, last: bytes, failed: bool) -> None:
     """A stream's last events and the end of its body (a failed one's too: the SDKs raise
     on the error event, and a body cut short could lose it); every failure is a WARNING
     line."""
-    writer = call.conn.writer
-    if b"rror" in last and _ERROR_EVENT.search(last):
-        last = mask_bytes(last, call.config.secrets)
+    writer, last = call.conn.writer, masked(call, last)
     if failed:
         call.keep_alive = False
         call.record.error = call.record.error or printable(last.decode("utf-8", "replace"), 300)
