@@ -1526,8 +1526,9 @@ _CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|prompt is too long|too 
 
 
 _WINDOW = re.compile(r"maximum context length is (\d+)", re.I)
-_ASKED = re.compile(r"\((\d+) in the messages, (\d+) in the completion\)|is too large: (\d+)\. This "
-                    r"model's maximum context length is \d+ tokens and your request has (\d+) input", re.I)
+_ASKED = re.compile(r"\((\d+) in the messages, (?:(\d+) in the functions, and )?(\d+) in the completion\)|"
+                    r"is too large: (\d+)\. This model's maximum context length is \d+ tokens and "
+                    r"your request has (\d+) input", re.I)
 # Claude Code retries with a lower max_tokens on Anthropic's own words for an output cap
 # that does not fit beside the prompt, when that leaves the window minus a 1,000 token
 # margin at least its floor of 3,000 output tokens; else only compacting can help.
@@ -1537,15 +1538,15 @@ CLAUDE_CODE_OUTPUT_ROOM = 4000
 def overflow_sizes(message: str) -> Optional[Tuple[int, int, int]]:
     """(prompt, output, window) tokens of an OpenAI-compatible server's context overflow:
     OpenAI's and DeepSeek's "maximum context length is W tokens. However, you requested T
-    tokens (P in the messages, C in the completion)", vLLM's "'max_tokens' or
-    'max_completion_tokens' is too large: C. This model's maximum context length is W
-    tokens and your request has P input tokens"."""
+    tokens (P in the messages[, F in the functions, and] C in the completion)", vLLM's
+    "'max_tokens' or 'max_completion_tokens' is too large: C. This model's maximum
+    context length is W tokens and your request has P input tokens"."""
     window, asked = _WINDOW.search(message), _ASKED.search(message)
     if not window or not asked:
         return None
-    prompt, output = (asked.group(1), asked.group(2)) if asked.group(1) else \
-        (asked.group(4), asked.group(3))
-    return int(prompt), int(output), int(window.group(1))
+    if asked.group(1):                     # (the tools count as prompt)
+        return int(asked.group(1)) + int(asked.group(2) or 0), int(asked.group(3)), int(window.group(1))
+    return int(asked.group(5)), int(asked.group(4)), int(window.group(1))
 
 
 def context_overflow(status: int, message: str) -> bool:

@@ -366,6 +366,8 @@ VLLM_CAP = ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This m
     (VLLM_CAP % (100001, 81126, 100001, 81126), (81126, 32000, 100001)),
     ("This model's maximum context length is 8192 tokens. However, you requested 8500 tokens (500 in the "
      "messages, 8000 in the completion). Please reduce the length of the messages or completion.", (500, 8000, 8192)),
+    ("This model's maximum context length is 128000 tokens. However, you requested 150000 tokens (90000 in the "
+     "messages, 10000 in the functions, and 50000 in the completion).", (100000, 50000, 128000)),
     (VLLM_CAP % (32768, 29000, 32768, 29000), None),          # 32768 - 29000 - 1000 < 3000: compact instead
     ("This model's maximum context length is 65536 tokens. However, you requested 70000 tokens (62000 in the "
      "messages, 8000 in the completion).", None),
