@@ -288,7 +288,7 @@ def mask_secrets(text: str, secrets: Sequence[str] = (), patterns: bool = True) 
 # An error event in any format: Anthropic's and Responses' `event: error`, an {"error": {
 # object (OpenAI, Gemini's bare one), a "type": "error". A model's own text never matches:
 # inside a JSON string its quotes are escaped.
-_ERROR_EVENT = re.compile(rb'event:[ \t]*error\b|"error"\s*:\s*\{|"type"\s*:\s*"error"')
+_ERROR_EVENT = re.compile(rb'event:[ \t]*error\b|"error"\s*:\s*[{"]|"type"\s*:\s*"error"')
 
 
 def mask_bytes(data: bytes, secrets: Sequence[str]) -> bytes:
@@ -2930,7 +2930,7 @@ class OpenAIStreamReader:
         self.stopped = False
         self.usage: Optional[Usage] = None
         self.resp_id = ""
-        self.details: Dict[Any, Dict[str, Any]] = {}   # OpenRouter's reasoning_details, merged
+        self.details: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # OpenRouter's, merged
 
     def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
         data = data.strip()
@@ -2972,11 +2972,12 @@ class OpenAIStreamReader:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             out += self.w.reasoning(reasoning)
-        if isinstance(delta.get("reasoning_details"), list):
-            self._details(delta["reasoning_details"])
+        details = delta.get("reasoning_details")
+        if isinstance(details, list) and details:
+            self._details(details)
         elif self.details and (delta.get("content") or delta.get("tool_calls") or
-                               choice.get("finish_reason")):
-            out += self._signed()
+                               choice.get("finish_reason")):       # (OpenRouter puts an empty
+            out += self._signed()                                   # list on every text delta)
         text = delta.get("content") or delta.get("refusal")
         if isinstance(text, str) and text:
             out += self.w.text(text)
@@ -2990,9 +2991,13 @@ class OpenAIStreamReader:
         return out + self._stop(reason) if reason else out
 
     def _details(self, items: List[Any]) -> None:
-        """reasoning_details deltas merged by index: texts joined, other fields kept."""
+        """reasoning_details deltas merged by index and type (a text and an encrypted
+        detail may share an index): texts joined, other fields kept."""
         for position, item in enumerate(i for i in items if isinstance(i, dict)):
-            merged = self.details.setdefault(item.get("index", position), {})
+            index = item.get("index", position)
+            key = (index, item["type"]) if item.get("type") else next(
+                (k for k in reversed(list(self.details)) if k[0] == index), (index, None))
+            merged = self.details.setdefault(key, {})
             for key, value in item.items():
                 if key in ("text", "summary", "data") and isinstance(value, str):
                     merged[key] = merged.get(key, "") + value
@@ -4014,7 +4019,8 @@ def json_schema_from_gemini(schema: Any) -> Dict[str, Any]:
 _SNAKE_KEY = re.compile(rb'_(?:data|type|uri|call|response|signature|instruction|config|thoughts|'
                         rb'budget|level|tokens|p|k|sequences|schema|declarations|of|items|length|'
                         rb'ordering|names|settings|content|count|penalty|modalities|request|'
-                        rb'properties|metadata|execution|search)"\s*:')
+                        rb'properties|metadata|execution|search|retrieval|context|logprobs|'
+                        rb'resolution)"\s*:')
 _GEMINI_RAW = ("args", "example", "default", "labels", "responseJsonSchema", "parametersJsonSchema",
                "responseJsonSchemaForTools", "$defs", "definitions", "patternProperties",
                "partMetadata")
@@ -4066,6 +4072,7 @@ def read_gemini_request(body: Dict[str, Any]) -> Chat:
             if isinstance(part, dict):
                 _gemini_item(part, f"contents[{i}].parts[{j}]", pending, items)
         chat.turns.append(Turn("assistant" if role == "model" else "user", items))
+    restored_reasoning(chat.turns)
     _gemini_tools(body, chat)
     _gemini_settings(body, chat)
     return chat
@@ -4092,9 +4099,6 @@ def _gemini_item(part: Dict[str, Any], where: str, pending: List[Tuple[str, str]
         call_id = safe_id(call.get("id"), "") or f"call_{len(pending)}"
         pending.append((call_id, str(call.get("name"))))
         origin, signature, _ = uncarry(part.get("thoughtSignature"), "gemini")
-        if origin == REASONING_CARRIED:
-            restored_reasoning(signature, items)
-            origin, signature = "", ""
         args = call.get("args")
         items.append(ToolCall(call_id, str(call.get("name")), args if isinstance(args, dict) else {},
                               signature, origin))
@@ -4450,16 +4454,28 @@ def carried_reasoning(blocks: Sequence[Reasoning]) -> str:
                             for b in blocks]), REASONING_CARRIED, "gemini")
 
 
-def restored_reasoning(value: str, items: List[Any]) -> None:
-    """The reasoning a call carried, back at the start of its turn, unless the client kept
-    the thought parts themselves."""
-    try:
-        saved = loads_json(value)
-    except ValueError:
-        return
-    if isinstance(saved, list) and not any(isinstance(i, Reasoning) for i in items):
-        items[:0] = [Reasoning(str(b.get("t") or ""), str(b.get("s") or ""), str(b.get("o") or ""),
-                               b.get("r") is True) for b in saved if isinstance(b, dict)]
+def restored_reasoning(turns: List[Turn]) -> None:
+    """The reasoning calls carried (on ToolCall.signature, origin REASONING_CARRIED), back
+    at the start of their turn, unless the client kept the thought parts themselves
+    somewhere in that run of model turns (google-genai keeps each streamed chunk as one)."""
+    kept, first = False, None
+    for turn in turns:
+        if turn.role != "assistant":
+            kept, first = False, None
+            continue
+        first = first or turn                  # (the run's turns are merged into one later)
+        kept = kept or any(isinstance(p, Reasoning) for p in turn.parts)
+        for call in [p for p in turn.parts if isinstance(p, ToolCall) and p.origin == REASONING_CARRIED]:
+            value, call.signature, call.origin = call.signature, "", ""
+            try:
+                saved = loads_json(value)
+            except ValueError:
+                continue
+            if isinstance(saved, list) and not kept:
+                first.parts[:0] = [Reasoning(str(b.get("t") or ""), str(b.get("s") or ""),
+                                             str(b.get("o") or ""), b.get("r") is True)
+                                   for b in saved if isinstance(b, dict)]
+                kept = True
 
 
 def _gemini_call_part(call_id: str, name: str, args: Any, signature: str = "") -> Dict[str, Any]:
@@ -4583,8 +4599,9 @@ class GeminiStreamWriter:
 
     def _call(self, call_id: str, name: str, args: Any, signature: str = "") -> Tuple[str, str]:
         """A functionCall chunk; the first one carries the answer's reasoning."""
-        if not signature and self.thoughts:
-            signature, self.thoughts = carried_reasoning(self.thoughts), []
+        if not signature and self.thoughts:    # (the answer's first call, as a whole answer)
+            signature = carried_reasoning(self.thoughts)
+        self.thoughts = []
         return self._chunk([_gemini_call_part(call_id, name, args, signature)])
 
     def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
@@ -5523,7 +5540,7 @@ def estimate_tokens(body: Dict[str, Any]) -> int:
     each inline image or document as MEDIA_TOKENS. English text and JSON average close to
     4 bytes a token for current models."""
     parts = {k: body[k] for k in ("system", "messages", "tools", "contents", "systemInstruction",
-                                  "prompt", "input", "instructions") if k in body}
+                                  "system_instruction", "prompt", "input", "instructions") if k in body}
     if not parts:
         return 0
     text = dumps(parts)
@@ -5542,7 +5559,7 @@ def estimate_tokens(body: Dict[str, Any]) -> int:
 def local_count(fmt: str, body: Dict[str, Any]) -> Dict[str, Any]:
     """A token count answered here for an upstream that cannot count: an estimate."""
     if fmt == "gemini":                    # (countTokens may wrap a whole request)
-        inner = body.get("generateContentRequest")
+        inner = body.get("generateContentRequest") or body.get("generate_content_request")
         return {"totalTokens": estimate_tokens(inner if isinstance(inner, dict) else body)}
     if fmt == "responses":
         return {"object": "response.input_tokens", "input_tokens": estimate_tokens(body)}
@@ -5552,27 +5569,47 @@ def local_count(fmt: str, body: Dict[str, Any]) -> Dict[str, Any]:
 def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
     """For a same-format relay: opaque values another format made (tagged pp1:) and
     thinking without a signature (made from another provider's reasoning) cannot be
-    verified by this upstream, so they go. True if the body changed."""
-    changed = False                        # (a body of the wrong shape goes on as it is: the
-    if fmt == "anthropic":                 # upstream says what is wrong with it)
-        for message in _list_or_empty(body.get("messages")):
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                kept = [b for b in content if not _foreign_thinking(b)]
-                changed |= len(kept) != len(content)
-                message["content"] = kept
+    verified by this upstream, so they go; a Gemini call keeps Google's stand-in in
+    their place (Gemini 3 refuses a call without one). `body` is a copy of the client's
+    top level: what changes below it is copied first, since a failover to another format
+    reads the client's body again. True if the body changed."""
+    if fmt == "anthropic":                 # (a body of the wrong shape goes on as it is: the
+        messages = _list_or_empty(body.get("messages"))     # upstream says what is wrong)
+        kept = [dict(m, content=[b for b in m["content"] if not _foreign_thinking(b)])
+                if isinstance(m, dict) and isinstance(m.get("content"), list) and
+                any(_foreign_thinking(b) for b in m["content"]) else m for m in messages]
+        changed = any(a is not b for a, b in zip(kept, messages))
     elif fmt == "responses" and isinstance(body.get("input"), list):
         kept = [i for i in body["input"] if not _foreign_reasoning_item(i, body.get("store"))]
         changed = len(kept) != len(body["input"])
         body["input"] = kept
+        return changed
     elif fmt == "gemini":
-        for content in _list_or_empty(body.get("contents")):
-            for part in _list_or_empty(content.get("parts") if isinstance(content, dict) else None):
-                for key in ("thoughtSignature", "thought_signature"):     # (both spellings)
-                    if isinstance(part, dict) and carried(part.get(key), "gemini"):
-                        del part[key]
-                        changed = True
+        contents = _list_or_empty(body.get("contents"))
+        kept = [_gemini_own_parts(c) for c in contents]
+        changed = any(a is not b for a, b in zip(kept, contents))
+    else:
+        return False
+    if changed:
+        body["messages" if fmt == "anthropic" else "contents"] = kept
     return changed
+
+
+def _gemini_own_parts(content: Any) -> Any:
+    """A Gemini content without signatures another format made (a copy, if it has any)."""
+    parts = content.get("parts") if isinstance(content, dict) else None
+    keys = ("thoughtSignature", "thought_signature")        # (both spellings)
+    if not isinstance(parts, list) or not any(isinstance(p, dict) and carried(p.get(k), "gemini")
+                                              for p in parts for k in keys):
+        return content
+    own = []
+    for part in parts:
+        if isinstance(part, dict) and any(carried(part.get(k), "gemini") for k in keys):
+            part = {k: v for k, v in part.items() if not (k in keys and carried(v, "gemini"))}
+            if "functionCall" in part or "function_call" in part:
+                part["thoughtSignature"] = GEMINI_DUMMY_SIGNATURE
+        own.append(part)
+    return dict(content, parts=own)
 
 
 def _foreign_reasoning_item(item: Any, store: Any) -> bool:

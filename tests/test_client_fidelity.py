@@ -542,7 +542,8 @@ UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 @pytest.mark.parametrize("client", ["openai", "anthropic"])
 def test_a_key_echoed_in_a_midstream_error_or_a_login_page_is_masked(upstream, proxy, client):
     events = [OPENAI_STREAM[0], b'data: {"error":{"message":"key %s overloaded","type":"server_error"}}\n\n'
-              % UPSTREAM_KEY.encode()]
+              % UPSTREAM_KEY.encode()] if client == "anthropic" else \
+        [OPENAI_STREAM[0], b'data: {"error": "invalid api key %s"}\n\n' % UPSTREAM_KEY.encode()]   # (a string)
     page = b"<html><body>Proxy login. Your key %s was rejected</body></html>" % UPSTREAM_KEY.encode()
 
     def answer(handler, rec):
@@ -776,7 +777,8 @@ def test_a_gemini_relay_is_capped_by_the_entrys_max_output_tokens(upstream, prox
 # OpenRouter refuse a tool turn without them).
 
 DETAILS = [{"type": "reasoning.text", "text": "Think first.", "signature": "sig-or-1", "format": "anthropic-claude-v1",
-            "index": 0}]
+            "index": 0},       # (two details may share an index: OpenRouter's Gemini 3 and GPT-5 recordings)
+           {"type": "reasoning.encrypted", "data": "ENCDATA", "format": "anthropic-claude-v1", "index": 0}]
 
 
 def openrouter_like(handler, rec):
@@ -791,13 +793,15 @@ def openrouter_like(handler, rec):
     if not body.get("stream"):
         answer = openai_completion("or-model", "")
         answer["choices"][0].update(finish_reason="tool_calls", message={
-            "role": "assistant", "content": None, "reasoning": "Think first.", "reasoning_details": DETAILS,
+            "role": "assistant", "content": "I'll check.", "reasoning": "Think first.", "reasoning_details": DETAILS,
             "tool_calls": [dict(call, index=None)]})
         return send(handler, 200, json.dumps(answer).encode())
     deltas = [{"role": "assistant", "reasoning": "Think ", "reasoning_details": [
                   {"type": "reasoning.text", "text": "Think ", "format": "anthropic-claude-v1", "index": 0}]},
               {"reasoning": "first.", "reasoning_details": [{"type": "reasoning.text", "text": "first.", "index": 0}]},
               {"reasoning_details": [{"type": "reasoning.text", "signature": "sig-or-1", "index": 0}]},
+              {"reasoning_details": [DETAILS[1]]},
+              {"content": "I'll check.", "reasoning_details": []},      # (as OpenRouter sends every text)
               {"tool_calls": [call]}]
     chunks = [{"choices": [{"index": 0, "delta": d}]} for d in deltas] + \
         [{"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
@@ -835,7 +839,8 @@ def test_openrouters_reasoning_details_come_back_through_claude_code(upstream, p
                 block["input"] = json.loads(block.pop("input_json", "") or "{}")
     else:
         content = json.loads(out)["content"]
-    assert content[0]["type"] == "thinking" and content[0]["thinking"] == "Think first.", content
+    assert [b["type"] for b in content] == ["thinking", "text", "tool_use"], content
+    assert content[0]["thinking"] == "Think first.", content
     up.last()
     ask["messages"] += [{"role": "assistant", "content": content}, {"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "call_1", "content": "a.txt"}]}]
@@ -843,3 +848,54 @@ def test_openrouters_reasoning_details_come_back_through_claude_code(upstream, p
     assert status == 200, out
     assistant = [m for m in up.last().json()["messages"] if m["role"] == "assistant"][0]
     assert assistant["reasoning_details"] == DETAILS and assistant["reasoning_content"] == "Think first."
+
+
+
+def test_a_carried_reasoning_becomes_googles_stand_in_when_the_conversation_moves_to_gemini(upstream, proxy):
+    """Gemini CLI adds Google's stand-in only to a call without a signature; the carried
+    reasoning fills that slot, so a Gemini 3 upstream must get the stand-in in its place."""
+    up = upstream(json_answer(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                                                    "finishReason": "STOP", "index": 0}]}))
+    p = proxy({"geminiApiKeys": [{"apiKey": "k", "baseUrl": up.url, "models": ["gemini-3-pro-preview"]}]})
+    signature = proxypal.carried_reasoning([proxypal.Reasoning("Think first.")])
+    call = {"functionCall": {"id": "call_1", "name": "ls", "args": {}}, "thoughtSignature": signature}
+    body = {"contents": [{"role": "user", "parts": [{"text": "list"}]}, {"role": "model", "parts": [call]},
+                         {"role": "user", "parts": [{"functionResponse": {"id": "call_1", "name": "ls",
+                                                                          "response": {"output": "a"}}}]}]}
+    assert request(p, "POST", "/v1beta/models/gemini-3-pro-preview:generateContent", body)[0] == 200
+    assert up.last().json()["contents"][1]["parts"][0]["thoughtSignature"] == "skip_thought_signature_validator"
+
+
+def test_a_failover_from_a_gemini_relay_still_reads_the_carried_reasoning(upstream, proxy):
+    """The relay's copy loses the carried value; the client's body keeps it for the next try."""
+    gemini = upstream(json_answer(503, {"error": {"code": 503, "message": "busy", "status": "UNAVAILABLE"}}))
+    deepseek = upstream(deepseek_like)
+    p = proxy({"requestRetry": 1, "routingStrategy": "fill-first",
+               "geminiApiKeys": [{"apiKey": "k", "baseUrl": gemini.url, "models": [{"name": "g", "alias": "m"}]}],
+               "ampOpenaiProviders": [openai_provider(deepseek.url, models=["m"])]})
+    signature = proxypal.carried_reasoning([proxypal.Reasoning("Think first.")])
+    body = {"contents": [{"role": "user", "parts": [{"text": "list"}]}, {"role": "model", "parts": [
+        {"functionCall": {"id": "call_1", "name": "ls", "args": {}}, "thoughtSignature": signature}]},
+        {"role": "user", "parts": [{"functionResponse": {"id": "call_1", "name": "ls", "response": {"output": "a"}}}]}]}
+    status, _, out = request(p, "POST", "/v1beta/models/m:generateContent", body)
+    assert status == 200, out
+    assistant = [m for m in deepseek.last().json()["messages"] if m["role"] == "assistant"][0]
+    assert assistant["reasoning_content"] == "Think first."
+
+
+def test_google_genais_streamed_history_keeps_its_own_thoughts_once(upstream, proxy):
+    """google-genai keeps each streamed chunk as a model content, thoughts included: the
+    reasoning the call carries is not added a second time."""
+    up = upstream(deepseek_like)
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, models=["m"])]})
+    signature = proxypal.carried_reasoning([proxypal.Reasoning("Think first.")])
+    body = {"contents": [{"role": "user", "parts": [{"text": "list"}]},
+                         {"role": "model", "parts": [{"text": "Think ", "thought": True}]},
+                         {"role": "model", "parts": [{"text": "first.", "thought": True}]},
+                         {"role": "model", "parts": [{"functionCall": {"id": "call_1", "name": "ls", "args": {}},
+                                                      "thoughtSignature": signature}]},
+                         {"role": "user", "parts": [{"functionResponse": {"id": "call_1", "name": "ls",
+                                                                          "response": {"output": "a"}}}]}]}
+    assert request(p, "POST", "/v1beta/models/m:generateContent", body)[0] == 200
+    assistant = [m for m in up.last().json()["messages"] if m["role"] == "assistant"][0]
+    assert assistant["reasoning_content"].count("first.") == 1, assistant
