@@ -5601,18 +5601,16 @@ def foreign_reasoning_dropped(fmt: str, body: Dict[str, Any]) -> bool:
 def _gemini_own_parts(content: Any) -> Any:
     """A Gemini content without signatures another format made (a copy, if it has any)."""
     parts = content.get("parts") if isinstance(content, dict) else None
-    keys = ("thoughtSignature", "thought_signature")        # (both spellings)
-    if not isinstance(parts, list) or not any(isinstance(p, dict) and carried(p.get(k), "gemini")
-                                              for p in parts for k in keys):
-        return content
-    own = []
-    for part in parts:
-        if isinstance(part, dict) and any(carried(part.get(k), "gemini") for k in keys):
-            part = {k: v for k, v in part.items() if not (k in keys and carried(v, "gemini"))}
+    own, changed = [], False
+    for part in parts if isinstance(parts, list) else ():
+        foreign = [k for k in ("thoughtSignature", "thought_signature")     # (both spellings)
+                   if isinstance(part, dict) and carried(part.get(k), "gemini")]
+        if foreign:
+            part, changed = {k: v for k, v in part.items() if k not in foreign}, True
             if "functionCall" in part or "function_call" in part:
                 part["thoughtSignature"] = GEMINI_DUMMY_SIGNATURE
         own.append(part)
-    return dict(content, parts=own)
+    return dict(content, parts=own) if changed else content
 
 
 def _foreign_reasoning_item(item: Any, store: Any) -> bool:
