@@ -409,7 +409,7 @@ SETTINGS: Tuple[Setting, ...] = (
             help="how to pick among credentials serving one model",
             choices=("round-robin", "fill-first")),
     Setting("proxyUrl", "proxy_url", str, "",
-            help="outbound proxy for every upstream: http://, https:// or socks5://"),
+            help="outbound proxy for every upstream: http://, socks5:// or socks5h://"),
     Setting("proxyUsername", "proxy_username", str, "", help="outbound proxy user"),
     Setting("proxyPassword", "proxy_password", str, "", help="outbound proxy password", secret=True),
     Setting("useSystemProxy", "use_system_proxy", bool, False,
@@ -720,8 +720,24 @@ DEFAULT_BASE_URL = {"anthropic": "https://api.anthropic.com",
                     "gemini": "https://generativelanguage.googleapis.com"}
 
 
+ENTRY_FIELDS = ("name", "apiKey", "baseUrl", "proxyUrl", "headers", "models", "excludedModels",
+                "prefix", "requestRetry", "wireApi", "disabled")
+_ENTRY_SPELLINGS = {re.sub(r"[-_]", "", f.lower()): f for f in ENTRY_FIELDS}
+
+
+def _misspelled_fields(r: "_Reader") -> None:
+    """Refuse a field spelled like one of ours but not as ours ("baseURL", "api_key"): it
+    would be ignored, and the key sent to the default host (api.anthropic.com) instead.
+    Other unknown fields are kept and ignored (the desktop app's own)."""
+    for key in r.obj:
+        meant = _ENTRY_SPELLINGS.get(re.sub(r"[-_]", "", key.lower()))
+        if meant and meant != key:
+            raise r.fail(key, f'is not a field: write "{meant}"')
+
+
 def _parse_credential(api: str, obj: Any, path: str) -> Credential:
     r = _Reader(obj, path)
+    _misspelled_fields(r)
     is_openai = api == "openai"
     api_key = r.get("apiKey", str, "", required=not is_openai) or ""
     if _BAD_HEADER_TEXT.search(api_key):
@@ -825,13 +841,14 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     """Validate a config object (the parsed JSON) into a Config. Pure; raises ConfigError."""
     r = _Reader(raw, "")
     values = {s.attr: _setting(r, s) for s in SETTINGS}
-    credentials = []
+    credentials, named = [], []
     for list_key, api in CREDENTIAL_LISTS.items():
         for i, item in enumerate(r.get(list_key, list, [])):
             where = f"{list_key}[{i}]"
             if isinstance(item, dict) and _Reader(item, where).get("disabled", bool, False):
                 continue                   # switched off on the page; kept in the file
             credentials.append(_parse_credential(api, item, where))
+            named.append(bool(item.get("name")))
     if values["management_key"] and values["management_key"] in \
             (values["proxy_api_key"],) + tuple(values["api_keys"]):
         raise ConfigError("managementKey", "must differ from proxyApiKey and apiKeys: the "
@@ -839,9 +856,25 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     if not _valid_host(values["host"].strip("[]")):
         raise ConfigError("host", f"must be an IP address or a host name, got "
                                   f"{printable(values['host'], 80)!r}")
-    return Config(**values, credentials=tuple(credentials), mappings=_parse_mappings(r),
+    return Config(**values, credentials=_numbered(credentials, named), mappings=_parse_mappings(r),
                   path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
                   raw=raw)
+
+
+def _numbered(credentials: List[Credential], named: List[bool]) -> Tuple[Credential, ...]:
+    """Names made from the host ("Anthropic") numbered where another entry has the name
+    already ("Anthropic 2"): two keys for one provider keep their own requests, errors
+    and usage on the page. Names the user gave stay as they are."""
+    taken = {c.name for c, given in zip(credentials, named) if given}
+    out = []
+    for cred, given in zip(credentials, named):
+        name, n = cred.name, 1
+        while not given and name in taken:
+            n += 1
+            name = f"{cred.name} {n}"
+        taken.add(name)
+        out.append(cred if name == cred.name else dataclasses.replace(cred, name=name))
+    return tuple(out)
 
 
 def check_exposure(config: Config, host: str) -> None:
@@ -6736,6 +6769,10 @@ class UpstreamClient:
 def connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseException:
     """A failed connect as an UpstreamError whose message says what to check."""
     via = f" via proxy {req.proxy.host}:{req.proxy.port}" if req.proxy else ""
+    if isinstance(exc, ConnectionRefusedError) and req.proxy:   # (the proxy's own socket)
+        return UpstreamError(f"the outbound proxy {req.proxy.host}:{req.proxy.port} refused "
+                             f"the connection (to reach {where}): is it running, and are "
+                             "proxyUrl and its port right?", 502, req.provider, req.url)
     if isinstance(exc, ConnectionRefusedError):
         return UpstreamError(f"refused connection at {where}{via}: is the server (Ollama, "
                              "vLLM, LiteLLM...) running, and is the port right?",
@@ -6791,7 +6828,8 @@ class Upstream:
              "embeddings": "/embeddings"}
     listing = "/models"                    # what `check` asks for (answers for every model)
     base_advice = ("baseUrl must include the version segment, e.g. https://openrouter.ai/api/v1 "
-                   "or http://localhost:11434/v1; the proxy appends /chat/completions")
+                   "or http://localhost:11434/v1; the proxy appends /chat/completions "
+                   "(/responses for wireApi \"responses\")")
 
     def __init__(self, cred: Credential, config: Config, environ: Dict[str, str]) -> None:
         self.cred, self.name = cred, cred.name
@@ -7052,8 +7090,9 @@ ADAPTERS: Dict[str, Callable[..., Upstream]] = {
 
 
 def make_upstreams(config: Config, environ: Dict[str, str]) -> Dict[str, Upstream]:
-    """One adapter per credential, by the credential's key."""
-    return {cred.key: ADAPTERS[cred.dialect](cred, config, environ) for cred in config.credentials}
+    """One adapter per entry, by its path: two entries with the same key and URL may still
+    differ in wireApi or proxyUrl (their cooldowns are shared: Credential.key)."""
+    return {cred.path: ADAPTERS[cred.dialect](cred, config, environ) for cred in config.credentials}
 
 
 class BedrockDecoder:
@@ -7781,7 +7820,7 @@ class ModelCall:
         return None
 
     def _upstream(self, target: "Target") -> "Upstream":
-        return self.setup.upstreams[target.cred.key]
+        return self.setup.upstreams[target.cred.path]
 
     def ask(self) -> Optional[Chat]:
         """The client's request in the internal form, read once: a writer of the client's
@@ -7960,6 +7999,8 @@ class ModelCall:
         if self.op == "count" and isinstance(upstream, BedrockUpstream):
             return Reply(200, dumps(local_count(self.call.fmt, self.body)))  # not every model counts
         status, body = upstream.error(resp.status, resp.headers, body)
+        if not body.strip():               # said by its status alone: "Not Found"
+            body = _REASONS.get(status, f"HTTP {status}").encode()
         hint = upstream.hint(status, resp.req.url, body, attempt.target.model, self.requested)
         secrets = self.setup.config.secrets
         message = upstream_message(body)[0] + (f" ({hint})" if hint else "")
@@ -10712,6 +10753,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"proxypal: invalid config: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:                # `models | head` read what it wanted: fine
+        with contextlib.suppress(OSError):  # (and no second error when Python flushes
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # stdout at exit:
+        return 0                            # docs.python.org/3/library/signal.html#note-on-sigpipe)
     except OSError as exc:
         print(f"proxypal: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -201,3 +201,14 @@ def test_log_requests_and_debug_flags(tmp_path):
     entry = json.loads([l for l in err.splitlines() if '"path": "/v1/chat/completions"' in l][0]
                        .split(" INFO ", 1)[1])                            # --log-requests
     assert entry["status"] == 502 and entry["provider"] == "Down" and "refused" in entry["error"]
+
+
+def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
+    config = tmp_path / "config.json"              # (more than a pipe holds: 64 KB on Linux)
+    config.write_text(json.dumps({"ampOpenaiProviders": [
+        {"name": "Big", "baseUrl": "http://h/v1", "apiKey": "k", "models": [f"model-{i}" for i in range(5000)]}]}))
+    proc = spawn("models", "--json", "--config", str(config))
+    assert proc.stdout.readline() == "[\n"         # `| head -1`: read a line, then go
+    proc.stdout.close()
+    assert proc.wait(timeout=TIMEOUT) == 0
+    assert proc.stderr.read() == ""

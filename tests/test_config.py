@@ -140,6 +140,14 @@ ERRORS = [
      'ampOpenaiProviders[0]: "baseUrl" must not hold a user name or password'),
     ("key-beyond-latin-1", {"apiKeys": ["ok", "ключ"]}, "apiKeys: must be text a client can send"),
     ("key-control", {"managementKey": "a\tb"}, "managementKey: must be text a client can send"),
+    # a field spelled unlike ours would be ignored: an Azure key sent to api.anthropic.com
+    ("base-url-spelling", {"claudeApiKeys": [{"apiKey": "a", "baseURL": "https://r.services.ai.azure.com"}]},
+     'claudeApiKeys[0]: "baseURL" is not a field: write "baseUrl"'),
+    ("api-key-spelling", {"geminiApiKeys": [{"api_key": "AIza"}]},
+     'geminiApiKeys[0]: "api_key" is not a field: write "apiKey"'),
+    ("proxy-url-spelling", {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://h/v1", "models": ["m"],
+                                                    "proxy-url": "http://p:1"}]},
+     'ampOpenaiProviders[0]: "proxy-url" is not a field: write "proxyUrl"'),
 ]
 
 
@@ -189,6 +197,12 @@ def test_example_config_loads():
     config = proxypal.load_config(os.path.join(root, "config.example.json"))
     assert config.loaded and len(config.credentials) >= 8
     assert config.unknown_keys == ()
+    raw = config.raw                               # "sets every key the proxy reads"
+    assert {s.key for s in proxypal.SETTINGS} <= set(raw)
+    entries = [e for kind in proxypal.CREDENTIAL_LISTS for e in raw[kind]]
+    assert set(proxypal.ENTRY_FIELDS) == {field for e in entries for field in e}
+    assert {"name", "alias", "maxOutputTokens", "contextWindow"} == {
+        field for e in entries for m in e["models"] if isinstance(m, dict) for field in m}
 
 
 def test_api_key_with_line_break_is_a_config_error():
@@ -381,3 +395,29 @@ def test_a_file_the_next_start_would_refuse_is_never_written(tmp_path):
         store.save({"host": "0.0.0.0"})
     assert info.value.field == "host" and not (tmp_path / "config.json").exists()
     assert proxypal.parse_config({"host": "0.0.0.0"}).host == "0.0.0.0"
+
+
+def test_entries_named_after_one_host_are_numbered_and_given_names_kept():
+    raw = {"claudeApiKeys": [{"apiKey": "a"}, {"apiKey": "b"}, {"apiKey": "c", "name": "Anthropic 2"},
+                             {"apiKey": "d", "name": "Mine"}, {"apiKey": "e", "name": "Mine"}]}
+    names = [c.name for c in proxypal.parse_config(raw).credentials]
+    assert names == ["Anthropic", "Anthropic 3", "Anthropic 2", "Mine", "Mine"]
+
+
+def test_fields_of_other_tools_in_an_entry_are_kept_and_ignored():
+    raw = {"claudeApiKeys": [{"apiKey": "a", "_note": "work key", "priority": 1}]}
+    config = proxypal.parse_config(raw)
+    assert config.credentials[0].base_url == "https://api.anthropic.com"
+    assert config.raw["claudeApiKeys"][0]["_note"] == "work key"
+
+
+def test_entries_alike_but_for_wire_api_and_proxy_keep_their_own_adapters():
+    entry = {"baseUrl": "http://h/v1", "apiKey": "same"}
+    config = proxypal.parse_config({"ampOpenaiProviders": [
+        dict(entry, name="A", models=["chat-m"]),
+        dict(entry, name="B", models=["resp-m"], wireApi="responses", proxyUrl="socks5://127.0.0.1:9")]})
+    first, second = config.credentials
+    assert first.key == second.key                 # one identity for cooldowns...
+    upstreams = proxypal.make_upstreams(config, {})
+    assert upstreams[first.path].cred.wire_api == "" and upstreams[first.path].cred.proxy_url == ""
+    assert upstreams[second.path].cred.wire_api == "responses"   # ...and an adapter each

@@ -171,6 +171,20 @@ def test_chat_client_reaches_a_responses_only_provider(upstream, proxy):
                                     "content": [{"type": "input_text", "text": "ls"}]}]
 
 
+def test_two_entries_with_one_key_each_keep_their_wire_api(upstream, proxy):
+    answers = {"/v1/chat/completions": json_answer(200, openai_completion("chat-m")),
+               "/v1/responses": json_answer(200, RESPONSE)}
+    up = upstream(lambda handler, rec: answers[rec.path](handler, rec))
+    native = responses_provider(up.url, name="Responses", models=["resp-m"])["ampOpenaiProviders"][0]
+    chat = dict(native, name="Chat", models=["chat-m"], wireApi="chat")
+    p = proxy({"ampOpenaiProviders": [chat, native]})
+    for model in ("chat-m", "resp-m"):
+        status, headers, _ = request(p, "POST", "/v1/chat/completions",
+                                     {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200
+    assert [up.last().path, up.last().path] == ["/v1/chat/completions", "/v1/responses"]
+
+
 def test_claude_code_stream_on_a_responses_only_provider(upstream, proxy):
     up = upstream(sse_answer([sse(RESPONSES_STREAM)]))
     p = proxy(responses_provider(up.url))

@@ -525,13 +525,18 @@ def test_upstream_errors_pass_through_with_hints(upstream, proxy):
         elif model == "m500":
             send(handler, 500, json.dumps({"error": {"message": "boom", "type": "server_error",
                                                      "code": None, "param": None}}).encode())
+        elif model == "bare404":
+            send(handler, 404, b"")
     up = upstream(respond)
-    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m404", "m500"], name="Groq")],
+    p = proxy({"ampOpenaiProviders": [openai_provider(up.url, ["m404", "m500", "bare404"], name="Groq")],
                "claudeApiKeys": [{"apiKey": "k", "baseUrl": up.url + "/anthropic",
                                   "models": [{"name": "deploy", "alias": "claude-opus-4-5-20251101"}]}]})
     status, _, body = request(p, "POST", "/v1/chat/completions", chat("m404"))
     msg = json.loads(body)["error"]["message"]
     assert status == 404 and msg.startswith("Groq: ") and "baseUrl" in msg and "/v1/chat/completions" in msg
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat("bare404"))
+    msg = json.loads(body)["error"]["message"]     # an empty body: its status says it
+    assert status == 404 and msg.startswith("Groq: Not Found (") and "baseUrl" in msg
     status, headers, body = request(p, "POST", "/v1/chat/completions", chat("m500"))
     assert status == 500 and body == json.dumps({"error": {"message": "boom", "type": "server_error",
                                                            "code": None, "param": None}}).encode()
@@ -553,6 +558,20 @@ def test_connection_refused_names_host_port(proxy):
     status, _, body = request(p, "POST", "/v1/chat/completions", chat("llama3"))
     msg = json.loads(body)["error"]["message"]
     assert status == 502 and f"127.0.0.1:{port}" in msg and "running" in msg and "Ollama" in msg
+
+
+@pytest.mark.parametrize("scheme,base", [("http", "http://llm.example.invalid/v1"),
+                                         ("socks5", "https://llm.example.invalid/v1")])
+def test_a_dead_outbound_proxy_is_named_not_the_provider(proxy, scheme, base):
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()                                   # the proxy the config names is not running
+    p = proxy({"ampOpenaiProviders": [{"name": "Far", "baseUrl": base, "apiKey": "k", "models": ["m"],
+                                       "proxyUrl": f"{scheme}://127.0.0.1:{port}"}]})
+    status, _, body = request(p, "POST", "/v1/chat/completions", chat())
+    msg = json.loads(body)["error"]["message"]
+    assert status == 502 and f"outbound proxy 127.0.0.1:{port} refused" in msg and "Ollama" not in msg
 
 
 def test_first_byte_timeout_is_504(upstream, proxy):
