@@ -1,7 +1,7 @@
 # proxypal.py: `make test` is all CI runs. Nothing here is needed to *use* the proxy.
 PYTHON ?= python3
 
-.PHONY: test bench run lint clean
+.PHONY: test bench bench-peers run lint clean
 
 test:
 	@$(PYTHON) -c "import pytest" 2>/dev/null || $(PYTHON) -m pip install --quiet pytest
@@ -9,6 +9,11 @@ test:
 
 bench:
 	$(PYTHON) tests/bench.py
+
+# the same mock and load through LiteLLM, claude-code-router and Portkey's gateway,
+# installed on first use (PyPI, npm) under ~/.cache/proxypal-bench
+bench-peers:
+	$(PYTHON) tests/bench_peers.py $(BENCH_ARGS)
 
 run:
 	$(PYTHON) proxypal.py $(ARGS)
