@@ -5783,16 +5783,26 @@ class StreamPipe:
         self.writer = getattr(reader, "w", reader)
         self.fmt = FORMATS[client]
         self.encode = self.fmt.encode
+        self.held: List[Tuple[str, str]] = []   # the first read's events after the first
 
     def first(self, data: bytes) -> bytes:
-        """The first bytes: an error event before anything else is an HTTP error instead."""
+        """The client's first event, made of the upstream's first events alone: the rest
+        of a read that brought a whole burst is translated after that went out (relay
+        feeds b"" for it), not before. An error event before anything else is an HTTP
+        error instead."""
         events = self.decoder.feed(data)
         if events:
             check_opening(*events[0])
-        return self._out(events)
+        for i in range(len(events)):
+            out = self._out(events[i:i + 1])
+            if out:
+                self.held = events[i + 1:]
+                return out
+        return b""
 
     def feed(self, data: bytes) -> bytes:
-        return self._out(self.decoder.feed(data))
+        events, self.held = self.held + self.decoder.feed(data), []
+        return self._out(events)
 
     def close(self) -> bytes:
         return self._out(self.decoder.close(), closing=True)
@@ -8217,6 +8227,8 @@ class RelayPipe:
     complete event goes out as soon as it arrived. A stream that ends without its
     format's last event gets an error event, not a quiet truncation."""
 
+    held = ()                              # (a relayed read goes out whole at once)
+
     def __init__(self, fmt: str, provider: str, model: str = "") -> None:
         self.fmt, self.provider = FORMATS[fmt], provider
         self.model = model if fmt == "anthropic" else ""   # for message_start (renamed_opening)
@@ -8368,9 +8380,9 @@ async def relay(call: Call, reply: StreamReply) -> None:
                 conn.writer.write(head + (chunk(out) if chunked and out else out))
                 head = b""
                 await conn.drain()
-            data = await resp.read1()
-            if not data:
-                break
+            data = b"" if pipe.held else await resp.read1()    # (held: the first read's
+            if not (data or pipe.held):                         # other events, translated
+                break                                           # once the first went out)
             if pinger:
                 pinger.touch()
             out = pipe.feed(data)

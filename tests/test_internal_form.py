@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -670,3 +671,30 @@ def test_an_inline_image_counts_as_an_image_not_as_its_base64(fmt, body):
     counted = proxypal.local_count(fmt, body)
     tokens = counted.get("totalTokens", counted.get("input_tokens"))
     assert proxypal.MEDIA_TOKENS < tokens < proxypal.MEDIA_TOKENS + 60, counted
+
+
+# -- a translated burst: its first event goes out before the rest is translated --------
+
+def sse_bytes(items: List[Tuple[str, str]]) -> bytes:
+    return b"".join((f"event: {e}\n" if e else "").encode() + f"data: {d}\n\n".encode() for e, d in items)
+
+
+@pytest.mark.parametrize("client,upstream", [("anthropic", "openai"), ("openai", "anthropic"),
+                                             ("responses", "gemini"), ("gemini", "anthropic")])
+def test_a_burst_gives_its_first_event_alone_then_the_same_stream(client, upstream):
+    given = events(upstream, STREAMS[upstream])
+    burst = sse_bytes([(e if upstream == "anthropic" else "", d) for e, d in given])
+
+    def pipe():
+        writer = CODECS[client].stream_writer("m", 0, None)
+        return proxypal.StreamPipe(proxypal.SSEDecoder(), CODECS[upstream].stream_reader(writer), client)
+    early = pipe()
+    first = early.first(burst)
+    assert first and len(given) - 3 <= len(early.held) < len(given)   # the first upstream
+                                                                       # events that say anything
+    rest = early.feed(b"")
+    assert not early.held and early.feed(b"") == b""
+    whole = pipe()
+    normal = whole._out(whole.decoder.feed(burst))
+    ids = re.compile(rb'"(?:id|created|created_at|responseId)"\s*:\s*("[^"]*"|\d+)')
+    assert ids.sub(b"", first + rest + early.close()) == ids.sub(b"", normal + whole.close())
