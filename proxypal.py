@@ -343,6 +343,7 @@ def size_text(size: int) -> str:
     return f"{mb:g} MB" if mb >= 1 else f"{size} bytes"
 
 
+@functools.lru_cache(maxsize=256)         # (peers are a few loopback addresses)
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost."""
     host = host.strip("[]")
@@ -527,10 +528,15 @@ class Config:
         return tuple(sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True))
 
 
+# Headers a config sets whose values are settings, not secrets; any other header's value
+# (a gateway's Ocp-Apim-Subscription-Key, Helicone-Auth, X-Auth-Token...) is masked.
+PLAIN_HEADERS = frozenset({"anthropic-version", "anthropic-beta", "x-amz-region", "http-referer",
+                           "referer", "x-title", "user-agent", "accept", "content-type",
+                           "openai-organization", "openai-project", "api-version"})
+
+
 def _is_secret_header(name: str) -> bool:
-    name = name.lower()
-    return name in ("authorization", "x-api-key", "api-key", "x-goog-api-key") or \
-        name.startswith("x-amz-") and name != "x-amz-region"
+    return name.lower() not in PLAIN_HEADERS
 
 
 def _url_password(url: str) -> str:
@@ -576,8 +582,8 @@ class _Reader:
                 value, ok = float(value), True
             except OverflowError:
                 raise self.fail(key, f"is far too large: {_short(value)}") from None
-        if not ok:
-            shown = "" if key in SECRET_KEYS else " " + _short(value)
+        if not ok:                         # (a list or headers given as text: a key)
+            shown = "" if key in SECRET_KEYS or kind in (list, dict) else " " + _short(value)
             raise self.fail(key, f"must be {_TYPE_NAMES[kind]}, got {_json_type(value)}{shown}")
         if kind is str and _SURROGATE.search(value):
             raise self.fail(key, "holds a lone UTF-16 surrogate (half of an emoji?), which is "
@@ -7501,14 +7507,34 @@ def check_local_key(req: Request, config: Config) -> None:
     if not key_matches(key, config.local_keys):
         raise ProxypalError("invalid API key: use the proxy's own key (proxyApiKey or "
                             "apiKeys in config.json), not an upstream's", 401)
+    relayed = key == DEFAULT_LOCAL_KEY and not_from_here(req)
+    if relayed:
+        raise ProxypalError(f"the public key {DEFAULT_LOCAL_KEY!r} is accepted only from this "
+                            f"machine, and this request {relayed}: set \"proxyApiKey\" to a "
+                            "secret for clients that reach the proxy that way", 403)
+
+
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def not_from_here(req: Request) -> str:
+    """Why a request may come from another machine, or "": its connection does, or a
+    reverse proxy on this machine (nginx) says it passed it on. (The Host header is not
+    judged: hand-made requests name any host.)"""
+    if not is_loopback(req.peer):
+        return "comes from another machine"
+    if any(name in req.headers for name in FORWARDING_HEADERS):
+        return "was passed on by a reverse proxy (Forwarded, X-Forwarded-For or X-Real-IP)"
+    return ""
 
 
 def check_page(req: Request, config: Config) -> None:
     """The page itself holds no secret; like its API it is shown to this machine only,
     unless allowRemoteManagement."""
-    if not (config.allow_remote_management or is_loopback(req.peer)):
-        raise ProxypalError("the management page answers only this machine; set "
-                            "allowRemoteManagement to true to allow others", 403)
+    if not config.allow_remote_management and not_from_here(req):
+        raise ProxypalError(f"the management page answers only this machine, and this "
+                            f"request {not_from_here(req)}; set allowRemoteManagement to true "
+                            "to allow others", 403)
 
 
 def check_management_key(req: Request, config: Config) -> None:
@@ -10651,7 +10677,9 @@ def setup_logging(config: Config) -> None:
     if config.logging_to_file:
         folder = os.path.join(os.path.dirname(os.path.abspath(config.path or default_config_path())),
                               "logs")
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, 0o700, exist_ok=True)   # (a log line may quote what a client
+        with contextlib.suppress(OSError):           # sent: only its owner reads the folder)
+            os.chmod(folder, 0o700)
         each = config.logs_max_total_size_mb * 1024 * 1024 // (LOG_FILE_BACKUPS + 1)
         handlers.append(logging.handlers.RotatingFileHandler(
             os.path.join(folder, "proxypal.log"), maxBytes=max(each, 64 * 1024),

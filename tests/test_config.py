@@ -364,6 +364,8 @@ def test_create_never_overwrites(tmp_path):
     {"claudeApiKeys": [{"apiKey": ["sk-NEW-secret"]}]},
     {"ampOpenaiProviders": [{"name": "n", "baseUrl": "http://u:sk-NEW-secret@h:xx/v1", "models": []}]},
     {"proxyUrl": "http://user:sk-NEW/secret@proxy:8080"}, {"proxyUrl": "http://user:sk-NEW#secret@proxy:8080"},
+    {"geminiApiKeys": "sk-NEW-secret"}, {"claudeApiKeys": "sk-NEW-secret"},    # a key where a list goes
+    {"claudeApiKeys": [{"apiKey": "k", "headers": "x-api-key: sk-NEW-secret"}]},
 ])
 def test_a_config_error_never_shows_a_secret(raw):
     with pytest.raises(ConfigError) as info:

@@ -87,6 +87,25 @@ def test_other_machines_get_neither_page_nor_api():
         p.close()
 
 
+def test_a_reverse_proxy_on_this_machine_does_not_make_others_local(upstream, proxy):
+    # nginx in front: its connections come from 127.0.0.1, for clients anywhere
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"managementKey": KEY, "apiKeys": ["team-secret"], "ampOpenaiProviders": [provider(up.url)]})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for forwarded in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"},
+                      {"X-Real-IP": "203.0.113.9"}):
+        status, _, body = request(p, "POST", "/v1/chat/completions", chat, forwarded)
+        message = json.loads(body)["error"]["message"]
+        assert status == 403 and "only from this machine" in message and "proxyApiKey" in message
+        assert request(p, "GET", "/", headers=forwarded, key=None)[0] == 403
+        assert request(p, "GET", "/v0/management/state", headers=dict(forwarded, **H), key=None)[0] == 403
+        assert request(p, "POST", "/v1/chat/completions", chat, forwarded, key="team-secret")[0] == 200
+    assert len(up.all) == 3                        # only the secret key's requests went out
+    assert request(p, "POST", "/v1/chat/completions", chat)[0] == 200      # (and this machine's)
+    remote = proxy({"managementKey": KEY, "allowRemoteManagement": True})
+    assert request(remote, "GET", "/", headers={"X-Forwarded-For": "203.0.113.9"}, key=None)[0] == 200
+
+
 def test_state_shows_counts_providers_cooldowns_and_versions(upstream, proxy, config_file):
     ok = upstream(json_answer(200, openai_completion()))
     limited = upstream(json_answer(429, {"error": {"message": "slow down"}}, headers=(("retry-after", "120"),)))

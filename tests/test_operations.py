@@ -174,16 +174,18 @@ def test_histogram_percentile_is_the_bin_edge_above(seconds, fraction, expected)
 # -- secrets ------------------------------------------------------------------------------
 
 SECRETS = ["sk-upstream-secret-1234", "local-client-secret-99", "mgmt-secret-777", "proxy-pass-555",
-           "AKIA-secret-access", "aws-secret-key-xyz"]
+           "AKIA-secret-access", "aws-secret-key-xyz", "apim-secret-4321"]
 
 
 def test_secrets_never_appear_in_output_or_log_files(upstream, tmp_path):
-    up = upstream(json_answer(401, {"error": {"message": "Incorrect API key provided: sk-upstream-secret-1234"}}))
+    up = upstream(json_answer(401, {"error": {"message": "Incorrect API key provided: sk-upstream-secret-1234 "
+                                                         "(gateway subscription apim-secret-4321)"}}))
     config = tmp_path / "config.json"
     config.write_text(json.dumps({
         "proxyApiKey": "local-client-secret-99", "managementKey": "mgmt-secret-777", "debug": True,
         "requestLogging": True, "loggingToFile": True, "proxyPassword": "proxy-pass-555",
-        "ampOpenaiProviders": [provider(up.url, key="sk-upstream-secret-1234")],
+        "ampOpenaiProviders": [dict(provider(up.url, key="sk-upstream-secret-1234"),   # a gateway's own
+                                    headers={"Ocp-Apim-Subscription-Key": "apim-secret-4321"})],   # key
         "claudeApiKeys": [{"apiKey": "x-key-bedrock", "baseUrl": "https://bedrock-runtime.us-east-1.amazonaws.com",
                            "headers": {"x-amz-access-key": "AKIA-secret-access", "x-amz-secret-key": "aws-secret-key-xyz"}}]}))
     proc = subprocess.Popen([sys.executable, SCRIPT, "--config", str(config), "--port", "0"],
@@ -208,6 +210,8 @@ def test_secrets_never_appear_in_output_or_log_files(upstream, tmp_path):
     assert '"status": 401' in err and '"status": 401' in logs      # the request log was written
     everything = out + err + logs
     assert [s for s in SECRETS if s in everything] == []
+    if os.name == "posix":                         # (a log line may quote what a client sent)
+        assert (tmp_path / "logs").stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.parametrize("text,expected", [
