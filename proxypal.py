@@ -1028,13 +1028,25 @@ class ConfigStore:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, path)
+            _replace(temp, path)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise ConfigWriteError("", f"cannot write {path}: {exc.strerror or exc}; the file "
                                        "was not changed") from None
         _fsync_folder(folder)
+
+
+def _replace(src: str, dst: str) -> None:
+    """os.replace, retried for a moment on Windows: there a file that another process
+    has open (a second proxy reading it, an editor, an indexer or antivirus scan) cannot
+    be replaced (PermissionError) until it is closed."""
+    for delay in (0.01, 0.03, 0.1, 0.25) if os.name == "nt" else ():
+        try:
+            return os.replace(src, dst)
+        except PermissionError:
+            time.sleep(delay)
+    os.replace(src, dst)
 
 
 def new_management_key() -> str:
@@ -1094,8 +1106,17 @@ class _FolderLock:
                 self.fd = os.open(os.path.join(self.folder, ".proxypal.lock"),
                                   os.O_RDWR | os.O_CREAT, 0o600)
                 import msvcrt
-                msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
-                return self
+                # Not LK_LOCK: it sleeps a whole second between tries (10 tries), and this
+                # runs on the event loop. Try often instead, for as long.
+                deadline = time.monotonic() + 10.0
+                while True:
+                    try:
+                        msvcrt.locking(self.fd, msvcrt.LK_NBLCK, 1)
+                        return self
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.002)
             if self.fd < 0:
                 os.makedirs(self.folder, exist_ok=True)
                 self.fd = os.open(self.folder, os.O_RDONLY)
@@ -1112,6 +1133,11 @@ class _FolderLock:
             import fcntl
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             return
+        if os.name == "nt":                # unlocked before the close: Windows frees the
+            import msvcrt                  # locks of a closed handle only "eventually"
+            with contextlib.suppress(OSError):
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
         os.close(self.fd)                  # closing releases the lock
         self.fd = -1
 
@@ -1874,8 +1900,9 @@ def retry_after_seconds(value: str, now: Optional[float] = None) -> Optional[flo
     try:
         import email.utils
         when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
+    except (TypeError, ValueError, IndexError, OverflowError, OSError):
+        return None                        # (a "-0000" date is local time: Windows' localtime
+                                           # refuses one before 1970 or after 3000, OSError)
     return max(0.0, when - (time.time() if now is None else now))
 
 
@@ -10476,9 +10503,18 @@ def banner(server: Server, new_key: str = "") -> str:
         f"proxypal {__version__} listening on {base}",
         where,
         f"management page: {page}",
-        f"  export ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN={key}",
-        f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}",
+        *client_lines(base, key),
     ])
+
+
+def client_lines(base: str, key: str, windows: bool = os.name == "nt") -> List[str]:
+    """The lines that point clients at the proxy, in the shell of this system (cmd.exe
+    and PowerShell have no `export`)."""
+    if windows:
+        return [f'  $env:ANTHROPIC_BASE_URL = "{base}"; $env:ANTHROPIC_AUTH_TOKEN = "{key}"',
+                f'  $env:OPENAI_BASE_URL = "{base}/v1"; $env:OPENAI_API_KEY = "{key}"']
+    return [f"  export ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN={key}",
+            f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}"]
 
 
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
@@ -10496,12 +10532,23 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
                             cfg.port if port is None else port, reuse_port=reuse_port, sock=sock)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        previous: Any = None
         for name, action in (("SIGINT", stop.set), ("SIGTERM", stop.set),
                              ("SIGHUP", server.reload)):
             try:
                 loop.add_signal_handler(getattr(signal, name), action)
             except (NotImplementedError, AttributeError, RuntimeError, ValueError):
-                pass                       # Windows: Ctrl-C arrives as KeyboardInterrupt
+                # Windows has no add_signal_handler: there a KeyboardInterrupt would leave
+                # the loop and asyncio.run (before 3.11) cancels every task, in-flight
+                # requests included. A plain handler stops gracefully instead (the
+                # proactor wakes on signals); a second Ctrl-C interrupts at once.
+                if name == "SIGINT" and threading.current_thread() is threading.main_thread():
+                    def interrupt(signum: int, frame: Any) -> None:
+                        if stop.is_set():
+                            raise KeyboardInterrupt
+                        loop.call_soon_threadsafe(stop.set)
+                    with contextlib.suppress(ValueError, OSError):
+                        previous = signal.signal(signal.SIGINT, interrupt)
         if print_banner:
             print(banner(server, new_key) + (f"\n{note}" if note else ""), flush=True)
         elif reuse_port:
@@ -10510,7 +10557,11 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
             await stop.wait()
         finally:
             log.info("stopping: letting in-flight requests finish (up to %gs)", SHUTDOWN_GRACE)
-            await server.close()
+            try:
+                await server.close()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
     try:
         asyncio.run(running())
     except KeyboardInterrupt:
@@ -10722,7 +10773,7 @@ def serve_workers(config: Config, overrides: Dict[str, Any], count: int,
     if not hasattr(socket, "SO_REUSEPORT"):
         log.warning("--workers needs SO_REUSEPORT, which this OS does not have; "
                     "running a single process")
-        return serve(config, overrides=overrides)
+        return serve(config, overrides=overrides, new_key=new_key)
     check_exposure(config, config.host)
     family = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0][0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -10761,6 +10812,11 @@ def subprocess_worker(argv: Sequence[str], port: int, run: str) -> Any:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A redirected stdout (a file, a pipe, Git Bash's mintty) is in the ANSI code page on
+    # Windows with errors="strict": a path or a name outside it would end the command.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")   # type: ignore
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     if argv and argv[0] == command:
         argv = argv[1:]

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from helpers import TIMEOUT
+from helpers import TIMEOUT, proxypal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "proxypal.py")
@@ -212,3 +212,26 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(tmp_path):
     proc.stdout.close()
     assert proc.wait(timeout=TIMEOUT) == 0
     assert proc.stderr.read() == ""
+
+
+def test_names_beyond_the_console_code_page_never_end_a_command(tmp_path):
+    # a redirected stdout on Windows is in the ANSI code page (cp1252), strictly
+    folder = tmp_path / "Łukasz"
+    folder.mkdir()
+    config = folder / "config.json"
+    config.write_text(json.dumps({"ampOpenaiProviders": [
+        {"name": "通义千问", "baseUrl": "http://h/v1", "apiKey": "k", "models": ["qwen-max"]}]}), encoding="utf-8")
+    result = run("models", "--config", str(config), env={"PYTHONIOENCODING": "cp1252"})
+    assert result.returncode == 0 and "qwen-max" in result.stdout and "Traceback" not in result.stderr
+    result = run("init", "--config", str(folder / "new.json"), env={"PYTHONIOENCODING": "cp1252"})
+    assert result.returncode == 0 and (folder / "new.json").exists()
+
+
+def test_the_banner_speaks_the_shell_of_its_system():
+    banner = proxypal.banner(proxypal.Server(proxypal.parse_config({})))
+    unix = proxypal.client_lines("http://127.0.0.1:8317", "proxypal-local", windows=False)
+    windows = proxypal.client_lines("http://127.0.0.1:8317", "proxypal-local", windows=True)
+    assert (windows if os.name == "nt" else unix)[0] in banner.splitlines()
+    assert unix[0] == "  export ANTHROPIC_BASE_URL=http://127.0.0.1:8317 ANTHROPIC_AUTH_TOKEN=proxypal-local"
+    assert windows == ['  $env:ANTHROPIC_BASE_URL = "http://127.0.0.1:8317"; $env:ANTHROPIC_AUTH_TOKEN = "proxypal-local"',
+                       '  $env:OPENAI_BASE_URL = "http://127.0.0.1:8317/v1"; $env:OPENAI_API_KEY = "proxypal-local"']

@@ -156,6 +156,16 @@ def test_retry_after(value, expected):
     assert proxypal.retry_after_seconds(value, now) == expected
 
 
+def test_retry_after_a_date_the_clock_cannot_place_is_no_advice(monkeypatch):
+    import email.utils
+
+    class Far:                                     # Windows' localtime refuses years past 3000
+        def timestamp(self):
+            raise OSError(22, "Invalid argument")
+    monkeypatch.setattr(email.utils, "parsedate_to_datetime", lambda value: Far())
+    assert proxypal.retry_after_seconds("Fri, 01 Jan 3001 00:00:00 -0000") is None
+
+
 def test_clamp_output_tokens():
     body = {"max_tokens": 32000, "max_completion_tokens": 100, "generationConfig": {"maxOutputTokens": 9000}}
     proxypal.clamp_output_tokens(body, 8192)
