@@ -6787,7 +6787,12 @@ class UpstreamClient:
         limit = MAX_HEADER_BLOCK * 2
         try:
             if proxy is None:
-                opening = asyncio.open_connection(host, port, limit=limit, **tls)
+                # Windows resolves "localhost" to ::1 first, and a refused connect takes 2 s
+                # there before 127.0.0.1 is tried (Ollama, vLLM, LM Studio listen on IPv4):
+                # race the two. Only there: racing every connect failed test_soak on 3.8 (RSS).
+                race = {"happy_eyeballs_delay": 0.25} if os.name == "nt" and host == "localhost" \
+                    else {}
+                opening = asyncio.open_connection(host, port, limit=limit, **race, **tls)
             elif proxy.scheme.startswith("socks") or https:
                 tunnel = socks5_connect if proxy.scheme.startswith("socks") else http_tunnel
                 sock = await asyncio.wait_for(loop.run_in_executor(
