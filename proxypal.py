@@ -9079,7 +9079,8 @@ async def handle_put_config(server: "Server", call: Call, params: Dict[str, str]
                                      '(from GET /v0/management/config)')
     try:
         check_management_kept(raw, call.config)
-        config, new_version = store.save(raw, version)
+        check_exposure(parse_config(raw), server.host)   # (the address it listens on now,
+        config, new_version = store.save(raw, version)   # --host included)
     except ConfigError as exc:
         return management_error(exc.status, exc.message, exc.field)
     except ConfigConflict as exc:

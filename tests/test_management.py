@@ -185,6 +185,18 @@ def test_an_invalid_save_names_the_field_and_changes_nothing(proxy, config_file,
     assert path.read_bytes() == before and not (path.parent / "config.json.bak").exists()
 
 
+def test_a_save_that_would_expose_the_public_key_where_it_listens_is_refused(proxy, config_file):
+    path = config_file({"managementKey": KEY, "proxyApiKey": "team-secret"})
+    before = path.read_bytes()
+    p = proxy(str(path), host="0.0.0.0")          # (as --host 0.0.0.0 on the command line)
+    _, _, got = mgmt(p, "GET", "config")
+    doc = dict(got["config"])
+    doc.pop("proxyApiKey")
+    status, _, err = save(p, doc, got["version"])
+    assert status == 400 and err["error"]["path"] == "host" and "proxyApiKey" in err["error"]["message"]
+    assert path.read_bytes() == before
+
+
 def test_a_save_over_an_external_edit_is_refused_and_the_edit_is_seen(proxy, config_file):
     path = config_file({"managementKey": KEY, "requestRetry": 1})
     p = proxy(str(path))
