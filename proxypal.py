@@ -470,7 +470,7 @@ class Credential:
     def secrets(self) -> Tuple[str, ...]:
         """What must never be shown: its key, secret headers, its proxy's password."""
         return tuple(s for s in (self.api_key, _url_password(self.proxy_url),
-                                 *(v for k, v in self.headers if _is_secret_header(k))) if s)
+                                 *(v for k, v in self.headers if _is_secret_header(k, v))) if s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,15 +528,27 @@ class Config:
         return tuple(sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True))
 
 
-# Headers a config sets whose values are settings, not secrets; any other header's value
-# (a gateway's Ocp-Apim-Subscription-Key, Helicone-Auth, X-Auth-Token...) is masked.
+# Headers a config sets whose values are settings, never secrets. Others are secrets when
+# their name or value says so (a gateway's Ocp-Apim-Subscription-Key, Helicone-Auth,
+# X-Auth-Token...): _is_secret_header.
 PLAIN_HEADERS = frozenset({"anthropic-version", "anthropic-beta", "x-amz-region", "http-referer",
                            "referer", "x-title", "user-agent", "accept", "content-type",
                            "openai-organization", "openai-project", "api-version"})
 
 
-def _is_secret_header(name: str) -> bool:
-    return name.lower() not in PLAIN_HEADERS
+_SECRET_HEADER_NAME = re.compile(r"(?:^|[-_])(?:api-?)?key(?:$|[-_])|token|auth|secret|passw|"
+                                 r"signature|cookie|session|credential")
+_PLAIN_VALUE = re.compile(r"[A-Za-z]+|[0-9.]+|[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _is_secret_header(name: str, value: str) -> bool:
+    """A header whose name says credential, or whose value looks like one (long, mixed):
+    a short word or number ("true", "3600", "openai") stays readable wherever it appears."""
+    name = name.lower()
+    if name in PLAIN_HEADERS:
+        return False
+    return bool(_SECRET_HEADER_NAME.search(name)) or name.startswith("x-amz-") or \
+        (len(value) >= 16 and not _PLAIN_VALUE.fullmatch(value))
 
 
 def _url_password(url: str) -> str:
@@ -847,14 +859,15 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     """Validate a config object (the parsed JSON) into a Config. Pure; raises ConfigError."""
     r = _Reader(raw, "")
     values = {s.attr: _setting(r, s) for s in SETTINGS}
-    credentials, named = [], []
+    slots: List[Tuple[Optional[Credential], str, bool]] = []   # (entry, name, made)
     for list_key, api in CREDENTIAL_LISTS.items():
         for i, item in enumerate(r.get(list_key, list, [])):
             where = f"{list_key}[{i}]"
             if isinstance(item, dict) and _Reader(item, where).get("disabled", bool, False):
+                slots.append((None, _default_name(api, item), True))   # (keeps its number)
                 continue                   # switched off on the page; kept in the file
-            credentials.append(_parse_credential(api, item, where))
-            named.append(bool(item.get("name")))
+            cred = _parse_credential(api, item, where)
+            slots.append((cred, cred.name, not item.get("name")))
     if values["management_key"] and values["management_key"] in \
             (values["proxy_api_key"],) + tuple(values["api_keys"]):
         raise ConfigError("managementKey", "must differ from proxyApiKey and apiKeys: the "
@@ -862,24 +875,37 @@ def parse_config(raw: Any, path: str = "", loaded: bool = True) -> Config:
     if not _valid_host(values["host"].strip("[]")):
         raise ConfigError("host", f"must be an IP address or a host name, got "
                                   f"{printable(values['host'], 80)!r}")
-    return Config(**values, credentials=_numbered(credentials, named), mappings=_parse_mappings(r),
+    return Config(**values, credentials=_numbered(slots), mappings=_parse_mappings(r),
                   path=path, loaded=loaded, unknown_keys=tuple(sorted(set(raw) - KNOWN_KEYS)),
                   raw=raw)
 
 
-def _numbered(credentials: List[Credential], named: List[bool]) -> Tuple[Credential, ...]:
-    """Names made from the host ("Anthropic") numbered where another entry has the name
-    already ("Anthropic 2"): two keys for one provider keep their own requests, errors
-    and usage on the page. Names the user gave stay as they are."""
-    taken = {c.name for c, given in zip(credentials, named) if given}
+def _default_name(api: str, item: Dict[str, Any]) -> str:
+    """The name a switched-off entry made from its host would have (it keeps its number
+    while off), "" for one named by the user or that says too little."""
+    base = item.get("baseUrl") or DEFAULT_BASE_URL.get(api, "")
+    if item.get("name") or not isinstance(base, str):
+        return ""
+    with contextlib.suppress(ValueError):  # (a switched-off entry may be half written)
+        return _provider_name(_normalize_base(api, base))
+    return ""
+
+
+def _numbered(slots: List[Tuple[Optional[Credential], str, bool]]) -> Tuple[Credential, ...]:
+    """The entries, names made from the host ("Anthropic") numbered where an earlier entry
+    has the name already ("Anthropic 2"): two keys for one provider keep their own
+    requests, errors and usage on the page. Names the user gave stay as they are. A
+    switched-off entry (None) keeps its number, so switching one off renames no other."""
+    taken = {name for _, name, made in slots if not made}
     out = []
-    for cred, given in zip(credentials, named):
-        name, n = cred.name, 1
-        while not given and name in taken:
+    for cred, name, made in slots:
+        numbered, n = name, 1
+        while made and numbered in taken:
             n += 1
-            name = f"{cred.name} {n}"
-        taken.add(name)
-        out.append(cred if name == cred.name else dataclasses.replace(cred, name=name))
+            numbered = f"{name} {n}"
+        taken.add(numbered)
+        if cred is not None:
+            out.append(cred if numbered == cred.name else dataclasses.replace(cred, name=numbered))
     return tuple(out)
 
 
@@ -6814,9 +6840,22 @@ class UpstreamClient:
                 link.close()
 
 
+_REFUSED = re.compile(r"\[(?:Errno (?:111|61|10061)|WinError (?:1225|10061))\]")
+
+
+def _all_refused(exc: BaseException) -> bool:
+    """asyncio's "Multiple exceptions: ..." for a name with several addresses (localhost:
+    ::1 and 127.0.0.1), when every one refused."""
+    text = str(exc)
+    return type(exc) is OSError and text.startswith("Multiple exceptions: ") and \
+        len(_REFUSED.findall(text)) == text.count("Connect call failed") > 0
+
+
 def connect_error(exc: BaseException, req: UpstreamRequest, where: str) -> BaseException:
     """A failed connect as an UpstreamError whose message says what to check."""
     via = f" via proxy {req.proxy.host}:{req.proxy.port}" if req.proxy else ""
+    if _all_refused(exc):                  # (asyncio's one error for ::1 and 127.0.0.1)
+        exc = ConnectionRefusedError(str(exc))
     if isinstance(exc, ConnectionRefusedError) and req.proxy:   # (the proxy's own socket)
         return UpstreamError(f"the outbound proxy {req.proxy.host}:{req.proxy.port} refused "
                              f"the connection (to reach {where}): is it running, and are "
@@ -8007,9 +8046,13 @@ class ModelCall:
     def commit(self) -> bytes:
         """The opening of the client's stream, sent before the upstream answered (a long
         silence): from now on the writer that made it writes the rest."""
-        self.writer = self.client_writer()
-        if self.pipe_made is not None:
-            self.pipe_made.committed()
+        made = self.pipe_made
+        if isinstance(made, StreamPipe) and not isinstance(made.reader, EventRelay):
+            self.writer = made.writer          # (its stream is under way: one opening)
+        else:
+            self.writer = self.client_writer()
+        if made is not None:
+            made.committed()
         return FORMATS[self.call.fmt].events(self.writer.start(
             "msg_" + safe_id(self.call.record.id, "x"), None))
 
@@ -8476,6 +8519,9 @@ async def relay(call: Call, reply: StreamReply) -> None:
     finally:
         if pinger:
             pinger.stop()
+        if pipe.held:                      # (the client left before they were written:
+            with contextlib.suppress(Exception):   # their usage still counts)
+                pipe.feed(b"")
         record.count(pipe.usage)
 
 
@@ -10516,9 +10562,10 @@ def banner(server: Server, new_key: str = "") -> str:
 def client_lines(base: str, key: str, windows: bool = os.name == "nt") -> List[str]:
     """The lines that point clients at the proxy, in the shell of this system (cmd.exe
     and PowerShell have no `export`)."""
-    if windows:
-        return [f'  $env:ANTHROPIC_BASE_URL = "{base}"; $env:ANTHROPIC_AUTH_TOKEN = "{key}"',
-                f'  $env:OPENAI_BASE_URL = "{base}/v1"; $env:OPENAI_API_KEY = "{key}"']
+    if windows:                            # (single quotes: PowerShell expands $ in double)
+        key = "'" + key.replace("'", "''") + "'"
+        return [f"  $env:ANTHROPIC_BASE_URL = '{base}'; $env:ANTHROPIC_AUTH_TOKEN = {key}",
+                f"  $env:OPENAI_BASE_URL = '{base}/v1'; $env:OPENAI_API_KEY = {key}"]
     return [f"  export ANTHROPIC_BASE_URL={base} ANTHROPIC_AUTH_TOKEN={key}",
             f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}"]
 

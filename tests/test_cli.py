@@ -233,5 +233,7 @@ def test_the_banner_speaks_the_shell_of_its_system():
     windows = proxypal.client_lines("http://127.0.0.1:8317", "proxypal-local", windows=True)
     assert (windows if os.name == "nt" else unix)[0] in banner.splitlines()
     assert unix[0] == "  export ANTHROPIC_BASE_URL=http://127.0.0.1:8317 ANTHROPIC_AUTH_TOKEN=proxypal-local"
-    assert windows == ['  $env:ANTHROPIC_BASE_URL = "http://127.0.0.1:8317"; $env:ANTHROPIC_AUTH_TOKEN = "proxypal-local"',
-                       '  $env:OPENAI_BASE_URL = "http://127.0.0.1:8317/v1"; $env:OPENAI_API_KEY = "proxypal-local"']
+    assert windows == ["  $env:ANTHROPIC_BASE_URL = 'http://127.0.0.1:8317'; $env:ANTHROPIC_AUTH_TOKEN = 'proxypal-local'",
+                       "  $env:OPENAI_BASE_URL = 'http://127.0.0.1:8317/v1'; $env:OPENAI_API_KEY = 'proxypal-local'"]
+    quoted = proxypal.client_lines("http://h", "pa$$'word", windows=True)[0]   # PowerShell expands
+    assert quoted.endswith("$env:ANTHROPIC_AUTH_TOKEN = 'pa$$''word'")       # "$..." but not '$...'

@@ -237,6 +237,22 @@ def test_a_silent_upstream_gets_the_stream_committed_then_relayed_once(upstream,
     assert b'"text":"Hel"' in got or b'"text":"Hello"' in got
 
 
+def test_an_upstream_silent_after_its_head_gets_one_opening(upstream, proxy, monkeypatch):
+    # vLLM and LiteLLM send their head at once and the first chunk after the prefill
+    monkeypatch.setattr(proxypal, "COMMIT_PING_SECONDS", 0.05)
+    release = threading.Event()
+    up = upstream(sse_answer(OPENAI_STREAM, gate=lambda i: i == 0 and release.wait(TIMEOUT)))
+    p = proxy({"firstByteCommitSeconds": 0.1, "ampOpenaiProviders": [openai_provider(up.url, ["claude-x"])]})
+    sock = start_stream(p.port, {"model": "claude-x", "max_tokens": 5, "stream": True,
+                                 "messages": [{"role": "user", "content": "Hi"}]},
+                        "x-api-key: proxypal-local\r\nanthropic-version: 2023-06-01\r\n")
+    got = read_until(sock, b"event: ping", read_until(sock, b"event: message_start"))
+    release.set()
+    got = read_until(sock, b"0\r\n\r\n", got)
+    sock.close()
+    assert got.count(b"event: message_start") == 1 and b"event: message_stop" in got
+
+
 def test_an_upstream_error_after_the_commit_arrives_as_the_streams_error_event(upstream, proxy, monkeypatch):
     monkeypatch.setattr(proxypal, "COMMIT_PING_SECONDS", 0.05)
     up, release = slow_upstream(upstream, 0, 529)

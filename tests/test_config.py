@@ -406,6 +406,30 @@ def test_entries_named_after_one_host_are_numbered_and_given_names_kept():
     assert names == ["Anthropic", "Anthropic 3", "Anthropic 2", "Mine", "Mine"]
 
 
+def test_switching_an_entry_off_renames_no_other():
+    a, b = {"apiKey": "a"}, {"apiKey": "b"}
+    on = [(c.path, c.name) for c in proxypal.parse_config({"claudeApiKeys": [a, b]}).credentials]
+    off = [(c.path, c.name) for c in proxypal.parse_config(
+        {"claudeApiKeys": [dict(a, disabled=True), b]}).credentials]
+    assert on == [("claudeApiKeys[0]", "Anthropic"), ("claudeApiKeys[1]", "Anthropic 2")]
+    assert off == [("claudeApiKeys[1]", "Anthropic 2")]      # (its usage and history stay its own)
+
+
+@pytest.mark.parametrize("name,value,secret", [
+    ("Ocp-Apim-Subscription-Key", "0123456789abcdef0123456789abcdef", True),
+    ("Helicone-Auth", "Bearer sk-helicone-abc", True),
+    ("X-Tenant", "t3n4nt-6f1c2a9b8d7e", True),           # named plainly, looks like a token
+    ("Helicone-Cache-Enabled", "true", False),           # settings a gateway reads:
+    ("cf-aig-cache-ttl", "3600", False),                 # masking them would turn every
+    ("x-portkey-provider", "openai", False),             # "true" in an error into ***
+    ("anthropic-version", "2023-06-01", False),
+    ("x-amz-region", "us-east-1", False),
+], ids=["apim", "helicone-auth", "token-like", "true", "number", "word", "version", "region"])
+def test_which_header_values_count_as_secrets(name, value, secret):
+    cred = proxypal.parse_config({"claudeApiKeys": [{"apiKey": "k", "headers": {name: value}}]}).credentials[0]
+    assert (value in cred.secrets) is secret
+
+
 def test_fields_of_other_tools_in_an_entry_are_kept_and_ignored():
     raw = {"claudeApiKeys": [{"apiKey": "a", "_note": "work key", "priority": 1}]}
     config = proxypal.parse_config(raw)

@@ -574,6 +574,19 @@ def test_a_dead_outbound_proxy_is_named_not_the_provider(proxy, scheme, base):
     assert status == 502 and f"outbound proxy 127.0.0.1:{port} refused" in msg and "Ollama" not in msg
 
 
+def test_a_name_refused_on_every_address_is_a_refusal():
+    # asyncio's one error when localhost is ::1 and 127.0.0.1 (Windows) and Ollama is down
+    req = proxypal.UpstreamRequest("POST", "http://localhost:11434/v1/chat/completions", {}, b"",
+                                   provider="'Ollama' (ampOpenaiProviders[0])")
+    both = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 11434, 0, 0), "
+                   "[Errno 111] Connect call failed ('127.0.0.1', 11434)")
+    message = proxypal.connect_error(both, req, "localhost:11434").message
+    assert message.startswith("refused connection at localhost:11434") and "running" in message
+    mixed = OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 11434, 0, 0), "
+                    "[Errno 101] Connect call failed ('127.0.0.1', 11434)")
+    assert proxypal.connect_error(mixed, req, "localhost:11434").message.startswith("connection to")
+
+
 def test_first_byte_timeout_is_504(upstream, proxy):
     release = threading.Event()
 
