@@ -5871,6 +5871,11 @@ class StreamPipe:
 
     @property
     def usage(self) -> Optional[Usage]:
+        """What the answer used so far; events still held count too (read at the end:
+        a client that left before they went out)."""
+        if self.held:
+            with contextlib.suppress(Exception):
+                self.feed(b"")
         return self.writer.usage
 
     @property
@@ -8519,9 +8524,6 @@ async def relay(call: Call, reply: StreamReply) -> None:
     finally:
         if pinger:
             pinger.stop()
-        if pipe.held:                      # (the client left before they were written:
-            with contextlib.suppress(Exception):   # their usage still counts)
-                pipe.feed(b"")
         record.count(pipe.usage)
 
 

@@ -698,3 +698,12 @@ def test_a_burst_gives_its_first_event_alone_then_the_same_stream(client, upstre
     normal = whole._out(whole.decoder.feed(burst))
     ids = re.compile(rb'"(?:id|created|created_at|responseId)"\s*:\s*("[^"]*"|\d+)')
     assert ids.sub(b"", first + rest + early.close()) == ids.sub(b"", normal + whole.close())
+
+
+def test_a_client_gone_before_the_held_events_went_out_still_has_their_usage_counted():
+    given = events("openai", STREAMS["openai"])
+    writer = CODECS["anthropic"].stream_writer("m", 0, None)
+    pipe = proxypal.StreamPipe(proxypal.SSEDecoder(), CODECS["openai"].stream_reader(writer), "anthropic")
+    assert pipe.first(sse_bytes(given)) and pipe.held          # the usage is in the last chunk
+    usage = pipe.usage                             # (relay reads it as it ends, written or not)
+    assert not pipe.held and usage is not None and (usage.input, usage.output) == (100, 50)
