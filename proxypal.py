@@ -7607,9 +7607,10 @@ def not_from_here(req: Request) -> str:
 def check_page(req: Request, config: Config) -> None:
     """The page itself holds no secret; like its API it is shown to this machine only,
     unless allowRemoteManagement."""
-    if not config.allow_remote_management and not_from_here(req):
+    elsewhere = "" if config.allow_remote_management else not_from_here(req)
+    if elsewhere:
         raise ProxypalError(f"the management page answers only this machine, and this "
-                            f"request {not_from_here(req)}; set allowRemoteManagement to true "
+                            f"request {elsewhere}; set allowRemoteManagement to true "
                             "to allow others", 403)
 
 
@@ -10572,6 +10573,23 @@ def client_lines(base: str, key: str, windows: bool = os.name == "nt") -> List[s
             f"  export OPENAI_BASE_URL={base}/v1 OPENAI_API_KEY={key}"]
 
 
+def _stop_on_ctrl_c(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Any:
+    """Where the loop has no add_signal_handler (Windows), a KeyboardInterrupt would leave
+    it, and asyncio.run (before 3.11) cancels every task, in-flight requests included. A
+    plain handler sets `stop` instead (the proactor wakes on signals); a second Ctrl-C
+    interrupts at once. Returns the handler it replaced (None when it could not)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        loop.call_soon_threadsafe(stop.set)
+    with contextlib.suppress(ValueError, OSError):
+        return signal.signal(signal.SIGINT, interrupt)
+    return None
+
+
 def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = None,
           print_banner: bool = True, overrides: Optional[Dict[str, Any]] = None,
           sock: Optional[socket.socket] = None, note: str = "", reuse_port: bool = False,
@@ -10593,17 +10611,8 @@ def serve(config: Any = None, host: Optional[str] = None, port: Optional[int] = 
             try:
                 loop.add_signal_handler(getattr(signal, name), action)
             except (NotImplementedError, AttributeError, RuntimeError, ValueError):
-                # Windows has no add_signal_handler: there a KeyboardInterrupt would leave
-                # the loop and asyncio.run (before 3.11) cancels every task, in-flight
-                # requests included. A plain handler stops gracefully instead (the
-                # proactor wakes on signals); a second Ctrl-C interrupts at once.
-                if name == "SIGINT" and threading.current_thread() is threading.main_thread():
-                    def interrupt(signum: int, frame: Any) -> None:
-                        if stop.is_set():
-                            raise KeyboardInterrupt
-                        loop.call_soon_threadsafe(stop.set)
-                    with contextlib.suppress(ValueError, OSError):
-                        previous = signal.signal(signal.SIGINT, interrupt)
+                if name == "SIGINT":       # (Windows)
+                    previous = _stop_on_ctrl_c(loop, stop)
         if print_banner:
             print(banner(server, new_key) + (f"\n{note}" if note else ""), flush=True)
         elif reuse_port:

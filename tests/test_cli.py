@@ -237,3 +237,21 @@ def test_the_banner_speaks_the_shell_of_its_system():
                        "  $env:OPENAI_BASE_URL = 'http://127.0.0.1:8317/v1'; $env:OPENAI_API_KEY = 'proxypal-local'"]
     quoted = proxypal.client_lines("http://h", "pa$$'word", windows=True)[0]   # PowerShell expands
     assert quoted.endswith("$env:ANTHROPIC_AUTH_TOKEN = 'pa$$''word'")       # "$..." but not '$...'
+
+
+def test_ctrl_c_without_add_signal_handler_stops_gracefully_then_at_once():
+    # Windows' loop has no add_signal_handler: the plain handler sets the stop (in-flight
+    # requests get their grace), and a second Ctrl-C interrupts
+    import asyncio
+
+    async def main():
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        previous = proxypal._stop_on_ctrl_c(loop, stop)
+        try:
+            signal.raise_signal(signal.SIGINT)
+            await asyncio.wait_for(stop.wait(), TIMEOUT)
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    asyncio.run(main())
