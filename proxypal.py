@@ -7594,14 +7594,34 @@ FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 def not_from_here(req: Request) -> str:
-    """Why a request may come from another machine, or "": its connection does, or a
-    reverse proxy on this machine (nginx) says it passed it on. (The Host header is not
-    judged: hand-made requests name any host.)"""
+    """Why a request may come from another machine, or "": its connection does, a reverse
+    proxy on this machine (nginx) says it passed it on, or its Host names another machine."""
     if not is_loopback(req.peer):
         return "comes from another machine"
     if any(name in req.headers for name in FORWARDING_HEADERS):
         return "was passed on by a reverse proxy (Forwarded, X-Forwarded-For or X-Real-IP)"
+    host = req.header("host")
+    if host and names_another_machine(host):
+        return (f"names the host {printable(host, 80)!r} (a tunnel, a container, or a web "
+                "page whose name was pointed at this machine)")
     return ""
+
+
+@functools.lru_cache(maxsize=64)
+def names_another_machine(host: str) -> bool:
+    """A Host header naming a machine by a dotted name other than localhost, or by an
+    address other than loopback. A web page can point its own name at 127.0.0.1 (DNS
+    rebinding) and then call the proxy as that name; a tunnel (ngrok, cloudflared, ssh -R)
+    connects from this machine for clients anywhere. A bare name ("myhost") stays local:
+    public DNS cannot answer for it."""
+    name = host[1:host.find("]")] if host.startswith("[") else host.partition(":")[0]
+    name = name.rstrip(".").lower()
+    if not name or name == "localhost" or name.endswith(".localhost") or is_loopback(name):
+        return False
+    try:
+        return not ipaddress.ip_address(name).is_unspecified     # (0.0.0.0 is this one)
+    except ValueError:
+        return "." in name
 
 
 def check_page(req: Request, config: Config) -> None:

@@ -106,6 +106,37 @@ def test_a_reverse_proxy_on_this_machine_does_not_make_others_local(upstream, pr
     assert request(remote, "GET", "/", headers={"X-Forwarded-For": "203.0.113.9"}, key=None)[0] == 200
 
 
+@pytest.mark.parametrize("host,elsewhere", [
+    ("127.0.0.1:8317", False), ("localhost", False), ("localhost.:8317", False), ("[::1]:8317", False),
+    ("app.localhost", False), ("myhost", False), ("x", False), ("0.0.0.0:8317", False),
+    ("LOCALHOST", False), ("", False),
+    ("evil.example:8317", True), ("evil.example.", True), ("abc.ngrok-free.app", True),
+    ("192.168.1.5:8317", True), ("[2001:db8::1]:8317", True), ("host.docker.internal", True),
+])
+def test_a_host_header_naming_another_machine(host, elsewhere):
+    assert proxypal.names_another_machine(host) is elsewhere
+
+
+def test_a_page_pointing_its_own_name_at_this_machine_cannot_use_the_public_key(upstream, proxy):
+    # DNS rebinding: evil.example resolves to 127.0.0.1, so the page's requests are
+    # same-origin GETs with no Origin header; a tunnel looks the same from here
+    up = upstream(json_answer(200, openai_completion()))
+    p = proxy({"managementKey": KEY, "apiKeys": ["team-secret"], "ampOpenaiProviders": [provider(up.url)]})
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    evil = {"Host": "evil.example:8317"}
+    status, _, body = request(p, "GET", "/v1/models", headers=evil)
+    message = json.loads(body)["error"]["message"]
+    assert status == 403 and "'evil.example:8317'" in message and "proxyApiKey" in message
+    assert request(p, "POST", "/v1/chat/completions", chat, evil)[0] == 403
+    assert request(p, "GET", "/", headers=evil, key=None)[0] == 403
+    assert request(p, "POST", "/v1/chat/completions", chat, evil, key="team-secret")[0] == 200
+    for local in ("localhost:8317", "127.0.0.1", "[::1]:8317"):
+        assert request(p, "POST", "/v1/chat/completions", chat, {"Host": local})[0] == 200
+    assert len(up.all) == 4
+    remote = proxy({"managementKey": KEY, "allowRemoteManagement": True})
+    assert request(remote, "GET", "/", headers=evil, key=None)[0] == 200
+
+
 def test_state_shows_counts_providers_cooldowns_and_versions(upstream, proxy, config_file):
     ok = upstream(json_answer(200, openai_completion()))
     limited = upstream(json_answer(429, {"error": {"message": "slow down"}}, headers=(("retry-after", "120"),)))
