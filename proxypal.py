@@ -10218,6 +10218,61 @@ def check_target(req: Request, own_host: str) -> None:
         raise WireError(f"invalid request target {printable(req.target, 60)!r}")
 
 
+class Listener:
+    """The listening socket. Windows' proactor closes a listening socket for good when one
+    accept fails (WinError 64, ERROR_NETNAME_DELETED, from a client that reset before it
+    was accepted: CPython gh-93821), and the proxy would seem to run while it answers no
+    one: check() notices and listens again on the same port, every CONFIG_POLL_SECONDS."""
+
+    def __init__(self, on_connection: Callable[..., Any]) -> None:
+        self.on_connection = on_connection
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.host, self.port = "", 0
+        self.error = ""                    # why listening again failed: the next check retries
+        self.reopening: Optional[asyncio.Task] = None
+        self.closed = self.reuse_port = False
+
+    async def open(self, host: str, port: int, reuse_port: bool = False,
+                   sock: Optional[socket.socket] = None) -> None:
+        where: Dict[str, Any] = {"sock": sock} if sock is not None else \
+            {"host": host, "port": port, "reuse_port": reuse_port or None}
+        self.server = await asyncio.start_server(self.on_connection, limit=MAX_HEADER_BLOCK * 2,
+                                                 **where)
+        self.host, self.port = host, self.server.sockets[0].getsockname()[1]
+        self.reuse_port = reuse_port
+
+    def check(self) -> None:
+        server = self.server
+        if server is not None and not self.reopening and not self.closed and (
+                self.error or any(s.fileno() == -1 for s in server.sockets)):
+            self.reopening = asyncio.get_running_loop().create_task(self._reopen(server))
+
+    async def _reopen(self, old: asyncio.AbstractServer) -> None:
+        with contextlib.suppress(ValueError, OSError):   # (its socket is closed already)
+            old.close()
+        try:
+            await self.open(self.host, self.port, self.reuse_port)
+            if self.closed:                # (the proxy stopped meanwhile)
+                self.close()
+                return
+            log.warning("the listening socket on port %d was closed (an accept failed); "
+                        "listening again", self.port)
+            self.error = ""
+        except OSError as exc:
+            if repr(exc) != self.error:
+                log.error("the listening socket on port %d was closed and cannot be opened "
+                          "again (tried again every %gs): %s", self.port, CONFIG_POLL_SECONDS, exc)
+            self.error = repr(exc)
+        finally:
+            self.reopening = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.server is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.server.close()
+
+
 class Server:
     """A running proxy. Create with `await start(config)`; stop with `await close()`."""
 
@@ -10253,7 +10308,8 @@ class Server:
         self.closing = False
         self.overrides: Dict[str, Any] = {}    # command-line values that beat the file
         self._watch: Optional[asyncio.Task] = None
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._guard: Optional[asyncio.Task] = None
+        self.listener = Listener(self._on_connection)
         self._connections: Dict[asyncio.Task, Connection] = {}
 
     @property
@@ -10268,16 +10324,12 @@ class Server:
     async def listen(self, host: str, port: int, reuse_port: bool = False,
                      sock: Optional[socket.socket] = None) -> None:
         check_exposure(self.config, host)
-        if sock is not None:
-            self._server = await asyncio.start_server(self._on_connection, sock=sock,
-                                                      limit=MAX_HEADER_BLOCK * 2)
-        else:
-            self._server = await asyncio.start_server(self._on_connection, host, port,
-                                                      limit=MAX_HEADER_BLOCK * 2,
-                                                      reuse_port=reuse_port or None)
-        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+        await self.listener.open(host, port, reuse_port, sock)
+        self.host, self.port = host, self.listener.port
         log.addFilter(self.secret_filter)
         loop = asyncio.get_running_loop()
+        if sock is None:                   # (workers share one socket: Linux, no proactor)
+            self._guard = loop.create_task(self._every(CONFIG_POLL_SECONDS, self.listener.check))
         self.journal.loop, self.journal.changed = loop, asyncio.Event()
         log.addHandler(self.journal)
         if self.config.path:
@@ -10370,11 +10422,10 @@ class Server:
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace` s, then stop."""
         self.closing = True
-        for task in (self._watch, self._flusher):
+        for task in (self._watch, self._flusher, self._guard):
             if task is not None:
                 task.cancel()
-        if self._server is not None:
-            self._server.close()
+        self.listener.close()
         for task, conn in list(self._connections.items()):
             if not conn.busy:
                 task.cancel()

@@ -255,3 +255,51 @@ def test_ctrl_c_without_add_signal_handler_stops_gracefully_then_at_once():
         finally:
             signal.signal(signal.SIGINT, previous)
     asyncio.run(main())
+
+
+def test_a_listening_socket_closed_under_the_proxy_is_opened_again(caplog):
+    # Windows' proactor closes the listening socket for good when one accept fails (CPython
+    # gh-93821); the selector loop's _stop_serving does what it does. While the port is
+    # taken the proxy says so once and retries; then it listens on the same port again.
+    import asyncio
+    import socket
+
+    async def health(port):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        line = await asyncio.wait_for(reader.readline(), TIMEOUT)
+        writer.close()
+        return line.startswith(b"HTTP/1.1 200")
+
+    async def until(predicate):
+        deadline = asyncio.get_running_loop().time() + TIMEOUT
+        while not await predicate():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+
+    async def main():
+        server = await proxypal.start(proxypal.parse_config({}), port=0)
+        port, loop = server.port, asyncio.get_running_loop()
+        try:
+            assert await health(port)
+            for sock in server.listener.server.sockets:
+                loop._stop_serving(getattr(sock, "_sock", sock))
+            blocker = socket.socket()
+            blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            blocker.bind(("127.0.0.1", port))
+            blocker.listen()
+            async def refused():
+                return "cannot be opened again" in caplog.text
+            await until(refused)
+            blocker.close()
+            await until(lambda: health(port))
+            assert caplog.text.count("cannot be opened again") == 1
+            assert "listening again" in caplog.text and server.port == port
+        finally:
+            await server.close(grace=0)
+        assert not await health(port)
+    with caplog.at_level("INFO", logger="proxypal"):
+        asyncio.run(main())
