@@ -10600,6 +10600,16 @@ async def start(config: Any = None, host: Optional[str] = None, port: Optional[i
     return server
 
 
+def shown_path(path: str) -> str:
+    """A file's path as printed, with where the file really is when that differs: the
+    Microsoft Store's Python keeps what it writes under %APPDATA% in a folder of its own
+    package (LocalCache\\Roaming) that Notepad and other programs do not see; realpath()
+    finds it (docs.python.org/3/using/windows.html, "Known issues")."""
+    real = os.path.realpath(path) if path and os.path.exists(path) else path
+    same = os.path.normcase(real) == os.path.normcase(os.path.abspath(path))
+    return path if same else f"{path} (the file is at {real})"
+
+
 def banner(server: Server, new_key: str = "") -> str:
     """What a person starting the proxy needs: where it listens, what it read, the page
     (with its key when it was made just now: printed this once), the client lines."""
@@ -10616,9 +10626,10 @@ def banner(server: Server, new_key: str = "") -> str:
     else:
         page += f"  (management key: managementKey in {config.path or 'your config'})"
     if config.loaded and not config.credentials:
-        where = f"config: {config.path} (no providers yet: add one on the page, or in the file)"
+        where = f"config: {shown_path(config.path)} (no providers yet: add one on the page, " \
+                "or in the file)"
     elif config.loaded:
-        where = f"config: {config.path} ({len(config.credentials)} providers, " \
+        where = f"config: {shown_path(config.path)} ({len(config.credentials)} providers, " \
                 f"{len(router.names())} models)"
     else:
         where = (f"config: {config.path or '(none)'} not found: no providers yet; "
@@ -10780,7 +10791,7 @@ def init_config(path: str) -> int:
         print(f"proxypal: {path} already exists; init never overwrites a config. Edit it, or "
               "pass --config with a new path.", file=sys.stderr)
         return 1
-    print(f"wrote {path}\nnext: copy a provider from \"_templates\" into its list, add your "
+    print(f"wrote {shown_path(path)}\nnext: copy a provider from \"_templates\" into its list, add your "
           "key, then run: python proxypal.py")
     return 0
 

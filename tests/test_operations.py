@@ -315,6 +315,25 @@ def test_init_writes_valid_starter_and_never_overwrites(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["config.json"]   # no temp file left
 
 
+def test_a_config_that_is_elsewhere_than_its_path_says_where_it_is(tmp_path):
+    # The Microsoft Store's Python writes what goes under %APPDATA% into its own package
+    # folder, and realpath() finds it; a symlinked folder is the same case on any system.
+    base = os.path.realpath(tmp_path)
+    real = os.path.join(base, "real")
+    os.mkdir(real)
+    try:
+        os.symlink(real, os.path.join(base, "link"))
+    except OSError:
+        pytest.skip("no symlinks here")
+    path = os.path.join(base, "link", "config.json")
+    really = os.path.join(real, "config.json")
+    out = run_cli("init", "--config", path)
+    assert out.returncode == 0 and f"wrote {path} (the file is at {really})" in out.stdout
+    banner = proxypal.banner(proxypal.Server(proxypal.load_config(path)))
+    assert f"config: {path} (the file is at {really}) (no providers yet" in banner
+    assert proxypal.shown_path(really) == really
+
+
 def test_init_uses_default_path(tmp_path):
     out = run_cli("init", env={"XDG_CONFIG_HOME": str(tmp_path), "HOME": str(tmp_path), "PROXYPAL_CONFIG": ""})
     assert out.returncode == 0 and (tmp_path / "proxypal" / "config.json").exists()
