@@ -2480,6 +2480,53 @@ def named(provider: str, message: str) -> str:
 CUT_OFF = ("length", "context")          # stop reasons of an answer the output cap cut short
 
 
+class StreamWriter:
+    """What the stream writers of every client format share. A reader (or replay) calls
+    start, then text, reasoning, signature and tool calls (tool_start, tool_args and
+    tool_end by key, or tool_call whole), then stop and end, or fail at any point; each
+    returns [(event, data)] in the client's format. stop, end and fail act once, and
+    nothing follows end or fail; a format's own part of them is _stop, _end and _fail."""
+
+    failed = False                         # ended by fail()
+    provider = ""                          # named in the errors it writes
+
+    def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
+        self.model, self.names = model, names_back(ask)
+        self.started = self.done = False
+        self.stopped = ""                  # the stop reason, once given
+        self.usage: Optional[Usage] = None
+
+    def _begin(self) -> List[Tuple[str, str]]:
+        return [] if self.started else self.start(short_hash(self.model), None)
+
+    def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
+                  origin: str = "") -> List[Tuple[str, str]]:
+        """A whole call as its start, arguments and end (a writer that keeps the call's
+        signature sends that before it)."""
+        key = object()
+        return self.tool_start(key, call_id, name) + (
+            self.tool_args(key, arguments) if arguments else []) + self.tool_end(key)
+
+    def stop(self, reason: str) -> List[Tuple[str, str]]:
+        if self.stopped or self.done:
+            return []
+        self.stopped = reason
+        return self._stop(reason)
+
+    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        out = self.stop("end")
+        self.done, self.usage = True, usage or self.usage
+        return out + self._end(usage)
+
+    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        if self.done:
+            return []
+        self.done = self.failed = True
+        return self._fail(status, named(self.provider, message))
+
+
 # -- 7.2 OpenAI Chat Completions -------------------------------------------------
 # https://platform.openai.com/docs/api-reference/chat and .../chat-streaming
 
@@ -3156,25 +3203,19 @@ class OpenAIStreamReader:
         return out
 
 
-class OpenAIStreamWriter:
+class OpenAIStreamWriter(StreamWriter):
     """The writer's calls in, chat.completion.chunk data out: a role chunk first,
     content, reasoning_content and tool_calls deltas (tool indexes count tool calls from
     0), the finish chunk, the usage chunk (choices: []) when the client asked for it
     with stream_options.include_usage, then [DONE]. A failure is one error chunk and no
     [DONE], so that no client can take a cut answer for a finished one."""
 
-    failed = False                         # ended by fail()
-    provider = ""                          # named in the errors it writes
-
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
-        self.model, self.created = model, int(time.time())
+        super().__init__(model, input_estimate, ask)
+        self.created = int(time.time())
         self.include_usage = ask.include_usage if ask is not None else True
-        self.started = self.done = False
-        self.stopped = ""
         self.tools: Dict[Any, int] = {}
-        self.names = names_back(ask)
         self.argued: set = set()           # the tool calls that had arguments
-        self.usage: Optional[Usage] = None
         self._base = ""
 
     def start(self, resp_id: str, usage: Optional[Usage]) -> List[Tuple[str, str]]:
@@ -3229,29 +3270,19 @@ class OpenAIStreamWriter:
             "index": index, "id": call_id, "type": "function",
             "function": {"name": self.names.get(name, name), "arguments": arguments}}]})]
 
-    def stop(self, reason: str) -> List[Tuple[str, str]]:
-        if self.stopped or self.done:
-            return []
-        self.stopped = reason
+    def _stop(self, reason: str) -> List[Tuple[str, str]]:
         finish = "tool_calls" if self.tools and reason not in CUT_OFF else \
             OPENAI_STOP_OUT.get(reason, "stop")
         return self._begin() + [self._chunk({}, finish)]
 
-    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        out = self.stop("end")
-        self.done, self.usage = True, usage or self.usage
+    def _end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        out = []
         if self.include_usage:
             out.append(("", self._base.split(',"choices"')[0] + ',"choices":[],"usage":'
                         + json_text(write_openai_usage(self.usage or Usage())) + "}"))
         return out + [("", "[DONE]")]
 
-    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        self.done = self.failed = True
-        message = named(self.provider, message)
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
         return [("", json_text(_openai_error(status, message)))]
 
 
@@ -3785,28 +3816,22 @@ class _PendingCall:
         self.id, self.name, self.args, self.ended = call_id, name, [], False
 
 
-class AnthropicStreamWriter:
+class AnthropicStreamWriter(StreamWriter):
     """The writer's calls in, Messages events out in the documented order. Blocks never interleave:
     text and thinking open and close as the kind of content changes; a tool call that
     starts while another is still receiving arguments (OpenAI's parallel calls) is held
     and sent whole once the open one is complete. message_delta carries the stop reason
     (tool_use whenever a tool_use block went out, never otherwise) and the usage."""
 
-    failed = False                         # ended by fail()
-    provider = ""                          # named in the errors it writes
-
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
-        self.model, self.input_estimate = model, input_estimate
-        self.names = names_back(ask)
-        self.started = self.done = self.tools = False
-        self.stopped = ""
+        super().__init__(model, input_estimate, ask)
+        self.input_estimate, self.tools = input_estimate, False
         self.index = 0
         self.open = ""                             # "text", "thinking", "tool_use" or ""
         self.open_key: Any = None
         self.held_signature = ""
         self.calls: Dict[Any, _PendingCall] = {}   # tool calls not yet sent, by key
         self.queue: List[Any] = []
-        self.usage: Optional[Usage] = None
 
     @staticmethod
     def _event(kind: str, **fields: Any) -> Tuple[str, str]:
@@ -3823,9 +3848,6 @@ class AnthropicStreamWriter:
                    "usage": {"input_tokens": counts["input_tokens"], "output_tokens": 0,
                              "cache_read_input_tokens": counts["cache_read_input_tokens"]}}
         return [self._event("message_start", message=message)]
-
-    def _begin(self) -> List[Tuple[str, str]]:
-        return [] if self.started else self.start(short_hash(self.model), None)
 
     def _open(self, kind: str, block: Dict[str, Any]) -> List[Tuple[str, str]]:
         out = self._begin() + self._close()
@@ -3892,14 +3914,9 @@ class AnthropicStreamWriter:
         # A call's own signature (Gemini 3 signs its functionCall parts) rides in an empty
         # thinking block before it: the client sends it back, and Gemini gets it again.
         out = self._close() + self.signature(signature, origin) if signature else []
-        key = object()
-        self.calls[key] = _PendingCall(call_id, self.names.get(name, name))
-        self.calls[key].args.append(arguments)
-        self.calls[key].ended = True
-        self.queue.append(key)
-        out += self._flush()
-        return out + self._close() if self.open == "tool_use" and self.open_key == ("ended", key) \
-            else out
+        out += super().tool_call(call_id, name, arguments)
+        complete = self.open == "tool_use" and isinstance(self.open_key, tuple)   # (went out whole)
+        return out + self._close() if complete else out
 
     def _flush(self) -> List[Tuple[str, str]]:
         """Start held calls while no call is still receiving arguments."""
@@ -3918,10 +3935,7 @@ class AnthropicStreamWriter:
                 self.open_key = ("ended", key)
         return out
 
-    def stop(self, reason: str) -> List[Tuple[str, str]]:
-        if self.stopped or self.done:
-            return []
-        self.stopped = reason
+    def _stop(self, reason: str) -> List[Tuple[str, str]]:
         out = self._begin()
         for key in self.queue:
             self.calls[key].ended = True
@@ -3929,22 +3943,14 @@ class AnthropicStreamWriter:
             self.open_key = ("ended", self.open_key)
         return out + self._flush() + self._close()
 
-    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        out = self.stop("end")
-        self.done, self.usage = True, usage or self.usage
+    def _end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
         reason = anthropic_stop(self.stopped, self.tools)
         counts = write_anthropic_usage(usage) if usage else {"output_tokens": 0}
-        return out + [self._event("message_delta", delta={"stop_reason": reason,
-                                                          "stop_sequence": None}, usage=counts),
-                      self._event("message_stop")]
+        return [self._event("message_delta", delta={"stop_reason": reason, "stop_sequence": None},
+                            usage=counts),
+                self._event("message_stop")]
 
-    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        self.done = self.failed = True
-        message = named(self.provider, message)
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
         return self._close() + [("error", json_text(_anthropic_error(status, message)))]
 
 
@@ -4668,24 +4674,18 @@ class GeminiStreamReader:
         return self.w.fail(502, STREAM_CUT.format(end=FORMATS["gemini"].end_marker))
 
 
-class GeminiStreamWriter:
+class GeminiStreamWriter(StreamWriter):
     """The writer's calls in, Gemini alt=sse chunks out: "" events, no [DONE]. Text and
     thoughts go out as they come; each tool call whole once its arguments are complete,
     with the next event (only the stop reason says whether the output cap cut it short:
     Gemini never sends a partial call, and Gemini CLI would run one with {}); the
     finishReason and usage in the last chunk."""
 
-    failed = False                         # ended by fail()
-    provider = ""                          # named in the errors it writes
-
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
-        self.model, self.response_id = model, ""
-        self.names = names_back(ask)
-        self.started = self.done = False
-        self.stopped = ""
+        super().__init__(model, input_estimate, ask)
+        self.response_id = ""
         self.calls: Dict[Any, _PendingCall] = {}
         self.ended: List[_PendingCall] = []         # calls complete, not sent yet
-        self.usage: Optional[Usage] = None
         self.thoughts: List[Reasoning] = []         # the answer's reasoning, for its first call
 
     def _chunk(self, parts: List[Dict[str, Any]], finish: Optional[str] = None,
@@ -4748,28 +4748,19 @@ class GeminiStreamWriter:
         return self._released() + [self._call(call_id, self.names.get(name, name), tool_args(arguments),
                                               carry(signature, origin, "gemini"))]
 
-    def stop(self, reason: str) -> List[Tuple[str, str]]:
-        if self.stopped or self.done:
-            return []
-        self.stopped = reason
+    def _stop(self, reason: str) -> List[Tuple[str, str]]:
         for key in list(self.calls):
             self.tool_end(key)
         if reason in CUT_OFF:              # a call the cap cut mid-arguments goes no further
             self.ended = [call for call in self.ended if _whole_arguments("".join(call.args))]
         return self._released()
 
-    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        out = self.stop("end") + self._released()
-        self.done, self.usage = True, usage or self.usage
-        return out + [self._chunk([], GEMINI_STOP_OUT.get(self.stopped, "STOP"), self.usage)]
+    def _end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        return self._released() + [self._chunk([], GEMINI_STOP_OUT.get(self.stopped, "STOP"),
+                                               self.usage)]
 
-    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        self.done = self.failed = True
-        message = named(self.provider, message)     # (whole calls held go first, as they came)
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
+        # (whole calls held go first, as they came)
         return self._released() + [("error", json_text(_gemini_error(status, message)))]
 
 
@@ -5227,25 +5218,20 @@ def responses_error_code(status: int, message: str) -> str:
     return "context_length_exceeded" if _CONTEXT_OVERFLOW.search(message) else "server_error"
 
 
-class ResponsesStreamWriter:
+class ResponsesStreamWriter(StreamWriter):
     """The writer's calls in, Responses events out, in the grammar the SDK's stream helper
     checks: response.created first; each item added, its deltas, its done, with dense
     output_index and content_index; a terminal response.completed (or .incomplete) with
     the full output and usage; a failure as error then response.failed. Every event
     carries its type and sequence_number; the response is nested under "response"."""
-    failed = False                         # ended by fail()
-    provider = ""                          # named in the errors it writes
 
     def __init__(self, model: str, input_estimate: int = 0, ask: Optional[Chat] = None):
-        self.model, self.ask, self.names = model, ask, names_back(ask)
-        self.seq, self.created, self.id = 0, int(time.time()), ""
-        self.started = self.done = False
-        self.stopped = ""
+        super().__init__(model, input_estimate, ask)
+        self.ask, self.seq, self.created, self.id = ask, 0, int(time.time()), ""
         self.output: List[Optional[Dict[str, Any]]] = []     # finished items by output_index
         self.message: Optional[Dict[str, Any]] = None        # the open message item
         self.thought: Optional[Dict[str, Any]] = None        # the open reasoning item
         self.calls: Dict[Any, Dict[str, Any]] = {}           # open tool items by key
-        self.usage: Optional[Usage] = None
 
     def _event(self, kind: str, **fields: Any) -> Tuple[str, str]:
         self.seq += 1
@@ -5263,9 +5249,6 @@ class ResponsesStreamWriter:
         response = self._response("in_progress")
         return [self._event("response.created", response=response),
                 self._event("response.in_progress", response=response)]
-
-    def _begin(self) -> List[Tuple[str, str]]:
-        return [] if self.started else self.start(short_hash(self.model), None)
 
     def _add(self, item: Dict[str, Any]) -> Tuple[int, List[Tuple[str, str]]]:
         index = len(self.output)
@@ -5383,42 +5366,30 @@ class ResponsesStreamWriter:
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        key = object()                     # (a call's own signature: a reasoning item before it)
+        # (a call's own signature: a reasoning item before it)
         out = self._close_thought("completed") + self.signature(signature, origin) if signature else []
-        return out + self.tool_start(key, call_id, name) + self.tool_args(key, arguments) + \
-            self.tool_end(key)
+        return out + super().tool_call(call_id, name, arguments)
 
-    def stop(self, reason: str) -> List[Tuple[str, str]]:
-        if self.stopped or self.done:
-            return []
-        self.stopped = reason
+    def _stop(self, reason: str) -> List[Tuple[str, str]]:
         status = "incomplete" if reason in RESPONSES_INCOMPLETE else "completed"
         out = self._begin() + self._close_thought(status) + self._close_message(status)
         for key in list(self.calls):
             out += self.tool_end(key, status)
         return out
 
-    def end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        out = self.stop("end")
-        self.done, self.usage = True, usage or self.usage or Usage()
+    def _end(self, usage: Optional[Usage]) -> List[Tuple[str, str]]:
+        self.usage = self.usage or Usage()
         reason = RESPONSES_INCOMPLETE.get(self.stopped)
         if reason:
-            return out + [self._event("response.incomplete", response=self._response(
+            return [self._event("response.incomplete", response=self._response(
                 "incomplete", incomplete_details={"reason": reason}))]
-        return out + [self._event("response.completed", response=self._response("completed"))]
+        return [self._event("response.completed", response=self._response("completed"))]
 
-    def fail(self, status: int, message: str) -> List[Tuple[str, str]]:
-        if self.done:
-            return []
-        self.done = self.failed = True
-        message = named(self.provider, message)
+    def _fail(self, status: int, message: str) -> List[Tuple[str, str]]:
         code = responses_error_code(status, message)
-        out = self._begin()
-        return out + [self._event("error", code=code, message=message, param=None),
-                      self._event("response.failed", response=self._response(
-                          "failed", error={"code": code, "message": message}))]
+        return self._begin() + [self._event("error", code=code, message=message, param=None),
+                                self._event("response.failed", response=self._response(
+                                    "failed", error={"code": code, "message": message}))]
 
 
 class ResponsesStreamReader:
