@@ -2480,6 +2480,39 @@ def named(provider: str, message: str) -> str:
 CUT_OFF = ("length", "context")          # stop reasons of an answer the output cap cut short
 
 
+_EVENT_DECODER = json.JSONDecoder()
+
+
+def event_object(data: str) -> Optional[Dict[str, Any]]:
+    """An upstream stream event's JSON object; None for anything else (keep-alives and
+    comments some servers send), which the readers skip. raw_decode first: an event is
+    nearly always exactly one object, and this is the hot path of translated streams."""
+    try:
+        obj, end = _EVENT_DECODER.raw_decode(data)
+    except (ValueError, RecursionError):
+        obj, end = None, -1
+    if end != len(data):                   # whitespace around it, or not JSON
+        try:
+            obj = loads_json(data)
+        except ValueError:
+            return None
+    return obj if isinstance(obj, dict) else None
+
+
+def stream_error_of(obj: Dict[str, Any]) -> Tuple[int, str]:
+    """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
+    err = obj.get("error")
+    if not isinstance(err, dict):
+        return 502, str(err)
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else (
+        ANTHROPIC_ERROR_STATUS.get(str(err.get("type")), 502))
+    message = str(err.get("message") or json_text(err))
+    if isinstance(code, str) and code and not code.isdigit() and code not in message:
+        message = f"{code}: {message}"
+    return status, message
+
+
 class StreamWriter:
     """What the stream writers of every client format share. A reader (or replay) calls
     start, then text, reasoning, signature and tool calls (tool_start, tool_args and
@@ -2525,6 +2558,31 @@ class StreamWriter:
             return []
         self.done = self.failed = True
         return self._fail(status, named(self.provider, message))
+
+
+class StreamReader:
+    """What the stream readers of every upstream format share: feed(event, data) takes the
+    upstream's events (a format's own part, _feed, those that are JSON objects) and returns
+    the writer's; close() at the body's end ends a stream that had its stop reason (only
+    the end marker was missing) and fails any other."""
+
+    fmt = ""                               # the upstream format it reads
+    stopped = False                        # the upstream gave its stop reason
+    usage: Optional[Usage] = None          # the upstream's usage so far
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self.w = writer
+
+    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
+        obj = None if self.w.done else event_object(data)
+        return [] if obj is None else self._feed(obj, event, data)
+
+    def close(self) -> List[Tuple[str, str]]:
+        if self.w.done:
+            return []
+        if self.stopped:
+            return self.w.end(self.usage)
+        return self.w.fail(502, STREAM_CUT.format(end=FORMATS[self.fmt].end_marker))
 
 
 # -- 7.2 OpenAI Chat Completions -------------------------------------------------
@@ -3027,50 +3085,17 @@ class _Fragments:
         return bool(self.name and (self.id or self.buffered))
 
 
-_EVENT_DECODER = json.JSONDecoder()
-
-
-def event_object(data: str) -> Optional[Dict[str, Any]]:
-    """An upstream stream event's JSON object; None for anything else (keep-alives and
-    comments some servers send), which the readers skip. raw_decode first: an event is
-    nearly always exactly one object, and this is the hot path of translated streams."""
-    try:
-        obj, end = _EVENT_DECODER.raw_decode(data)
-    except (ValueError, RecursionError):
-        obj, end = None, -1
-    if end != len(data):                   # whitespace around it, or not JSON
-        try:
-            obj = loads_json(data)
-        except ValueError:
-            return None
-    return obj if isinstance(obj, dict) else None
-
-
-def stream_error_of(obj: Dict[str, Any]) -> Tuple[int, str]:
-    """(HTTP status, message) of an in-stream {"error": ...} from any upstream."""
-    err = obj.get("error")
-    if not isinstance(err, dict):
-        return 502, str(err)
-    code = err.get("code")
-    status = code if isinstance(code, int) and 400 <= code <= 599 else (
-        ANTHROPIC_ERROR_STATUS.get(str(err.get("type")), 502))
-    message = str(err.get("message") or json_text(err))
-    if isinstance(code, str) and code and not code.isdigit() and code not in message:
-        message = f"{code}: {message}"
-    return status, message
-
-
-class OpenAIStreamReader:
+class OpenAIStreamReader(StreamReader):
     """Chat Completions chunks in (the upstream's), the writer's events out. Lines that
     are not JSON are skipped (keep-alives of some servers); the end is [DONE], a usage
     chunk after the finish_reason, or the close after a finish_reason."""
 
-    def __init__(self, writer: Any) -> None:
-        self.w = writer
+    fmt = "openai"
+
+    def __init__(self, writer: StreamWriter) -> None:
+        super().__init__(writer)
         self.calls: Dict[Any, _Fragments] = {}
         self.order: List[_Fragments] = []
-        self.stopped = False
-        self.usage: Optional[Usage] = None
         self.resp_id = ""
         self.details: Dict[Tuple[Any, Any], Dict[str, Any]] = {}   # OpenRouter's, merged
 
@@ -3098,13 +3123,6 @@ class OpenAIStreamReader:
             if self.stopped and not choices:
                 out += self.w.end(usage)
         return out
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        if self.stopped:                  # finished; only [DONE] (and maybe usage) missing
-            return self.w.end(self.usage)
-        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["openai"].end_marker))
 
     def _choice(self, choice: Dict[str, Any]) -> List[Tuple[str, str]]:
         if self.stopped:
@@ -3725,32 +3743,26 @@ def anthropic_stop(stop: str, tools: bool) -> str:
     return "end_turn" if reason == "tool_use" else reason
 
 
-class AnthropicStreamReader:
+class AnthropicStreamReader(StreamReader):
     """Messages events in (the upstream's), the writer's events out. The end is
     message_stop; an error event fails the stream; ping and newer events are skipped."""
 
-    def __init__(self, writer: Any) -> None:
-        self.w = writer
-        self.usage: Dict[str, Any] = {}
+    fmt = "anthropic"
+
+    def __init__(self, writer: StreamWriter) -> None:
+        super().__init__(writer)
+        self.counts: Dict[str, Any] = {}           # the usage fields so far
         self.blocks: Dict[Any, str] = {}           # open block index -> its kind
         self.whole: set = set()                    # tool blocks whose input came in the start
 
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        obj = None if self.w.done else event_object(data)
-        if obj is None:
-            return []
+    def _feed(self, obj: Dict[str, Any], event: str, data: str) -> List[Tuple[str, str]]:
         handler = self.HANDLERS.get(str(obj.get("type") or event))
         return handler(self, obj) if handler else []
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["anthropic"].end_marker))
 
     def _usage(self, usage: Any) -> None:
         """Each usage field's last non-null value wins."""
         if isinstance(usage, dict):
-            self.usage.update((k, v) for k, v in usage.items() if v is not None)
+            self.counts.update((k, v) for k, v in usage.items() if v is not None)
 
     def _message_start(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
         message = obj.get("message") if isinstance(obj.get("message"), dict) else {}
@@ -3800,7 +3812,7 @@ class AnthropicStreamReader:
         return self.w.stop(ANTHROPIC_STOP_IN.get(reason, "end")) if reason else []
 
     def _message_stop(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
-        return self.w.end(read_anthropic_usage(self.usage))
+        return self.w.end(read_anthropic_usage(self.counts))
 
     def _error(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
         return self.w.fail(*stream_error_of(obj))
@@ -4613,21 +4625,18 @@ def write_gemini_response(answer: Answer, model: str, ask: Optional[Chat] = None
                           answer.id)
 
 
-class GeminiStreamReader:
+class GeminiStreamReader(StreamReader):
     """Gemini alt=sse chunks in (the upstream's), the writer's events out. Each chunk
     holds new parts only; functionCall parts arrive whole; the last chunk(s) carry the
     finishReason and the full usageMetadata. Lines that are not JSON are skipped."""
 
-    def __init__(self, writer: Any) -> None:
-        self.w = writer
-        self.response_id, self.calls = "", 0
-        self.usage: Optional[Usage] = None
-        self.stopped = False
+    fmt = "gemini"
 
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        obj = None if self.w.done else event_object(data)
-        if obj is None:
-            return []
+    def __init__(self, writer: StreamWriter) -> None:
+        super().__init__(writer)
+        self.response_id, self.calls = "", 0
+
+    def _feed(self, obj: Dict[str, Any], event: str, data: str) -> List[Tuple[str, str]]:
         if "error" in obj:
             return self.w.fail(*stream_error_of(obj))
         out: List[Tuple[str, str]] = []
@@ -4665,13 +4674,6 @@ class GeminiStreamReader:
             elif part.get("text"):     # an empty text part carries only a signature
                 out += self.w.text(str(part["text"]))
         return out
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        if self.stopped:
-            return self.w.end(self.usage)
-        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["gemini"].end_marker))
 
 
 class GeminiStreamWriter(StreamWriter):
@@ -5392,22 +5394,21 @@ class ResponsesStreamWriter(StreamWriter):
                                     "failed", error={"code": code, "message": message}))]
 
 
-class ResponsesStreamReader:
+class ResponsesStreamReader(StreamReader):
     """Responses events in (from a server that speaks it), the writer's events out.
     Items are keyed by output_index; text, reasoning summaries and function arguments
     stream as deltas, a custom tool's raw input and a reasoning item's encrypted content
     come with the item's done event. The end is response.completed (or .incomplete);
     response.failed and error fail the stream."""
 
-    def __init__(self, writer: Any) -> None:
-        self.w = writer
+    fmt = "responses"
+
+    def __init__(self, writer: StreamWriter) -> None:
+        super().__init__(writer)
         self.items: Dict[Any, Dict[str, Any]] = {}     # open items by output_index
         self.calls = 0
 
-    def feed(self, event: str, data: str) -> List[Tuple[str, str]]:
-        obj = None if self.w.done else event_object(data)
-        if obj is None:
-            return []
+    def _feed(self, obj: Dict[str, Any], event: str, data: str) -> List[Tuple[str, str]]:
         kind = str(obj.get("type") or event)
         response = obj.get("response") if isinstance(obj.get("response"), dict) else {}
         if kind in ("response.created", "response.in_progress"):
@@ -5424,11 +5425,6 @@ class ResponsesStreamReader:
         out = [] if self.w.started else self.w.start(short_hash(data), None)
         handler = self.HANDLERS.get(kind)
         return out + handler(self, obj) if handler else out
-
-    def close(self) -> List[Tuple[str, str]]:
-        if self.w.done:
-            return []
-        return self.w.fail(502, STREAM_CUT.format(end=FORMATS["responses"].end_marker))
 
     def _added(self, obj: Dict[str, Any]) -> List[Tuple[str, str]]:
         item = obj.get("item") if isinstance(obj.get("item"), dict) else {}
