@@ -3704,10 +3704,6 @@ def read_anthropic_response(body: Dict[str, Any]) -> Answer:
                   read_anthropic_usage(body.get("usage")) or Usage())
 
 
-def _message_id(value: str) -> str:
-    return _prefixed(value, "msg_")
-
-
 def write_anthropic_response(answer: Answer, model: str, ask: Optional[Chat] = None) -> Dict[str, Any]:
     content: List[Dict[str, Any]] = []
     for part in answer.parts:
@@ -3727,9 +3723,9 @@ def write_anthropic_response(answer: Answer, model: str, ask: Optional[Chat] = N
                                 "signature": carry(part.signature, part.origin, "anthropic")})
             content.append({"type": "tool_use", "id": part.id, "name": part.name,
                             "input": call_arguments(part)})
-    return {"id": _message_id(answer.id), "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": anthropic_stop(answer.stop, any(
-                b["type"] == "tool_use" for b in content)),
+    tools = any(b["type"] == "tool_use" for b in content)
+    return {"id": _prefixed(answer.id, "msg_"), "type": "message", "role": "assistant",
+            "model": model, "content": content, "stop_reason": anthropic_stop(answer.stop, tools),
             "stop_sequence": None, "usage": write_anthropic_usage(answer.usage)}
 
 
@@ -3855,7 +3851,7 @@ class AnthropicStreamWriter(StreamWriter):
         self.started, self.usage = True, usage
         counts = write_anthropic_usage(usage) if usage else {
             "input_tokens": self.input_estimate, "cache_read_input_tokens": 0}
-        message = {"id": _message_id(resp_id), "type": "message", "role": "assistant",
+        message = {"id": _prefixed(resp_id, "msg_"), "type": "message", "role": "assistant",
                    "content": [], "model": self.model, "stop_reason": None, "stop_sequence": None,
                    "usage": {"input_tokens": counts["input_tokens"], "output_tokens": 0,
                              "cache_read_input_tokens": counts["cache_read_input_tokens"]}}
