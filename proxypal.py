@@ -3264,11 +3264,12 @@ class OpenAIStreamWriter(StreamWriter):
     def signature(self, value: str, origin: str, redacted: bool = False) -> List[Tuple[str, str]]:
         return []                          # Chat Completions has no place for it
 
-    def tool_start(self, key: Any, call_id: str, name: str) -> List[Tuple[str, str]]:
+    def tool_start(self, key: Any, call_id: str, name: str,
+                   arguments: str = "") -> List[Tuple[str, str]]:
         index = self.tools[key] = len(self.tools)
         return self._begin() + [self._chunk({"tool_calls": [{
             "index": index, "id": call_id, "type": "function",
-            "function": {"name": self.names.get(name, name), "arguments": ""}}]})]
+            "function": {"name": self.names.get(name, name), "arguments": arguments}}]})]
 
     def tool_args(self, key: Any, fragment: str) -> List[Tuple[str, str]]:
         if not fragment or key not in self.tools:
@@ -3283,10 +3284,7 @@ class OpenAIStreamWriter(StreamWriter):
 
     def tool_call(self, call_id: str, name: str, arguments: str, signature: str = "",
                   origin: str = "") -> List[Tuple[str, str]]:
-        index = self.tools[object()] = len(self.tools)
-        return self._begin() + [self._chunk({"tool_calls": [{
-            "index": index, "id": call_id, "type": "function",
-            "function": {"name": self.names.get(name, name), "arguments": arguments}}]})]
+        return self.tool_start(object(), call_id, name, arguments)    # (one chunk: all of it)
 
     def _stop(self, reason: str) -> List[Tuple[str, str]]:
         finish = "tool_calls" if self.tools and reason not in CUT_OFF else \
@@ -3936,9 +3934,7 @@ class AnthropicStreamWriter(StreamWriter):
                                            "input": {}})
             self.tools, self.open_key = True, key
             arguments = "".join(call.args)
-            if arguments:
-                out.append(self._event("content_block_delta", index=self.index,
-                                       delta={"type": "input_json_delta", "partial_json": arguments}))
+            out += self.tool_args(key, arguments) if arguments else []
             if call.ended:
                 self.open_key = ("ended", key)
         return out
