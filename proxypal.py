@@ -7257,6 +7257,7 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.loop = asyncio.get_running_loop()     # (each get_running_loop() is a getpid())
         peer = writer.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else "local"
         self.buf = b""
@@ -7274,7 +7275,7 @@ class Connection:
     # deadline passes, reading stops and the pending read sees the end of input, with
     # `expired` saying why.
     def _arm(self, seconds: float, phase: str) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.phase, self._deadline = phase, loop.time() + seconds
         if self._timer is not None and self._timer.when() > self._deadline:
             self._timer.cancel()
@@ -7292,7 +7293,7 @@ class Connection:
 
     def _expire(self) -> None:
         self._timer = None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if self._deadline == math.inf:
             return
         if loop.time() < self._deadline:
@@ -7358,7 +7359,7 @@ class Connection:
                 raise WireError(f"unsupported Expect {printable(expect, 40)!r}", 417)
             if req.version == "HTTP/1.1" and not self.buf:
                 self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._body_deadline = asyncio.get_running_loop().time() + BODY_TOTAL_TIMEOUT
+        self._body_deadline = self.loop.time() + BODY_TOTAL_TIMEOUT
         if kind == "length":
             return await self._read_exact(length)
         decoder = ChunkedDecoder(limit)
@@ -7387,7 +7388,7 @@ class Connection:
         return b"".join(parts)
 
     async def _read_idle(self) -> bytes:
-        left = self._body_deadline - asyncio.get_running_loop().time()
+        left = self._body_deadline - self.loop.time()
         self._arm(min(BODY_IDLE_TIMEOUT, max(left, 0.0)), "body")
         data = await self._read()
         self.disarm()
@@ -8174,7 +8175,7 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
     """Run a non-streaming model call while watching the client: one that leaves (or
     half-closes) before the answer stops the upstream request at once, rather than
     leaving it to run up the user's tokens for an answer nobody reads."""
-    task = asyncio.current_task()
+    task = asyncio.current_task(call.conn.loop)
 
     def gone() -> None:
         call.client_gone = True
@@ -8199,7 +8200,7 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
     client gets 200 and its stream's opening event, then keep-alives, rather than a
     bare wait (Claude Code resends a request after ~300 s of silence). Before that
     bound, an upstream error keeps its real status."""
-    task = asyncio.current_task()
+    task = asyncio.current_task(call.conn.loop)
 
     def gone() -> None:
         call.client_gone = True
@@ -8245,8 +8246,7 @@ class ClientWatch:
 
     def __init__(self, call: Call, gone: Callable[[], None]) -> None:
         self.task: Optional["asyncio.Task[Any]"] = None
-        self.timer = asyncio.get_running_loop().call_later(WATCH_CLIENT_AFTER, self._start,
-                                                           call, gone)
+        self.timer = call.conn.loop.call_later(WATCH_CLIENT_AFTER, self._start, call, gone)
 
     def _start(self, call: Call, gone: Callable[[], None]) -> None:
         self.task = asyncio.ensure_future(call.conn.watch_disconnect(gone))
@@ -8265,8 +8265,7 @@ class Committing:
     def __init__(self, call: Call, model_call: "ModelCall") -> None:
         self.call, self.model_call = call, model_call
         self.pings: Optional[KeepAlive] = None
-        self.timer = asyncio.get_running_loop().call_later(call.config.first_byte_commit,
-                                                           self._due)
+        self.timer = call.conn.loop.call_later(call.config.first_byte_commit, self._due)
 
     def _due(self) -> None:
         call, ping = self.call, FORMATS[self.call.fmt].ping
