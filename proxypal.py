@@ -8181,7 +8181,7 @@ async def run_plain_call(call: Call, model_call: "ModelCall") -> Any:
         call.client_gone = True
         if task is not None:
             task.cancel()
-    watch = ClientWatch(call, gone)
+    watch = ClientWatch(call, gone, model_call.server.alarms)
     try:
         return await model_call.run()
     except asyncio.CancelledError:
@@ -8207,7 +8207,7 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
         call.on_gone()
     if task is not None:
         call.on_gone = task.cancel         # until the relay takes over
-    watch = ClientWatch(call, gone)
+    watch = ClientWatch(call, gone, model_call.server.alarms)
     committing = Committing(call, model_call) if call.config.first_byte_commit else None
     try:
         try:
@@ -8239,20 +8239,64 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
     return None
 
 
+class Alarms:
+    """Deadlines that nearly always pass cancelled (a call's client watch): one loop
+    timer serves them all, set for the earliest. A loop timer made and cancelled per
+    request costs more: asyncio keeps each cancelled timer in its heap until its time.
+    An alarm is an object with `when` (a loop time) and `ring()`."""
+
+    def __init__(self) -> None:
+        self.pending: Dict[Any, None] = {}
+        self.timer: Optional[asyncio.TimerHandle] = None
+
+    def add(self, loop: asyncio.AbstractEventLoop, alarm: Any) -> None:
+        self.pending[alarm] = None
+        if self.timer is None or alarm.when < self.timer.when():
+            self._set(loop, alarm.when)
+
+    def remove(self, alarm: Any) -> None:
+        self.pending.pop(alarm, None)
+
+    def _set(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = loop.call_at(when, self._due, loop)
+
+    def _due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        now = loop.time()
+        for alarm in [alarm for alarm in self.pending if alarm.when <= now]:
+            if alarm in self.pending:      # (unless one rung before it removed it)
+                del self.pending[alarm]
+                try:
+                    alarm.ring()
+                except Exception as exc:   # reported as a timer's would be; the rest ring
+                    loop.call_exception_handler({"message": "an alarm failed", "exception": exc})
+        if self.pending:
+            self._set(loop, min(alarm.when for alarm in self.pending))
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class ClientWatch:
     """Notices a client leaving while its call runs: once the call has lasted
     WATCH_CLIENT_AFTER, a task reads the connection (watch_disconnect) and calls `gone`
-    when it ends. Quick calls cost a timer, not a task."""
+    when it ends. Quick calls cost an alarm, not a task."""
 
-    def __init__(self, call: Call, gone: Callable[[], None]) -> None:
+    def __init__(self, call: Call, gone: Callable[[], None], alarms: Alarms) -> None:
+        self.conn, self.gone, self.alarms = call.conn, gone, alarms
         self.task: Optional["asyncio.Task[Any]"] = None
-        self.timer = call.conn.loop.call_later(WATCH_CLIENT_AFTER, self._start, call, gone)
+        self.when = call.conn.loop.time() + WATCH_CLIENT_AFTER
+        alarms.add(call.conn.loop, self)
 
-    def _start(self, call: Call, gone: Callable[[], None]) -> None:
-        self.task = asyncio.ensure_future(call.conn.watch_disconnect(gone))
+    def ring(self) -> None:
+        self.task = asyncio.ensure_future(self.conn.watch_disconnect(self.gone))
 
     async def stop(self) -> None:
-        self.timer.cancel()
+        self.alarms.remove(self)
         if self.task is not None:
             await _stop(self.task)
 
@@ -10245,6 +10289,7 @@ class Server:
         self.setup = Setup(config, Router(config), make_upstreams(config, self.environ))
         self.balancer = Balancer(clock)
         self.client = UpstreamClient()
+        self.alarms = Alarms()
         self.secret_filter = SecretFilter()
         self.secret_filter.secrets = config.secrets
         self.started_at = int(time.time())
@@ -10395,6 +10440,7 @@ class Server:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=1.0)
         self.client.close()
+        self.alarms.close()
         self.usage.flush()
         log.removeFilter(self.secret_filter)
         log.removeHandler(self.journal)

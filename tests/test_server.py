@@ -416,6 +416,39 @@ def test_keepalive_pings_stop_with_their_stream(upstream, proxy):
     conn.close()
 
 
+
+def test_alarms_ring_in_time_order_and_not_once_removed():
+    """One loop timer serves every alarm (client watches, stream commits): each rings at
+    its time, earliest first; a removed one never rings; one that raises stops no other."""
+    import asyncio
+
+    async def main():
+        loop, rung = asyncio.get_running_loop(), []
+        errors = []
+        loop.set_exception_handler(lambda loop, context: errors.append(context["exception"]))
+
+        class Alarm:
+            def __init__(self, name, delay):
+                self.name, self.when = name, loop.time() + delay
+
+            def ring(self):
+                rung.append(self.name)
+                if self.name == "bad":
+                    raise ValueError("bad alarm")
+        alarms = proxypal.Alarms()
+        late, bad, early, removed = Alarm("late", 0.06), Alarm("bad", 0.02), Alarm("early", 0.01), \
+            Alarm("removed", 0.03)
+        for alarm in (late, bad, early, removed):
+            alarms.add(loop, alarm)
+        alarms.remove(removed)
+        await asyncio.sleep(0.1)
+        assert not alarms.pending and alarms.timer is None
+        alarms.close()
+        return rung, errors
+    rung, errors = asyncio.run(main())
+    assert rung == ["early", "bad", "late"]
+    assert [str(e) for e in errors] == ["bad alarm"]
+
 # -- routing through the server ------------------------------------------------------
 
 def test_failover_on_429_then_cooldown(upstream, proxy):
