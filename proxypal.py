@@ -77,6 +77,9 @@ import time
 import urllib.parse
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+if os.name != "nt":                        # (a lock taken per request: imported once)
+    import fcntl
+
 __version__ = "0.1.0"
 __all__ = ["serve", "start", "load_config", "parse_config", "Config", "ProxypalError",
            "ConfigError", "__version__"]
@@ -1146,7 +1149,6 @@ class _FolderLock:
             if self.fd < 0:
                 os.makedirs(self.folder, exist_ok=True)
                 self.fd = os.open(self.folder, os.O_RDONLY)
-            import fcntl
             fcntl.flock(self.fd, fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX)
         except OSError:
             pass                           # no lock to be had: the write will say what is wrong
@@ -1156,7 +1158,6 @@ class _FolderLock:
         if self.fd < 0:
             return
         if self.shared and os.name != "nt":
-            import fcntl
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             return
         if os.name == "nt":                # unlocked before the close: Windows frees the
@@ -8719,6 +8720,7 @@ class UsageStore:
         self.run = run or secrets.token_hex(4)
         self.tag = secrets.token_hex(4)    # this process's lines, already counted here
         self._own = f',"w":"{self.tag}"'.encode()
+        self._line_ends: Dict[Key, str] = {}     # (see _line_end)
         self.totals: Dict[Key, Dict[str, Any]] = {}
         self.pending: List[bytes] = []     # lines not written yet (the folder failed)
         self.refused = False               # the last write failed: flush() retries
@@ -8750,13 +8752,23 @@ class UsageStore:
         if not self.path:
             return
         self.pending.append((
-            '{"n":1,"e":{%s},"i":%d,"o":%d,"c":%d,"r":%d,"l":{"%s":1},"f":{%s},"w":"%s",'
-            '"t":%d,"s":3600,"m":%s,"p":%s,"run":"%s"}\n' % (
+            '{"n":1,"e":{%s},"i":%d,"o":%d,"c":%d,"r":%d,"l":{"%s":1},"f":{%s},%s' % (
                 f'"{error}":1' if error else "", *tokens, late, f'"{first}":1' if first else "",
-                self.tag, key[0], _JSON.encode(key[2]), _JSON.encode(key[3]), self.run)
+                self._line_end(key))
         ).encode("utf-8", JSON_ESCAPE))
         if not self.refused:               # (else the next flush tries, not every request)
             self._write()
+
+    def _line_end(self, key: Key) -> str:
+        """The end of a line of this key (who, when, what), made once per key."""
+        end = self._line_ends.get(key)
+        if end is None:
+            if len(self._line_ends) >= 64:     # (older hours', mostly)
+                self._line_ends.clear()
+            end = '"w":"%s","t":%d,"s":3600,"m":%s,"p":%s,"run":"%s"}\n' % (
+                self.tag, key[0], _JSON.encode(key[2]), _JSON.encode(key[3]), self.run)
+            self._line_ends[key] = end
+        return end
 
     # -- the file --------------------------------------------------------------------
     def _write(self) -> None:
