@@ -8241,10 +8241,10 @@ async def run_stream_call(call: Call, model_call: "ModelCall") -> Any:
 
 
 class Alarms:
-    """Deadlines that nearly always pass cancelled (a call's client watch): one loop
-    timer serves them all, set for the earliest. A loop timer made and cancelled per
-    request costs more: asyncio keeps each cancelled timer in its heap until its time.
-    An alarm is an object with `when` (a loop time) and `ring()`."""
+    """Deadlines that nearly always pass cancelled (a call's client watch, a stream's
+    commit): one loop timer serves them all, set for the earliest. A loop timer made and
+    cancelled per request costs more: asyncio keeps each cancelled timer in its heap
+    until its time. An alarm is an object with `when` (a loop time) and `ring()`."""
 
     def __init__(self) -> None:
         self.pending: Dict[Any, None] = {}
@@ -8310,9 +8310,11 @@ class Committing:
     def __init__(self, call: Call, model_call: "ModelCall") -> None:
         self.call, self.model_call = call, model_call
         self.pings: Optional[KeepAlive] = None
-        self.timer = call.conn.loop.call_later(call.config.first_byte_commit, self._due)
+        self.alarms = model_call.server.alarms
+        self.when = call.conn.loop.time() + call.config.first_byte_commit
+        self.alarms.add(call.conn.loop, self)
 
-    def _due(self) -> None:
+    def ring(self) -> None:
         call, ping = self.call, FORMATS[self.call.fmt].ping
         if call.started or call.conn.writer.transport.is_closing():
             return
@@ -8324,7 +8326,7 @@ class Committing:
         self.pings = KeepAlive(call.conn.writer, COMMIT_PING_SECONDS, chunked, ping)
 
     def stop(self) -> None:
-        self.timer.cancel()
+        self.alarms.remove(self)
         if self.pings:
             self.pings.stop()
 
