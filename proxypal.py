@@ -516,7 +516,7 @@ class Config:
     unknown_keys: Tuple[str, ...] = ()
     raw: Any = dataclasses.field(default=None, compare=False, repr=False)
 
-    @property
+    @functools.cached_property              # (a Config never changes; asked per request)
     def local_keys(self) -> Tuple[str, ...]:
         return tuple(k for k in (self.proxy_api_key,) + self.api_keys if k)
 
@@ -5529,7 +5529,7 @@ class Translator:
     client: str
     upstream: str
 
-    @property
+    @functools.cached_property              # (asked several times per request)
     def passthrough(self) -> bool:
         return self.client == self.upstream
 
