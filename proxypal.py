@@ -7402,7 +7402,11 @@ class Connection:
     async def drain(self) -> None:
         """writer.drain(), but a client that reads nothing for CLIENT_WRITE_TIMEOUT is
         dropped rather than holding its stream (and the upstream's) forever."""
-        if self.writer.transport.get_write_buffer_size() <= WRITE_BUFFER_HIGH:
+        transport = self.writer.transport
+        size = transport.get_write_buffer_size()
+        if size == 0 and not transport.is_closing():
+            return                         # all sent (as usual): drain() would not wait
+        if size <= WRITE_BUFFER_HIGH:
             return await self.writer.drain()
         self._arm(CLIENT_WRITE_TIMEOUT, "write")
         try:
