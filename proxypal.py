@@ -56,6 +56,7 @@ import dataclasses
 import fnmatch
 import functools
 import hashlib
+import heapq
 import hmac
 import http
 import ipaddress
@@ -7574,19 +7575,29 @@ def not_from_here(req: Request) -> str:
 
 @functools.lru_cache(maxsize=64)
 def names_another_machine(host: str) -> bool:
-    """A Host header naming a machine by a dotted name other than localhost, or by an
+    """A Host header naming a machine by a dotted name other than this one's, or by an
     address other than loopback. A web page can point its own name at 127.0.0.1 (DNS
     rebinding) and then call the proxy as that name; a tunnel (ngrok, cloudflared, ssh -R)
     connects from this machine for clients anywhere. A bare name ("myhost") stays local:
     public DNS cannot answer for it."""
     name = host[1:host.find("]")] if host.startswith("[") else host.partition(":")[0]
     name = name.rstrip(".").lower()
-    if not name or name == "localhost" or name.endswith(".localhost") or is_loopback(name):
+    if not name or name in LOCAL_NAMES or name.endswith(".localhost") or is_loopback(name) \
+            or name == socket.gethostname().lower():
         return False
+    if name.replace(".", "").isdigit():    # 127.1 is 127.0.0.1 to inet_aton, as to curl
+        with contextlib.suppress(OSError):
+            return socket.inet_aton(name)[0] not in (0, 127)
     try:
         return not ipaddress.ip_address(name).is_unspecified     # (0.0.0.0 is this one)
     except ValueError:
         return "." in name
+
+
+# This machine's names in the hosts files of Linux distributions (/etc/hosts).
+LOCAL_NAMES = frozenset(("localhost", "localhost.localdomain", "localhost4",
+                         "localhost4.localdomain4", "localhost6", "localhost6.localdomain6",
+                         "ip6-localhost", "ip6-loopback"))
 
 
 def check_page(req: Request, config: Config) -> None:
@@ -8248,42 +8259,54 @@ class Alarms:
     """Deadlines that nearly always pass cancelled (a call's client watch, a stream's
     commit): one loop timer serves them all, set for the earliest. A loop timer made and
     cancelled per request costs more: asyncio keeps each cancelled timer in its heap
-    until its time. An alarm is an object with `when` (a loop time) and `ring()`."""
+    until its time. An alarm is an object with `when` (a loop time) and `ring()`. A
+    removed one lets go of the alarm at once; its small entry leaves the heap when it
+    reaches the top, or when most of the heap is such entries."""
 
     def __init__(self) -> None:
-        self.pending: Dict[Any, None] = {}
+        self.heap: List[List[Any]] = []       # [when, order, alarm or None once removed]
+        self.entries: Dict[Any, List[Any]] = {}     # the alarms not rung nor removed
+        self.order = itertools.count()     # (alarms of the same time ring as added)
         self.timer: Optional[asyncio.TimerHandle] = None
+        self.at = math.inf                 # the timer's time
 
     def add(self, loop: asyncio.AbstractEventLoop, alarm: Any) -> None:
-        self.pending[alarm] = None
-        if self.timer is None or alarm.when < self.timer.when():
+        entry = self.entries[alarm] = [alarm.when, next(self.order), alarm]
+        heapq.heappush(self.heap, entry)
+        if alarm.when < self.at:
             self._set(loop, alarm.when)
 
     def remove(self, alarm: Any) -> None:
-        self.pending.pop(alarm, None)
+        entry = self.entries.pop(alarm, None)
+        if entry is not None:
+            entry[2] = None
+            if len(self.heap) > 2 * len(self.entries) + 64:
+                self.heap[:] = [e for e in self.heap if e[2] is not None]   # (in place:
+                heapq.heapify(self.heap)                                     # _due may run)
 
     def _set(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_at(when, self._due, loop)
+        self.timer, self.at = loop.call_at(when, self._due, loop), when
 
     def _due(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        now = loop.time()
-        for alarm in [alarm for alarm in self.pending if alarm.when <= now]:
-            if alarm in self.pending:      # (unless one rung before it removed it)
-                del self.pending[alarm]
+        self.timer, self.at = None, math.inf
+        now, heap = loop.time(), self.heap
+        while heap and (heap[0][0] <= now or heap[0][2] is None):
+            alarm = heapq.heappop(heap)[2]
+            if alarm is not None:          # (due, and not removed, even by one rung before it)
+                del self.entries[alarm]
                 try:
                     alarm.ring()
                 except Exception as exc:   # reported as a timer's would be; the rest ring
                     loop.call_exception_handler({"message": "an alarm failed", "exception": exc})
-        if self.pending:
-            self._set(loop, min(alarm.when for alarm in self.pending))
+        if heap and heap[0][0] < self.at:
+            self._set(loop, heap[0][0])
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-            self.timer = None
+            self.timer, self.at = None, math.inf
 
 
 class ClientWatch:
@@ -10627,7 +10650,9 @@ def shown_path(path: str) -> str:
     Microsoft Store's Python keeps what it writes under %APPDATA% in a folder of its own
     package (LocalCache\\Roaming) that Notepad and other programs do not see; realpath()
     finds it (docs.python.org/3/using/windows.html, "Known issues")."""
-    real = os.path.realpath(path) if path and os.path.exists(path) else path
+    if not path or not os.path.exists(path):
+        return path
+    real = os.path.realpath(path)
     same = os.path.normcase(real) == os.path.normcase(os.path.abspath(path))
     return path if same else f"{path} (the file is at {real})"
 
@@ -10647,11 +10672,12 @@ def banner(server: Server, new_key: str = "") -> str:
             else "; not saved: it works until the proxy stops)")
     else:
         page += f"  (management key: managementKey in {config.path or 'your config'})"
+    shown = shown_path(config.path) or "given in code"
     if config.loaded and not config.credentials:
-        where = f"config: {shown_path(config.path)} (no providers yet: add one on the page, " \
+        where = f"config: {shown} (no providers yet: add one on the page, " \
                 "or in the file)"
     elif config.loaded:
-        where = f"config: {shown_path(config.path)} ({len(config.credentials)} providers, " \
+        where = f"config: {shown} ({len(config.credentials)} providers, " \
                 f"{len(router.names())} models)"
     else:
         where = (f"config: {config.path or '(none)'} not found: no providers yet; "

@@ -109,7 +109,9 @@ def test_a_reverse_proxy_on_this_machine_does_not_make_others_local(upstream, pr
 @pytest.mark.parametrize("host,elsewhere", [
     ("127.0.0.1:8317", False), ("localhost", False), ("localhost.:8317", False), ("[::1]:8317", False),
     ("app.localhost", False), ("myhost", False), ("x", False), ("0.0.0.0:8317", False),
-    ("LOCALHOST", False), ("", False),
+    ("LOCALHOST", False), ("", False), ("localhost.localdomain", False),
+    ("localhost6.localdomain6:8317", False), ("127.1:8317", False), ("0:8317", False),
+    (socket.gethostname() + ":8317", False), ("10.1", True),
     ("evil.example:8317", True), ("evil.example.", True), ("abc.ngrok-free.app", True),
     ("192.168.1.5:8317", True), ("[2001:db8::1]:8317", True), ("host.docker.internal", True),
 ])

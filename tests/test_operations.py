@@ -332,6 +332,8 @@ def test_a_config_that_is_elsewhere_than_its_path_says_where_it_is(tmp_path):
     banner = proxypal.banner(proxypal.Server(proxypal.load_config(path)))
     assert f"config: {path} (the file is at {really}) (no providers yet" in banner
     assert proxypal.shown_path(really) == really
+    assert proxypal.shown_path("") == "" and proxypal.shown_path("no-such.json") == "no-such.json"
+    assert "config: given in code (no providers yet" in proxypal.banner(proxypal.Server(proxypal.parse_config({})))
 
 
 def test_init_uses_default_path(tmp_path):

@@ -442,11 +442,20 @@ def test_alarms_ring_in_time_order_and_not_once_removed():
             alarms.add(loop, alarm)
         alarms.remove(removed)
         await asyncio.sleep(0.1)
-        assert not alarms.pending and alarms.timer is None
+        assert not alarms.entries and not alarms.heap and alarms.timer is None
+        for i in range(1000):              # quick calls: added and removed at once, long
+            alarm = Alarm(i, 30)           # before their time; nothing keeps them
+            alarms.add(loop, alarm)
+            alarms.remove(alarm)
+            assert len(alarms.heap) <= 65 and not alarms.entries
+        last = Alarm("last", 0.02)
+        alarms.add(loop, last)
+        await asyncio.sleep(0.05)
+        assert not alarms.heap and alarms.timer is None
         alarms.close()
         return rung, errors
     rung, errors = asyncio.run(main())
-    assert rung == ["early", "bad", "late"]
+    assert rung == ["early", "bad", "late", "last"]
     assert [str(e) for e in errors] == ["bad alarm"]
 
 # -- routing through the server ------------------------------------------------------
